@@ -1,0 +1,61 @@
+"""Checkpoints: a dict with a format tag, the model's state_dict and its provenance, written atomically
+and loaded with weights_only=True (no pickled code runs)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import CheckpointError
+from pipeline.io import atomic_path
+from pipeline.models import build_model
+
+FORMAT = "bancache-checkpoint-v1"
+REQUIRED_META = ("arch", "input_shape", "num_classes", "generation", "seed", "dataset_fingerprint")
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: dict[str, Any], **extra: Any) -> None:
+    """Write {format, state_dict, meta, **extra} to `path` via a temp file and rename."""
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint meta lacks {missing}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, "state_dict": state, "meta": meta, **extra}, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and check a bancache checkpoint; every failure is a CheckpointError naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: checkpoint not found. Run `bancache train` for this generation first")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{p}: refused: the file carries objects that only a full unpickle could load "
+            f"(weights_only=True). Only bancache checkpoints are accepted ({str(e).splitlines()[0]})"
+        ) from e
+    except Exception as e:  # truncated zip, random bytes, ...
+        raise CheckpointError(f"{p}: not a readable checkpoint ({type(e).__name__}: {e}); retrain it") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not a bancache checkpoint (no '{FORMAT}' tag); retrain it with `bancache train`")
+    meta = ckpt.get("meta")
+    if not isinstance(meta, dict) or any(k not in meta for k in REQUIRED_META):
+        raise CheckpointError(f"{p}: checkpoint metadata is incomplete; retrain it with `bancache train`")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike[str] = "<checkpoint>") -> nn.Module:
+    meta = ckpt["meta"]
+    model = build_model(meta["arch"], tuple(meta["input_shape"]), int(meta["num_classes"]))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path}: weights do not fit architecture {meta['arch']!r} ({e})") from e
+    return model

@@ -1,0 +1,169 @@
+"""Prepared datasets: one HDF5 file holding train/test arrays, labels, class names, the validation split
+and a fingerprint that every later artifact records.
+
+Layout of the file (all at the root):
+    x_train (N, ...) float32, y_train (N,) int64, x_test (M, ...) float32, y_test (M,) int64,
+    val_index (V,) int64 (rows of the train arrays held out for checkpoint selection),
+    attrs: format, dataset, class_names (JSON list), fingerprint (sha256 hex), num_classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.errors import DatasetError
+from pipeline.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+FORMAT = "bancache-dataset-v1"
+ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+MNIST1D_CLASSES = [str(i) for i in range(10)]
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared dataset in memory (small datasets) with its provenance."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    val_index: np.ndarray
+    class_names: list[str]
+    fingerprint: str
+    name: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def fit_index(self) -> np.ndarray:
+        """Train rows used for fitting: all train rows except the validation split."""
+        mask = np.ones(len(self.y_train), dtype=bool)
+        mask[self.val_index] = False
+        return np.flatnonzero(mask)
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name == "train":
+            return self.x_train, self.y_train
+        if name == "test":
+            return self.x_test, self.y_test
+        raise ValueError(f"split {name!r}: expected 'train' or 'test'")
+
+
+def fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the arrays, in a fixed order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def make_mnist1d(num_samples: int = 5000) -> dict[str, np.ndarray]:
+    """Generate MNIST-1D locally with the package's default arguments (no download)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    d = make_dataset(args)
+    # (N, 40) signals become (N, 1, 40): one channel for the 1-D models.
+    return {
+        "x_train": d["x"].astype(np.float32)[:, None, :],
+        "y_train": d["y"].astype(np.int64),
+        "x_test": d["x_test"].astype(np.float32)[:, None, :],
+        "y_test": d["y_test"].astype(np.int64),
+    }
+
+
+def carve_val(n_train: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted random subset of train rows for validation (seeded, so the split is reproducible)."""
+    n_val = int(round(n_train * fraction))
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(n_train)[:n_val]).astype(np.int64)
+
+
+def write_prepared(
+    path: str | os.PathLike[str],
+    arrays: dict[str, np.ndarray],
+    class_names: list[str],
+    name: str,
+    val_fraction: float,
+    split_seed: int,
+) -> str:
+    """Write a prepared dataset atomically; returns its fingerprint."""
+    missing = [a for a in ARRAYS if a not in arrays]
+    if missing:
+        raise DatasetError(f"dataset {name!r} lacks arrays {missing}; a prepared dataset needs {list(ARRAYS)}")
+    n_classes = len(class_names)
+    for split in ("train", "test"):
+        y = arrays[f"y_{split}"]
+        if len(y) != len(arrays[f"x_{split}"]):
+            raise DatasetError(f"dataset {name!r}: x_{split} and y_{split} have different lengths")
+        if len(y) and (y.min() < 0 or y.max() >= n_classes):
+            raise DatasetError(f"dataset {name!r}: y_{split} has labels outside 0..{n_classes - 1}")
+    val_index = carve_val(len(arrays["y_train"]), val_fraction, split_seed)
+    fp = fingerprint({**{k: arrays[k] for k in ARRAYS}, "val_index": val_index})
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for k in ARRAYS:
+                f.create_dataset(k, data=arrays[k])
+            f.create_dataset("val_index", data=val_index)
+            f.attrs["format"] = FORMAT
+            f.attrs["dataset"] = name
+            f.attrs["class_names"] = json.dumps(class_names)
+            f.attrs["num_classes"] = n_classes
+            f.attrs["fingerprint"] = fp
+    log.info("wrote %s: %d train (%d val), %d test rows", path, len(arrays["y_train"]), len(val_index),
+             len(arrays["y_test"]))
+    return fp
+
+
+def load_prepared(path: str | os.PathLike[str]) -> PreparedData:
+    """Read a prepared dataset written by `write_prepared`."""
+    p = Path(path)
+    if not p.exists():
+        raise DatasetError(f"{p}: prepared dataset not found. Run `bancache prepare` (or `dvc repro prepare`) first")
+    try:
+        with h5py.File(p, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise DatasetError(f"{p}: not a bancache dataset (format attribute missing); rerun `bancache prepare`")
+            arrays = {k: f[k][()] for k in (*ARRAYS, "val_index")}
+            names = json.loads(f.attrs["class_names"])
+            fp = str(f.attrs["fingerprint"])
+            name = str(f.attrs["dataset"])
+    except (OSError, KeyError) as e:
+        raise DatasetError(f"{p}: unreadable prepared dataset ({e}); rerun `bancache prepare`") from e
+    return PreparedData(class_names=names, fingerprint=fp, name=name, **arrays)
+
+
+class IndexedDataset(Dataset):
+    """Yields (x, y, index) where index is the row in the split's arrays, the key of the cached logits."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> None:
+        self.x = torch.from_numpy(np.ascontiguousarray(x))
+        self.y = torch.from_numpy(np.ascontiguousarray(y))
+        self.rows = np.arange(len(y)) if rows is None else np.asarray(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        row = int(self.rows[i])
+        return self.x[row], self.y[row], row

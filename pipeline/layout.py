@@ -1,0 +1,38 @@
+"""Where each stage reads and writes, relative to the project root (the paths dvc.yaml declares)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path = Path(".")
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / "data" / "dataset.h5"
+
+    def model_dir(self, gen: int) -> Path:
+        return self.root / "models" / f"gen-{gen}"
+
+    def model(self, gen: int) -> Path:
+        return self.model_dir(gen) / "model.pt"
+
+    def store(self, gen: int) -> Path:
+        return self.root / "cache" / f"gen-{gen}"
+
+    def train_metrics(self, gen: int) -> Path:
+        return self.root / "metrics" / "train" / f"gen-{gen}.json"
+
+    def train_plot(self, gen: int) -> Path:
+        return self.root / "plots" / "train" / f"gen-{gen}.csv"
+
+    @property
+    def ensemble_metrics(self) -> Path:
+        return self.root / "metrics" / "ensemble.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "reports" / "report.md"

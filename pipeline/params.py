@@ -1,0 +1,244 @@
+"""Typed, validated params: one frozen dataclass per params.yaml section.
+
+Validation happens on load, before any work starts: an unknown key, a wrong type or an out-of-range value
+raises `ParamsError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pipeline.errors import ParamsError
+
+LOSSES = ("ce", "ban", "ban+l", "kd", "cwtm", "dkpp")
+DATASETS = ("mnist1d",)
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "constant", "step")
+SELECTIONS = ("last", "best_val")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float16", "float32")
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _check_type(where: str, value: Any, tp: Any) -> Any:
+    """Return `value` coerced to `tp` (int -> float only) or raise ParamsError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _check_type(where, value, option)
+            except ParamsError:
+                continue
+        raise ParamsError(f"{where} = {value!r}: expected {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp is bool and isinstance(value, bool):
+        return value
+    elif tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
+        return value
+    raise ParamsError(f"{where} = {value!r}: expected {_type_name(tp)}")
+
+
+def parse_section(cls: type[T], section: str, raw: Any) -> T:
+    """Build dataclass `cls` from the mapping `raw` found under params key `section`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{section}: expected a mapping of keys to values, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ParamsError(
+            f"{section}.{unknown[0]}: unknown key. Allowed keys in '{section}': {', '.join(names)}"
+        )
+    values = {k: _check_type(f"{section}.{k}", v, hints[k]) for k, v in raw.items()}
+    obj = cls(**values)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(section)
+    return obj
+
+
+def _one_of(where: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ParamsError(f"{where} = {value!r}: allowed values are {', '.join(allowed)}")
+
+
+def _range(where: str, value: float, lo: float, hi: float | None, lo_open: bool = False) -> None:
+    too_low = value <= lo if lo_open else value < lo
+    if too_low or (hi is not None and value > hi):
+        low = f"> {lo}" if lo_open else f">= {lo}"
+        allowed = f"{low} and <= {hi}" if hi is not None else low
+        raise ParamsError(f"{where} = {value!r}: must be {allowed}")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Section `data`: which dataset `prepare` writes, and the validation split carved from train."""
+
+    dataset: str = "mnist1d"
+    num_samples: int = 5000  # MNIST-1D train + test rows (its default); 80% go to train
+    val_fraction: float = 0.1  # of the train rows, held out for checkpoint selection
+    split_seed: int = 0
+
+    def check(self, section: str) -> None:
+        _one_of(f"{section}.dataset", self.dataset, DATASETS)
+        _range(f"{section}.num_samples", self.num_samples, 10, None)
+        _range(f"{section}.val_fraction", self.val_fraction, 0.0, 0.9)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Section `train`: the recipe every generation shares (the paper gives each student the
+    teacher's schedule)."""
+
+    arch: str = "cnn1d"
+    epochs: int = 40
+    batch_size: int = 128
+    eval_batch_size: int = 1024
+    optimizer: str = "adam"
+    lr: float = 0.003
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = False  # SGD only
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    select: str = "last"  # which epoch's weights become the generation: never chosen on test data
+    seed: int = 0  # generation K trains with seed + K unless its own section sets `seed`
+    device: str = "auto"
+    deterministic: bool = True
+    num_workers: int = 0
+
+    def check(self, section: str) -> None:
+        from pipeline.models import ARCHS
+
+        _one_of(f"{section}.arch", self.arch, tuple(ARCHS))
+        _one_of(f"{section}.optimizer", self.optimizer, OPTIMIZERS)
+        _one_of(f"{section}.schedule", self.schedule, SCHEDULES)
+        _one_of(f"{section}.select", self.select, SELECTIONS)
+        _one_of(f"{section}.device", self.device, DEVICES)
+        _range(f"{section}.epochs", self.epochs, 1, None)
+        _range(f"{section}.batch_size", self.batch_size, 1, None)
+        _range(f"{section}.eval_batch_size", self.eval_batch_size, 1, None)
+        _range(f"{section}.lr", self.lr, 0.0, None, lo_open=True)
+        _range(f"{section}.momentum", self.momentum, 0.0, 1.0)
+        _range(f"{section}.weight_decay", self.weight_decay, 0.0, None)
+        _range(f"{section}.num_workers", self.num_workers, 0, None)
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Sections `gen0` and `students.K`: what generation K learns from and how."""
+
+    loss: str = "ban"
+    teacher: int | None = None  # generation whose cached logits are the targets
+    temperature: float = 1.0  # softening of teacher and student logits for the soft term
+    alpha: float = 0.5  # kd only: weight of the label term
+    seed: int | None = None
+    arch: str | None = None  # overrides train.arch for this generation
+
+    def check(self, section: str) -> None:
+        _one_of(f"{section}.loss", self.loss, LOSSES)
+        _range(f"{section}.temperature", self.temperature, 0.0, None, lo_open=True)
+        _range(f"{section}.alpha", self.alpha, 0.0, 1.0)
+        if self.arch is not None:
+            from pipeline.models import ARCHS
+
+            _one_of(f"{section}.arch", self.arch, tuple(ARCHS))
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    """Section `export`: how logits are written to the store."""
+
+    dtype: str = "float16"
+    chunk_rows: int = 1024  # rows per zarr chunk along N
+    batch_size: int = 1024
+    device: str = "auto"
+
+    def check(self, section: str) -> None:
+        _one_of(f"{section}.dtype", self.dtype, DTYPES)
+        _one_of(f"{section}.device", self.device, DEVICES)
+        _range(f"{section}.chunk_rows", self.chunk_rows, 1, None)
+        _range(f"{section}.batch_size", self.batch_size, 1, None)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Generation 0 (section `gen0`) and the students (section `students`, keyed by generation)."""
+
+    gens: dict[int, GenParams] = field(default_factory=dict)
+
+    def teacher_of(self, gen: int) -> int | None:
+        return self.gens[gen].teacher
+
+    def get(self, gen: int) -> GenParams:
+        if gen not in self.gens:
+            known = ", ".join(str(g) for g in sorted(self.gens))
+            raise ParamsError(f"--gen {gen}: no such generation. Generations in params: {known}")
+        return self.gens[gen]
+
+
+def parse_generation(gen: int, raw: Any) -> GenParams:
+    """Validate one generation's section: `gen0`, or `students.K` for K >= 1."""
+    if gen == 0:
+        gp = parse_section(GenParams, "gen0", {"loss": "ce", **(raw or {})})
+        if gp.loss != "ce" or gp.teacher is not None:
+            raise ParamsError(
+                f"gen0: generation 0 trains from labels: loss must be 'ce' and teacher unset "
+                f"(got loss={gp.loss!r}, teacher={gp.teacher!r})"
+            )
+        return gp
+    section = f"students.{gen}"
+    gp = parse_section(GenParams, section, raw)
+    if gp.teacher is None:
+        raise ParamsError(f"{section}.teacher: unset. Name the generation whose logits generation {gen} learns from")
+    if not 0 <= gp.teacher < gen:
+        raise ParamsError(f"{section}.teacher = {gp.teacher}: a teacher must be an earlier generation (0..{gen - 1})")
+    if gp.loss == "ce":
+        raise ParamsError(f"{section}.loss = 'ce' ignores the teacher: use one of ban, ban+l, kd, cwtm, dkpp")
+    return gp
+
+
+def student_keys(students_raw: Any) -> list[int]:
+    """Generation numbers of the `students` section, whose keys are written '1', '2', ..."""
+    if students_raw is None:
+        return []
+    if not isinstance(students_raw, Mapping):
+        raise ParamsError(f"students: expected a mapping like {{'1': {{teacher: 0}}}}, got {students_raw!r}")
+    gens = []
+    for key in students_raw:
+        if not (isinstance(key, str) and key.isdigit() and int(key) >= 1 and str(int(key)) == key):
+            raise ParamsError(f"students.{key}: keys are generation numbers >= 1 written as quoted strings: '1', '2', ...")
+        gens.append(int(key))
+    return sorted(gens)
+
+
+def parse_chain(gen0_raw: Any, students_raw: Any) -> Chain:
+    """Validate the whole chain: gen 0 learns from labels, every student from an earlier generation."""
+    gens = {0: parse_generation(0, gen0_raw)}
+    for gen in student_keys(students_raw):
+        gens[gen] = parse_generation(gen, students_raw[str(gen)])
+    for gen, gp in gens.items():
+        if gp.teacher is not None and gp.teacher not in gens:
+            known = ", ".join(str(g) for g in sorted(gens))
+            raise ParamsError(
+                f"students.{gen}.teacher = {gp.teacher}: no such generation. Generations in params: {known}"
+            )
+    return Chain(gens=gens)

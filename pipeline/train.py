@@ -1,0 +1,191 @@
+"""Training one generation: from labels (generation 0) or from a teacher's cached logits (K >= 1).
+
+A student never builds, loads or even opens its teacher's checkpoint: its targets come only from the
+teacher's logit store, read by dataset index (`pipeline.reader.CachedTargets`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.data import IndexedDataset, PreparedData
+from pipeline.losses import generation_loss
+from pipeline.models import build_model
+from pipeline.params import GenParams, TrainParams
+from pipeline.reader import CachedTargets
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    return torch.Generator().manual_seed(seed)
+
+
+def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
+    if p.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.nesterov, weight_decay=p.weight_decay
+        )
+    if p.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, p: TrainParams) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule: cosine to 0, constant, or step (x0.2 at 50% and 75% of the epochs)."""
+    if p.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs)
+    if p.schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, [p.epochs // 2, (3 * p.epochs) // 4], gamma=0.2)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    val_acc: float
+    lr: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[EpochLog] = field(default_factory=list)
+    selected_epoch: int = 0
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    opt: torch.optim.Optimizer,
+    gp: GenParams,
+    device: torch.device,
+    targets: CachedTargets | None,
+    generator: torch.Generator,
+) -> float:
+    """One pass over `loader`; each batch's teacher rows are looked up by the batch's dataset indices."""
+    model.train()
+    total, count = 0.0, 0
+    for x, y, index in loader:
+        teacher = targets.rows(index).to(device, non_blocking=True) if targets is not None else None
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = generation_loss(
+            gp.loss, model(x), teacher, y, temperature=gp.temperature, alpha=gp.alpha, generator=generator
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(y)
+        count += len(y)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    """Logits (N, C) of `model` in eval mode, in row order, float32."""
+    model.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
+        out.append(model(xb).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Fraction of rows whose argmax is the label (divided by samples, not batches)."""
+    return float((logits.argmax(axis=-1) == y).mean()) if len(y) else float("nan")
+
+
+def train_generation(
+    data: PreparedData,
+    recipe: TrainParams,
+    gen: int,
+    gp: GenParams,
+    teacher_store: Path | None,
+) -> TrainResult:
+    """Train generation `gen` from scratch with seed recipe.seed + gen (or gp.seed)."""
+    seed = gp.seed if gp.seed is not None else recipe.seed + gen
+    generator = seed_everything(seed, recipe.deterministic)
+    device = resolve_device(recipe.device)
+    targets = None
+    if gp.loss != "ce":
+        if teacher_store is None:
+            raise ValueError(f"generation {gen}: loss {gp.loss!r} needs a teacher store")
+        targets = CachedTargets(
+            teacher_store, "train", data.fingerprint, len(data.y_train), data.num_classes
+        )
+    arch = gp.arch or recipe.arch
+    model = build_model(arch, data.input_shape, data.num_classes).to(device)
+    fit = IndexedDataset(data.x_train, data.y_train, data.fit_index())
+    loader = DataLoader(
+        fit, batch_size=recipe.batch_size, shuffle=True, drop_last=False, generator=generator,
+        num_workers=recipe.num_workers, pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    opt = make_optimizer(model, recipe)
+    sched = make_scheduler(opt, recipe)
+    x_val, y_val = data.x_train[data.val_index], data.y_train[data.val_index]
+    result = TrainResult(model=model)
+    best_acc, best_state = -1.0, None
+    for epoch in range(1, recipe.epochs + 1):
+        t0 = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]
+        loss = train_one_epoch(model, loader, opt, gp, device, targets, generator)
+        sched.step()
+        val_acc = accuracy(predict_logits(model, x_val, recipe.eval_batch_size, device), y_val)
+        result.history.append(EpochLog(epoch, loss, val_acc, lr, time.perf_counter() - t0))
+        log.info("gen %d epoch %d/%d loss %.4f val_acc %.4f", gen, epoch, recipe.epochs, loss, val_acc)
+        if recipe.select == "best_val" and val_acc > best_acc:
+            best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
+            result.selected_epoch = epoch
+    if recipe.select == "best_val" and best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        result.selected_epoch = recipe.epochs
+    return result
+
+
+def checkpoint_meta(data: PreparedData, recipe: TrainParams, gen: int, gp: GenParams, teacher_sha: str | None
+                    ) -> dict[str, Any]:  # fmt: skip
+    return {
+        "arch": gp.arch or recipe.arch, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+        "class_names": data.class_names, "generation": gen, "teacher": gp.teacher,
+        "teacher_store_checkpoint_sha256": teacher_sha,
+        "seed": gp.seed if gp.seed is not None else recipe.seed + gen, "loss": gp.loss,
+        "temperature": gp.temperature, "alpha": gp.alpha, "dataset_fingerprint": data.fingerprint,
+        "recipe": {k: getattr(recipe, k) for k in recipe.__dataclass_fields__},
+    }  # fmt: skip
+
+
+def save_generation(path: Path, result: TrainResult, meta: dict[str, Any]) -> None:
+    save_checkpoint(path, result.model, {**meta, "selected_epoch": result.selected_epoch})

@@ -1,0 +1,119 @@
+"""The `bancache` command: one thin click group over the stage functions that dvc.yaml runs."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.errors import BancacheError
+from pipeline.layout import Layout
+from stages.common import ParamsFile
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a BancacheError into a one-paragraph message and exit status 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BancacheError as e:
+            click.echo(f"bancache: error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+class Ctx:
+    def __init__(self, params: str, root: str) -> None:
+        self.params_path = params
+        self.layout = Layout(Path(root))
+
+    def params(self) -> ParamsFile:
+        p = ParamsFile.load(self.params_path)
+        p.validate()
+        return p
+
+
+@click.group()
+@click.option("--params", default="params.yaml", show_default=True, help="params file")
+@click.option("--root", default=".", show_default=True, help="project root holding data/, models/, cache/")
+@click.option("-v", "--verbose", count=True, help="-v for per-epoch logs")
+@click.pass_context
+def main(ctx: click.Context, params: str, root: str, verbose: int) -> None:
+    """bancache: Born-Again Networks with an offline logit cache."""
+    logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s")  # fmt: skip
+    ctx.obj = Ctx(params, root)
+
+
+@main.command()
+@click.pass_obj
+@_user_errors
+def validate(obj: Ctx) -> None:
+    """Check params.yaml (every section and the chain) and exit."""
+    obj.params()
+    click.echo(f"{obj.params_path}: ok")
+
+
+@main.command()
+@click.pass_obj
+@_user_errors
+def prepare(obj: Ctx) -> None:
+    """Write the dataset into data/dataset.h5 (params: data)."""
+    from stages import prepare as stage
+
+    fp = stage.run(obj.params(), obj.layout)
+    click.echo(f"prepared {obj.layout.dataset} (fingerprint {fp[:12]})")
+
+
+@main.command()
+@click.option("--gen", type=int, required=True, help="generation to train (0 = from labels)")
+@click.pass_obj
+@_user_errors
+def train(obj: Ctx, gen: int) -> None:
+    """Train generation GEN (params: train, gen0 or students.GEN)."""
+    from stages import train as stage
+
+    m = stage.run(obj.params(), obj.layout, gen)
+    click.echo(f"generation {gen}: val acc {m['final_val_acc']:.4f}, test acc {m['test_acc']:.4f}")
+
+
+@main.command("export-logits")
+@click.option("--gen", type=int, required=True, help="generation whose logits to export")
+@click.pass_obj
+@_user_errors
+def export_logits(obj: Ctx, gen: int) -> None:
+    """Export generation GEN's train and test logits into cache/gen-GEN (params: export)."""
+    from stages import export as stage
+
+    attrs = stage.run(obj.params(), obj.layout, gen)
+    click.echo(f"exported {obj.layout.store(gen)}: {attrs['splits']}")
+
+
+@main.command()
+@click.pass_obj
+@_user_errors
+def ensemble(obj: Ctx) -> None:
+    """Accuracy of each generation and of Ens*k from cached test logits."""
+    from stages import ensemble as stage
+
+    m = stage.run(obj.params(), obj.layout)
+    click.echo(json.dumps(m["accuracy"], indent=2))
+
+
+@main.command()
+@click.pass_obj
+@_user_errors
+def report(obj: Ctx) -> None:
+    """Write reports/report.md, a table in the shape of the BAN paper's Table 2."""
+    from stages import report as stage
+
+    click.echo(stage.run(obj.layout))

@@ -1,0 +1,59 @@
+"""params.yaml access for the stages, recording which sections each stage reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ParamsError
+from pipeline.params import (
+    DataParams,
+    ExportParams,
+    TrainParams,
+    parse_chain,
+    parse_section,
+)
+
+SECTIONS = ("data", "train", "gen0", "students", "export")
+
+
+class ParamsFile:
+    """The parsed params.yaml; `get` records each (dotted) key a stage reads in `used`."""
+
+    def __init__(self, raw: dict[str, Any], path: str = "params.yaml") -> None:
+        self.raw = raw
+        self.path = path
+        self.used: set[str] = set()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ParamsFile:
+        p = Path(path)
+        if not p.exists():
+            raise ParamsError(f"{p}: params file not found. Run bancache from the project root or pass --params")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ParamsError(f"{p}: not valid YAML ({e})") from e
+        if not isinstance(raw, dict):
+            raise ParamsError(f"{p}: expected a mapping of sections ({', '.join(SECTIONS)})")
+        return cls(raw, str(p))
+
+    def get(self, key: str) -> Any:
+        self.used.add(key)
+        node: Any = self.raw
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    def validate(self) -> None:
+        """Check the whole file (every section, the chain's teachers) before any stage does work."""
+        unknown = sorted(set(self.raw) - set(SECTIONS))
+        if unknown:
+            raise ParamsError(f"{self.path}: unknown section '{unknown[0]}'. Allowed sections: {', '.join(SECTIONS)}")
+        parse_section(DataParams, "data", self.raw.get("data"))
+        parse_section(TrainParams, "train", self.raw.get("train"))
+        parse_section(ExportParams, "export", self.raw.get("export"))
+        parse_chain(self.raw.get("gen0"), self.raw.get("students"))

@@ -1,0 +1,21 @@
+"""Stage `ensemble`: accuracy of every generation and of Ens*k from the cached test logits (params:
+students, for the list of generations)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.data import load_prepared
+from pipeline.ensemble import evaluate_chain
+from pipeline.io import write_json
+from pipeline.layout import Layout
+from pipeline.params import student_keys
+from stages.common import ParamsFile
+
+
+def run(params: ParamsFile, layout: Layout) -> dict[str, Any]:
+    gens = [0, *student_keys(params.get("students"))]
+    data = load_prepared(layout.dataset)
+    metrics = evaluate_chain({g: layout.store(g) for g in gens}, data)
+    write_json(layout.ensemble_metrics, metrics)
+    return metrics

@@ -1,0 +1,47 @@
+"""Stage `train` (generation K): params train and gen0 (K = 0) or students.K."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict
+from typing import Any
+
+from pipeline.data import load_prepared
+from pipeline.io import write_json, write_text
+from pipeline.layout import Layout
+from pipeline.params import TrainParams, parse_generation, parse_section
+from pipeline.store import LogitStore
+from pipeline.train import accuracy, checkpoint_meta, predict_logits, resolve_device, save_generation, train_generation
+from stages.common import ParamsFile
+
+
+def gen_section(gen: int) -> str:
+    return "gen0" if gen == 0 else f"students.{gen}"
+
+
+def run(params: ParamsFile, layout: Layout, gen: int) -> dict[str, Any]:
+    recipe = parse_section(TrainParams, "train", params.get("train"))
+    gp = parse_generation(gen, params.get(gen_section(gen)))
+    data = load_prepared(layout.dataset)
+    teacher_store = layout.store(gp.teacher) if gp.teacher is not None else None
+    teacher_sha = None
+    if teacher_store is not None:
+        teacher_sha = LogitStore.open(teacher_store, fingerprint=data.fingerprint).attrs["checkpoint_sha256"]
+    result = train_generation(data, recipe, gen, gp, teacher_store)
+    save_generation(layout.model(gen), result, checkpoint_meta(data, recipe, gen, gp, teacher_sha))
+    device = resolve_device(recipe.device)
+    last = result.history[-1]
+    metrics = {
+        "generation": gen, "teacher": gp.teacher, "loss": gp.loss, "selected_epoch": result.selected_epoch,
+        "final_train_loss": last.train_loss, "final_val_acc": last.val_acc,
+        # Reported only; nothing is selected on it.
+        "test_acc": accuracy(predict_logits(result.model, data.x_test, recipe.eval_batch_size, device), data.y_test),
+    }  # fmt: skip
+    write_json(layout.train_metrics(gen), metrics)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(asdict(result.history[0])))
+    writer.writeheader()
+    writer.writerows(asdict(h) for h in result.history)
+    write_text(layout.train_plot(gen), buf.getvalue())
+    return metrics
