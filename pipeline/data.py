@@ -130,8 +130,9 @@ def write_prepared(
             f.attrs["class_names"] = json.dumps(class_names)
             f.attrs["num_classes"] = n_classes
             f.attrs["fingerprint"] = fp
-    log.info("wrote %s: %d train (%d val), %d test rows", path, len(arrays["y_train"]), len(val_index),
-             len(arrays["y_test"]))
+    log.info(
+        "wrote %s: %d train (%d val), %d test rows", path, len(arrays["y_train"]), len(val_index), len(arrays["y_test"])
+    )
     return fp
 
 

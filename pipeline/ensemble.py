@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.data import PreparedData
 from pipeline.losses import soften
 from pipeline.store import LogitStore
-
-import torch
 
 
 def _probs(store: LogitStore, start: int, stop: int) -> np.ndarray:

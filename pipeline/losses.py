@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 def soften(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Teacher distribution p_T = softmax(t / T), computed in float32 from raw (possibly fp16) logits."""
-    return F.softmax(logits.float() / temperature, dim=-1)
+    return F.softmax(logits.detach().float() / temperature, dim=-1)
 
 
 def soft_cross_entropy(student: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

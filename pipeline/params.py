@@ -65,9 +65,7 @@ def parse_section(cls: type[T], section: str, raw: Any) -> T:
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(raw) - set(names))
     if unknown:
-        raise ParamsError(
-            f"{section}.{unknown[0]}: unknown key. Allowed keys in '{section}': {', '.join(names)}"
-        )
+        raise ParamsError(f"{section}.{unknown[0]}: unknown key. Allowed keys in '{section}': {', '.join(names)}")
     values = {k: _check_type(f"{section}.{k}", v, hints[k]) for k, v in raw.items()}
     obj = cls(**values)
     check = getattr(obj, "check", None)
@@ -110,11 +108,11 @@ class TrainParams:
     teacher's schedule)."""
 
     arch: str = "cnn1d"
-    epochs: int = 40
+    epochs: int = 60
     batch_size: int = 128
     eval_batch_size: int = 1024
     optimizer: str = "adam"
-    lr: float = 0.003
+    lr: float = 0.02
     momentum: float = 0.9  # SGD only
     nesterov: bool = False  # SGD only
     weight_decay: float = 0.0
@@ -225,7 +223,9 @@ def student_keys(students_raw: Any) -> list[int]:
     gens = []
     for key in students_raw:
         if not (isinstance(key, str) and key.isdigit() and int(key) >= 1 and str(int(key)) == key):
-            raise ParamsError(f"students.{key}: keys are generation numbers >= 1 written as quoted strings: '1', '2', ...")
+            raise ParamsError(
+                f"students.{key}: keys are generation numbers >= 1 written as quoted strings: '1', '2', ..."
+            )
         gens.append(int(key))
     return sorted(gens)
 

@@ -59,6 +59,12 @@ class CachedTargets:
         idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
         uniq, inverse = np.unique(idx, return_inverse=True)
         arr = self.check().array(self.split)
+        # zarr wraps negative indices, which would silently return another sample's row.
+        if idx.size and (idx.min() < 0 or idx.max() >= arr.shape[0]):
+            bad = idx[(idx < 0) | (idx >= arr.shape[0])]
+            raise IndexError(
+                f"{self.path}: indices {bad[:5].tolist()} are outside rows 0..{arr.shape[0] - 1} of '{self.split}'"
+            )
         block = arr.oindex[uniq, self.view, :]
         if not np.isfinite(block).all():
             bad = uniq[~np.isfinite(block).all(axis=1)]

@@ -76,8 +76,15 @@ class LogitStore:
     def write(self, split: str, start: int, logits: np.ndarray) -> None:
         """Write rows [start, start + len(logits)) of `split`; `logits` is (B, V, C) or (B, C) for V = 1."""
         arr = self.group[split]
-        if logits.ndim == 2:
+        if logits.ndim == 2 and arr.shape[1] == 1:
             logits = logits[:, None, :]
+        # zarr broadcasts and truncates mismatched values silently, so check the shape here.
+        want = (len(logits), *arr.shape[1:])
+        if logits.shape != want or start < 0 or start + len(logits) > arr.shape[0]:
+            raise ValueError(
+                f"{self.path}: cannot write logits of shape {logits.shape} at row {start} of '{split}' "
+                f"(shape {tuple(arr.shape)}); expected {want} within rows 0..{arr.shape[0]}"
+            )
         arr[start : start + len(logits)] = logits.astype(arr.dtype, copy=False)
 
     def seal(self) -> dict[str, Any]:
@@ -86,15 +93,18 @@ class LogitStore:
         for split in self.attrs["splits"]:
             arr = self.group[split]
             h = hashlib.sha256()
+            n_bad, first = 0, -1
             for start, block in iter_blocks(arr):
                 bad = ~np.isfinite(block).all(axis=(1, 2))
-                if bad.any():
+                if bad.any() and not n_bad:
                     first = start + int(np.flatnonzero(bad)[0])
-                    raise CorruptStoreError(
-                        f"{self.path}: {int(bad.sum())} non-finite rows in '{split}' (first: row {first}); "
-                        f"the export produced NaN/Inf or missed rows, so the store was not marked complete"
-                    )
+                n_bad += int(bad.sum())
                 h.update(np.ascontiguousarray(block).tobytes())
+            if n_bad:
+                raise CorruptStoreError(
+                    f"{self.path}: {n_bad} non-finite rows in '{split}' (first: row {first}); "
+                    f"the export produced NaN/Inf or missed rows, so the store was not marked complete"
+                )
             marker["rows"][split] = int(arr.shape[0])
             marker["sha256"][split] = h.hexdigest()
         write_json(self.path / MARKER, marker)

@@ -142,9 +142,7 @@ def train_generation(
     if gp.loss != "ce":
         if teacher_store is None:
             raise ValueError(f"generation {gen}: loss {gp.loss!r} needs a teacher store")
-        targets = CachedTargets(
-            teacher_store, "train", data.fingerprint, len(data.y_train), data.num_classes
-        )
+        targets = CachedTargets(teacher_store, "train", data.fingerprint, len(data.y_train), data.num_classes)
     arch = gp.arch or recipe.arch
     model = build_model(arch, data.input_shape, data.num_classes).to(device)
     fit = IndexedDataset(data.x_train, data.y_train, data.fit_index())

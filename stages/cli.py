@@ -117,3 +117,27 @@ def report(obj: Ctx) -> None:
     from stages import report as stage
 
     click.echo(stage.run(obj.layout))
+
+
+@main.command()
+@click.option("--seeds", default="0,1,2", show_default=True, help="comma-separated seeds")
+@click.option("--losses", default="ban,ban+l,cwtm,dkpp", show_default=True,
+              help="gen-1 loss variants to add as columns ('' for none)")  # fmt: skip
+@click.option("--out", default="results/sweep", show_default=True, help="output folder")
+@click.pass_obj
+@_user_errors
+def sweep(obj: Ctx, seeds: str, losses: str, out: str) -> None:
+    """Run the whole chain for several seeds and write a mean +- std table (results/sweep/table.md)."""
+    from pipeline.errors import ParamsError
+    from pipeline.params import LOSSES
+    from stages import sweep as stage
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ParamsError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
+    loss_list = [s.strip() for s in losses.split(",") if s.strip()]
+    bad = [s for s in loss_list if s not in LOSSES or s == "ce"]
+    if bad:
+        raise ParamsError(f"--losses: unknown {bad}; choose from ban, ban+l, kd, cwtm, dkpp")
+    click.echo(stage.run(obj.params(), Path(out), seed_list, loss_list))

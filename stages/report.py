@@ -19,7 +19,11 @@ def run(layout: Layout) -> str:
         a = LogitStore.open(layout.store(g)).attrs
         acc = 100 * metrics["accuracy"][f"gen{g}"]
         lines.append(f"| {g} | {a['arch']} | {a['loss']} | {a['teacher']} | {a['seed']} | {acc:.2f} |")
-    lines += ["", "Ens*k averages the softmax outputs of generations 1..k; '+teacher' rows also average generation 0:", ""]
+    lines += [
+        "",
+        "Ens*k averages the softmax outputs of generations 1..k; '+teacher' rows also average generation 0:",
+        "",
+    ]
     for name, acc in metrics["accuracy"].items():
         if name.startswith("ens"):
             lines.append(f"- {name} (generations {metrics['members'][name]}): {100 * acc:.2f}%")

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from pipeline.data import load_prepared
+from pipeline.errors import ParamsError
 from pipeline.io import write_json, write_text
 from pipeline.layout import Layout
 from pipeline.params import TrainParams, parse_generation, parse_section
@@ -22,7 +23,13 @@ def gen_section(gen: int) -> str:
 
 def run(params: ParamsFile, layout: Layout, gen: int) -> dict[str, Any]:
     recipe = parse_section(TrainParams, "train", params.get("train"))
-    gp = parse_generation(gen, params.get(gen_section(gen)))
+    raw = params.get(gen_section(gen))
+    if gen != 0 and raw is None:
+        raise ParamsError(
+            f"--gen {gen}: params.yaml has no section students.'{gen}' (generation {gen}); "
+            "add it or pick another generation"
+        )
+    gp = parse_generation(gen, raw)
     data = load_prepared(layout.dataset)
     teacher_store = layout.store(gp.teacher) if gp.teacher is not None else None
     teacher_sha = None

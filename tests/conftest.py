@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny MNIST-1D project (400 train rows, 2 epochs) built through the stage functions."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.layout import Layout
+from stages.common import ParamsFile
+
+TINY: dict[str, Any] = {
+    "data": {"dataset": "mnist1d", "num_samples": 500, "val_fraction": 0.1, "split_seed": 0},
+    "train": {"arch": "cnn1d", "epochs": 2, "batch_size": 64, "lr": 0.01, "seed": 0, "device": "cpu"},
+    "gen0": {"loss": "ce"},
+    "students": {"1": {"teacher": 0, "loss": "ban"}, "2": {"teacher": 1, "loss": "kd", "temperature": 2.0}},
+    "export": {"dtype": "float16", "chunk_rows": 128, "batch_size": 100, "device": "cpu"},
+}
+
+
+def tiny_params(**overrides: Any) -> dict[str, Any]:
+    raw = copy.deepcopy(TINY)
+    for section, values in overrides.items():
+        raw[section] = values
+    return raw
+
+
+@pytest.fixture(scope="session")
+def prepared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project root with data/dataset.h5 prepared from the tiny config (shared, read-only)."""
+    from stages import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    prepare.run(ParamsFile(tiny_params()), Layout(root))
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path, prepared_root: Path) -> Layout:
+    """A fresh project root with the prepared tiny dataset copied in."""
+    layout = Layout(tmp_path)
+    layout.dataset.parent.mkdir(parents=True)
+    layout.dataset.write_bytes(Layout(prepared_root).dataset.read_bytes())
+    return layout

@@ -1,0 +1,66 @@
+"""The real `dvc repro` on a tiny config in a temporary git repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import tiny_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env["DVC_NO_ANALYTICS"] = "1"
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
+    return r.stdout + r.stderr
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    raw = tiny_params()
+    raw["students"]["3"] = {"teacher": 2, "loss": "ban"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    _run(["git", "init", "-q"], tmp_path)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
+    return tmp_path
+
+
+def _stages_to_run(repo: Path) -> set[str]:
+    out = _run([sys.executable, "-m", "dvc", "status", "--json"], repo)
+    return set(json.loads(out[out.index("{") :]))
+
+
+def test_dvc_repro_runs_the_chain_then_nothing(repo: Path) -> None:
+    log = _run([sys.executable, "-m", "dvc", "repro"], repo)
+    for stage in ("prepare", "teacher", "export_teacher", "train@1", "export@3", "ensemble", "report"):
+        assert f"Running stage '{stage}'" in log
+    acc = json.loads((repo / "metrics/ensemble.json").read_text())["accuracy"]
+    assert set(acc) >= {"gen0", "gen1", "gen2", "gen3", "ens2", "ens3"}
+    report = (repo / "reports/report.md").read_text()
+    assert "| Teacher | BAN-1 | BAN-2 | BAN-3 | Ens*2 | Ens*3 |" in report
+    for g in range(4):
+        assert (repo / f"cache/gen-{g}/COMPLETE.json").exists()
+    # Right after, nothing is out of date and a second repro runs nothing.
+    assert _stages_to_run(repo) == set()
+    assert "Running stage" not in _run([sys.executable, "-m", "dvc", "repro"], repo)
+
+    # Changing generation 2's params invalidates generation 2 and what depends on it, nothing before.
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["students"]["2"]["temperature"] = 3.0
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    log = _run([sys.executable, "-m", "dvc", "repro"], repo)
+    ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train@2", "export@2", "train@3", "export@3", "ensemble", "report"}

@@ -1,0 +1,107 @@
+"""Params are validated on load: unknown keys, wrong types, out-of-range values, impossible chains."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.errors import ParamsError
+from pipeline.params import (
+    ExportParams,
+    GenParams,
+    TrainParams,
+    parse_chain,
+    parse_generation,
+    parse_section,
+    student_keys,
+)
+from stages.common import ParamsFile
+from tests.conftest import tiny_params
+
+
+def test_repo_params_yaml_is_valid() -> None:
+    ParamsFile.load("params.yaml").validate()
+
+
+@pytest.mark.parametrize(
+    ("cls", "raw", "needle"),
+    [
+        (TrainParams, {"epochs": 0}, "train.epochs = 0: must be >= 1"),
+        (TrainParams, {"epochs": "ten"}, "train.epochs = 'ten': expected int"),
+        (TrainParams, {"lr": 0}, "train.lr = 0.0: must be > 0.0"),
+        (TrainParams, {"optimizer": "lamb"}, "allowed values are sgd, adam, adamw"),
+        (TrainParams, {"arch": "resnet9000"}, "train.arch = 'resnet9000'"),
+        (TrainParams, {"deterministic": 1}, "expected bool"),
+        (TrainParams, {"epoch": 3}, "train.epoch: unknown key"),
+        (GenParams, {"temperature": 0}, "temperature = 0.0: must be > 0.0"),
+        (GenParams, {"temperature": -1.5}, "must be > 0.0"),
+        (GenParams, {"alpha": 1.5}, "alpha = 1.5: must be >= 0.0 and <= 1.0"),
+        (GenParams, {"loss": "mse"}, "allowed values are ce, ban, ban+l, kd, cwtm, dkpp"),
+        (ExportParams, {"dtype": "bfloat16"}, "allowed values are float16, float32"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(cls, raw, needle) -> None:
+    section = {TrainParams: "train", GenParams: "gen", ExportParams: "export"}[cls]
+    with pytest.raises(ParamsError) as e:
+        parse_section(cls, section, raw)
+    assert needle in str(e.value)
+
+
+def test_ints_are_accepted_where_floats_are_expected() -> None:
+    assert parse_section(GenParams, "g", {"temperature": 2}).temperature == 2.0
+
+
+def test_chain_rules() -> None:
+    with pytest.raises(ParamsError, match="generation 0 trains from labels"):
+        parse_generation(0, {"loss": "ban"})
+    with pytest.raises(ParamsError, match=r"students.2.teacher = 2: a teacher must be an earlier generation"):
+        parse_generation(2, {"teacher": 2})
+    with pytest.raises(ParamsError, match=r"students.1.teacher: unset"):
+        parse_generation(1, {"loss": "ban"})
+    with pytest.raises(ParamsError, match=r"students.3.teacher = 2: no such generation"):
+        parse_chain({}, {"1": {"teacher": 0}, "3": {"teacher": 2}})
+    with pytest.raises(ParamsError, match="quoted strings"):
+        student_keys({1: {"teacher": 0}})  # an unquoted YAML key is an int; DVC's foreach would skip it
+    chain = parse_chain({}, {"1": {"teacher": 0}, "2": {"teacher": 0, "loss": "kd"}})
+    assert chain.teacher_of(2) == 0 and sorted(chain.gens) == [0, 1, 2]
+
+
+def test_params_file_rejects_unknown_section(tmp_path) -> None:
+    raw = tiny_params()
+    raw["trian"] = {}
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match="unknown section 'trian'"):
+        ParamsFile.load(p).validate()
+
+
+def _declared_params() -> dict[str, set[str]]:
+    """Params each stage declares in dvc.yaml, with foreach expanded over the tiny config's students."""
+    stages = yaml.safe_load(open("dvc.yaml"))["stages"]
+    out = {}
+    for name, st in stages.items():
+        if "foreach" in st:
+            for key in tiny_params()["students"]:
+                out[f"{name}@{key}"] = {p.replace("${key}", key) for p in st["do"].get("params", [])}
+        else:
+            out[name] = set(st.get("params", []))
+    return out
+
+
+def test_each_stage_reads_only_the_params_dvc_yaml_declares(project) -> None:
+    from stages import ensemble, export, train
+
+    declared = _declared_params()
+    runs = {
+        "teacher": lambda p: train.run(p, project, 0),
+        "export_teacher": lambda p: export.run(p, project, 0),
+        "train@1": lambda p: train.run(p, project, 1),
+        "export@1": lambda p: export.run(p, project, 1),
+        "train@2": lambda p: train.run(p, project, 2),
+        "export@2": lambda p: export.run(p, project, 2),
+        "ensemble": lambda p: ensemble.run(p, project),
+    }
+    for stage, fn in runs.items():
+        p = ParamsFile(tiny_params())
+        fn(p)
+        assert p.used <= declared[stage], f"{stage} reads {p.used - declared[stage]} not declared in dvc.yaml"

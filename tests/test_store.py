@@ -1,0 +1,338 @@
+"""LogitStore: round trips across chunk boundaries, the completion marker, and refusals of unusable stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.errors import (
+    CorruptStoreError,
+    ForeignStoreError,
+    IncompleteStoreError,
+    StoreError,
+    StoreNotFoundError,
+)
+from pipeline.io import atomic_path
+from pipeline.store import MARKER, LogitStore
+
+FP = "ab" * 32  # dataset fingerprint (sha256 hex)
+
+
+def provenance(num_classes: int, fingerprint: str = FP) -> dict:
+    return {
+        "generation": 1, "arch": "tiny", "seed": 3, "temperature": 1.0, "checkpoint_sha256": "cd" * 32,
+        "dataset_fingerprint": fingerprint, "class_names": [f"c{i}" for i in range(num_classes)],
+    }  # fmt: skip
+
+
+def logits_for(rows: int, views: int, classes: int, seed: int = 0) -> np.ndarray:
+    """Distinct, finite, float16-representable-range logits."""
+    return np.random.default_rng(seed).normal(0, 4, size=(rows, views, classes))
+
+
+def make_store(
+    path: Path,
+    data: dict[str, np.ndarray],
+    chunk_rows: int = 4,
+    dtype: str = "float32",
+    seal: bool = True,
+) -> LogitStore:
+    first = next(iter(data.values()))
+    views, classes = first.shape[1:]
+    store = LogitStore.create(
+        path, {s: len(a) for s, a in data.items()}, classes, views, dtype, chunk_rows, provenance(classes)
+    )
+    for split, a in data.items():
+        if len(a):
+            store.write(split, 0, a)
+    if seal:
+        store.seal()
+    return store
+
+
+@pytest.fixture
+def sealed(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A sealed float32 store: train 10 rows (chunks of 4: rows 0-3, 4-7, 8-9), test 5 rows, 1 view, 3 classes."""
+    data = {"train": logits_for(10, 1, 3, seed=1), "test": logits_for(5, 1, 3, seed=2)}
+    path = tmp_path / "gen-1"
+    make_store(path, data)
+    return path, data
+
+
+# -- round trips -----------------------------------------------------------------------------------------
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> dict:
+    rows = draw(st.integers(1, 40))
+    cuts = draw(st.lists(st.integers(1, max(rows - 1, 1)), max_size=5, unique=True)) if rows > 1 else []
+    return {
+        "rows": rows,
+        "test_rows": draw(st.integers(0, 9)),
+        "views": draw(st.integers(1, 3)),
+        "classes": draw(st.integers(1, 6)),
+        "chunk_rows": draw(st.integers(1, 16)),
+        "dtype": draw(st.sampled_from(["float16", "float32"])),
+        "bounds": [0, *sorted(cuts), rows],  # writes [bounds[i], bounds[i+1]), straddling chunks at random
+        "order": draw(st.permutations(range(len(cuts) + 1))),  # pieces written out of order
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+@settings(max_examples=25, deadline=None)
+@given(layout=layouts())
+def test_round_trip_across_chunk_boundaries(layout: dict) -> None:
+    views, classes, dtype = layout["views"], layout["classes"], layout["dtype"]
+    train = logits_for(layout["rows"], views, classes, layout["seed"])
+    test = logits_for(layout["test_rows"], views, classes, layout["seed"] + 1)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "store"
+        store = LogitStore.create(
+            path, {"train": len(train), "test": len(test)}, classes, views, dtype, layout["chunk_rows"],
+            provenance(classes),
+        )  # fmt: skip
+        bounds = layout["bounds"]
+        for i in layout["order"]:
+            piece = train[bounds[i] : bounds[i + 1]]
+            # (B, C) is accepted for single-view stores
+            store.write("train", bounds[i], piece[:, 0] if views == 1 and i % 2 else piece)
+        if len(test):
+            store.write("test", 0, test)
+        marker = store.seal()
+        assert (path / MARKER).exists()
+        assert marker["rows"] == {"train": len(train), "test": len(test)}
+
+        opened = LogitStore.open(path, fingerprint=FP, rows=marker["rows"], num_classes=classes)
+        for split, want in (("train", train), ("test", test)):
+            got = opened.array(split)[:]
+            assert got.dtype == np.dtype(dtype)
+            assert got.shape == want.shape
+            np.testing.assert_array_equal(got, want.astype(dtype))
+        attrs = opened.attrs
+        assert attrs["views"] == views and attrs["num_classes"] == classes and attrs["dtype"] == dtype
+        assert attrs["class_names"] == [f"c{i}" for i in range(classes)]
+        opened.verify()
+
+
+def test_float16_is_stored_as_float16(tmp_path: Path) -> None:
+    data = logits_for(7, 2, 3)
+    make_store(tmp_path / "s", {"train": data}, chunk_rows=3, dtype="float16")
+    arr = zarr.open_array(str(tmp_path / "s" / "train"), mode="r")
+    assert arr.dtype == np.float16 and arr.chunks == (3, 2, 3)
+    np.testing.assert_array_equal(arr[:], data.astype(np.float16))
+
+
+@pytest.mark.parametrize(
+    ("start", "shape", "why"),
+    [
+        (0, (2, 1, 4), "wrong class count"),
+        (8, (4, 1, 3), "past the last row"),
+        (-2, (2, 1, 3), "negative start"),
+        (10, (1, 1, 3), "start at the end"),
+        (0, (2, 2, 3), "wrong view count"),
+    ],
+)
+def test_write_rejects_mismatched_shapes(tmp_path: Path, start: int, shape: tuple, why: str) -> None:
+    store = LogitStore.create(tmp_path / "s", {"train": 10}, 3, 1, "float32", 4, provenance(3))
+    with pytest.raises(ValueError, match="cannot write logits"):
+        store.write("train", start, np.ones(shape))
+    assert np.isnan(store.array("train")[:]).all(), f"{why}: nothing may be written"
+
+
+def test_write_2d_into_multi_view_store_is_refused(tmp_path: Path) -> None:
+    store = LogitStore.create(tmp_path / "s", {"train": 4}, 3, 2, "float32", 4, provenance(3))
+    with pytest.raises(ValueError, match=r"expected \(4, 2, 3\)"):
+        store.write("train", 0, np.ones((4, 3)))  # would otherwise be copied into every view
+
+
+# -- completion marker and refusals ----------------------------------------------------------------------
+
+
+def test_unsealed_store_is_incomplete(tmp_path: Path) -> None:
+    path = tmp_path / "gen-1"
+    make_store(path, {"train": logits_for(10, 1, 3)}, seal=False)
+    assert not (path / MARKER).exists()
+    with pytest.raises(IncompleteStoreError) as e:
+        LogitStore.open(path)
+    msg = str(e.value)
+    assert str(path) in msg and MARKER in msg and "export-logits" in msg
+
+
+def test_deleted_marker_is_incomplete(sealed) -> None:
+    path, _ = sealed
+    LogitStore.open(path)  # complete before
+    (path / MARKER).unlink()
+    with pytest.raises(IncompleteStoreError, match="incomplete store") as e:
+        LogitStore.open(path)
+    assert str(path) in str(e.value)
+
+
+def test_recreating_over_a_sealed_store_drops_its_marker(sealed) -> None:
+    path, data = sealed
+    store = LogitStore.create(path, {"train": 10, "test": 5}, 3, 1, "float32", 4, provenance(3))
+    store.write("train", 0, data["train"])  # interrupted before 'test'
+    with pytest.raises(IncompleteStoreError):
+        LogitStore.open(path)
+
+
+def test_damaged_marker(sealed) -> None:
+    path, _ = sealed
+    (path / MARKER).write_text("{not json")
+    with pytest.raises(StoreError, match="damaged completion marker") as e:
+        LogitStore.open(path)
+    assert str(path) in str(e.value)
+
+
+def test_no_store(tmp_path: Path) -> None:
+    path = tmp_path / "gen-9"
+    with pytest.raises(StoreNotFoundError) as e:
+        LogitStore.open(path)
+    assert isinstance(e.value, FileNotFoundError)
+    assert str(path) in str(e.value) and "export-logits" in str(e.value)
+
+
+def test_open_checks_against_the_dataset(sealed) -> None:
+    path, _ = sealed
+    ok = LogitStore.open(path, fingerprint=FP, rows={"train": 10, "test": 5}, num_classes=3)
+    assert ok.attrs["dataset_fingerprint"] == FP
+
+    with pytest.raises(ForeignStoreError, match="another dataset") as e:
+        LogitStore.open(path, fingerprint="ef" * 32)
+    assert str(path) in str(e.value) and "Re-export" in str(e.value)
+
+    with pytest.raises(ForeignStoreError, match="has 3 classes, the dataset has 10") as e:
+        LogitStore.open(path, fingerprint=FP, num_classes=10)
+    assert str(path) in str(e.value) and "Re-export" in str(e.value)
+
+    with pytest.raises(ForeignStoreError, match="'train' has 10 rows, the dataset has 11") as e:
+        LogitStore.open(path, fingerprint=FP, rows={"train": 11})
+    assert str(path) in str(e.value) and "Re-export" in str(e.value)
+
+    with pytest.raises(ForeignStoreError, match="has no 'val' split") as e:
+        LogitStore.open(path, rows={"val": 3})
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_seal_refuses_non_finite_rows(tmp_path: Path, bad: float) -> None:
+    path = tmp_path / "gen-1"
+    data = logits_for(10, 2, 3)
+    data[6, 1, 2] = bad
+    data[9, 0, 0] = bad
+    store = make_store(path, {"train": data}, seal=False)
+    with pytest.raises(CorruptStoreError) as e:
+        store.seal()
+    msg = str(e.value)
+    assert str(path) in msg and "2 non-finite rows in 'train' (first: row 6)" in msg
+    assert "not marked complete" in msg
+    assert not (path / MARKER).exists()
+    with pytest.raises(IncompleteStoreError):
+        LogitStore.open(path)
+
+
+def test_seal_refuses_a_chunk_never_written(tmp_path: Path) -> None:
+    path = tmp_path / "gen-1"
+    data = logits_for(10, 1, 3)
+    store = LogitStore.create(path, {"train": 10}, 3, 1, "float32", 4, provenance(3))
+    store.write("train", 0, data[:4])
+    store.write("train", 8, data[8:])  # rows 4-7 (the second chunk) never written
+    with pytest.raises(CorruptStoreError, match=r"4 non-finite rows in 'train' \(first: row 4\)") as e:
+        store.seal()
+    assert str(path) in str(e.value)
+    assert not (path / MARKER).exists()
+
+
+def test_seal_refuses_a_split_never_written(tmp_path: Path) -> None:
+    path = tmp_path / "gen-1"
+    store = LogitStore.create(path, {"train": 4, "test": 3}, 3, 1, "float32", 4, provenance(3))
+    store.write("train", 0, logits_for(4, 1, 3))  # export killed before 'test'
+    with pytest.raises(CorruptStoreError, match=r"3 non-finite rows in 'test' \(first: row 0\)"):
+        store.seal()
+    assert not (path / MARKER).exists()
+
+
+def test_verify_detects_content_changed_after_sealing(sealed) -> None:
+    path, data = sealed
+    store = LogitStore.open(path)
+    store.verify()
+    arr = zarr.open_array(str(path / "train"), mode="r+")
+    arr[5, 0, 1] = data["train"][5, 0, 1] + 1.0  # still finite: only the hash can tell
+    with pytest.raises(CorruptStoreError, match="'train' content differs from its marker") as e:
+        LogitStore.open(path).verify()
+    assert str(path) in str(e.value)
+
+
+def test_verify_detects_a_deleted_chunk(sealed) -> None:
+    path, _ = sealed
+    chunk = path / "train" / "c" / "1" / "0" / "0"
+    assert chunk.is_file()
+    chunk.unlink()
+    with pytest.raises(CorruptStoreError, match="differs from its marker"):
+        LogitStore.open(path).verify()
+
+
+def test_shape_disagreeing_with_marker_is_corrupt(sealed) -> None:
+    path, _ = sealed
+    marker = json.loads((path / MARKER).read_text())
+    marker["rows"]["train"] = 9
+    (path / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(CorruptStoreError, match="array 'train' has shape") as e:
+        LogitStore.open(path)
+    assert str(path) in str(e.value)
+
+
+def test_missing_provenance_is_refused(sealed) -> None:
+    path, _ = sealed
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = group.attrs.asdict()
+    del attrs["dataset_fingerprint"]
+    group.attrs.clear()
+    group.attrs.update(attrs)
+    with pytest.raises(CorruptStoreError, match=r"missing attributes \['dataset_fingerprint'\]") as e:
+        LogitStore.open(path)
+    assert str(path) in str(e.value)
+
+
+# -- atomic writes -------------------------------------------------------------------------------------
+
+
+def test_atomic_path_keeps_the_old_file_when_the_body_raises(tmp_path: Path) -> None:
+    target = tmp_path / "m.json"
+    target.write_text("old")
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == target.parent and tmp != target
+            tmp.write_text("half-written")
+            raise Boom
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["m.json"]
+
+
+def test_atomic_path_on_a_new_file_leaves_nothing_when_the_body_raises(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "sub" / "new.json") as tmp:
+            tmp.write_text("x")
+            raise RuntimeError
+    assert os.listdir(tmp_path / "sub") == []
+
+
+def test_atomic_path_replaces_on_success(tmp_path: Path) -> None:
+    target = tmp_path / "m.json"
+    target.write_text("old")
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+        assert target.read_text() == "old"  # not visible until the body finishes
+    assert target.read_text() == "new"
+    assert os.listdir(tmp_path) == ["m.json"]

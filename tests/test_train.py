@@ -1,0 +1,133 @@
+"""Training a generation: students learn from the cache alone, never from the teacher's model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline.checkpoint
+import pipeline.models
+from pipeline.checkpoint import load_checkpoint
+from pipeline.layout import Layout
+from pipeline.store import LogitStore
+from stages import export, train
+from stages.common import ParamsFile
+from tests.conftest import tiny_params
+
+
+def _teacher(project: Layout, params: ParamsFile) -> None:
+    train.run(params, project, 0)
+    export.run(params, project, 0)
+
+
+def test_student_trains_with_teacher_checkpoint_destroyed(project: Layout) -> None:
+    params = ParamsFile(tiny_params())
+    _teacher(project, params)
+    # Corrupt, then delete, generation 0's model: the student must not need it.
+    project.model(0).write_bytes(b"not a checkpoint")
+    m = train.run(params, project, 1)
+    assert project.model(1).exists() and m["generation"] == 1
+    for p in project.model_dir(0).iterdir():
+        p.unlink()
+    project.model_dir(0).rmdir()
+    m = train.run(params, project, 1)
+    ckpt = load_checkpoint(project.model(1))
+    assert ckpt["meta"]["teacher"] == 0
+    # The student records which teacher checkpoint produced its targets (from the store's attributes).
+    assert (
+        ckpt["meta"]["teacher_store_checkpoint_sha256"] == LogitStore.open(project.store(0)).attrs["checkpoint_sha256"]
+    )
+
+
+def test_student_builds_exactly_one_model_and_loads_no_checkpoint(project: Layout, monkeypatch) -> None:
+    params = ParamsFile(tiny_params())
+    _teacher(project, params)
+    built = []
+    real_build = pipeline.models.build_model
+
+    def counting_build(*args, **kwargs):
+        built.append(args[0])
+        return real_build(*args, **kwargs)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a student must not load any checkpoint")
+
+    monkeypatch.setattr("pipeline.train.build_model", counting_build)
+    monkeypatch.setattr(pipeline.checkpoint, "load_checkpoint", no_load)
+    monkeypatch.setattr(torch, "load", no_load)
+    train.run(params, project, 1)
+    assert built == ["cnn1d"]
+
+
+def test_student_targets_follow_dataset_index_under_shuffling(project: Layout, monkeypatch) -> None:
+    """Every batch's teacher rows are the stored rows of that batch's dataset indices."""
+    params = ParamsFile(tiny_params())
+    _teacher(project, params)
+    stored = np.asarray(LogitStore.open(project.store(0)).array("train")[:, 0, :], dtype=np.float32)
+    from pipeline import train as lib
+
+    seen = []
+    real = lib.generation_loss
+
+    def spy(name, student, teacher, labels, **kw):
+        seen.append((teacher.clone(), labels.clone()))
+        return real(name, student, teacher, labels, **kw)
+
+    monkeypatch.setattr(lib, "generation_loss", spy)
+    real_rows = lib.CachedTargets.rows
+    batches = []
+
+    def rows_spy(self, index):
+        out = real_rows(self, index)
+        batches.append((index.clone(), out))
+        return out
+
+    monkeypatch.setattr(lib.CachedTargets, "rows", rows_spy)
+    train.run(params, project, 1)
+    assert batches
+    for index, out in batches:
+        np.testing.assert_array_equal(out.numpy(), stored[index.numpy()])
+    # Shuffled: the first batch is not rows 0..B-1 in order.
+    assert not np.array_equal(batches[0][0].numpy(), np.sort(batches[0][0].numpy()))
+    assert len(seen) == len(batches)
+
+
+def test_training_is_deterministic_on_cpu(project: Layout, tmp_path) -> None:
+    params = ParamsFile(tiny_params())
+    train.run(params, project, 0)
+    first = load_checkpoint(project.model(0))["state_dict"]
+    train.run(params, project, 0)
+    second = load_checkpoint(project.model(0))["state_dict"]
+    for k in first:
+        torch.testing.assert_close(first[k], second[k], rtol=0, atol=0)
+
+
+def test_students_get_new_seeds_and_metrics_are_written(project: Layout) -> None:
+    params = ParamsFile(tiny_params())
+    _teacher(project, params)
+    train.run(params, project, 1)
+    s0 = load_checkpoint(project.model(0))["meta"]["seed"]
+    s1 = load_checkpoint(project.model(1))["meta"]["seed"]
+    assert s0 != s1
+    metrics = json.loads(project.train_metrics(1).read_text())
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["loss"] == "ban"
+    rows = project.train_plot(1).read_text().splitlines()
+    assert rows[0].startswith("epoch,") and len(rows) == 1 + 2
+
+
+def test_student_refuses_a_missing_teacher_store(project: Layout) -> None:
+    from pipeline.errors import StoreNotFoundError
+
+    with pytest.raises(StoreNotFoundError, match="export-logits"):
+        train.run(ParamsFile(tiny_params()), project, 1)
+
+
+def test_best_val_selection_uses_validation_not_test(project: Layout) -> None:
+    raw = tiny_params()
+    raw["train"] = {**raw["train"], "select": "best_val", "epochs": 3}
+    m = train.run(ParamsFile(raw), project, 0)
+    assert 1 <= m["selected_epoch"] <= 3
+    assert load_checkpoint(project.model(0))["meta"]["selected_epoch"] == m["selected_epoch"]
