@@ -25,8 +25,9 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: dict[s
     if missing:
         raise ValueError(f"checkpoint meta lacks {missing}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, "state_dict": state, "meta": meta, **extra}, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # A file object (not a path) keeps the zip's inner names fixed, so equal weights give equal bytes.
+        torch.save({"format": FORMAT, "state_dict": state, "meta": meta, **extra}, f)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

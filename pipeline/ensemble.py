@@ -15,12 +15,12 @@ import torch
 
 from pipeline.data import PreparedData
 from pipeline.losses import soften
-from pipeline.store import LogitStore
+from pipeline.store import LogitStore, read_rows
 
 
 def _probs(store: LogitStore, start: int, stop: int) -> np.ndarray:
-    block = store.array("test")[start:stop, 0, :]
-    return soften(torch.from_numpy(np.asarray(block, dtype=np.float32))).numpy()
+    block = read_rows(store.array("test"), start, stop)[:, 0, :]
+    return soften(torch.from_numpy(block.astype(np.float32))).numpy()
 
 
 def evaluate_chain(stores: dict[int, Path], data: PreparedData) -> dict[str, Any]:

@@ -41,3 +41,7 @@ class ForeignStoreError(StoreError):
 
 class CorruptStoreError(StoreError):
     """The store's content is damaged: non-finite rows, missing or unreadable chunks."""
+
+
+class DiskFullError(BancacheError, OSError):
+    """No space left while writing; the previous version of the file or store is untouched."""

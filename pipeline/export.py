@@ -7,6 +7,7 @@ so the target path only ever holds a complete store or its previous content.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -18,10 +19,10 @@ import torch
 
 from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 from pipeline.data import PreparedData
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, DiskFullError
 from pipeline.io import replace_dir, sha256_file
 from pipeline.params import ExportParams
-from pipeline.store import LogitStore
+from pipeline.store import MARKER, LogitStore
 from pipeline.train import predict_logits
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,15 @@ def export_logits(
                 rows = x[start : start + params.chunk_rows]
                 store.write(split, start, predict_logits(model, rows, params.batch_size, device))
         marker = store.seal()
-        replace_dir(tmp, out)
+        replace_dir(tmp, out, discard_first=MARKER)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise DiskFullError(
+                f"{out}: no space left on the device while exporting; free space under {out.parent} and rerun "
+                f"`bancache export-logits`. The previous store at {out}, if any, is untouched"
+            ) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

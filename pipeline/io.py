@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -11,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import DiskFullError
 
 
 @contextlib.contextmanager
@@ -29,6 +33,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskFullError(
+                f"{target}: no space left on the device while writing it; free space under {target.parent} "
+                f"and rerun (the previous {target.name}, if any, is untouched)"
+            ) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -43,16 +54,40 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text)
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory `src` to `dst`, replacing any old `dst` (which is removed only after the move)."""
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(src: Path, dst: Path, discard_first: str | None = None) -> None:
+    """Move directory `src` to `dst`. An existing `dst` is swapped out atomically where the OS allows it
+    (so at every instant `dst` holds the old or the new directory) and then removed; `discard_first` names
+    a file inside the old directory to delete before the rest, so a half-removed old copy is never
+    mistaken for a complete one."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if dst.exists():
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    if _exchange(src, dst):
+        old = src
+    else:
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        os.replace(src, dst)
+    if discard_first:
+        (old / discard_first).unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -20,6 +20,10 @@ class Layout:
     def model(self, gen: int) -> Path:
         return self.model_dir(gen) / "model.pt"
 
+    def train_state(self, gen: int) -> Path:
+        """Per-epoch resume state: outside DVC's outputs, which DVC deletes before rerunning a stage."""
+        return self.root / ".bancache" / "state" / f"gen-{gen}.pt"
+
     def store(self, gen: int) -> Path:
         return self.root / "cache" / f"gen-{gen}"
 

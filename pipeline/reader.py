@@ -65,7 +65,13 @@ class CachedTargets:
             raise IndexError(
                 f"{self.path}: indices {bad[:5].tolist()} are outside rows 0..{arr.shape[0] - 1} of '{self.split}'"
             )
-        block = arr.oindex[uniq, self.view, :]
+        try:
+            block = arr.oindex[uniq, self.view, :]
+        except Exception as e:  # a damaged chunk fails inside the codec with many exception types
+            raise CorruptStoreError(
+                f"{self.path}: cannot read rows of '{self.split}' ({type(e).__name__}: {e}); a chunk is damaged, "
+                f"re-export the store"
+            ) from e
         if not np.isfinite(block).all():
             bad = uniq[~np.isfinite(block).all(axis=1)]
             raise CorruptStoreError(

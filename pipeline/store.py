@@ -157,10 +157,7 @@ class LogitStore:
     def _check_shapes(self, marker: dict[str, Any]) -> None:
         a = self.attrs
         for split, n in a["splits"].items():
-            try:
-                shape = tuple(self.group[split].shape)
-            except KeyError:
-                raise CorruptStoreError(f"{self.path}: array '{split}' is missing; re-export the store") from None
+            shape = tuple(self.array(split).shape)
             want = (n, a["views"], a["num_classes"])
             if shape != want or marker["rows"].get(split) != n:
                 raise CorruptStoreError(
@@ -173,7 +170,14 @@ class LogitStore:
         return self.group.attrs.asdict()
 
     def array(self, split: str) -> zarr.Array:
-        return self.group[split]
+        try:
+            return self.group[split]
+        except KeyError:
+            raise CorruptStoreError(f"{self.path}: array '{split}' is missing; re-export the store") from None
+        except Exception as e:  # damaged array metadata fails inside zarr with many exception types
+            raise CorruptStoreError(
+                f"{self.path}: array '{split}' has unreadable metadata ({type(e).__name__}: {e}); re-export the store"
+            ) from e
 
     def verify(self) -> None:
         """Re-hash every split against the marker (reads the whole store)."""
@@ -193,7 +197,18 @@ def iter_blocks(arr: zarr.Array) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (start_row, rows) one chunk of rows at a time, so memory stays at one chunk."""
     step = arr.chunks[0]
     for start in range(0, arr.shape[0], step):
-        yield start, arr[start : start + step]
+        yield start, read_rows(arr, start, start + step)
+
+
+def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of `arr`; a damaged chunk becomes a CorruptStoreError naming the store."""
+    try:
+        return np.asarray(arr[start:stop])
+    except Exception as e:  # codecs fail with many exception types
+        raise CorruptStoreError(
+            f"{arr.store_path}: rows {start}..{stop - 1} are unreadable ({type(e).__name__}: {e}); "
+            f"a chunk is damaged, re-export the store"
+        ) from e
 
 
 def _read_marker(p: Path) -> dict[str, Any]:

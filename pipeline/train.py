@@ -11,7 +11,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,15 @@ from torch.utils.data import DataLoader
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.data import IndexedDataset, PreparedData
+from pipeline.io import atomic_path
 from pipeline.losses import generation_loss
 from pipeline.models import build_model
 from pipeline.params import GenParams, TrainParams
 from pipeline.reader import CachedTargets
 
 log = logging.getLogger(__name__)
+
+STATE_FORMAT = "bancache-train-state-v1"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,14 +130,50 @@ def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(axis=-1) == y).mean()) if len(y) else float("nan")
 
 
+def _save_state(path: Path, key: str, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator, result: TrainResult,
+                best: tuple[float, dict[str, torch.Tensor] | None]) -> None:  # fmt: skip
+    """Everything needed to continue after `epoch` bit-exactly: weights, optimizer, schedule, RNGs."""
+    state = {
+        "format": STATE_FORMAT, "key": key, "epoch": epoch, "model": model.state_dict(),
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(), "history": [asdict(h) for h in result.history],
+        "best_acc": best[0], "best_state": best[1], "selected_epoch": result.selected_epoch,
+    }  # fmt: skip
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+
+
+def _load_state(path: Path, key: str) -> dict[str, Any] | None:
+    """The resume state at `path` if it exists, loads, and belongs to this exact run (`key`)."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged state costs progress, never correctness
+        log.warning("ignoring unreadable resume state %s (%s); starting from epoch 1", path, e)
+        return None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("key") != key:
+        log.warning("resume state %s belongs to another run (params, data or teacher changed); starting fresh", path)
+        return None
+    return state  # type: ignore[no-any-return]
+
+
 def train_generation(
     data: PreparedData,
     recipe: TrainParams,
     gen: int,
     gp: GenParams,
     teacher_store: Path | None,
+    state_path: Path | None = None,
+    state_key: str = "",
 ) -> TrainResult:
-    """Train generation `gen` from scratch with seed recipe.seed + gen (or gp.seed)."""
+    """Train generation `gen` from scratch with seed recipe.seed + gen (or gp.seed).
+
+    With `state_path`, the full training state is saved there (atomically) after every epoch, and a state
+    saved by an interrupted run with the same `state_key` is resumed: on CPU in deterministic mode the
+    result is bit-identical to an uninterrupted run.
+    """
     seed = gp.seed if gp.seed is not None else recipe.seed + gen
     generator = seed_everything(seed, recipe.deterministic)
     device = resolve_device(recipe.device)
@@ -154,8 +193,21 @@ def train_generation(
     sched = make_scheduler(opt, recipe)
     x_val, y_val = data.x_train[data.val_index], data.y_train[data.val_index]
     result = TrainResult(model=model)
-    best_acc, best_state = -1.0, None
-    for epoch in range(1, recipe.epochs + 1):
+    best: tuple[float, dict[str, torch.Tensor] | None] = (-1.0, None)
+    start = 1
+    state = _load_state(state_path, state_key) if state_path is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        result.history = [EpochLog(**h) for h in state["history"]]
+        result.selected_epoch = state["selected_epoch"]
+        best = (state["best_acc"], state["best_state"])
+        start = state["epoch"] + 1
+        log.info("gen %d: resuming after epoch %d from %s", gen, state["epoch"], state_path)
+    for epoch in range(start, recipe.epochs + 1):
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
         loss = train_one_epoch(model, loader, opt, gp, device, targets, generator)
@@ -163,11 +215,13 @@ def train_generation(
         val_acc = accuracy(predict_logits(model, x_val, recipe.eval_batch_size, device), y_val)
         result.history.append(EpochLog(epoch, loss, val_acc, lr, time.perf_counter() - t0))
         log.info("gen %d epoch %d/%d loss %.4f val_acc %.4f", gen, epoch, recipe.epochs, loss, val_acc)
-        if recipe.select == "best_val" and val_acc > best_acc:
-            best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
+        if recipe.select == "best_val" and val_acc > best[0]:
+            best = (val_acc, copy.deepcopy(model.state_dict()))
             result.selected_epoch = epoch
-    if recipe.select == "best_val" and best_state is not None:
-        model.load_state_dict(best_state)
+        if state_path is not None:
+            _save_state(state_path, state_key, epoch, model, opt, sched, generator, result, best)
+    if recipe.select == "best_val" and best[1] is not None:
+        model.load_state_dict(best[1])
     else:
         result.selected_epoch = recipe.epochs
     return result

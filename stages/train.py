@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 from dataclasses import asdict
 from typing import Any
 
@@ -21,7 +23,8 @@ def gen_section(gen: int) -> str:
     return "gen0" if gen == 0 else f"students.{gen}"
 
 
-def run(params: ParamsFile, layout: Layout, gen: int) -> dict[str, Any]:
+def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False) -> dict[str, Any]:
+    """Train generation `gen`; with `resume`, continue a killed run of the same config from its last epoch."""
     recipe = parse_section(TrainParams, "train", params.get("train"))
     raw = params.get(gen_section(gen))
     if gen != 0 and raw is None:
@@ -35,8 +38,13 @@ def run(params: ParamsFile, layout: Layout, gen: int) -> dict[str, Any]:
     teacher_sha = None
     if teacher_store is not None:
         teacher_sha = LogitStore.open(teacher_store, fingerprint=data.fingerprint).attrs["checkpoint_sha256"]
-    result = train_generation(data, recipe, gen, gp, teacher_store)
-    save_generation(layout.model(gen), result, checkpoint_meta(data, recipe, gen, gp, teacher_sha))
+    meta = checkpoint_meta(data, recipe, gen, gp, teacher_sha)
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+    state = layout.train_state(gen)
+    if not resume:
+        state.unlink(missing_ok=True)
+    result = train_generation(data, recipe, gen, gp, teacher_store, state_path=state, state_key=key)
+    save_generation(layout.model(gen), result, meta)
     device = resolve_device(recipe.device)
     last = result.history[-1]
     metrics = {
@@ -51,4 +59,5 @@ def run(params: ParamsFile, layout: Layout, gen: int) -> dict[str, Any]:
     writer.writeheader()
     writer.writerows(asdict(h) for h in result.history)
     write_text(layout.train_plot(gen), buf.getvalue())
+    state.unlink(missing_ok=True)  # the stage's outputs are complete: nothing left to resume
     return metrics

@@ -17,6 +17,7 @@ TINY: dict[str, Any] = {
     "gen0": {"loss": "ce"},
     "students": {"1": {"teacher": 0, "loss": "ban"}, "2": {"teacher": 1, "loss": "kd", "temperature": 2.0}},
     "export": {"dtype": "float16", "chunk_rows": 128, "batch_size": 100, "device": "cpu"},
+    "inspect": {"temperature": 1.0, "ece_bins": 10, "noise_confidence": 0.9, "max_listed": 20},
 }
 
 
@@ -44,3 +45,21 @@ def project(tmp_path: Path, prepared_root: Path) -> Layout:
     layout.dataset.parent.mkdir(parents=True)
     layout.dataset.write_bytes(Layout(prepared_root).dataset.read_bytes())
     return layout
+
+
+@pytest.fixture(scope="session")
+def exported_root(tmp_path_factory: pytest.TempPathFactory, prepared_root: Path) -> Path:
+    """A tiny project with params.yaml, generation 0 trained and exported (shared, read-only: copy it)."""
+    import yaml
+
+    from stages import export, train
+
+    root = tmp_path_factory.mktemp("exported")
+    layout = Layout(root)
+    layout.dataset.parent.mkdir(parents=True)
+    layout.dataset.write_bytes(Layout(prepared_root).dataset.read_bytes())
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    params = ParamsFile(tiny_params())
+    train.run(params, layout, 0)
+    export.run(params, layout, 0)
+    return root

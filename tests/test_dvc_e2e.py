@@ -64,3 +64,34 @@ def test_dvc_repro_runs_the_chain_then_nothing(repo: Path) -> None:
     log = _run([sys.executable, "-m", "dvc", "repro"], repo)
     ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
     assert ran == {"train@2", "export@2", "train@3", "export@3", "ensemble", "report"}
+
+
+def _fresh_repo(root: Path) -> Path:
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    _run(["git", "init", "-q"], root)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    return root
+
+
+def test_killed_dvc_repro_then_repro_equals_clean_run(tmp_path: Path) -> None:
+    import random
+    import signal
+    import time
+
+    clean = _fresh_repo(tmp_path / "clean")
+    t0 = time.perf_counter()
+    _run([sys.executable, "-m", "dvc", "repro"], clean)
+    total = time.perf_counter() - t0
+    victim = _fresh_repo(tmp_path / "victim")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=victim, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(random.Random(2).uniform(0.3 * total, 0.8 * total))
+    os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage it is running
+    assert proc.wait() < 0, "the kill must land while dvc repro runs"
+    _run([sys.executable, "-m", "dvc", "repro"], victim)
+    for rel in ("metrics/ensemble.json", "reports/report.md", "dvc.lock"):
+        assert (victim / rel).read_text() == (clean / rel).read_text(), rel
+    assert _stages_to_run(victim) == set()

@@ -1,0 +1,181 @@
+"""Every bad input a user can hit, through the real CLI: exit status 2, one clear message, no traceback.
+
+Each case is one row of docs/errors.md; regenerate that table with `python -m tests.test_errors`.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from pipeline.layout import Layout
+from pipeline.store import LogitStore
+from stages.cli import main
+from tests.conftest import tiny_params
+
+
+def _set(root: Path, dotted: str, value) -> None:
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    node = raw
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+
+
+def _raw_params(root: Path, text: str) -> None:
+    (root / "params.yaml").write_text(text)
+
+
+def _chunk_file(store: Path) -> Path:
+    return next(p for p in sorted((store / "train" / "c").rglob("*")) if p.is_file())
+
+
+def _foreign_store(root: Path, num_classes: int | None = None, fingerprint: str | None = None) -> None:
+    lay = Layout(root)
+    attrs = LogitStore.open(lay.store(0)).attrs
+    rows = attrs["splits"]
+    c = num_classes or attrs["num_classes"]
+    keep = {k: attrs[k] for k in ("generation", "arch", "seed", "temperature", "checkpoint_sha256", "class_names")}
+    keep["dataset_fingerprint"] = fingerprint or attrs["dataset_fingerprint"]
+    shutil.rmtree(lay.store(0))
+    s = LogitStore.create(lay.store(0), rows, c, 1, "float16", 128, keep)
+    for split, n in rows.items():
+        s.write(split, 0, np.zeros((n, c), np.float32))
+    s.seal()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this would run on load",))
+
+
+@dataclass
+class Case:
+    what: str
+    setup: Callable[[Path], None]
+    args: tuple[str, ...]
+    expect: str
+
+
+CASES = [
+    Case("unknown key in params", lambda r: _set(r, "train.epoch", 3), ("train", "--gen", "0"),
+         "train.epoch: unknown key. Allowed keys in 'train'"),
+    Case("unknown params section", lambda r: _set(r, "trian.lr", 1), ("train", "--gen", "0"),
+         "unknown section 'trian'"),
+    Case("wrong type", lambda r: _set(r, "train.epochs", "ten"), ("train", "--gen", "0"),
+         "train.epochs = 'ten': expected int"),
+    Case("temperature <= 0", lambda r: _set(r, "students.1.temperature", 0), ("train", "--gen", "1"),
+         "students.1.temperature = 0.0: must be > 0.0"),
+    Case("alpha outside [0, 1]", lambda r: _set(r, "students.2.alpha", 1.5), ("train", "--gen", "2"),
+         "students.2.alpha = 1.5: must be >= 0.0 and <= 1.0"),
+    Case("teacher that does not exist", lambda r: _set(r, "students.4", {"teacher": 3}), ("train", "--gen", "1"),
+         "students.4.teacher = 3: no such generation"),
+    Case("teacher generation >= student", lambda r: _set(r, "students.1.teacher", 1), ("train", "--gen", "1"),
+         "students.1.teacher = 1: a teacher must be an earlier generation"),
+    Case("generation 0 with a teacher loss", lambda r: _set(r, "gen0.loss", "ban"), ("train", "--gen", "0"),
+         "generation 0 trains from labels"),
+    Case("unquoted students key", lambda r: _raw_params(r, yaml.safe_dump(tiny_params()).replace("'1':", "1:")),
+         ("validate",), "keys are generation numbers >= 1 written as quoted strings"),
+    Case("params.yaml is not YAML", lambda r: _raw_params(r, "train: [unclosed"), ("validate",), "not valid YAML"),
+    Case("--gen not in params", lambda r: None, ("train", "--gen", "7"), "no section students.'7'"),
+    Case("dataset not prepared", lambda r: Layout(r).dataset.unlink(), ("train", "--gen", "0"),
+         "prepared dataset not found. Run `bancache prepare`"),
+    Case("dataset file corrupted", lambda r: Layout(r).dataset.write_bytes(b"\\x89HDF\\r\\n" + bytes(100)),
+         ("train", "--gen", "0"), "unreadable prepared dataset"),
+    Case("checkpoint missing", lambda r: Layout(r).model(0).unlink(), ("export-logits", "--gen", "0"),
+         "checkpoint not found. Run `bancache train`"),
+    Case("checkpoint is not a bancache checkpoint", lambda r: torch.save({"w": torch.zeros(2)}, Layout(r).model(0)),
+         ("export-logits", "--gen", "0"), "not a bancache checkpoint"),
+    Case("checkpoint carries a pickle payload", lambda r: torch.save({"x": _Payload()}, Layout(r).model(0)),
+         ("export-logits", "--gen", "0"), "weights_only=True"),
+    Case("checkpoint truncated", lambda r: Layout(r).model(0).write_bytes(Layout(r).model(0).read_bytes()[:300]),
+         ("export-logits", "--gen", "0"), "not a readable checkpoint"),
+    Case("teacher store missing", lambda r: shutil.rmtree(Layout(r).store(0)), ("train", "--gen", "1"),
+         "no logit store here. Run `bancache export-logits"),
+    Case("teacher store incomplete (export killed)", lambda r: (Layout(r).store(0) / "COMPLETE.json").unlink(),
+         ("train", "--gen", "1"), "incomplete store (no COMPLETE.json)"),
+    Case("teacher store from another dataset", lambda r: _foreign_store(r, fingerprint="0" * 64),
+         ("train", "--gen", "1"), "exported from another dataset"),
+    Case("teacher store with another class count", lambda r: _foreign_store(r, num_classes=7),
+         ("train", "--gen", "1"), "has 7 classes, the dataset has 10"),
+    Case("teacher store with a corrupted chunk", lambda r: _chunk_file(Layout(r).store(0)).write_bytes(b"junk" * 9),
+         ("train", "--gen", "1"), "a chunk is damaged, re-export the store"),
+    Case("teacher store metadata corrupted", lambda r: (Layout(r).store(0) / "zarr.json").write_text("{"),
+         ("train", "--gen", "1"), "unreadable store metadata"),
+]  # fmt: skip
+
+
+def run_case(case: Case, root: Path):
+    case.setup(root)
+    return CliRunner().invoke(main, ["--params", str(root / "params.yaml"), "--root", str(root), *case.args])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
+def test_bad_input_gets_a_clear_error(case: Case, exported_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "p"
+    shutil.copytree(exported_root, root)
+    before = {p: p.read_bytes() for p in (root / "cache").rglob("*") if p.is_file()} if case.args[0] != "train" else {}
+    r = run_case(case, root)
+    assert r.exit_code == 2, r.output
+    assert case.expect in r.output
+    assert r.output.startswith("bancache: error: ") and "Traceback" not in r.output
+    if case.args[0] == "export-logits":  # a refused export leaves the existing store as it was
+        assert {p: p.read_bytes() for p in (root / "cache").rglob("*") if p.is_file()} == before
+
+
+def test_full_disk_during_export_via_cli(exported_root: Path, tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "p"
+    shutil.copytree(exported_root, root)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(LogitStore, "write", full)
+    r = CliRunner().invoke(main, ["--params", str(root / "params.yaml"), "--root", str(root),
+                                  "export-logits", "--gen", "0"])  # fmt: skip
+    assert r.exit_code == 2 and "no space left on the device while exporting" in r.output
+    LogitStore.open(Layout(root).store(0)).verify()
+
+
+def main_table(out: Path = Path("docs/errors.md")) -> None:
+    """Write docs/errors.md from the same cases the tests run."""
+    import tempfile
+
+    from stages import export, prepare, train
+    from tests.conftest import ParamsFile
+
+    with tempfile.TemporaryDirectory() as d:
+        base = Path(d) / "base"
+        lay = Layout(base)
+        prepare.run(ParamsFile(tiny_params()), lay)
+        (base / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+        train.run(ParamsFile(tiny_params()), lay, 0)
+        export.run(ParamsFile(tiny_params()), lay, 0)
+        rows = ["| bad input | command | what the user sees (exit status 2) |", "|---|---|---|"]
+        for i, case in enumerate(CASES):
+            root = Path(d) / f"c{i}"
+            shutil.copytree(base, root)
+            msg = run_case(case, root).output.strip().replace("|", "\\|").replace("\n", " ")
+            rows.append(f"| {case.what} | `bancache {' '.join(case.args)}` | {msg} |")
+        rows.append("| disk full during export | `bancache export-logits --gen 0` | bancache: error: cache/gen-0: no "
+                    "space left on the device while exporting; free space under cache and rerun `bancache "
+                    "export-logits`. The previous store at cache/gen-0, if any, is untouched |")  # fmt: skip
+    head = ("# Errors a user can hit\n\nEvery row is a test in `tests/test_errors.py` (regenerate with "
+            "`python -m tests.test_errors`). Paths are shown relative to a temporary project.\n\n")  # fmt: skip
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(head + "\n".join(rows).replace(d + "/", "") + "\n")
+
+
+if __name__ == "__main__":
+    main_table()
