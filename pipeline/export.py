@@ -14,11 +14,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 from pipeline.data import PreparedData
+from pipeline.distributed import SINGLE_PROCESS, DistContext, barrier, broadcast, partition_rows
 from pipeline.errors import CheckpointError, DiskFullError
 from pipeline.io import replace_dir, sha256_file
 from pipeline.params import ExportParams
@@ -34,8 +34,12 @@ def export_logits(
     out: Path,
     params: ExportParams,
     device: torch.device,
+    ctx: DistContext = SINGLE_PROCESS,
 ) -> dict[str, Any]:
-    """Write `out` (a complete store) from `checkpoint`; returns the store's attributes."""
+    """Write `out` (a complete store) from `checkpoint`; returns the store's attributes.
+
+    Under torchrun each rank writes its own whole chunks (`partition_rows`); rank 0 creates the store
+    first and seals it after a barrier."""
     ckpt = load_checkpoint(checkpoint)
     meta = ckpt["meta"]
     if meta["dataset_fingerprint"] != data.fingerprint:
@@ -51,24 +55,38 @@ def export_logits(
         "dataset": data.name, "class_names": data.class_names, "teacher": meta.get("teacher"),
         "loss": meta.get("loss"),
     }  # fmt: skip
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = None
+    if ctx.is_main:
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = Path(broadcast(ctx, str(tmp)))
+    rows = {"train": len(data.y_train), "test": len(data.y_test)}
     try:
-        store = LogitStore.create(
-            tmp, {"train": len(data.y_train), "test": len(data.y_test)}, data.num_classes, views=1,
-            dtype=params.dtype, chunk_rows=params.chunk_rows, attributes=attributes,
-        )  # fmt: skip
-        for split in ("train", "test"):
+        if ctx.is_main:  # rank 0 alone creates the store and its attributes
+            store = LogitStore.create(
+                tmp, rows, data.num_classes, views=1, dtype=params.dtype, chunk_rows=params.chunk_rows,
+                attributes=attributes,
+            )  # fmt: skip
+        barrier(ctx)
+        if not ctx.is_main:
+            store = LogitStore.attach(tmp)
+        for split, n in rows.items():
             x, _ = data.split(split)
-            # One chunk of rows at a time, so every chunk is written whole, once.
-            for start in range(0, len(x), params.chunk_rows):
-                rows = x[start : start + params.chunk_rows]
-                store.write(split, start, predict_logits(model, rows, params.batch_size, device))
-        marker = store.seal()
-        replace_dir(tmp, out, discard_first=MARKER)
+            begin, end = partition_rows(n, params.chunk_rows, ctx.world_size)[ctx.rank]
+            # One whole chunk at a time, each written once, by one rank.
+            for start in range(begin, end, params.chunk_rows):
+                chunk = x[start : min(start + params.chunk_rows, end)]
+                store.write(split, start, predict_logits(model, chunk, params.batch_size, device))
+        barrier(ctx)
+        if ctx.is_main:  # validation and the marker come after every rank's rows
+            marker = store.seal()
+            replace_dir(tmp, out, discard_first=MARKER)
+            log.info("exported generation %s to %s: %s", meta["generation"], out, marker["rows"])
+        barrier(ctx)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
             raise DiskFullError(
                 f"{out}: no space left on the device while exporting; free space under {out.parent} and rerun "
@@ -76,17 +94,7 @@ def export_logits(
             ) from e
         raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("exported generation %s to %s: %s", meta["generation"], out, marker["rows"])
     return LogitStore.open(out).attrs
-
-
-def store_accuracy(store: LogitStore, split: str, labels: np.ndarray, view: int = 0) -> float:
-    """Top-1 accuracy of a store's logits against `labels`, read one chunk at a time."""
-    from pipeline.store import iter_blocks
-
-    correct = 0
-    for start, block in iter_blocks(store.array(split)):
-        correct += int((block[:, view].argmax(-1) == labels[start : start + len(block)]).sum())
-    return correct / len(labels)

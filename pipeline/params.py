@@ -178,6 +178,23 @@ class ExportParams:
 
 
 @dataclass(frozen=True)
+class LaunchParams:
+    """Section `launch`: how `train` and `export-logits` run: one process, or torchrun workers."""
+
+    nproc_per_node: int = 1  # > 1: the command re-launches itself under torchrun with this many workers
+    nnodes: int = 1  # > 1: multi-node; every node runs the same command and meets at rdzv_endpoint
+    rdzv_endpoint: str = ""  # host:port of torchrun's c10d rendezvous (nnodes > 1)
+    backend: str = "auto"  # nccl on CUDA, gloo on CPU
+
+    def check(self, section: str) -> None:
+        _range(f"{section}.nproc_per_node", self.nproc_per_node, 1, None)
+        _range(f"{section}.nnodes", self.nnodes, 1, None)
+        _one_of(f"{section}.backend", self.backend, ("auto", "nccl", "gloo"))
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ParamsError(f"{section}.rdzv_endpoint: required when nnodes > 1 (host:port reachable by all nodes)")
+
+
+@dataclass(frozen=True)
 class Chain:
     """Generation 0 (section `gen0`) and the students (section `students`, keyed by generation)."""
 

@@ -73,6 +73,11 @@ class LogitStore:
             )  # fmt: skip
         return cls(path, group)
 
+    @classmethod
+    def attach(cls, path: str | os.PathLike[str]) -> LogitStore:
+        """Open a store being written (no marker yet) to add rows: other ranks of a distributed export."""
+        return cls(path, zarr.open_group(str(path), mode="r+"))
+
     def write(self, split: str, start: int, logits: np.ndarray) -> None:
         """Write rows [start, start + len(logits)) of `split`; `logits` is (B, V, C) or (B, C) for V = 1."""
         arr = self.group[split]

@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.data import IndexedDataset, PreparedData
+from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.io import atomic_path
 from pipeline.losses import generation_loss
 from pipeline.models import build_model
@@ -167,16 +169,20 @@ def train_generation(
     teacher_store: Path | None,
     state_path: Path | None = None,
     state_key: str = "",
+    ctx: DistContext = SINGLE_PROCESS,
 ) -> TrainResult:
     """Train generation `gen` from scratch with seed recipe.seed + gen (or gp.seed).
 
     With `state_path`, the full training state is saved there (atomically) after every epoch, and a state
     saved by an interrupted run with the same `state_key` is resumed: on CPU in deterministic mode the
-    result is bit-identical to an uninterrupted run.
+    result is bit-identical to an uninterrupted run. Under torchrun (`ctx.enabled`) the model is wrapped
+    in DistributedDataParallel and each rank trains its DistributedSampler shard; rank 0 saves the state.
     """
     seed = gp.seed if gp.seed is not None else recipe.seed + gen
     generator = seed_everything(seed, recipe.deterministic)
     device = resolve_device(recipe.device)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
     targets = None
     if gp.loss != "ce":
         if teacher_store is None:
@@ -184,10 +190,16 @@ def train_generation(
         targets = CachedTargets(teacher_store, "train", data.fingerprint, len(data.y_train), data.num_classes)
     arch = gp.arch or recipe.arch
     model = build_model(arch, data.input_shape, data.num_classes).to(device)
+    net: nn.Module = model
     fit = IndexedDataset(data.x_train, data.y_train, data.fit_index())
+    sampler = None
+    if ctx.enabled:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Per-rank batch = batch_size / world_size, so the global batch matches a single process.
+        sampler = DistributedSampler(fit, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
     loader = DataLoader(
-        fit, batch_size=recipe.batch_size, shuffle=True, drop_last=False, generator=generator,
-        num_workers=recipe.num_workers, pin_memory=device.type == "cuda",
+        fit, batch_size=max(1, recipe.batch_size // ctx.world_size), shuffle=sampler is None, sampler=sampler,
+        drop_last=False, generator=generator, num_workers=recipe.num_workers, pin_memory=device.type == "cuda",
     )  # fmt: skip
     opt = make_optimizer(model, recipe)
     sched = make_scheduler(opt, recipe)
@@ -210,7 +222,9 @@ def train_generation(
     for epoch in range(start, recipe.epochs + 1):
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
-        loss = train_one_epoch(model, loader, opt, gp, device, targets, generator)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loss = train_one_epoch(net, loader, opt, gp, device, targets, generator)
         sched.step()
         val_acc = accuracy(predict_logits(model, x_val, recipe.eval_batch_size, device), y_val)
         result.history.append(EpochLog(epoch, loss, val_acc, lr, time.perf_counter() - t0))
@@ -218,7 +232,7 @@ def train_generation(
         if recipe.select == "best_val" and val_acc > best[0]:
             best = (val_acc, copy.deepcopy(model.state_dict()))
             result.selected_epoch = epoch
-        if state_path is not None:
+        if state_path is not None and ctx.is_main:
             _save_state(state_path, state_key, epoch, model, opt, sched, generator, result, best)
     if recipe.select == "best_val" and best[1] is not None:
         model.load_state_dict(best[1])

@@ -36,6 +36,10 @@ class Ctx:
         self.params_path = params
         self.layout = Layout(Path(root))
 
+    def argv(self, *command: str) -> list[str]:
+        """This command line, for torchrun workers."""
+        return ["--params", self.params_path, "--root", str(self.layout.root), *command]
+
     def params(self) -> ParamsFile:
         p = ParamsFile.load(self.params_path)
         p.validate()
@@ -76,13 +80,21 @@ def prepare(obj: Ctx) -> None:
 
 @main.command()
 @click.option("--gen", type=int, required=True, help="generation to train (0 = from labels)")
+@click.option("--resume/--no-resume", default=False, help="continue a killed run of this config from its last epoch")
 @click.pass_obj
 @_user_errors
-def train(obj: Ctx, gen: int) -> None:
+def train(obj: Ctx, gen: int, resume: bool) -> None:
     """Train generation GEN (params: train, gen0 or students.GEN)."""
     from stages import train as stage
+    from stages.launch import relaunch_if_needed
 
-    m = stage.run(obj.params(), obj.layout, gen)
+    params = obj.params()
+    argv = obj.argv("train", "--gen", str(gen), "--resume" if resume else "--no-resume")
+    if (code := relaunch_if_needed(params, argv)) is not None:
+        sys.exit(code)
+    m = stage.run(params, obj.layout, gen, resume=resume)
+    if "test_acc" not in m:  # a torchrun worker other than rank 0
+        return
     click.echo(f"generation {gen}: val acc {m['final_val_acc']:.4f}, test acc {m['test_acc']:.4f}")
 
 
@@ -93,8 +105,12 @@ def train(obj: Ctx, gen: int) -> None:
 def export_logits(obj: Ctx, gen: int) -> None:
     """Export generation GEN's train and test logits into cache/gen-GEN (params: export)."""
     from stages import export as stage
+    from stages.launch import relaunch_if_needed
 
-    attrs = stage.run(obj.params(), obj.layout, gen)
+    params = obj.params()
+    if (code := relaunch_if_needed(params, obj.argv("export-logits", "--gen", str(gen)))) is not None:
+        sys.exit(code)
+    attrs = stage.run(params, obj.layout, gen)
     click.echo(f"exported {obj.layout.store(gen)}: {attrs['splits']}")
 
 
@@ -141,3 +157,41 @@ def sweep(obj: Ctx, seeds: str, losses: str, out: str) -> None:
     if bad:
         raise ParamsError(f"--losses: unknown {bad}; choose from ban, ban+l, kd, cwtm, dkpp")
     click.echo(stage.run(obj.params(), Path(out), seed_list, loss_list))
+
+
+@main.command()
+@click.option("--gen", type=int, required=True, help="generation whose store to audit")
+@click.option("--against", type=int, default=None, help="compare with this generation's store instead")
+@click.pass_obj
+@_user_errors
+def inspect(obj: Ctx, gen: int, against: int | None) -> None:
+    """Audit cache/gen-GEN into inspect/gen-GEN/ (params: inspect); with --against J, compare it with
+    cache/gen-J into inspect/gen-GEN-vs-J/."""
+    from stages import inspect as stage
+
+    m = stage.run(obj.params(), obj.layout, gen, against)
+    out = stage.out_dir(obj.layout, gen, against)
+    if against is None:
+        tr, te = m["train"], m["test"]
+        click.echo(f"generation {gen}: train acc {tr['accuracy']:.4f}, mean entropy {tr['entropy_mean']:.4f}, "
+                   f"test ECE {te['ece']:.4f}, {tr['likely_noisy']} likely-noisy; see {out}/summary.md")  # fmt: skip
+    else:
+        click.echo(f"generation {gen} vs {against}: test agreement {m['test']['agreement']:.4f}, "
+                   f"KL {m['test']['kl_mean']:.4f}; see {out / 'summary.md'}")  # fmt: skip
+
+
+@main.command()
+@click.option("--gen", type=int, required=True, help="generation whose store to export")
+@click.option("--format", "fmt", type=click.Choice(["h5", "npz"]), required=True, help="output format")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="output file")
+@click.pass_obj
+@_user_errors
+def convert(obj: Ctx, gen: int, fmt: str, out: str) -> None:
+    """Export cache/gen-GEN (every split, with its attributes) to an HDF5 or .npz file."""
+    from stages import inspect as stage
+
+    click.echo(f"wrote {stage.convert(obj.layout, gen, fmt, out)}")
+
+
+if __name__ == "__main__":  # torchrun workers run `python -m stages.cli ...`
+    main()

@@ -12,12 +12,13 @@ from pipeline.errors import ParamsError
 from pipeline.params import (
     DataParams,
     ExportParams,
+    LaunchParams,
     TrainParams,
     parse_chain,
     parse_section,
 )
 
-SECTIONS = ("data", "train", "gen0", "students", "export")
+SECTIONS = ("data", "train", "gen0", "students", "export", "launch", "inspect")
 
 
 class ParamsFile:
@@ -56,4 +57,8 @@ class ParamsFile:
         parse_section(DataParams, "data", self.raw.get("data"))
         parse_section(TrainParams, "train", self.raw.get("train"))
         parse_section(ExportParams, "export", self.raw.get("export"))
+        parse_section(LaunchParams, "launch", self.raw.get("launch"))
         parse_chain(self.raw.get("gen0"), self.raw.get("students"))
+        from pipeline.inspect import InspectParams  # lazy: pulls in h5py, zarr and torch
+
+        parse_section(InspectParams, "inspect", self.raw.get("inspect"))

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from typing import Any
 
 from pipeline.data import load_prepared
+from pipeline.distributed import barrier
 from pipeline.errors import ParamsError
 from pipeline.io import write_json, write_text
 from pipeline.layout import Layout
@@ -17,6 +18,7 @@ from pipeline.params import TrainParams, parse_generation, parse_section
 from pipeline.store import LogitStore
 from pipeline.train import accuracy, checkpoint_meta, predict_logits, resolve_device, save_generation, train_generation
 from stages.common import ParamsFile
+from stages.launch import worker_context
 
 
 def gen_section(gen: int) -> str:
@@ -43,7 +45,11 @@ def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False) -> d
     state = layout.train_state(gen)
     if not resume:
         state.unlink(missing_ok=True)
-    result = train_generation(data, recipe, gen, gp, teacher_store, state_path=state, state_key=key)
+    ctx = worker_context(params)
+    result = train_generation(data, recipe, gen, gp, teacher_store, state_path=state, state_key=key, ctx=ctx)
+    if not ctx.is_main:  # rank 0 alone writes the generation's outputs
+        barrier(ctx)
+        return {"generation": gen, "rank": ctx.rank}
     save_generation(layout.model(gen), result, meta)
     device = resolve_device(recipe.device)
     last = result.history[-1]
@@ -60,4 +66,5 @@ def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False) -> d
     writer.writerows(asdict(h) for h in result.history)
     write_text(layout.train_plot(gen), buf.getvalue())
     state.unlink(missing_ok=True)  # the stage's outputs are complete: nothing left to resume
+    barrier(ctx)
     return metrics

@@ -17,6 +17,7 @@ TINY: dict[str, Any] = {
     "gen0": {"loss": "ce"},
     "students": {"1": {"teacher": 0, "loss": "ban"}, "2": {"teacher": 1, "loss": "kd", "temperature": 2.0}},
     "export": {"dtype": "float16", "chunk_rows": 128, "batch_size": 100, "device": "cpu"},
+    "launch": {"nproc_per_node": 1},
     "inspect": {"temperature": 1.0, "ece_bins": 10, "noise_confidence": 0.9, "max_listed": 20},
 }
 

@@ -1,0 +1,419 @@
+"""Audit the dark knowledge a logit store carries, streamed one chunk of rows at a time.
+
+Notation: z = raw logits of one sample (C,), y its label, T the temperature, p = softmax(z / T).
+- entropy H(p) = -sum_c p_c log p_c, in nats: log C for a uniform row, 0 for a one-hot row.
+- max probability m = max_c p_c: the numerator of the CWTM sample weight m_s / sum_u m_u
+  (Furlanello et al. 2018), taken even where the teacher is wrong.
+- dark mass 1 - m: the probability outside the argmax, the "dark knowledge" a student can learn from.
+- similarity S[c, :] = mean over samples of class c of softmax(z_{-c} / T), the teacher distribution with
+  the target entry removed and renormalised (computed on the logits, so it stays exact for one-hot rows);
+  S[c, c] = 0.
+- ECE = sum_b (n_b / n) |acc_b - conf_b| over equal-width confidence bins [b/B, (b+1)/B), the last bin
+  closed (Guo et al. 2017, "On Calibration of Modern Neural Networks").
+- KL(p_J || p_K) = sum_c p_J,c (log p_J,c - log p_K,c) of generation K from reference generation J: at
+  T = 1 and J = K's teacher, the BAN loss minus the teacher's entropy.
+
+Every statistic is a sum over rows, so the accumulators add up chunk results and hold O(C^2 + bins +
+max_listed) numbers, never a split: a 10^6 x 100 store is read in memory of a few chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import h5py
+import numpy as np
+
+from pipeline.data import FORMAT as DATASET_FORMAT
+from pipeline.errors import DatasetError, ParamsError
+from pipeline.io import atomic_path
+from pipeline.params import _range
+from pipeline.store import LogitStore, iter_blocks
+
+log = logging.getLogger(__name__)
+
+HIST_BINS = 50  # bins of the entropy and max-probability histograms
+VIEW = 0  # the view of (N, V, C) stores that is audited: the un-augmented input
+CONVERT_FORMATS = ("h5", "npz")
+
+
+@dataclass(frozen=True)
+class InspectParams:
+    """Section `inspect`: how `bancache inspect` reads a store."""
+
+    temperature: float = 1.0  # softening of the raw logits before every statistic
+    ece_bins: int = 15  # equal-width confidence bins of the ECE and the reliability diagram
+    noise_confidence: float = 0.9  # teacher max-prob at or above which a wrong argmax flags likely label noise
+    max_listed: int = 50  # likely-noisy samples listed, most confident first (all are counted)
+
+    def check(self, section: str) -> None:
+        _range(f"{section}.temperature", self.temperature, 0.0, None, lo_open=True)
+        _range(f"{section}.ece_bins", self.ece_bins, 1, None)
+        _range(f"{section}.noise_confidence", self.noise_confidence, 0.0, 1.0)
+        _range(f"{section}.max_listed", self.max_listed, 0, None)
+
+
+# -- pure statistics on a block of logits (B, C) -------------------------------------------------------
+def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """log softmax(z / T) in float64, from raw (possibly float16) logits."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def entropy(logp: np.ndarray) -> np.ndarray:
+    """H(p) = -sum_c p_c log p_c per row, in nats."""
+    return -(np.exp(logp) * logp).sum(axis=-1)
+
+
+def max_prob(logp: np.ndarray) -> np.ndarray:
+    """max_c p_c per row: the CWTM weight before normalisation over the batch."""
+    return np.exp(logp.max(axis=-1))
+
+
+def dark_mass(logp: np.ndarray) -> np.ndarray:
+    """1 - max_c p_c per row: the probability outside the argmax."""
+    return 1.0 - max_prob(logp)
+
+
+def non_target_probs(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(z_{-y} / T) per row: the distribution with the target entry removed and renormalised (0 at y)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z[np.arange(len(z)), labels] = -np.inf
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def kl_divergence(logp_ref: np.ndarray, logp: np.ndarray) -> np.ndarray:
+    """KL(p_ref || p) = sum_c p_ref,c (log p_ref,c - log p_c) per row, in nats."""
+    return (np.exp(logp_ref) * (logp_ref - logp)).sum(axis=-1)
+
+
+def expected_calibration_error(counts: np.ndarray, conf_sum: np.ndarray, correct: np.ndarray) -> float:
+    """ECE = sum_b (n_b / n) |acc_b - conf_b| from per-bin sample counts, confidence sums and correct counts
+    (= sum_b |correct_b - conf_sum_b| / n)."""
+    n = counts.sum()
+    return float(np.abs(correct - conf_sum).sum() / n) if n else float("nan")
+
+
+def _bin(values: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
+    """Index of equal-width bin [lo + b w, lo + (b+1) w) of each value; the last bin is closed."""
+    idx = np.floor((values - lo) / (hi - lo) * bins).astype(np.int64)
+    return np.clip(idx, 0, bins - 1)
+
+
+# -- streaming accumulators ----------------------------------------------------------------------------
+@dataclass
+class TargetStats:
+    """Train-split statistics of one store (what a student learns from), added up chunk by chunk."""
+
+    num_classes: int
+    temperature: float = 1.0
+    noise_confidence: float = 0.9
+    max_listed: int = 50
+    hist_bins: int = HIST_BINS
+    n: int = 0
+    correct: int = 0
+    n_val: int = 0  # rows of the validation split (not fitted by the teacher)
+    correct_val: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    noisy_count: int = 0
+
+    def __post_init__(self) -> None:
+        c, b = self.num_classes, self.hist_bins
+        self.entropy_edges = np.linspace(0.0, np.log(c), b + 1)
+        self.max_prob_edges = np.linspace(0.0, 1.0, b + 1)
+        self.entropy_hist = np.zeros(b, np.int64)
+        self.max_prob_hist = np.zeros(b, np.int64)
+        self.similarity_sum = np.zeros((c, c))
+        self.class_counts = np.zeros(c, np.int64)
+        self.sums = dict.fromkeys(("entropy", "entropy_sq", "max_prob", "max_prob_sq", "dark_mass"), 0.0)
+        self.noisy: dict[str, np.ndarray] = {}
+        self.noisy_val = 0
+
+    def update(self, start: int, logits: np.ndarray, labels: np.ndarray, val: np.ndarray | None = None) -> None:
+        """Add rows [start, start + B) with logits (B, C), labels (B,) and `val` (B,), True on the rows of the
+        validation split."""
+        labels = np.asarray(labels, dtype=np.int64)
+        val = np.zeros(len(labels), bool) if val is None else val
+        logp = log_softmax(logits, self.temperature)
+        h, m, pred = entropy(logp), max_prob(logp), logp.argmax(axis=-1)
+        c, b = self.num_classes, self.hist_bins
+        self.n += len(labels)
+        self.correct += int((pred == labels).sum())
+        self.n_val += int(val.sum())
+        self.correct_val += int((pred == labels)[val].sum())
+        for key, v in (("entropy", h), ("entropy_sq", h * h), ("max_prob", m), ("max_prob_sq", m * m)):
+            self.sums[key] += float(v.sum())
+        self.sums["dark_mass"] += float((1.0 - m).sum())
+        self.entropy_hist += np.bincount(_bin(h, 0.0, float(np.log(c)), b), minlength=b)
+        self.max_prob_hist += np.bincount(_bin(m, 0.0, 1.0, b), minlength=b)
+        onehot = np.zeros((len(labels), c))
+        onehot[np.arange(len(labels)), labels] = 1.0
+        self.similarity_sum += onehot.T @ non_target_probs(logits, labels, self.temperature)
+        self.class_counts += np.bincount(labels, minlength=c)
+        wrong = (pred != labels) & (m >= self.noise_confidence)
+        self.noisy_count += int(wrong.sum())
+        self.noisy_val += int((wrong & val).sum())
+        if self.max_listed and wrong.any():
+            rows = np.flatnonzero(wrong)
+            found = {
+                "index": start + rows, "label": labels[rows], "predicted": pred[rows], "confidence": m[rows],
+                "label_prob": np.exp(logp[rows, labels[rows]]), "val": val[rows],
+            }  # fmt: skip
+            self._keep_most_confident(found)
+
+    def _keep_most_confident(self, found: dict[str, np.ndarray]) -> None:
+        merged = {k: np.concatenate([self.noisy[k], v]) if self.noisy else v for k, v in found.items()}
+        order = np.lexsort((merged["index"], -merged["confidence"]))[: self.max_listed]
+        self.noisy = {k: v[order] for k, v in merged.items()}
+
+    def similarity(self) -> np.ndarray:
+        """S (C, C): row c is the mean renormalised non-target distribution of class c (NaN if c is absent)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.similarity_sum / self.class_counts[:, None]
+
+    def noisy_rows(self, class_names: list[str]) -> list[dict[str, Any]]:
+        rows = []
+        for i in range(len(self.noisy.get("index", []))):
+            label, pred = int(self.noisy["label"][i]), int(self.noisy["predicted"][i])
+            rows.append({
+                "index": int(self.noisy["index"][i]), "label": label, "label_name": class_names[label],
+                "predicted": pred, "predicted_name": class_names[pred],
+                "confidence": float(self.noisy["confidence"][i]), "label_prob": float(self.noisy["label_prob"][i]),
+                "validation_row": bool(self.noisy["val"][i]),
+            })  # fmt: skip
+        return rows
+
+    def metrics(self) -> dict[str, Any]:
+        n = max(self.n, 1)
+        mean = {k: v / n for k, v in self.sums.items()}
+        mp_std = _std(mean["max_prob"], mean["max_prob_sq"])
+        return {
+            "rows": self.n, "accuracy": self.correct / n,
+            "accuracy_fit": (self.correct - self.correct_val) / max(self.n - self.n_val, 1),
+            "accuracy_val": self.correct_val / self.n_val if self.n_val else float("nan"),
+            "entropy_mean": mean["entropy"], "entropy_std": _std(mean["entropy"], mean["entropy_sq"]),
+            "entropy_uniform": float(np.log(self.num_classes)),
+            "max_prob_mean": mean["max_prob"], "max_prob_std": mp_std,
+            # Spread of the CWTM weights: 0 when every sample would get the same weight.
+            "cwtm_weight_cv": mp_std / mean["max_prob"] if mean["max_prob"] else 0.0,
+            "dark_mass_mean": mean["dark_mass"],
+            "likely_noisy": self.noisy_count, "likely_noisy_fraction": self.noisy_count / n,
+            "likely_noisy_in_val": self.noisy_val,
+        }  # fmt: skip
+
+
+@dataclass
+class Calibration:
+    """Reliability bins of the argmax confidence (test split), added up chunk by chunk."""
+
+    bins: int = 15
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.counts = np.zeros(self.bins, np.int64)
+        self.conf_sum = np.zeros(self.bins)
+        self.correct = np.zeros(self.bins)
+
+    def update(self, start: int, logits: np.ndarray, labels: np.ndarray) -> None:
+        logp = log_softmax(logits, self.temperature)
+        conf, hit = max_prob(logp), logp.argmax(axis=-1) == np.asarray(labels)
+        b = _bin(conf, 0.0, 1.0, self.bins)
+        self.counts += np.bincount(b, minlength=self.bins)
+        self.conf_sum += np.bincount(b, weights=conf, minlength=self.bins)
+        self.correct += np.bincount(b, weights=hit, minlength=self.bins)
+
+    def reliability(self) -> list[dict[str, float]]:
+        """One row per non-empty bin: its edges, sample count, mean confidence and accuracy."""
+        edges = np.linspace(0.0, 1.0, self.bins + 1)
+        return [
+            {"bin_lo": float(edges[b]), "bin_hi": float(edges[b + 1]), "count": int(n),
+             "confidence": float(self.conf_sum[b] / n), "accuracy": float(self.correct[b] / n)}
+            for b in np.flatnonzero(self.counts) for n in [self.counts[b]]
+        ]  # fmt: skip
+
+    def metrics(self) -> dict[str, Any]:
+        n = int(self.counts.sum())
+        return {
+            "rows": n, "accuracy": float(self.correct.sum() / max(n, 1)),
+            "confidence_mean": float(self.conf_sum.sum() / max(n, 1)),
+            "ece": expected_calibration_error(self.counts, self.conf_sum, self.correct), "ece_bins": self.bins,
+        }  # fmt: skip
+
+
+@dataclass
+class Agreement:
+    """KL(p_J || p_K) and top-1 agreement of generation K with reference J, per class of the label."""
+
+    num_classes: int
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.kl_sum = np.zeros(self.num_classes)
+        self.agree = np.zeros(self.num_classes, np.int64)
+        self.counts = np.zeros(self.num_classes, np.int64)
+
+    def update(self, start: int, logits: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        logp, logp_ref = log_softmax(logits, self.temperature), log_softmax(ref_logits, self.temperature)
+        c = self.num_classes
+        self.kl_sum += np.bincount(labels, weights=kl_divergence(logp_ref, logp), minlength=c)
+        self.agree += np.bincount(labels, weights=logp.argmax(-1) == logp_ref.argmax(-1), minlength=c).astype(np.int64)
+        self.counts += np.bincount(labels, minlength=c)
+
+    def per_class(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean KL, agreement) per class; NaN for a class with no samples."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.kl_sum / self.counts, self.agree / self.counts
+
+    def metrics(self) -> dict[str, Any]:
+        n = max(int(self.counts.sum()), 1)
+        return {"rows": int(self.counts.sum()), "kl_mean": float(self.kl_sum.sum() / n),
+                "agreement": float(self.agree.sum() / n)}  # fmt: skip
+
+
+def _std(mean: float, mean_sq: float) -> float:
+    return float(np.sqrt(max(mean_sq - mean * mean, 0.0)))
+
+
+# -- streaming drivers ---------------------------------------------------------------------------------
+class Labels(Protocol):
+    def __getitem__(self, key: slice) -> Any: ...
+
+
+def stream(
+    store: LogitStore, split: str, labels: Labels, acc: TargetStats | Calibration, val_index: np.ndarray | None = None
+) -> None:
+    """Feed `split` of `store` to `acc` one zarr chunk of rows at a time, with the matching labels (and, for
+    TargetStats, which rows are in the sorted `val_index`)."""
+    for start, block in iter_blocks(store.array(split)):
+        stop = start + len(block)
+        y = np.asarray(labels[start:stop])
+        if isinstance(acc, TargetStats):
+            val = np.zeros(len(block), bool)
+            if val_index is not None:
+                lo, hi = np.searchsorted(val_index, [start, stop])
+                val[val_index[lo:hi] - start] = True
+            acc.update(start, block[:, VIEW, :], y, val)
+        else:
+            acc.update(start, block[:, VIEW, :], y)
+
+
+def stream_pair(store: LogitStore, ref: LogitStore, split: str, labels: Labels, acc: Agreement) -> None:
+    """Feed the same rows of two stores to `acc`, in the chunks of `store` (at most two chunks of `ref`)."""
+    ref_arr = ref.array(split)
+    for start, block in iter_blocks(store.array(split)):
+        stop = start + len(block)
+        acc.update(start, block[:, VIEW, :], ref_arr[start:stop][:, VIEW, :], np.asarray(labels[start:stop]))
+
+
+@dataclass(frozen=True)
+class DatasetLabels:
+    """Labels of a prepared dataset, left on disk (h5py datasets slice like arrays)."""
+
+    train: Labels
+    test: Labels
+    class_names: list[str]
+    fingerprint: str
+    val_index: np.ndarray | None = None  # sorted train rows held out from fitting (small: a fraction of N)
+
+
+@contextlib.contextmanager
+def open_labels(path: str | os.PathLike[str]) -> Iterator[DatasetLabels]:
+    """Open the labels of data/dataset.h5 without reading the inputs or whole label arrays."""
+    p = Path(path)
+    if not p.exists():
+        raise DatasetError(f"{p}: prepared dataset not found. Run `bancache prepare` (or `dvc repro prepare`) first")
+    try:
+        f = h5py.File(p, "r")
+    except OSError as e:
+        raise DatasetError(f"{p}: unreadable prepared dataset ({e}); rerun `bancache prepare`") from e
+    with f:
+        if f.attrs.get("format") != DATASET_FORMAT or "y_train" not in f or "y_test" not in f:
+            raise DatasetError(f"{p}: not a bancache dataset (format attribute missing); rerun `bancache prepare`")
+        names = json.loads(f.attrs["class_names"])
+        val = np.sort(f["val_index"][()]) if "val_index" in f else None
+        yield DatasetLabels(f["y_train"], f["y_test"], names, str(f.attrs["fingerprint"]), val)
+
+
+def open_checked(path: Path, labels: DatasetLabels) -> LogitStore:
+    """Open a complete store and check it was exported from the dataset whose labels are read."""
+    rows = {"train": len(labels.train), "test": len(labels.test)}  # type: ignore[arg-type]
+    return LogitStore.open(path, fingerprint=labels.fingerprint, rows=rows, num_classes=len(labels.class_names))
+
+
+def audit_store(store: LogitStore, labels: DatasetLabels, params: InspectParams) -> tuple[TargetStats, Calibration]:
+    """Target statistics of the train split and calibration of the test split, each in one streamed pass."""
+    stats = TargetStats(len(labels.class_names), params.temperature, params.noise_confidence, params.max_listed)
+    stream(store, "train", labels.train, stats, labels.val_index)
+    calib = Calibration(params.ece_bins, params.temperature)
+    stream(store, "test", labels.test, calib)
+    return stats, calib
+
+
+def compare_stores(
+    store: LogitStore, ref: LogitStore, labels: DatasetLabels, temperature: float
+) -> dict[str, Agreement]:
+    """KL(p_ref || p_store) and top-1 agreement per split, per class."""
+    out = {}
+    for split, y in (("train", labels.train), ("test", labels.test)):
+        acc = Agreement(len(labels.class_names), temperature)
+        stream_pair(store, ref, split, y, acc)
+        out[split] = acc
+    return out
+
+
+# -- export for other tools ----------------------------------------------------------------------------
+def convert_store(store: LogitStore, out: str | os.PathLike[str], fmt: str) -> Path:
+    """Write every split of `store` to an HDF5 (`h5`) or numpy (`npz`) file, chunk by chunk, atomically.
+
+    Both hold one (N, V, C) array per split, named after the split, in the store's dtype, and the store's
+    attributes as a JSON string (`attributes`: an HDF5 file attribute, or a 0-d string array in the npz).
+    """
+    if fmt not in CONVERT_FORMATS:
+        raise ParamsError(f"--format {fmt!r}: allowed values are {', '.join(CONVERT_FORMATS)}")
+    target = Path(out)
+    if target.is_dir():
+        raise ParamsError(f"--out {target}: is a directory; give a file path such as {target}/gen.{fmt}")
+    attrs = json.dumps(store.attrs, sort_keys=True)
+    with atomic_path(target) as tmp:
+        (_write_h5 if fmt == "h5" else _write_npz)(store, tmp, attrs)
+    log.info("converted %s to %s", store.path, target)
+    return target
+
+
+def _write_h5(store: LogitStore, path: Path, attrs: str) -> None:
+    with h5py.File(path, "w") as f:
+        f.attrs["attributes"] = attrs
+        for split in store.attrs["splits"]:
+            arr = store.array(split)
+            chunks = (min(arr.chunks[0], arr.shape[0]), *arr.shape[1:]) if arr.shape[0] else None
+            ds = f.create_dataset(split, shape=arr.shape, dtype=np.dtype(arr.dtype), chunks=chunks)
+            for start, block in iter_blocks(arr):
+                ds[start : start + len(block)] = block
+
+
+def _write_npz(store: LogitStore, path: Path, attrs: str) -> None:
+    # np.savez needs whole arrays; an .npz is a zip of .npy files, so each member is written header first,
+    # then its rows chunk by chunk.
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for split in store.attrs["splits"]:
+            arr = store.array(split)
+            with zf.open(f"{split}.npy", "w", force_zip64=True) as f:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(arr.dtype)), "fortran_order": False,
+                          "shape": tuple(arr.shape)}  # fmt: skip
+                np.lib.format.write_array_header_1_0(f, header)
+                for _, block in iter_blocks(arr):
+                    f.write(np.ascontiguousarray(block).tobytes())
+        with zf.open("attributes.npy", "w") as f:
+            np.lib.format.write_array(f, np.array(attrs))

@@ -1,0 +1,71 @@
+"""Stage `inspect` (generation K): params inspect. Audits cache/gen-K into inspect/gen-K/; with `against`
+J, compares it with cache/gen-J into inspect/gen-K-vs-J/ (and, when every store of the chain exists, each
+consecutive pair of generations, which also reads params students). `convert` exports a store to HDF5 or
+npz and reads no params."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.inspect import (
+    DatasetLabels,
+    InspectParams,
+    audit_store,
+    compare_stores,
+    convert_store,
+    open_checked,
+    open_labels,
+)
+from pipeline.inspect_plots import write_comparison, write_store_audit
+from pipeline.layout import Layout
+from pipeline.params import parse_section, student_keys
+from pipeline.store import MARKER, LogitStore
+from stages.common import ParamsFile
+
+log = logging.getLogger(__name__)
+
+
+def out_dir(layout: Layout, gen: int, against: int | None = None) -> Path:
+    name = f"gen-{gen}" if against is None else f"gen-{gen}-vs-{against}"
+    return layout.root / "inspect" / name
+
+
+def run(params: ParamsFile, layout: Layout, gen: int, against: int | None = None) -> dict[str, Any]:
+    """Write the audit (or comparison) of generation `gen`; returns its metrics."""
+    p = parse_section(InspectParams, "inspect", params.get("inspect"))
+    out = out_dir(layout, gen, against)
+    with open_labels(layout.dataset) as labels:
+        store = open_checked(layout.store(gen), labels)
+        if against is None:
+            stats, calib = audit_store(store, labels, p)
+            return write_store_audit(out, gen, store.attrs, labels.class_names, stats, calib, p)
+        ref = open_checked(layout.store(against), labels)
+        pair = compare_stores(store, ref, labels, p.temperature)
+        chain = _chain(params, layout, labels, p.temperature)
+        return write_comparison(out, gen, against, labels.class_names, pair, chain, p)
+
+
+def _chain(params: ParamsFile, layout: Layout, labels: DatasetLabels, temperature: float) -> list[dict] | None:
+    """KL and agreement of every consecutive pair of generations, or None if a store is missing."""
+    gens = [0, *student_keys(params.get("students"))]
+    missing = [g for g in gens if not (layout.store(g) / MARKER).exists()]
+    if missing or len(gens) < 2:
+        log.info("chain summary skipped: no complete store for generations %s", missing)
+        return None
+    rows = []
+    for ref, gen in zip(gens, gens[1:], strict=False):
+        pair = compare_stores(open_checked(layout.store(gen), labels), open_checked(layout.store(ref), labels),
+                              labels, temperature)  # fmt: skip
+        row: dict[str, Any] = {"generation": gen, "against": ref}
+        for split, acc in pair.items():
+            m = acc.metrics()
+            row[f"kl_{split}"], row[f"agreement_{split}"] = m["kl_mean"], m["agreement"]
+        rows.append(row)
+    return rows
+
+
+def convert(layout: Layout, gen: int, fmt: str, out: str | Path) -> Path:
+    """Export cache/gen-K to `out` as HDF5 (`h5`) or numpy (`npz`)."""
+    return convert_store(LogitStore.open(layout.store(gen)), out, fmt)
