@@ -2,7 +2,8 @@
 and a fingerprint that every later artifact records.
 
 Layout of the file (all at the root):
-    x_train (N, ...) float32, y_train (N,) int64, x_test (M, ...) float32, y_test (M,) int64,
+    x_train (N, ...), y_train (N,) int64, x_test (M, ...), y_test (M,) int64: float32 signals (MNIST-1D,
+    (N, 1, 40)) or uint8 images (N, C, H, W), with channel_mean / channel_std attributes for images,
     val_index (V,) int64 (rows of the train arrays held out for checkpoint selection),
     attrs: format, dataset, class_names (JSON list), fingerprint (sha256 hex), num_classes.
 """
@@ -43,6 +44,8 @@ class PreparedData:
     class_names: list[str]
     fingerprint: str
     name: str
+    channel_mean: tuple[float, ...] | None = None  # uint8 images: per-channel stats of train pixels / 255
+    channel_std: tuple[float, ...] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -130,6 +133,12 @@ def write_prepared(
             f.attrs["class_names"] = json.dumps(class_names)
             f.attrs["num_classes"] = n_classes
             f.attrs["fingerprint"] = fp
+            if arrays["x_train"].dtype == np.uint8 and arrays["x_train"].ndim == 4:
+                from pipeline.augment import channel_stats
+
+                mean, std = channel_stats(arrays["x_train"])
+                f.attrs["channel_mean"] = json.dumps(list(mean))
+                f.attrs["channel_std"] = json.dumps(list(std))
     log.info(
         "wrote %s: %d train (%d val), %d test rows", path, len(arrays["y_train"]), len(val_index), len(arrays["y_test"])
     )
@@ -149,9 +158,10 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedData:
             names = json.loads(f.attrs["class_names"])
             fp = str(f.attrs["fingerprint"])
             name = str(f.attrs["dataset"])
+            stats = {k: tuple(json.loads(f.attrs[k])) for k in ("channel_mean", "channel_std") if k in f.attrs}
     except (OSError, KeyError) as e:
         raise DatasetError(f"{p}: unreadable prepared dataset ({e}); rerun `bancache prepare`") from e
-    return PreparedData(class_names=names, fingerprint=fp, name=name, **arrays)
+    return PreparedData(class_names=names, fingerprint=fp, name=name, **arrays, **stats)
 
 
 class IndexedDataset(Dataset):

@@ -24,10 +24,54 @@ def register(name: str) -> Callable[[Builder], Builder]:
     return deco
 
 
+def lookup(arch: str) -> Builder | None:
+    """The builder registered under `arch`, or parsed from a parametric name (wrn22_8, tv_vgg11, ...)."""
+    from pipeline.cifar_models import resolve
+
+    return ARCHS.get(arch) or resolve(arch)
+
+
 def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    if arch not in ARCHS:
+    builder = lookup(arch)
+    if builder is None:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHS))}")
-    return ARCHS[arch](tuple(input_shape), num_classes)
+    net = builder(tuple(input_shape), num_classes)
+    return ImageInput(net, input_shape[0]) if len(input_shape) == 3 else net
+
+
+class ImageInput(nn.Module):
+    """Maps uint8 images (B, C, H, W) to normalised float input, with the dataset's channel mean and std
+    kept as buffers: a checkpoint carries its own preprocessing, so export and evaluation cannot differ
+    from training. Float inputs pass through unchanged."""
+
+    def __init__(self, net: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("std", torch.ones(1, channels, 1, 1))
+
+    def set_stats(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """mean and std of pixel values scaled to [0, 1]."""
+        self.mean.copy_(torch.tensor(mean).view(1, -1, 1, 1))
+        self.std.copy_(torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = (x.float() / 255.0 - self.mean) / self.std
+        return self.net(x)
+
+
+@register("cnn3")
+def cnn3(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> nn.Module:
+    """A small 3-layer CNN for images (conv-BN-ReLU-maxpool x3, global average pool, linear)."""
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+
+    return nn.Sequential(
+        *block(input_shape[0], width), *block(width, 2 * width), *block(2 * width, 4 * width),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes),
+    )  # fmt: skip
 
 
 def count_params(model: nn.Module) -> int:
@@ -73,3 +117,6 @@ def cnn1d(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if len(input_shape) != 2:
         raise ValueError(f"cnn1d expects inputs of shape (channels, length), got {input_shape}")
     return CNN1d(input_shape[0], input_shape[1], num_classes)
+
+
+from pipeline import cifar_models  # noqa: E402,F401  (registers the CIFAR and torchvision architectures)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from pipeline.errors import ParamsError
 
 LOSSES = ("ce", "ban", "ban+l", "kd", "cwtm", "dkpp")
-DATASETS = ("mnist1d",)
+DATASETS = ("mnist1d", "cifar10", "cifar100", "npz", "imagefolder")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant", "step")
 SELECTIONS = ("last", "best_val")
@@ -87,6 +87,25 @@ def _range(where: str, value: float, lo: float, hi: float | None, lo_open: bool 
         raise ParamsError(f"{where} = {value!r}: must be {allowed}")
 
 
+def _check_arch(where: str, arch: str) -> None:
+    import torch
+
+    from pipeline.models import ARCHS, lookup
+
+    found = lookup(arch)
+    if found is not None and arch not in ARCHS:
+        try:  # parametric names check their depth rule when built; the meta device allocates nothing
+            with torch.device("meta"):
+                found((3, 32, 32), 10)
+        except ValueError as e:
+            raise ParamsError(f"{where} = {arch!r}: {e}") from None
+    if found is None:
+        raise ParamsError(
+            f"{where} = {arch!r}: unknown architecture. Registered: {', '.join(sorted(ARCHS))}; "
+            f"parametric: resnet{{d}}, preresnet{{d}}, wrn{{d}}_{{k}}[_drop{{p}}], densenet_bc{{d}}_{{k}}, tv_{{name}}"
+        )
+
+
 @dataclass(frozen=True)
 class DataParams:
     """Section `data`: which dataset `prepare` writes, and the validation split carved from train."""
@@ -95,9 +114,16 @@ class DataParams:
     num_samples: int = 5000  # MNIST-1D train + test rows (its default); 80% go to train
     val_fraction: float = 0.1  # of the train rows, held out for checkpoint selection
     split_seed: int = 0
+    root: str = ""  # image datasets: torchvision root, npz folder (train.npz, test.npz) or ImageFolder root
+    download: bool = False  # cifar10/cifar100: let torchvision download into root (needs internet)
+    size: int = 32  # imagefolder: images are resized to size x size
+    n_train: int | None = None  # image datasets: class-balanced seeded subset of train rows (None: all)
+    n_test: int | None = None
 
     def check(self, section: str) -> None:
         _one_of(f"{section}.dataset", self.dataset, DATASETS)
+        if self.dataset != "mnist1d" and not self.root:
+            raise ParamsError(f"{section}.root: required for dataset {self.dataset!r} (the folder holding its files)")
         _range(f"{section}.num_samples", self.num_samples, 10, None)
         _range(f"{section}.val_fraction", self.val_fraction, 0.0, 0.9)
 
@@ -122,15 +148,17 @@ class TrainParams:
     device: str = "auto"
     deterministic: bool = True
     num_workers: int = 0
+    augment: bool = True  # image datasets only: random crop (pad 4) and horizontal flip
+    amp: str = "auto"  # CUDA autocast: auto (bf16 where supported), bf16, fp16, off; CPU always float32
+    channels_last: bool = True  # CUDA image models only
 
     def check(self, section: str) -> None:
-        from pipeline.models import ARCHS
-
-        _one_of(f"{section}.arch", self.arch, tuple(ARCHS))
+        _check_arch(f"{section}.arch", self.arch)
         _one_of(f"{section}.optimizer", self.optimizer, OPTIMIZERS)
         _one_of(f"{section}.schedule", self.schedule, SCHEDULES)
         _one_of(f"{section}.select", self.select, SELECTIONS)
         _one_of(f"{section}.device", self.device, DEVICES)
+        _one_of(f"{section}.amp", self.amp, ("auto", "bf16", "fp16", "off"))
         _range(f"{section}.epochs", self.epochs, 1, None)
         _range(f"{section}.batch_size", self.batch_size, 1, None)
         _range(f"{section}.eval_batch_size", self.eval_batch_size, 1, None)
@@ -156,9 +184,7 @@ class GenParams:
         _range(f"{section}.temperature", self.temperature, 0.0, None, lo_open=True)
         _range(f"{section}.alpha", self.alpha, 0.0, 1.0)
         if self.arch is not None:
-            from pipeline.models import ARCHS
-
-            _one_of(f"{section}.arch", self.arch, tuple(ARCHS))
+            _check_arch(f"{section}.arch", self.arch)
 
 
 @dataclass(frozen=True)

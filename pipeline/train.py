@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from pipeline.augment import augment_batch
 from pipeline.checkpoint import save_checkpoint
 from pipeline.data import IndexedDataset, PreparedData
 from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.io import atomic_path
 from pipeline.losses import generation_loss
-from pipeline.models import build_model
+from pipeline.models import ImageInput, build_model
 from pipeline.params import GenParams, TrainParams
 from pipeline.reader import CachedTargets
 
@@ -90,6 +92,38 @@ class TrainResult:
     selected_epoch: int = 0
 
 
+@dataclass
+class StepOptions:
+    """Per-step input handling: augmentation (images), autocast dtype and memory format (CUDA)."""
+
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+
+def _bf16_ok() -> bool:
+    try:
+        return bool(torch.cuda.is_bf16_supported())
+    except (RuntimeError, AssertionError):
+        return False
+
+
+def step_options(recipe: TrainParams, data: PreparedData, device: torch.device, aug_gen: torch.Generator
+                 ) -> StepOptions:  # fmt: skip
+    images = data.x_train.ndim == 4 and data.x_train.dtype == np.uint8
+    opts = StepOptions()
+    if images and recipe.augment:
+        size = data.x_train.shape[-1]
+        opts.augment = lambda x: augment_batch(x, aug_gen, pad=4, size=size)
+    if device.type == "cuda":
+        if recipe.amp in ("auto", "bf16"):
+            opts.amp_dtype = torch.bfloat16 if _bf16_ok() else torch.float16
+        elif recipe.amp == "fp16":
+            opts.amp_dtype = torch.float16
+        opts.channels_last = images and recipe.channels_last
+    return opts
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -98,19 +132,29 @@ def train_one_epoch(
     device: torch.device,
     targets: CachedTargets | None,
     generator: torch.Generator,
+    opts: StepOptions | None = None,
 ) -> float:
     """One pass over `loader`; each batch's teacher rows are looked up by the batch's dataset indices."""
+    opts = opts or StepOptions()
     model.train()
+    scaler = torch.amp.GradScaler("cuda", enabled=opts.amp_dtype == torch.float16)
     total, count = 0.0, 0
     for x, y, index in loader:
         teacher = targets.rows(index).to(device, non_blocking=True) if targets is not None else None
+        if opts.augment is not None:
+            x = opts.augment(x)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if opts.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=opts.amp_dtype or torch.float32, enabled=opts.amp_dtype is not None):
+            out = model(x)
         loss = generation_loss(
-            gp.loss, model(x), teacher, y, temperature=gp.temperature, alpha=gp.alpha, generator=generator
+            gp.loss, out, teacher, y, temperature=gp.temperature, alpha=gp.alpha, generator=generator
         )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         total += float(loss.detach()) * len(y)
         count += len(y)
     return total / max(count, 1)
@@ -133,12 +177,14 @@ def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def _save_state(path: Path, key: str, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
-                sched: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator, result: TrainResult,
+                sched: torch.optim.lr_scheduler.LRScheduler, gens: tuple[torch.Generator, torch.Generator],
+                result: TrainResult,
                 best: tuple[float, dict[str, torch.Tensor] | None]) -> None:  # fmt: skip
     """Everything needed to continue after `epoch` bit-exactly: weights, optimizer, schedule, RNGs."""
     state = {
         "format": STATE_FORMAT, "key": key, "epoch": epoch, "model": model.state_dict(),
-        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": generator.get_state(),
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gens[0].get_state(),
+        "aug_generator": gens[1].get_state(),
         "torch_rng": torch.get_rng_state(), "history": [asdict(h) for h in result.history],
         "best_acc": best[0], "best_state": best[1], "selected_epoch": result.selected_epoch,
     }  # fmt: skip
@@ -189,7 +235,14 @@ def train_generation(
             raise ValueError(f"generation {gen}: loss {gp.loss!r} needs a teacher store")
         targets = CachedTargets(teacher_store, "train", data.fingerprint, len(data.y_train), data.num_classes)
     arch = gp.arch or recipe.arch
-    model = build_model(arch, data.input_shape, data.num_classes).to(device)
+    model = build_model(arch, data.input_shape, data.num_classes)
+    if isinstance(model, ImageInput) and data.channel_mean is not None and data.channel_std is not None:
+        model.set_stats(data.channel_mean, data.channel_std)
+    model = model.to(device)
+    aug_gen = torch.Generator().manual_seed(seed + 7919)  # crops and flips, apart from the shuffling stream
+    opts = step_options(recipe, data, device, aug_gen)
+    if opts.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     net: nn.Module = model
     fit = IndexedDataset(data.x_train, data.y_train, data.fit_index())
     sampler = None
@@ -213,6 +266,7 @@ def train_generation(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
+        aug_gen.set_state(state["aug_generator"])
         torch.set_rng_state(state["torch_rng"])
         result.history = [EpochLog(**h) for h in state["history"]]
         result.selected_epoch = state["selected_epoch"]
@@ -224,7 +278,7 @@ def train_generation(
         lr = opt.param_groups[0]["lr"]
         if sampler is not None:
             sampler.set_epoch(epoch)
-        loss = train_one_epoch(net, loader, opt, gp, device, targets, generator)
+        loss = train_one_epoch(net, loader, opt, gp, device, targets, generator, opts)
         sched.step()
         val_acc = accuracy(predict_logits(model, x_val, recipe.eval_batch_size, device), y_val)
         result.history.append(EpochLog(epoch, loss, val_acc, lr, time.perf_counter() - t0))
@@ -233,7 +287,7 @@ def train_generation(
             best = (val_acc, copy.deepcopy(model.state_dict()))
             result.selected_epoch = epoch
         if state_path is not None and ctx.is_main:
-            _save_state(state_path, state_key, epoch, model, opt, sched, generator, result, best)
+            _save_state(state_path, state_key, epoch, model, opt, sched, (generator, aug_gen), result, best)
     if recipe.select == "best_val" and best[1] is not None:
         model.load_state_dict(best[1])
     else:

@@ -95,3 +95,36 @@ def test_killed_dvc_repro_then_repro_equals_clean_run(tmp_path: Path) -> None:
     for rel in ("metrics/ensemble.json", "reports/report.md", "dvc.lock"):
         assert (victim / rel).read_text() == (clean / rel).read_text(), rel
     assert _stages_to_run(victim) == set()
+
+
+def test_dvc_repro_two_generation_image_chain(tmp_path: Path) -> None:
+    """A tiny image subset (npz arrays in the shared CIFAR copy's format) through the real dvc repro."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    classes = np.array(["airplane", "automobile", "bird"])
+    for split, n in (("train", 60), ("test", 30)):
+        y = np.arange(n) % 3
+        x = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+        x[..., 0] = np.where(y[:, None, None] == 0, 255, x[..., 0])  # a learnable cue for class 0
+        np.savez(raw_dir / f"{split}.npz", x=x, y=y.astype(np.int64), classes=classes)
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    raw = tiny_params()
+    raw["data"] = {"dataset": "npz", "root": str(raw_dir), "n_train": 45, "val_fraction": 0.2}
+    raw["train"].update({"arch": "cnn3", "epochs": 2, "batch_size": 16})
+    raw["students"] = {"1": {"teacher": 0, "loss": "ban"}}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    _run(["git", "init", "-q"], root)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    _run([sys.executable, "-m", "dvc", "repro"], root)
+    acc = json.loads((root / "metrics/ensemble.json").read_text())["accuracy"]
+    assert set(acc) == {"gen0", "gen1"}
+    from pipeline.store import LogitStore
+
+    attrs = LogitStore.open(root / "cache/gen-1").attrs
+    assert attrs["splits"] == {"train": 45, "test": 30} and attrs["class_names"] == list(classes)
+    assert "| Teacher | BAN-1 |" in (root / "reports/report.md").read_text()

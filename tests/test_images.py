@@ -1,0 +1,98 @@
+"""Image datasets: uint8 inputs normalised inside the model, augmentation only in training, and the
+CUDA-only step options (autocast, channels_last) exercised through the same functions on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pipeline.data import IndexedDataset, PreparedData, load_prepared, write_prepared
+from pipeline.models import ImageInput, build_model
+from pipeline.params import GenParams, TrainParams
+from pipeline.train import StepOptions, predict_logits, step_options, train_generation, train_one_epoch
+
+
+@pytest.fixture
+def images(tmp_path) -> PreparedData:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.integers(0, 256, (40, 3, 16, 16), dtype=np.uint8),
+        "y_train": (np.arange(40) % 4).astype(np.int64),
+        "x_test": rng.integers(0, 256, (12, 3, 16, 16), dtype=np.uint8),
+        "y_test": (np.arange(12) % 4).astype(np.int64),
+    }
+    write_prepared(tmp_path / "d.h5", arrays, ["a", "b", "c", "d"], "npz", 0.25, 0)
+    return load_prepared(tmp_path / "d.h5")
+
+
+def test_prepared_images_carry_channel_stats(images: PreparedData) -> None:
+    x = images.x_train.astype(np.float64) / 255
+    np.testing.assert_allclose(images.channel_mean, x.mean(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(images.channel_std, x.std(axis=(0, 2, 3)), rtol=1e-4)
+
+
+def test_image_model_normalises_uint8_and_checkpoint_keeps_stats(images: PreparedData, tmp_path) -> None:
+    model = build_model("cnn3", images.input_shape, images.num_classes)
+    assert isinstance(model, ImageInput)
+    model.set_stats(images.channel_mean, images.channel_std)
+    x = torch.from_numpy(images.x_test[:3])
+    manual = (x.float() / 255 - model.mean) / model.std
+    model.eval()
+    torch.testing.assert_close(model(x), model.net(manual))
+    meta = {"arch": "cnn3", "input_shape": list(images.input_shape), "num_classes": 4, "generation": 0,
+            "seed": 0, "dataset_fingerprint": images.fingerprint}  # fmt: skip
+    save_checkpoint(tmp_path / "m.pt", model, meta)
+    again = model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))
+    again.eval()
+    torch.testing.assert_close(again(x), model(x))
+
+
+def test_training_augments_but_evaluation_does_not(images: PreparedData, monkeypatch) -> None:
+    seen = []
+    import pipeline.train as lib
+
+    real = lib.augment_batch
+
+    def spy(x, gen, pad, size):
+        seen.append(x.shape)
+        return real(x, gen, pad=pad, size=size)
+
+    monkeypatch.setattr(lib, "augment_batch", spy)
+    recipe = TrainParams(arch="cnn3", epochs=1, batch_size=10, device="cpu", optimizer="sgd", lr=0.01)
+    result = train_generation(images, recipe, 0, GenParams(loss="ce"), None)
+    assert len(seen) == 3  # 30 fit rows / batch 10: every training batch, and nothing else
+    n = len(seen)
+    predict_logits(result.model, images.x_test, 8, torch.device("cpu"))
+    assert len(seen) == n
+    off = TrainParams(arch="cnn3", epochs=1, batch_size=10, device="cpu", augment=False)
+    train_generation(images, off, 0, GenParams(loss="ce"), None)
+    assert len(seen) == n
+
+
+def test_cuda_step_options_are_derived_from_params(images: PreparedData, monkeypatch) -> None:
+    monkeypatch.setattr("pipeline.train._bf16_ok", lambda: True)
+    gen = torch.Generator().manual_seed(0)
+    cuda = torch.device("cuda")
+    opts = step_options(TrainParams(arch="cnn3"), images, cuda, gen)
+    assert opts.amp_dtype == torch.bfloat16 and opts.channels_last and opts.augment is not None
+    assert step_options(TrainParams(arch="cnn3", amp="fp16"), images, cuda, gen).amp_dtype == torch.float16
+    off = step_options(TrainParams(arch="cnn3", amp="off", channels_last=False), images, cuda, gen)
+    assert off.amp_dtype is None and not off.channels_last
+    cpu = step_options(TrainParams(arch="cnn3"), images, torch.device("cpu"), gen)
+    assert cpu.amp_dtype is None and not cpu.channels_last
+
+
+def test_autocast_and_channels_last_step_runs_on_cpu(images: PreparedData) -> None:
+    """The CUDA step (autocast + channels_last) through the same function, with CPU bf16 autocast."""
+    model = build_model("cnn3", images.input_shape, 4).to(memory_format=torch.channels_last)
+    loader = DataLoader(IndexedDataset(images.x_train, images.y_train), batch_size=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    opts = StepOptions(amp_dtype=torch.bfloat16, channels_last=True)
+    loss = train_one_epoch(model, loader, opt, GenParams(loss="ce"), torch.device("cpu"), None,
+                           torch.Generator(), opts)  # fmt: skip
+    assert np.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
