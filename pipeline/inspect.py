@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,10 +34,10 @@ import h5py
 import numpy as np
 
 from pipeline.data import FORMAT as DATASET_FORMAT
-from pipeline.errors import DatasetError, ParamsError
+from pipeline.errors import DatasetError, ParamsError, StoreError
 from pipeline.io import atomic_path
 from pipeline.params import _range
-from pipeline.store import LogitStore, iter_blocks
+from pipeline.store import MARKER, LogitStore, iter_blocks
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +350,14 @@ def open_labels(path: str | os.PathLike[str]) -> Iterator[DatasetLabels]:
 def open_checked(path: Path, labels: DatasetLabels) -> LogitStore:
     """Open a complete store and check it was exported from the dataset whose labels are read."""
     rows = {"train": len(labels.train), "test": len(labels.test)}  # type: ignore[arg-type]
-    return LogitStore.open(path, fingerprint=labels.fingerprint, rows=rows, num_classes=len(labels.class_names))
+    store = LogitStore.open(path, fingerprint=labels.fingerprint, rows=rows, num_classes=len(labels.class_names))
+    layout = store.attrs.get("layout", "dense")
+    if layout != "dense":
+        raise StoreError(
+            f"{path}: layout {layout!r} keeps only part of each row's logits, and the audit needs all of them: "
+            f"inspect a store exported with the dense layout (`bancache convert` works on any layout)"
+        )
+    return store
 
 
 def audit_store(store: LogitStore, labels: DatasetLabels, params: InspectParams) -> tuple[TargetStats, Calibration]:
@@ -377,8 +385,10 @@ def compare_stores(
 def convert_store(store: LogitStore, out: str | os.PathLike[str], fmt: str) -> Path:
     """Write every split of `store` to an HDF5 (`h5`) or numpy (`npz`) file, chunk by chunk, atomically.
 
-    Both hold one (N, V, C) array per split, named after the split, in the store's dtype, and the store's
-    attributes as a JSON string (`attributes`: an HDF5 file attribute, or a 0-d string array in the npz).
+    Both hold every array of the store under its zarr name and dtype (`train` and `test` (N, V, C) for a
+    dense store; sparse and multi-view stores add `<split>_idx`, `<split>_mass`, `<split>_aug`) and the
+    store's attributes as a JSON string (`attributes`: an HDF5 file attribute, or a 0-d string array in the
+    npz).
     """
     if fmt not in CONVERT_FORMATS:
         raise ParamsError(f"--format {fmt!r}: allowed values are {', '.join(CONVERT_FORMATS)}")
@@ -392,13 +402,19 @@ def convert_store(store: LogitStore, out: str | os.PathLike[str], fmt: str) -> P
     return target
 
 
+def _array_names(store: LogitStore) -> list[str]:
+    with warnings.catch_warnings():  # zarr warns about the completion marker, a file it does not know
+        warnings.filterwarnings("ignore", message=f"Object at {MARKER} is not recognized")
+        return sorted(store.group.array_keys())
+
+
 def _write_h5(store: LogitStore, path: Path, attrs: str) -> None:
     with h5py.File(path, "w") as f:
         f.attrs["attributes"] = attrs
-        for split in store.attrs["splits"]:
-            arr = store.array(split)
+        for name in _array_names(store):
+            arr = store.array(name)
             chunks = (min(arr.chunks[0], arr.shape[0]), *arr.shape[1:]) if arr.shape[0] else None
-            ds = f.create_dataset(split, shape=arr.shape, dtype=np.dtype(arr.dtype), chunks=chunks)
+            ds = f.create_dataset(name, shape=arr.shape, dtype=np.dtype(arr.dtype), chunks=chunks)
             for start, block in iter_blocks(arr):
                 ds[start : start + len(block)] = block
 
@@ -407,9 +423,9 @@ def _write_npz(store: LogitStore, path: Path, attrs: str) -> None:
     # np.savez needs whole arrays; an .npz is a zip of .npy files, so each member is written header first,
     # then its rows chunk by chunk.
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for split in store.attrs["splits"]:
-            arr = store.array(split)
-            with zf.open(f"{split}.npy", "w", force_zip64=True) as f:
+        for name in _array_names(store):
+            arr = store.array(name)
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(arr.dtype)), "fortran_order": False,
                           "shape": tuple(arr.shape)}  # fmt: skip
                 np.lib.format.write_array_header_1_0(f, header)

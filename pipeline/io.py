@@ -16,6 +16,9 @@ from typing import Any
 
 from pipeline.errors import DiskFullError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -28,6 +31,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result gets the mode a plain open() would
     try:
         yield tmp
         with open(tmp, "rb+") as f:

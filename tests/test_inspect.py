@@ -11,12 +11,13 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+import zarr
 from click.testing import CliRunner
 from matplotlib.image import imread
 
 import pipeline.inspect as ins
 from pipeline.data import load_prepared
-from pipeline.errors import ParamsError
+from pipeline.errors import ParamsError, StoreError
 from pipeline.params import parse_section
 from pipeline.store import LogitStore
 from stages.cli import main
@@ -281,6 +282,21 @@ def test_convert_round_trip(tmp_path: Path, fmt: str) -> None:
     assert sorted(p.name for p in out.parent.iterdir()) == [f"gen.{fmt}"]  # no temporary left behind
     with pytest.raises(ParamsError, match="is a directory"):
         ins.convert_store(store, tmp_path, fmt)
+
+
+def test_convert_keeps_every_array_and_inspect_refuses_sparse_layouts(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    store = make_store(tmp_path / "s", rng.normal(0, 3, (40, 4)), rng.normal(0, 3, (10, 4)), chunk_rows=16)
+    group = zarr.open_group(str(tmp_path / "s"), mode="r+")
+    mass = group.create_array("train_mass", shape=(40, 1), chunks=(16, 1), dtype="float32")
+    mass[:] = rng.random((40, 1))
+    out = ins.convert_store(LogitStore.open(tmp_path / "s"), tmp_path / "all.npz", "npz")
+    with np.load(out) as f:
+        assert set(f.files) == {"train", "test", "train_mass", "attributes"}
+        np.testing.assert_array_equal(f["train_mass"], mass[:])
+    group.attrs["layout"] = "topk"
+    with pytest.raises(StoreError, match="layout 'topk'"):
+        ins.open_checked(store.path, labels_of(np.zeros(40, int), np.zeros(10, int), 4))
 
 
 # -- end to end through the CLI ------------------------------------------------------------------------
