@@ -143,3 +143,40 @@ def apply_params(x: torch.Tensor, params: AugParams) -> torch.Tensor:
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = PAD, size: int = SIZE) -> torch.Tensor:
     """Random crop + flip of a batch drawn from `generator`: `apply_params(x, draw_params(len(x), ...))`."""
     return apply_params(x, draw_params(len(x), generator, pad, size))
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix64(*keys: int) -> int:
+    """A 63-bit seed from integer keys (splitmix64 finaliser folded over the keys): stable across runs,
+    processes and platforms, unlike `hash()`."""
+    h = 0x9E3779B97F4A7C15
+    for k in keys:
+        h = (h ^ (int(k) & _MASK64)) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+def identity_params(n: int, pad: int = PAD, size: int = SIZE) -> AugParams:
+    """`n` views that rebuild the un-augmented images: crop at (pad, pad) of the padded image, no flip."""
+    full = torch.full((n,), pad, dtype=torch.int64)
+    return AugParams(full, full.clone(), torch.zeros(n, dtype=torch.bool), pad, size)
+
+
+def view_params(seed: int, split_id: int, rows: np.ndarray, view: int, pad: int = PAD, size: int = SIZE) -> AugParams:
+    """The crop/flip of view `view` of each row in `rows`: view 0 is the clean image (`identity_params`);
+    view v >= 1 of row r is `draw_params(1, ...)` from a generator seeded with mix64(seed, split_id, r, v),
+    so a (row, view) pair gets the same view whichever process, chunk or batch exports it."""
+    if view == 0:
+        return identity_params(len(rows), pad, size)
+    drawn = [draw_params(1, torch.Generator().manual_seed(mix64(seed, split_id, int(r), view)), pad, size)
+             for r in rows]  # fmt: skip
+    if not drawn:
+        return draw_params(0, torch.Generator(), pad, size)
+    return AugParams(
+        torch.cat([d.top for d in drawn]), torch.cat([d.left for d in drawn]), torch.cat([d.flip for d in drawn]),
+        pad, size,
+    )  # fmt: skip

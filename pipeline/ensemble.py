@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.data import PreparedData
+from pipeline.errors import StoreError
 from pipeline.losses import soften
 from pipeline.store import LogitStore, read_rows
 
@@ -30,6 +31,12 @@ def evaluate_chain(stores: dict[int, Path], data: PreparedData) -> dict[str, Any
                            num_classes=data.num_classes)
         for g, p in sorted(stores.items())
     }  # fmt: skip
+    for g, s in opened.items():
+        if s.attrs.get("layout", "dense") != "dense":  # the values are not C logits: refuse, never misread
+            raise StoreError(
+                f"{s.path}: layout {s.attrs['layout']!r} keeps only part of each row's logits; the ensemble "
+                f"of generation {g} needs all of them. Export it with export.layout: dense"
+            )
     gens = sorted(opened)
     students = [g for g in gens if g >= 1]
     groups: dict[str, list[int]] = {f"gen{g}": [g] for g in gens}

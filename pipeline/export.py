@@ -1,7 +1,12 @@
 """Export a generation's logits over the whole train set and the test set into a logit store.
 
-The model runs in eval mode under no_grad on un-augmented inputs. Rows go into a fresh temporary store
-beside the target; the store is validated and sealed (completion marker last), then renamed into place,
+The model runs in eval mode under no_grad. View 0 of every row is the un-augmented input; with
+`views` = V > 1 (uint8 images only) views 1..V-1 are crops and flips drawn per (row, view) from a seeded
+generator (`pipeline.augment.view_params`) and stored beside the logits, so the student can replay the
+exact image each cached output was computed on (FKD, Shen & Xing 2021; Beyer et al. 2022). The logits are
+stored whole ("dense"), as their k largest entries ("topk"), or as the class counts of draws from the
+teacher distribution ("sampled", Anshumann et al. 2025). Rows go into a fresh temporary store beside the
+target; the store is validated and sealed (completion marker last), then renamed into place,
 so the target path only ever holds a complete store or its previous content.
 """
 
@@ -14,18 +19,91 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from pipeline.augment import PAD, apply_params, mix64, view_params
 from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 from pipeline.data import PreparedData
 from pipeline.distributed import SINGLE_PROCESS, DistContext, barrier, broadcast, partition_rows
-from pipeline.errors import CheckpointError, DiskFullError
+from pipeline.errors import CheckpointError, DiskFullError, ParamsError
 from pipeline.io import replace_dir, sha256_file
 from pipeline.params import ExportParams
-from pipeline.store import MARKER, LogitStore
+from pipeline.store import MARKER, LogitStore, index_dtype
 from pipeline.train import predict_logits
 
 log = logging.getLogger(__name__)
+
+SPLIT_IDS = {"train": 0, "test": 1}  # keys of the per-(split, row, view) seeds
+
+
+def store_layout(data: PreparedData, params: ExportParams) -> dict[str, Any]:
+    """`LogitStore.create` keywords for these params (views, layout, slots, augmentation recipe), or a
+    ParamsError naming the setting that does not fit the dataset."""
+    images = (
+        data.x_train.ndim == 4 and data.x_train.dtype == np.uint8 and data.x_train.shape[2] == data.x_train.shape[3]
+    )
+    if params.views > 1 and not images:
+        raise ParamsError(
+            f"export.views = {params.views}: augmented views need square uint8 images (N, C, H, H); dataset "
+            f"{data.name!r} has {data.x_train.dtype} inputs of shape {data.x_train.shape[1:]}. Set export.views: 1"
+        )
+    c = data.num_classes
+    if params.layout == "topk" and params.topk > c:
+        raise ParamsError(f"export.topk = {params.topk}: the dataset has only {c} classes; use 1..{c}")
+    slots = {"dense": c, "topk": params.topk, "sampled": min(params.samples, c)}[params.layout]
+    augmentation = None
+    if params.views > 1:
+        augmentation = {
+            "kind": "crop+flip", "pad": PAD, "size": int(data.x_train.shape[-1]), "seed": params.seed,
+            "view0": "clean", "seeding": "mix64(seed, split_id, row, view)", "split_ids": SPLIT_IDS,
+        }  # fmt: skip
+    return {"views": params.views, "layout": params.layout, "slots": slots, "augmentation": augmentation}
+
+
+def _encode(logits: torch.Tensor, params: ExportParams, slots: int, generator: torch.Generator
+            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    """(values, sparse arrays) of float32 logits (B, V, C) in the store's layout."""
+    if params.layout == "dense":
+        return logits.numpy(), {}
+    b, v, c = logits.shape
+    p = torch.softmax(logits.double(), dim=-1).reshape(b * v, c)  # T = 1
+    if params.layout == "topk":
+        values, idx = logits.reshape(b * v, c).topk(slots, dim=-1)
+    else:  # sampled: class counts of `samples` draws with replacement, the most drawn classes first
+        draws = torch.multinomial(p, params.samples, replacement=True, generator=generator)
+        counts = torch.zeros(b * v, c, dtype=torch.float64).scatter_add_(
+            1, draws, torch.ones_like(draws, dtype=torch.float64)
+        )
+        values, idx = counts.topk(slots, dim=-1)  # at most `slots` distinct classes are drawn
+    mass = (p.gather(1, idx) * (values > 0 if params.layout == "sampled" else 1)).sum(dim=-1)
+    dtype = index_dtype(c)
+    return values.reshape(b, v, slots).numpy(), {
+        "idx": idx.reshape(b, v, slots).numpy().astype(dtype), "mass": mass.reshape(b, v).numpy().astype(np.float32),
+    }  # fmt: skip
+
+
+def export_chunk(model: torch.nn.Module, x: np.ndarray, split: str, start: int, params: ExportParams,
+                 layout: dict[str, Any], device: torch.device) -> dict[str, np.ndarray]:  # fmt: skip
+    """`LogitStore.write` keywords for rows [start, start + len(x)) of `split`: every view's logits in
+    the store's layout, and each view's crop/flip when the store has augmented views."""
+    rows = np.arange(start, start + len(x))
+    recipe = layout["augmentation"]
+    per_view, aug = [], []
+    for view in range(params.views):
+        xv = x
+        if recipe is not None:
+            ap = view_params(params.seed, SPLIT_IDS[split], rows, view, recipe["pad"], recipe["size"])
+            xv = apply_params(torch.from_numpy(np.ascontiguousarray(x)), ap).numpy()
+            aug.append(np.stack([ap.top.numpy(), ap.left.numpy(), ap.flip.numpy()], axis=1))
+        per_view.append(predict_logits(model, xv, params.batch_size, device))
+    logits = torch.from_numpy(np.stack(per_view, axis=1))  # (B, V, C) float32
+    g = torch.Generator().manual_seed(mix64(params.seed, SPLIT_IDS[split], start, 1 << 40))  # chunk-keyed draws
+    values, sparse = _encode(logits, params, layout["slots"], g)
+    out: dict[str, np.ndarray] = {"logits": values, **sparse}
+    if recipe is not None:
+        out["aug"] = np.stack(aug, axis=1).astype(np.int16)  # (B, V, 3)
+    return out
 
 
 def export_logits(
@@ -47,6 +125,7 @@ def export_logits(
             f"{checkpoint}: trained on another dataset (fingerprint {meta['dataset_fingerprint'][:12]}..., "
             f"prepared data is {data.fingerprint[:12]}...). Retrain this generation on the prepared data"
         )
+    layout = store_layout(data, params)
     model = model_from_checkpoint(ckpt, checkpoint).to(device)
     attributes = {
         "generation": meta["generation"], "arch": meta["arch"], "seed": meta["seed"],
@@ -54,6 +133,8 @@ def export_logits(
         "checkpoint_sha256": sha256_file(checkpoint), "dataset_fingerprint": data.fingerprint,
         "dataset": data.name, "class_names": data.class_names, "teacher": meta.get("teacher"),
         "loss": meta.get("loss"),
+        **({"topk_rest": params.topk_rest} if params.layout == "topk" else {}),
+        **({"samples": params.samples} if params.layout == "sampled" else {}),
     }  # fmt: skip
     tmp = None
     if ctx.is_main:
@@ -65,8 +146,8 @@ def export_logits(
     try:
         if ctx.is_main:  # rank 0 alone creates the store and its attributes
             store = LogitStore.create(
-                tmp, rows, data.num_classes, views=1, dtype=params.dtype, chunk_rows=params.chunk_rows,
-                attributes=attributes,
+                tmp, rows, data.num_classes, dtype=params.dtype, chunk_rows=params.chunk_rows,
+                attributes=attributes, **layout,
             )  # fmt: skip
         barrier(ctx)
         if not ctx.is_main:
@@ -77,7 +158,7 @@ def export_logits(
             # One whole chunk at a time, each written once, by one rank.
             for start in range(begin, end, params.chunk_rows):
                 chunk = x[start : min(start + params.chunk_rows, end)]
-                store.write(split, start, predict_logits(model, chunk, params.batch_size, device))
+                store.write(split, start, **export_chunk(model, chunk, split, start, params, layout, device))
         barrier(ctx)
         if ctx.is_main:  # validation and the marker come after every rank's rows
             marker = store.seal()

@@ -4,16 +4,38 @@ Notation: s = student logits (B, C), t = teacher logits (B, C) read from the cac
 T = temperature, q_T = softmax(s / T), p_T = softmax(t / T). Every loss is averaged over the batch
 (never over classes). Soft terms carry the T^2 factor of Hinton et al. so that their gradient scale does
 not shrink as T grows; at T = 1 (the BAN paper's setting) the factor is 1.
+
+Every `teacher` argument also accepts a `Probs`: a teacher distribution given directly instead of logits,
+as sparse stores provide (top-k or sampled classes, `pipeline.reader.CachedTargets.target`). Its
+temperature was applied when it was built, so `soften` returns it unchanged.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 
-def soften(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Teacher distribution p_T = softmax(t / T), computed in float32 from raw (possibly fp16) logits."""
+@dataclass(frozen=True)
+class Probs:
+    """A teacher distribution p_T (B, C), rows summing to 1, already at the loss's temperature."""
+
+    p: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Probs:
+        return Probs(self.p.to(device, non_blocking=non_blocking))
+
+
+Teacher = torch.Tensor | Probs  # raw teacher logits (B, C), or a distribution
+
+
+def soften(logits: Teacher, temperature: float = 1.0) -> torch.Tensor:
+    """Teacher distribution p_T = softmax(t / T), computed in float32 from raw (possibly fp16) logits;
+    a `Probs` is returned as is (its temperature is already applied)."""
+    if isinstance(logits, Probs):
+        return logits.p.detach().float()
     return F.softmax(logits.detach().float() / temperature, dim=-1)
 
 
@@ -28,22 +50,20 @@ def ce_loss(student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(student.float(), labels)
 
 
-def ban_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def ban_loss(student: torch.Tensor, teacher: Teacher, temperature: float = 1.0) -> torch.Tensor:
     """BAN (Furlanello et al. 2018, eq. 1 with the teacher's output as target):
     T^2 * mean_b CE(p_T, q_T). No label term."""
     return temperature**2 * soft_cross_entropy(student, soften(teacher, temperature), temperature)
 
 
-def ban_l_loss(
-    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
+def ban_l_loss(student: torch.Tensor, teacher: Teacher, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """BAN+L (Furlanello et al. 2018): BAN loss plus the label cross-entropy at T = 1."""
     return ban_loss(student, teacher, temperature) + ce_loss(student, labels)
 
 
 def kd_loss(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: Teacher,
     labels: torch.Tensor,
     temperature: float = 4.0,
     alpha: float = 0.5,
@@ -55,9 +75,7 @@ def kd_loss(
     return alpha * ce_loss(student, labels) + (1.0 - alpha) * temperature**2 * kl
 
 
-def cwtm_loss(
-    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
+def cwtm_loss(student: torch.Tensor, teacher: Teacher, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """CWTM (Furlanello et al. 2018): label cross-entropy, sample b weighted by
     max_c p_T,bc / sum_u max_c p_T,uc (the teacher's confidence, even where it is wrong)."""
     conf = soften(teacher, temperature).max(dim=-1).values
@@ -84,7 +102,7 @@ def permute_dark_knowledge(p: torch.Tensor, generator: torch.Generator | None = 
 
 def dkpp_loss(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: Teacher,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -97,7 +115,7 @@ def dkpp_loss(
 def generation_loss(
     name: str,
     student: torch.Tensor,
-    teacher: torch.Tensor | None,
+    teacher: Teacher | None,
     labels: torch.Tensor,
     temperature: float = 1.0,
     alpha: float = 0.5,

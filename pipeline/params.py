@@ -22,6 +22,8 @@ SCHEDULES = ("cosine", "constant", "step")
 SELECTIONS = ("last", "best_val")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float16", "float32")
+LAYOUTS = ("dense", "topk", "sampled")
+VIEW_POLICIES = ("clean", "cycle", "random")
 
 T = TypeVar("T")
 
@@ -178,9 +180,13 @@ class GenParams:
     alpha: float = 0.5  # kd only: weight of the label term
     seed: int | None = None
     arch: str | None = None  # overrides train.arch for this generation
+    # Which cached view a sample trains on: clean (view 0 plus live augmentation), cycle (epoch % V) or
+    # random (seeded per epoch and sample); cycle and random replay the view's stored crop and flip.
+    view_policy: str = "clean"
 
     def check(self, section: str) -> None:
         _one_of(f"{section}.loss", self.loss, LOSSES)
+        _one_of(f"{section}.view_policy", self.view_policy, VIEW_POLICIES)
         _range(f"{section}.temperature", self.temperature, 0.0, None, lo_open=True)
         _range(f"{section}.alpha", self.alpha, 0.0, 1.0)
         if self.arch is not None:
@@ -195,12 +201,24 @@ class ExportParams:
     chunk_rows: int = 1024  # rows per zarr chunk along N
     batch_size: int = 1024
     device: str = "auto"
+    views: int = 1  # per sample: view 0 un-augmented, views 1..V-1 seeded crops and flips (uint8 images only)
+    seed: int = 0  # of the views' crops and flips, and of the sampled layout's draws
+    layout: str = "dense"  # all C logits; topk: the k largest; sampled: class counts of `samples` draws
+    topk: int = 10  # layout topk: logits kept per row and view
+    topk_rest: str = "uniform"  # layout topk: dropped mass spread uniformly over the other classes, or renorm
+    samples: int = 32  # layout sampled: draws with replacement from the teacher distribution per row and view
 
     def check(self, section: str) -> None:
         _one_of(f"{section}.dtype", self.dtype, DTYPES)
         _one_of(f"{section}.device", self.device, DEVICES)
+        _one_of(f"{section}.layout", self.layout, LAYOUTS)
+        _one_of(f"{section}.topk_rest", self.topk_rest, ("uniform", "renorm"))
         _range(f"{section}.chunk_rows", self.chunk_rows, 1, None)
         _range(f"{section}.batch_size", self.batch_size, 1, None)
+        _range(f"{section}.views", self.views, 1, 255)
+        _range(f"{section}.topk", self.topk, 1, None)
+        # counts are stored in the value array: float16 holds every integer up to 2048 exactly
+        _range(f"{section}.samples", self.samples, 1, 2048)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ The training loop's dataset yields (x, y, index); `CachedTargets.rows(index)` re
 exactly those rows, whatever order the loader shuffled them into. Rows are never matched by position in a
 batch or loader. The store is opened lazily on first use, so the object can be handed to forked DataLoader
 workers (each opens its own handle).
+
+Multi-view stores (export `views` > 1) take a view per row: `rows(index, views)` and `target(index, views)`
+return that view's teacher output and `aug(index, views)` the crop/flip the teacher saw, to be replayed on
+the clean images with `pipeline.augment.apply_params`. Sparse stores (layout "topk" or "sampled") have no
+full logits: `target` rebuilds a dense distribution (B, C) from them (see `CachedTargets.target`).
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.augment import AugParams
 from pipeline.errors import CorruptStoreError
-from pipeline.store import LogitStore
+from pipeline.losses import Probs, Teacher
+from pipeline.store import AUG_ARRAY, LogitStore
 
 
 class CachedTargets:
@@ -54,28 +61,100 @@ class CachedTargets:
         state["_store"] = None
         return state
 
-    def rows(self, index: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Logits (B, C) of rows `index` (any order, repeats allowed), as float32."""
-        idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
+    def _gather(self, name: str, idx: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """Array `name` at (idx[b], views[b]) for every b: (B, ...) in the array's dtype."""
         uniq, inverse = np.unique(idx, return_inverse=True)
-        arr = self.check().array(self.split)
+        arr = self.check().array(name)
         # zarr wraps negative indices, which would silently return another sample's row.
         if idx.size and (idx.min() < 0 or idx.max() >= arr.shape[0]):
             bad = idx[(idx < 0) | (idx >= arr.shape[0])]
             raise IndexError(
                 f"{self.path}: indices {bad[:5].tolist()} are outside rows 0..{arr.shape[0] - 1} of '{self.split}'"
             )
+        if views.size and (views.min() < 0 or views.max() >= arr.shape[1]):
+            bad = np.unique(views[(views < 0) | (views >= arr.shape[1])])
+            raise IndexError(f"{self.path}: views {bad[:5].tolist()} outside 0..{arr.shape[1] - 1} of '{self.split}'")
         try:
-            block = arr.oindex[uniq, self.view, :]
+            block = arr.oindex[uniq]  # every view of each row: a chunk holds all of them anyway
         except Exception as e:  # a damaged chunk fails inside the codec with many exception types
             raise CorruptStoreError(
                 f"{self.path}: cannot read rows of '{self.split}' ({type(e).__name__}: {e}); a chunk is damaged, "
                 f"re-export the store"
             ) from e
-        if not np.isfinite(block).all():
-            bad = uniq[~np.isfinite(block).all(axis=1)]
+        out = block[inverse, views]
+        flat = out.reshape(len(out), int(np.prod(out.shape[1:])))
+        bad_rows = ~np.isfinite(flat).all(axis=1) if np.issubdtype(out.dtype, np.floating) else (flat < 0).any(axis=1)
+        if bad_rows.any():
             raise CorruptStoreError(
-                f"{self.path}: rows {bad[:5].tolist()} of '{self.split}' are not finite (damaged chunk?); "
-                f"re-export the store"
+                f"{self.path}: rows {np.unique(idx[bad_rows])[:5].tolist()} of '{name}' are not finite "
+                f"(damaged chunk?); re-export the store"
             )
-        return torch.from_numpy(block[inverse].astype(np.float32))
+        return out  # type: ignore[no-any-return]
+
+    def _keys(self, index: torch.Tensor | np.ndarray, views: torch.Tensor | np.ndarray | None
+              ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
+        if views is None:
+            return idx, np.full(idx.shape, self.view, dtype=np.int64)
+        v = np.asarray(views.cpu() if isinstance(views, torch.Tensor) else views, dtype=np.int64).reshape(-1)
+        if v.shape != idx.shape:
+            raise ValueError(f"{self.path}: {len(v)} views for {len(idx)} rows; give one view per row")
+        return idx, v
+
+    def rows(self, index: torch.Tensor | np.ndarray, views: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """Stored values (B, S) of rows `index` (any order, repeats allowed), as float32: raw logits for a
+        dense store. `views` (B,) picks each row's view; by default every row reads `self.view`."""
+        idx, v = self._keys(index, views)
+        return torch.from_numpy(self._gather(self.split, idx, v).astype(np.float32))
+
+    def target(
+        self,
+        index: torch.Tensor | np.ndarray,
+        views: torch.Tensor | np.ndarray | None = None,
+        temperature: float = 1.0,
+    ) -> Teacher:
+        """The teacher target of rows `index` for the losses: raw logits (B, C) of a dense store (the loss
+        softens them), else a `Probs` distribution p_T (B, C) rebuilt from the sparse layout:
+
+        - topk, k kept logits z_K with kept mass m (teacher probability at T = 1): the kept classes get
+          m * softmax(z_K / T), the other C - k classes share 1 - m equally (`topk_rest` "uniform"), or
+          the kept classes get softmax(z_K / T) and the others 0 ("renorm"). With k = C this is softmax(z / T).
+        - sampled, counts n_c of S classes drawn from p_1 (Anshumann et al. 2025): p = n / S, an unbiased
+          estimate of p_1. It has no temperature: T != 1 raises ValueError.
+        """
+        a = self.attrs
+        layout = a.get("layout", "dense")
+        if layout == "dense":
+            return self.rows(index) if views is None else self.rows(index, views)
+        idx, v = self._keys(index, views)
+        values = torch.from_numpy(self._gather(self.split, idx, v).astype(np.float32))
+        classes = torch.from_numpy(self._gather(f"{self.split}_idx", idx, v).astype(np.int64))
+        b, c = len(idx), a["num_classes"]
+        if layout == "sampled":
+            if temperature != 1.0:
+                raise ValueError(
+                    f"{self.path}: a sampled store estimates the teacher distribution at T = 1 only; got T = "
+                    f"{temperature}. Set the student's temperature to 1.0 or export a topk or dense store"
+                )
+            p = torch.zeros(b, c).scatter_add_(1, classes, values) / a["samples"]
+            return Probs(p)
+        mass = torch.from_numpy(self._gather(f"{self.split}_mass", idx, v).astype(np.float32))
+        order = classes.argsort(dim=1)  # class order, so that k = C reproduces the dense softmax bit for bit
+        classes, values = classes.gather(1, order), values.gather(1, order)
+        kept = torch.softmax(values / temperature, dim=-1)
+        k = classes.shape[1]
+        if a.get("topk_rest", "uniform") == "renorm" or k == c:
+            return Probs(torch.zeros(b, c).scatter_(1, classes, kept))
+        rest = ((1.0 - mass) / (c - k)).clamp_min(0.0)
+        p = rest[:, None].expand(b, c).clone().scatter_(1, classes, kept * mass[:, None])
+        return Probs(p)
+
+    def aug(self, index: torch.Tensor | np.ndarray, views: torch.Tensor | np.ndarray | None = None) -> AugParams:
+        """The crop/flip each row's view was exported with (`pipeline.augment.apply_params` replays it)."""
+        recipe = self.attrs.get("augmentation")
+        if not recipe:
+            raise ValueError(f"{self.path}: this store has one clean view and no augmentation parameters")
+        idx, v = self._keys(index, views)
+        tlf = self._gather(f"{self.split}_{AUG_ARRAY}", idx, v).astype(np.int64)
+        return AugParams.from_numpy({"top": tlf[:, 0], "left": tlf[:, 1], "flip": tlf[:, 2].astype(bool)},
+                                    pad=recipe["pad"], size=recipe["size"])  # fmt: skip

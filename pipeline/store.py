@@ -1,14 +1,21 @@
 """The logit store: a zarr v3 group of raw teacher logits, one array per split, and a completion marker.
 
 Layout of `cache/gen-K/` (readable with plain zarr):
-    zarr.json            group metadata; attributes = provenance (see `REQUIRED_ATTRS`)
-    train/               array (N, V, C), dtype float16 or float32, chunks (chunk_rows, V, C)
-    test/                array (M, V, C), same layout
-    COMPLETE.json        written last, after every row was checked: rows per split and sha256 of content
+    zarr.json            group metadata; attributes = provenance (see `REQUIRED_ATTRS`), `layout`, `slots`,
+                         `augmentation`, `retained_mass`
+    train/               array (N, V, S), dtype float16 or float32, chunks (chunk_rows, V, S): per row and
+                         view, S = C raw logits (layout "dense"), the k largest raw logits ("topk"), or
+                         the counts of the sampled classes ("sampled", integer-valued)
+    train_idx/           sparse layouts only: (N, V, S) int16/int32 class index of each value
+    train_mass/          sparse layouts only: (N, V) float32 teacher probability (T = 1) of the kept classes
+    train_aug/           views > 1 only: (N, V, 3) int16 (top, left, flip) of each view's crop and flip
+                         (`pipeline.augment.apply_params`); view 0 is the clean image (pad, pad, 0)
+    test/, test_*        the same for the test split
+    COMPLETE.json        written last, after every row was checked: rows per split and sha256 of each array
 
-Logits are stored raw (T = 1); softened targets are computed at read time with any temperature. The fill
-value is NaN, so a chunk that was never written reads back as NaN and fails validation instead of passing
-as zeros.
+Logits are stored raw (T = 1); softened targets are computed at read time with any temperature. Fill
+values are NaN (float arrays) and -1 (integer arrays), so a chunk that was never written fails validation
+instead of passing as zeros.
 """
 
 from __future__ import annotations
@@ -38,6 +45,13 @@ REQUIRED_ATTRS = (
     "format", "generation", "arch", "seed", "temperature", "checkpoint_sha256", "dataset_fingerprint",
     "class_names", "dtype", "views", "splits",
 )  # fmt: skip
+LAYOUTS = ("dense", "topk", "sampled")
+SPARSE_ARRAYS = ("idx", "mass")  # suffixes of the arrays a sparse layout adds per split
+AUG_ARRAY = "aug"  # suffix of the (N, V, 3) crop/flip array of a multi-view store
+
+
+def index_dtype(num_classes: int) -> str:
+    return "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
 
 
 class LogitStore:
@@ -59,48 +73,97 @@ class LogitStore:
         dtype: str,
         chunk_rows: int,
         attributes: dict[str, Any],
+        layout: str = "dense",
+        slots: int | None = None,
+        augmentation: dict[str, Any] | None = None,
     ) -> LogitStore:
-        """Create an empty store (no marker) with one (rows, views, num_classes) array per split."""
+        """Create an empty store (no marker) with one (rows, views, slots) value array per split.
+
+        `slots` is the values per row and view: num_classes for "dense" (the default), k for "topk", the
+        most distinct classes a row can draw for "sampled". Sparse layouts add `<split>_idx` and
+        `<split>_mass`; `augmentation` (the recipe of views 1..V-1) adds `<split>_aug`."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"{path}: layout {layout!r}: allowed values are {', '.join(LAYOUTS)}")
+        slots = num_classes if slots is None else slots
+        if layout == "dense" and slots != num_classes:
+            raise ValueError(f"{path}: a dense store holds all {num_classes} classes per row, not {slots}")
         attrs = {
             **attributes, "format": FORMAT, "dtype": dtype, "views": views, "num_classes": num_classes,
-            "splits": dict(rows), "chunk_rows": chunk_rows,
+            "splits": dict(rows), "chunk_rows": chunk_rows, "layout": layout, "slots": slots,
+            "augmentation": augmentation, "retained_mass": None,
         }  # fmt: skip
         group = zarr.create_group(str(path), overwrite=True, attributes=attrs)
         for split, n in rows.items():
-            group.create_array(
-                split, shape=(n, views, num_classes), chunks=(min(chunk_rows, max(n, 1)), views, num_classes),
-                dtype=dtype, fill_value=np.nan,
-            )  # fmt: skip
+            c = min(chunk_rows, max(n, 1))
+            group.create_array(split, shape=(n, views, slots), chunks=(c, views, slots), dtype=dtype, fill_value=np.nan)
+            if layout != "dense":
+                group.create_array(f"{split}_idx", shape=(n, views, slots), chunks=(c, views, slots),
+                                   dtype=index_dtype(num_classes), fill_value=-1)  # fmt: skip
+                group.create_array(f"{split}_mass", shape=(n, views), chunks=(c, views), dtype="float32",
+                                   fill_value=np.nan)  # fmt: skip
+            if augmentation is not None:
+                group.create_array(f"{split}_{AUG_ARRAY}", shape=(n, views, 3), chunks=(c, views, 3), dtype="int16",
+                                   fill_value=-1)  # fmt: skip
         return cls(path, group)
+
+    def array_names(self) -> list[str]:
+        """Every array of the store: each split's values, then its sparse and augmentation arrays."""
+        a = self.attrs
+        extra = (*(SPARSE_ARRAYS if a.get("layout", "dense") != "dense" else ()),
+                 *((AUG_ARRAY,) if a.get("augmentation") else ()))  # fmt: skip
+        return [name for split in a["splits"] for name in (split, *(f"{split}_{e}" for e in extra))]
 
     @classmethod
     def attach(cls, path: str | os.PathLike[str]) -> LogitStore:
         """Open a store being written (no marker yet) to add rows: other ranks of a distributed export."""
         return cls(path, zarr.open_group(str(path), mode="r+"))
 
-    def write(self, split: str, start: int, logits: np.ndarray) -> None:
-        """Write rows [start, start + len(logits)) of `split`; `logits` is (B, V, C) or (B, C) for V = 1."""
-        arr = self.group[split]
-        if logits.ndim == 2 and arr.shape[1] == 1:
-            logits = logits[:, None, :]
+    def write(
+        self,
+        split: str,
+        start: int,
+        logits: np.ndarray,
+        idx: np.ndarray | None = None,
+        mass: np.ndarray | None = None,
+        aug: np.ndarray | None = None,
+    ) -> None:
+        """Write rows [start, start + len(logits)) of `split`; `logits` is (B, V, S) or (B, S) for V = 1
+        (the values: logits, or counts for "sampled"). Sparse stores also take `idx` (B, V, S) and `mass`
+        (B, V); multi-view stores `aug` (B, V, 3) = (top, left, flip)."""
+        names = set(self.array_names())
+        given = {f"{split}_idx": idx, f"{split}_mass": mass, f"{split}_{AUG_ARRAY}": aug}
+        for name, value in given.items():
+            if (value is None) == (name in names):
+                raise ValueError(
+                    f"{self.path}: '{name}' {'is missing' if value is None else 'is not an array of this store'}"
+                )
+        checked = [self._checked(split, start, logits)]
+        checked += [self._checked(name, start, value) for name, value in given.items() if value is not None]
+        for name, value in checked:  # every shape is checked before anything is written
+            self.group[name][start : start + len(value)] = value
+
+    def _checked(self, name: str, start: int, logits: np.ndarray) -> tuple[str, np.ndarray]:
+        arr = self.group[name]
+        if logits.ndim == arr.ndim - 1 and arr.shape[1] == 1:
+            logits = logits[:, None, ...]
         # zarr broadcasts and truncates mismatched values silently, so check the shape here.
         want = (len(logits), *arr.shape[1:])
         if logits.shape != want or start < 0 or start + len(logits) > arr.shape[0]:
             raise ValueError(
-                f"{self.path}: cannot write logits of shape {logits.shape} at row {start} of '{split}' "
+                f"{self.path}: cannot write logits of shape {logits.shape} at row {start} of '{name}' "
                 f"(shape {tuple(arr.shape)}); expected {want} within rows 0..{arr.shape[0]}"
             )
-        arr[start : start + len(logits)] = logits.astype(arr.dtype, copy=False)
+        return name, logits.astype(arr.dtype, copy=False)
 
     def seal(self) -> dict[str, Any]:
         """Check every row of every split (finite, so no missing chunk), then write the marker last."""
         marker: dict[str, Any] = {"format": FORMAT, "rows": {}, "sha256": {}}
-        for split in self.attrs["splits"]:
+        for split in self.array_names():
             arr = self.group[split]
             h = hashlib.sha256()
             n_bad, first = 0, -1
             for start, block in iter_blocks(arr):
-                bad = ~np.isfinite(block).all(axis=(1, 2))
+                bad = _bad_rows(block)
                 if bad.any() and not n_bad:
                     first = start + int(np.flatnonzero(bad)[0])
                 n_bad += int(bad.sum())
@@ -110,10 +173,26 @@ class LogitStore:
                     f"{self.path}: {n_bad} non-finite rows in '{split}' (first: row {first}); "
                     f"the export produced NaN/Inf or missed rows, so the store was not marked complete"
                 )
-            marker["rows"][split] = int(arr.shape[0])
+            if split in self.attrs["splits"]:
+                marker["rows"][split] = int(arr.shape[0])
             marker["sha256"][split] = h.hexdigest()
+        self.group.attrs.update({"retained_mass": self._retained_mass()})
         write_json(self.path / MARKER, marker)
         return marker
+
+    def _retained_mass(self) -> dict[str, float]:
+        """Per split, the mean over rows and views of the teacher probability (T = 1) the store keeps:
+        1.0 for dense stores."""
+        if self.attrs.get("layout", "dense") == "dense":
+            return {split: 1.0 for split in self.attrs["splits"]}
+        out = {}
+        for split in self.attrs["splits"]:
+            total, count = 0.0, 0
+            for _, block in iter_blocks(self.group[f"{split}_mass"]):
+                total += float(block.astype(np.float64).sum())
+                count += block.size
+            out[split] = total / count if count else 1.0
+        return out
 
     # -- reading ---------------------------------------------------------------------------------------
     @classmethod
@@ -163,7 +242,7 @@ class LogitStore:
         a = self.attrs
         for split, n in a["splits"].items():
             shape = tuple(self.array(split).shape)
-            want = (n, a["views"], a["num_classes"])
+            want = (n, a["views"], a.get("slots", a["num_classes"]))
             if shape != want or marker["rows"].get(split) != n:
                 raise CorruptStoreError(
                     f"{self.path}: array '{split}' has shape {shape}, attributes and marker say {want}; "
@@ -196,6 +275,14 @@ class LogitStore:
                 raise CorruptStoreError(f"{self.path}: '{split}' has an unreadable chunk ({e}); re-export") from e
             if h.hexdigest() != want:
                 raise CorruptStoreError(f"{self.path}: '{split}' content differs from its marker; re-export it")
+
+
+def _bad_rows(block: np.ndarray) -> np.ndarray:
+    """Rows holding a fill value or worse: non-finite floats, negative integers (fill value -1)."""
+    flat = block.reshape(len(block), -1)
+    if np.issubdtype(block.dtype, np.floating):
+        return ~np.isfinite(flat).all(axis=1)
+    return (flat < 0).any(axis=1)  # type: ignore[no-any-return]
 
 
 def iter_blocks(arr: zarr.Array) -> Iterator[tuple[int, np.ndarray]]:

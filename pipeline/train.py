@@ -1,7 +1,9 @@
 """Training one generation: from labels (generation 0) or from a teacher's cached logits (K >= 1).
 
 A student never builds, loads or even opens its teacher's checkpoint: its targets come only from the
-teacher's logit store, read by dataset index (`pipeline.reader.CachedTargets`).
+teacher's logit store, read by dataset index (`pipeline.reader.CachedTargets`). With a multi-view store and
+view_policy "cycle" or "random", each sample trains on one stored view: its image is rebuilt from the
+stored crop/flip (no fresh augmentation) and its target is that view's teacher output.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pipeline.augment import augment_batch
+from pipeline.augment import apply_params, augment_batch, mix64
 from pipeline.checkpoint import save_checkpoint
 from pipeline.data import IndexedDataset, PreparedData
 from pipeline.distributed import SINGLE_PROCESS, DistContext
+from pipeline.errors import ParamsError
 from pipeline.io import atomic_path
-from pipeline.losses import generation_loss
+from pipeline.losses import Teacher, generation_loss
 from pipeline.models import ImageInput, build_model
 from pipeline.params import GenParams, TrainParams
 from pipeline.reader import CachedTargets
@@ -99,6 +102,21 @@ class StepOptions:
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
+    view_policy: str = "clean"  # cycle / random: replay stored views of a multi-view store (`pick_views`)
+    num_views: int = 1
+    view_seed: int = 0
+
+
+def pick_views(opts: StepOptions, epoch: int, index: torch.Tensor) -> np.ndarray | None:
+    """The stored view each row of the batch trains on, or None for "clean" (view 0 + live augmentation):
+    "cycle" gives every row view epoch % V, "random" view mix64(seed, epoch, row) % V (the same for a row
+    and epoch whatever the batch, so a resumed run replays the same views)."""
+    if opts.view_policy == "clean":
+        return None
+    rows = index.cpu().numpy().astype(np.int64)
+    if opts.view_policy == "cycle":
+        return np.full(len(rows), epoch % opts.num_views, dtype=np.int64)
+    return np.array([mix64(opts.view_seed, epoch, r) % opts.num_views for r in rows], dtype=np.int64)
 
 
 def _bf16_ok() -> bool:
@@ -133,15 +151,22 @@ def train_one_epoch(
     targets: CachedTargets | None,
     generator: torch.Generator,
     opts: StepOptions | None = None,
+    epoch: int = 0,
 ) -> float:
-    """One pass over `loader`; each batch's teacher rows are looked up by the batch's dataset indices."""
+    """One pass over `loader`; each batch's teacher rows are looked up by the batch's dataset indices
+    (and, under a view policy, the views `pick_views` chooses for `epoch`)."""
     opts = opts or StepOptions()
     model.train()
     scaler = torch.amp.GradScaler("cuda", enabled=opts.amp_dtype == torch.float16)
     total, count = 0.0, 0
     for x, y, index in loader:
-        teacher = targets.rows(index).to(device, non_blocking=True) if targets is not None else None
-        if opts.augment is not None:
+        views = pick_views(opts, epoch, index) if targets is not None else None
+        teacher: Teacher | None = None
+        if targets is not None:
+            teacher = targets.target(index, views, gp.temperature).to(device, non_blocking=True)
+        if views is not None and targets is not None:
+            x = apply_params(x, targets.aug(index, views))  # the very image the teacher's output was computed on
+        elif opts.augment is not None:
             x = opts.augment(x)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if opts.channels_last:
@@ -234,6 +259,7 @@ def train_generation(
         if teacher_store is None:
             raise ValueError(f"generation {gen}: loss {gp.loss!r} needs a teacher store")
         targets = CachedTargets(teacher_store, "train", data.fingerprint, len(data.y_train), data.num_classes)
+        _check_targets(targets, gp, gen)
     arch = gp.arch or recipe.arch
     model = build_model(arch, data.input_shape, data.num_classes)
     if isinstance(model, ImageInput) and data.channel_mean is not None and data.channel_std is not None:
@@ -241,6 +267,8 @@ def train_generation(
     model = model.to(device)
     aug_gen = torch.Generator().manual_seed(seed + 7919)  # crops and flips, apart from the shuffling stream
     opts = step_options(recipe, data, device, aug_gen)
+    if targets is not None and gp.view_policy != "clean":
+        opts.view_policy, opts.num_views, opts.view_seed = gp.view_policy, targets.attrs["views"], seed
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net: nn.Module = model
@@ -278,7 +306,7 @@ def train_generation(
         lr = opt.param_groups[0]["lr"]
         if sampler is not None:
             sampler.set_epoch(epoch)
-        loss = train_one_epoch(net, loader, opt, gp, device, targets, generator, opts)
+        loss = train_one_epoch(net, loader, opt, gp, device, targets, generator, opts, epoch=epoch)
         sched.step()
         val_acc = accuracy(predict_logits(model, x_val, recipe.eval_batch_size, device), y_val)
         result.history.append(EpochLog(epoch, loss, val_acc, lr, time.perf_counter() - t0))
@@ -295,6 +323,22 @@ def train_generation(
     return result
 
 
+def _check_targets(targets: CachedTargets, gp: GenParams, gen: int) -> None:
+    """Refuse a view policy or temperature the teacher's store cannot serve."""
+    a = targets.attrs
+    section = f"students.{gen}"
+    if gp.view_policy != "clean" and not (a["views"] > 1 and a.get("augmentation")):
+        raise ParamsError(
+            f"{section}.view_policy = {gp.view_policy!r}: the teacher's store {targets.path} has {a['views']} "
+            f"un-augmented view(s). Export it with export.views > 1 (image datasets) or use view_policy: clean"
+        )
+    if a.get("layout") == "sampled" and gp.temperature != 1.0:
+        raise ParamsError(
+            f"{section}.temperature = {gp.temperature}: the teacher's store {targets.path} holds sampled targets, "
+            f"an estimate of the teacher distribution at T = 1 only. Use temperature: 1.0 or a dense or topk store"
+        )
+
+
 def checkpoint_meta(data: PreparedData, recipe: TrainParams, gen: int, gp: GenParams, teacher_sha: str | None
                     ) -> dict[str, Any]:  # fmt: skip
     return {
@@ -304,6 +348,7 @@ def checkpoint_meta(data: PreparedData, recipe: TrainParams, gen: int, gp: GenPa
         "seed": gp.seed if gp.seed is not None else recipe.seed + gen, "loss": gp.loss,
         "temperature": gp.temperature, "alpha": gp.alpha, "dataset_fingerprint": data.fingerprint,
         "recipe": {k: getattr(recipe, k) for k in recipe.__dataclass_fields__},
+        **({"view_policy": gp.view_policy} if gp.view_policy != "clean" else {}),  # keeps older resume keys
     }  # fmt: skip
 
 

@@ -96,3 +96,126 @@ def test_autocast_and_channels_last_step_runs_on_cpu(images: PreparedData) -> No
                            torch.Generator(), opts)  # fmt: skip
     assert np.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+# -- students on cached augmented views ----------------------------------------------------------------
+
+
+@pytest.fixture
+def viewed(images: PreparedData, tmp_path, monkeypatch) -> tuple[PreparedData, object, list[np.ndarray]]:
+    """A 3-view teacher store of `images`, and the train images the teacher saw, per view (spied at export)."""
+    import pipeline.export as export_lib
+    from pipeline.export import export_logits
+    from pipeline.params import ExportParams
+
+    torch.manual_seed(0)
+    model = build_model("cnn3", images.input_shape, 4)
+    model.set_stats(images.channel_mean, images.channel_std)
+    meta = {"arch": "cnn3", "input_shape": list(images.input_shape), "num_classes": 4, "generation": 0,
+            "seed": 0, "dataset_fingerprint": images.fingerprint}  # fmt: skip
+    save_checkpoint(tmp_path / "m.pt", model, meta)
+    fed: list[np.ndarray] = []
+    real = export_lib.predict_logits
+    monkeypatch.setattr(export_lib, "predict_logits", lambda m, x, b, d: (fed.append(np.array(x)), real(m, x, b, d))[1])
+    params = ExportParams(views=3, chunk_rows=64, device="cpu", dtype="float32")
+    export_logits(tmp_path / "m.pt", images, tmp_path / "gen-0", params, torch.device("cpu"))
+    monkeypatch.undo()
+    return images, tmp_path / "gen-0", fed[:3]  # one call per view on the 40 train rows, then the test split
+
+
+def _spy_student(monkeypatch) -> dict[str, list]:
+    import pipeline.train as lib
+    from pipeline.reader import CachedTargets
+
+    seen: dict[str, list] = {"target": [], "image": [], "live": []}
+    real_target, real_apply = CachedTargets.target, lib.apply_params
+
+    def target(self, index, views=None, temperature=1.0):
+        out = real_target(self, index, views, temperature)
+        seen["target"].append((np.asarray(index).copy(), None if views is None else views.copy(), out.clone()))
+        return out
+
+    def apply(x, params):
+        out = real_apply(x, params)
+        seen["image"].append(out.clone())
+        return out
+
+    monkeypatch.setattr(CachedTargets, "target", target)
+    monkeypatch.setattr(lib, "apply_params", apply)
+    monkeypatch.setattr(lib, "augment_batch", lambda *a, **k: seen["live"].append(1) or a[0])
+    return seen
+
+
+def test_cycle_student_trains_on_the_teachers_exact_views(viewed, monkeypatch) -> None:
+    data, store, teacher_saw = viewed
+    seen = _spy_student(monkeypatch)
+    recipe = TrainParams(arch="cnn3", epochs=4, batch_size=10, device="cpu", optimizer="sgd", lr=0.01)
+    train_generation(data, recipe, 1, GenParams(loss="ban", teacher=0, view_policy="cycle"), store)
+    stored = zarr_array(store, "train")
+    assert len(seen["target"]) == 4 * 3 and len(seen["image"]) == 4 * 3 and not seen["live"]
+    for step, ((index, views, target), image) in enumerate(zip(seen["target"], seen["image"], strict=True)):
+        epoch = step // 3 + 1
+        np.testing.assert_array_equal(views, np.full(len(index), epoch % 3))  # view = epoch % V
+        np.testing.assert_array_equal(target.numpy(), stored[index, views])  # that view's logits
+        for b, (row, v) in enumerate(zip(index, views, strict=True)):  # the very image the teacher saw
+            np.testing.assert_array_equal(image[b].numpy(), teacher_saw[v][row])
+    assert {int(v) for _, views, _ in seen["target"] for v in views} == {0, 1, 2}
+
+
+def test_random_student_views_are_seeded_per_epoch_and_row(viewed, monkeypatch) -> None:
+    data, store, teacher_saw = viewed
+    recipe = TrainParams(arch="cnn3", epochs=2, batch_size=10, device="cpu", optimizer="sgd", lr=0.01)
+    runs = []
+    for _ in range(2):
+        seen = _spy_student(monkeypatch)
+        train_generation(data, recipe, 1, GenParams(loss="ban", teacher=0, view_policy="random"), store)
+        runs.append(seen)
+        monkeypatch.undo()
+    picks = [
+        {
+            (step // 3, int(r)): int(v)
+            for step, (idx, vs, _) in enumerate(s["target"])
+            for r, v in zip(idx, vs, strict=True)
+        }
+        for s in runs
+    ]
+    assert picks[0] == picks[1] and set(picks[0].values()) == {0, 1, 2}
+    assert any(picks[0][(0, r)] != picks[0][(1, r)] for _, r in picks[0])  # redrawn each epoch
+    (index, views, _), image = runs[0]["target"][0], runs[0]["image"][0]
+    np.testing.assert_array_equal(
+        image.numpy(), np.stack([teacher_saw[v][r] for r, v in zip(index, views, strict=True)])
+    )
+
+
+def test_clean_student_keeps_live_augmentation_and_view_0(viewed, monkeypatch) -> None:
+    data, store, _ = viewed
+    seen = _spy_student(monkeypatch)
+    recipe = TrainParams(arch="cnn3", epochs=1, batch_size=10, device="cpu", optimizer="sgd", lr=0.01)
+    train_generation(data, recipe, 1, GenParams(loss="ban", teacher=0), store)
+    assert len(seen["live"]) == 3 and not seen["image"]
+    index, views, target = seen["target"][0]
+    assert views is None
+    np.testing.assert_array_equal(target.numpy(), zarr_array(store, "train")[index, 0])
+
+
+def test_view_policy_needs_a_multi_view_store(images, tmp_path) -> None:
+    from pipeline.errors import ParamsError
+    from pipeline.export import export_logits
+    from pipeline.params import ExportParams
+
+    model = build_model("cnn3", images.input_shape, 4)
+    meta = {"arch": "cnn3", "input_shape": list(images.input_shape), "num_classes": 4, "generation": 0,
+            "seed": 0, "dataset_fingerprint": images.fingerprint}  # fmt: skip
+    save_checkpoint(tmp_path / "m.pt", model, meta)
+    export_logits(tmp_path / "m.pt", images, tmp_path / "g", ExportParams(device="cpu"), torch.device("cpu"))
+    recipe = TrainParams(arch="cnn3", epochs=1, device="cpu")
+    with pytest.raises(
+        ParamsError, match=r"students.1.view_policy = 'cycle': the teacher's store .* has 1 un-augmented"
+    ):
+        train_generation(images, recipe, 1, GenParams(loss="ban", teacher=0, view_policy="cycle"), tmp_path / "g")
+
+
+def zarr_array(store, name: str) -> np.ndarray:
+    import zarr
+
+    return np.asarray(zarr.open_array(str(store / name), mode="r")[:])

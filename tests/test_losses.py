@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pipeline.losses import (
+    Probs,
     ban_l_loss,
     ban_loss,
     ce_loss,
@@ -306,3 +307,33 @@ def test_gradients_are_finite_and_flow_to_student_only(name):
     loss.backward()
     assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
     assert not teacher.requires_grad and teacher.grad is None
+
+
+# ---------------------------------------------------------------- teacher given as a distribution
+
+P_ROWS = [[1 / 6, 1 / 3, 1 / 2], [3 / 5, 1 / 5, 1 / 5]]  # softmax of T_ROWS
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("ban", BAN_1),
+        ("ban+l", BAN_1 + CE_1),
+        ("kd", 0.3 * CE_1 + 0.7 * sum(KL_ROWS) / 2),
+        ("cwtm", 17 / 11 * L2),
+    ],
+)
+def test_every_loss_takes_a_teacher_distribution(name, expected):
+    """Probs(p) gives the hand values of the logits whose softmax is p, at T = 1 ..."""
+    got = generation_loss(name, logits(S_ROWS), Probs(torch.tensor(P_ROWS)), Y, temperature=1.0, alpha=0.3)
+    assert got.item() == approx(expected)
+
+
+@pytest.mark.parametrize("t", [2.0, 4.0])
+def test_a_teacher_distribution_is_not_softened_again(t):
+    """... and at T != 1 it is taken as p_T itself: only the student is divided by T."""
+    s = logits(S_ROWS, t)  # q_T stays [1/2, 1/3, 1/6], [1/4, 1/2, 1/4]
+    assert torch.equal(soften(Probs(torch.tensor(P_ROWS)), t), torch.tensor(P_ROWS))
+    assert ban_loss(s, Probs(torch.tensor(P_ROWS)), t).item() == approx(t**2 * BAN_1)
+    p = Probs(torch.tensor(P_ROWS)).to("cpu")
+    assert isinstance(p, Probs) and torch.equal(p.p, torch.tensor(P_ROWS))

@@ -246,3 +246,52 @@ def test_works_in_forked_dataloader_workers(stored) -> None:
     for index, rows, own_handle in loader:
         np.testing.assert_array_equal(rows.numpy(), data[index.numpy(), 0])
         assert own_handle.all()
+
+
+# -- a view per row --------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(pairs=st.lists(st.tuples(st.integers(0, N - 1), st.integers(0, V - 1)), max_size=20))
+def test_rows_take_a_view_per_row(stored, pairs: list[tuple[int, int]]) -> None:
+    path, data = stored
+    index = np.array([p[0] for p in pairs], dtype=np.int64)
+    views = np.array([p[1] for p in pairs], dtype=np.int64)
+    t = targets(path, view=1)  # the per-row views override the default view
+    got = t.rows(torch.from_numpy(index), torch.from_numpy(views)).numpy()
+    np.testing.assert_array_equal(got, data[index, views].reshape(len(pairs), C))
+    np.testing.assert_array_equal(got[:, 0], np.round(index + views / 10, 4).astype(np.float32))
+    assert torch.equal(t.target(index, views), t.rows(index, views))  # a dense store's target is its logits
+
+
+def test_rows_refuse_bad_views(stored) -> None:
+    path, _ = stored
+    t = targets(path)
+    with pytest.raises(ValueError, match="2 views for 3 rows"):
+        t.rows([0, 1, 2], [0, 1])
+    with pytest.raises(IndexError, match=r"views \[2\] outside 0..1"):
+        t.rows([0, 1], [1, 2])
+    with pytest.raises(ValueError, match="no augmentation parameters"):
+        t.aug([0], [1])
+
+
+def test_aug_reads_each_rows_stored_view(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    n, views = 11, 3
+    tlf = np.stack(np.meshgrid(np.arange(n), np.arange(views), indexing="ij"), axis=-1)  # top = row, left = view
+    aug = np.concatenate([tlf, ((tlf[..., :1] + tlf[..., 1:]) % 2)], axis=-1).astype(np.int16)  # flip = parity
+    store = LogitStore.create(
+        path, {"train": n}, 2, views, "float32", 4,
+        {"generation": 0, "arch": "tiny", "seed": 0, "temperature": 1.0, "checkpoint_sha256": "cd" * 32,
+         "dataset_fingerprint": FP, "class_names": ["a", "b"]},
+        augmentation={"kind": "crop+flip", "pad": 6, "size": 8, "seed": 0},
+    )  # fmt: skip
+    store.write("train", 0, np.zeros((n, views, 2)), aug=aug)
+    store.seal()
+    t = CachedTargets(path, "train", FP, n, 2)
+    index, v = np.array([10, 0, 4, 4, 7]), np.array([2, 1, 0, 2, 1])
+    ap = t.aug(index, v)
+    assert ap.pad == 6 and ap.size == 8
+    np.testing.assert_array_equal(ap.top.numpy(), index)
+    np.testing.assert_array_equal(ap.left.numpy(), v)
+    np.testing.assert_array_equal(ap.flip.numpy(), (index + v) % 2 == 1)

@@ -336,3 +336,76 @@ def test_atomic_path_replaces_on_success(tmp_path: Path) -> None:
         assert target.read_text() == "old"  # not visible until the body finishes
     assert target.read_text() == "new"
     assert os.listdir(tmp_path) == ["m.json"]
+
+
+# -- augmented views and sparse layouts -------------------------------------------------------------------
+
+AUG = {"kind": "crop+flip", "pad": 4, "size": 32, "seed": 0}
+
+
+def sparse_store(path: Path, rows: int = 10, views: int = 3, slots: int = 2, chunk_rows: int = 4) -> tuple:
+    """A topk store of 5 classes with augmented views: values, class indices, kept mass and crop/flips."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "logits": rng.normal(0, 3, size=(rows, views, slots)),
+        "idx": rng.integers(0, 5, size=(rows, views, slots)).astype(np.int16),
+        "mass": rng.uniform(0, 1, size=(rows, views)).astype(np.float32),
+        "aug": np.stack(
+            [rng.integers(0, 9, (rows, views)), rng.integers(0, 9, (rows, views)), rng.integers(0, 2, (rows, views))],
+            axis=-1,
+        ).astype(np.int16),  # fmt: skip
+    }
+    store = LogitStore.create(path, {"train": rows}, 5, views, "float32", chunk_rows, provenance(5), layout="topk",
+                              slots=slots, augmentation=AUG)  # fmt: skip
+    return store, arrays
+
+
+def test_multi_view_sparse_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    store, arrays = sparse_store(path)
+    store.write("train", 0, arrays["logits"][:6], **{k: v[:6] for k, v in arrays.items() if k != "logits"})
+    store.write("train", 6, arrays["logits"][6:], **{k: v[6:] for k, v in arrays.items() if k != "logits"})
+    marker = store.seal()
+    assert set(marker["sha256"]) == {"train", "train_idx", "train_mass", "train_aug"}
+    assert marker["rows"] == {"train": 10}
+    opened = LogitStore.open(path, fingerprint=FP, rows={"train": 10}, num_classes=5)
+    attrs = opened.attrs
+    assert attrs["layout"] == "topk" and attrs["slots"] == 2 and attrs["views"] == 3 and attrs["augmentation"] == AUG
+    assert attrs["retained_mass"] == {"train": pytest.approx(float(arrays["mass"].astype(np.float64).mean()))}
+    for name, key in (("train", "logits"), ("train_idx", "idx"), ("train_mass", "mass"), ("train_aug", "aug")):
+        np.testing.assert_array_equal(zarr.open_array(str(path / name), mode="r")[:], arrays[key].astype(
+            opened.array(name).dtype))  # fmt: skip
+    opened.verify()
+    zarr.open_array(str(path / "train_aug"), mode="r+")[3, 1, 0] = arrays["aug"][3, 1, 0] ^ 1
+    with pytest.raises(CorruptStoreError, match="'train_aug' content differs from its marker"):
+        LogitStore.open(path).verify()
+
+
+def test_dense_single_view_store_has_no_extra_arrays(sealed) -> None:
+    path, _ = sealed
+    attrs = LogitStore.open(path).attrs
+    assert attrs["layout"] == "dense" and attrs["slots"] == 3 and attrs["augmentation"] is None
+    assert attrs["retained_mass"] == {"train": 1.0, "test": 1.0}
+    assert sorted(p.name for p in path.iterdir() if p.is_dir()) == ["test", "train"]
+
+
+def test_seal_refuses_an_unwritten_aug_chunk(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    store, arrays = sparse_store(path)
+    store.write("train", 0, arrays["logits"], idx=arrays["idx"], mass=arrays["mass"], aug=arrays["aug"])
+    zarr.open_array(str(path / "train_aug"), mode="r+")[4:8] = -1  # as if the chunk were never written
+    with pytest.raises(CorruptStoreError, match=r"4 non-finite rows in 'train_aug' \(first: row 4\)"):
+        store.seal()
+    assert not (path / MARKER).exists()
+
+
+def test_write_needs_every_array_of_the_store_and_checks_all_shapes_first(tmp_path: Path) -> None:
+    store, arrays = sparse_store(tmp_path / "s")
+    with pytest.raises(ValueError, match="'train_aug' is missing"):
+        store.write("train", 0, arrays["logits"], idx=arrays["idx"], mass=arrays["mass"])
+    with pytest.raises(ValueError, match=r"cannot write logits of shape \(10, 3\) at row 0 of 'train_aug'"):
+        store.write("train", 0, arrays["logits"], idx=arrays["idx"], mass=arrays["mass"], aug=arrays["aug"][:, :, 0])
+    assert np.isnan(store.array("train")[:]).all(), "nothing may be written when one array does not fit"
+    dense = LogitStore.create(tmp_path / "d", {"train": 4}, 3, 1, "float32", 4, provenance(3))
+    with pytest.raises(ValueError, match="'train_aug' is not an array of this store"):
+        dense.write("train", 0, np.ones((4, 3)), aug=np.zeros((4, 1, 3)))
