@@ -26,8 +26,6 @@ from stages import export, train
 from stages.common import ParamsFile
 from tests.conftest import tiny_params
 
-KILL_POINTS = 5
-
 
 def _state_dicts_equal(a: Path, b: Path) -> None:
     sa, sb = load_checkpoint(a)["state_dict"], load_checkpoint(b)["state_dict"]
@@ -116,12 +114,34 @@ def _run_cli(root: Path, *args: str) -> float:
     return time.perf_counter() - t0
 
 
-def _kill_at(root: Path, delay: float, *args: str) -> int:
-    proc = subprocess.Popen(["bancache", *args], cwd=root, env=_cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    return proc.wait()
+# A worker that runs the real CLI in a fresh process and SIGKILLs itself at the N-th call of a library
+# function: kill points spread over the whole run without depending on how busy the machine is.
+_KILLER = """
+import os, signal, sys
+import importlib
+mod_name, attr, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+owner_path, _, fn_name = attr.rpartition(".")
+owner = importlib.import_module(mod_name)
+for part in owner_path.split(".") if owner_path else []:
+    owner = getattr(owner, part)
+real = getattr(owner, fn_name)
+calls = [0]
+def dying(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(owner, fn_name, dying)
+from stages.cli import main
+main(sys.argv[4:])
+"""
+
+
+def _kill_at(root: Path, where: tuple[str, str], n: int, *args: str) -> int:
+    """Run `bancache *args` in `root`, SIGKILLed at the n-th call of module `where[0]`'s `where[1]`."""
+    cmd = [sys.executable, "-c", _KILLER, where[0], where[1], str(n), *args]
+    env = {**_cli_env(), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True).returncode
 
 
 @pytest.fixture
@@ -142,18 +162,25 @@ def kill_project(project: Layout, tmp_path: Path) -> tuple[Layout, Layout]:
 
 def test_sigkill_export_at_random_points(kill_project: tuple[Layout, Layout]) -> None:
     victim, ref = kill_project
-    total = _run_cli(ref.root, "export-logits", "--gen", "0")  # clean reference export
+    _run_cli(ref.root, "export-logits", "--gen", "0")  # clean reference export
+    writes = -(-400 // 32) + -(-100 // 32)  # chunk writes of the tiny config (train + test)
     rng = random.Random(0)
-    killed = 0
-    for _ in range(KILL_POINTS):
-        killed += _kill_at(victim.root, rng.uniform(0.2 * total, 0.9 * total), "export-logits", "--gen", "0") < 0
-        # The target holds a complete store (the previous one or the new one), never a partial one ...
+    points = [(("pipeline.store", "LogitStore.write"), n) for n in rng.sample(range(1, writes + 1), 3)]
+    points += [(("pipeline.store", "write_json"), 1), (("pipeline.export", "replace_dir"), 1)]  # marker, swap
+    for where, n in points:
+        assert _kill_at(victim.root, where, n, "export-logits", "--gen", "0") == -signal.SIGKILL, (where, n)
+        # The target holds a complete store (the previous one), never a partial one ...
         _stores_equal(victim.store(0), ref.store(0))
-        # ... and any leftover temporary store is refused by the reader.
-        for leftover in victim.store(0).parent.glob(".gen-0.*"):
+        # ... and the leftover temporary store is refused by the reader unless it was sealed whole (killed
+        # between the marker and the swap), in which case it verifies and equals the clean export.
+        leftovers = list(victim.store(0).parent.glob(".gen-0.*"))
+        assert leftovers, (where, n)
+        for leftover in leftovers:
+            if where[1] == "replace_dir":
+                _stores_equal(leftover, ref.store(0))
+                continue
             with pytest.raises(IncompleteStoreError):
                 LogitStore.open(leftover)
-    assert killed >= 3, "most kills must land while the export runs"
     _run_cli(victim.root, "export-logits", "--gen", "0")
     _stores_equal(victim.store(0), ref.store(0))
     assert not list(victim.store(0).parent.glob(".gen-0.*"))
@@ -161,18 +188,18 @@ def test_sigkill_export_at_random_points(kill_project: tuple[Layout, Layout]) ->
 
 def test_sigkill_training_at_random_points(kill_project: tuple[Layout, Layout]) -> None:
     victim, ref = kill_project
-    total = _run_cli(ref.root, "train", "--gen", "1")  # clean, uninterrupted reference
+    _run_cli(ref.root, "train", "--gen", "1")  # clean, uninterrupted reference
+    steps = 6 * -(-360 // 64)  # epochs x batches of the tiny config
     rng = random.Random(1)
-    killed = 0
-    for _ in range(KILL_POINTS):
+    points = [(("pipeline.train", "generation_loss"), n) for n in sorted(rng.sample(range(1, steps + 1), 4))]
+    points += [(("pipeline.checkpoint", "atomic_path"), 1)]  # while the final checkpoint is being written
+    for where, n in points:
         before = victim.model(1).read_bytes() if victim.model(1).exists() else None
-        delay = rng.uniform(0.2 * total, 0.9 * total)
-        killed += _kill_at(victim.root, delay, "train", "--gen", "1", "--resume") < 0
-        if victim.model(1).exists():  # only ever a whole checkpoint: the previous one or a finished run's
-            assert victim.model(1).read_bytes() in (before, ref.model(1).read_bytes())
+        assert _kill_at(victim.root, where, n, "train", "--gen", "1", "--resume") == -signal.SIGKILL, (where, n)
+        # Only ever a whole checkpoint at the target: the previous one (here: none) or nothing.
+        assert (victim.model(1).read_bytes() if victim.model(1).exists() else None) == before
         # The teacher's artifacts are never touched by a student run.
         _stores_equal(victim.store(0), ref.store(0))
-    assert killed >= 3, "most kills must land while training runs"
     _run_cli(victim.root, "train", "--gen", "1", "--resume")
     _state_dicts_equal(victim.model(1), ref.model(1))
 
