@@ -61,6 +61,7 @@ class LogitStore:
     def __init__(self, path: str | os.PathLike[str], group: zarr.Group) -> None:
         self.path = Path(path)
         self.group = group
+        self._arrays: dict[str, zarr.Array] = {}  # zarr 3 re-reads an array's zarr.json on every group[name]
 
     # -- writing ---------------------------------------------------------------------------------------
     @classmethod
@@ -140,10 +141,10 @@ class LogitStore:
         checked = [self._checked(split, start, logits)]
         checked += [self._checked(name, start, value) for name, value in given.items() if value is not None]
         for name, value in checked:  # every shape is checked before anything is written
-            self.group[name][start : start + len(value)] = value
+            self.array(name)[start : start + len(value)] = value
 
     def _checked(self, name: str, start: int, logits: np.ndarray) -> tuple[str, np.ndarray]:
-        arr = self.group[name]
+        arr = self.array(name)
         if logits.ndim == arr.ndim - 1 and arr.shape[1] == 1:
             logits = logits[:, None, ...]
         # zarr broadcasts and truncates mismatched values silently, so check the shape here.
@@ -159,7 +160,7 @@ class LogitStore:
         """Check every row of every split (finite, so no missing chunk), then write the marker last."""
         marker: dict[str, Any] = {"format": FORMAT, "rows": {}, "sha256": {}}
         for split in self.array_names():
-            arr = self.group[split]
+            arr = self.array(split)
             h = hashlib.sha256()
             n_bad, first = 0, -1
             for start, block in iter_blocks(arr):
@@ -254,8 +255,12 @@ class LogitStore:
         return self.group.attrs.asdict()
 
     def array(self, split: str) -> zarr.Array:
+        """The zarr array `split`, opened once per LogitStore."""
+        if split in self._arrays:
+            return self._arrays[split]
         try:
-            return self.group[split]
+            self._arrays[split] = self.group[split]
+            return self._arrays[split]
         except KeyError:
             raise CorruptStoreError(f"{self.path}: array '{split}' is missing; re-export the store") from None
         except Exception as e:  # damaged array metadata fails inside zarr with many exception types

@@ -19,6 +19,17 @@ from pipeline.errors import CorruptStoreError, ForeignStoreError, IncompleteStor
 from pipeline.reader import CachedTargets
 from pipeline.store import MARKER, LogitStore
 
+
+@pytest.fixture(autouse=True, params=["in-memory", "zarr-per-batch"])
+def read_path(request, monkeypatch):
+    """Run every reader test on both read paths: the split loaded into memory, and zarr per batch."""
+    if request.param == "zarr-per-batch":
+        defaults = list(CachedTargets.__init__.__defaults__)
+        defaults[-1] = 0  # max_memory_bytes = 0: never load into memory
+        monkeypatch.setattr(CachedTargets.__init__, "__defaults__", tuple(defaults))
+    return request.param
+
+
 FP = "ab" * 32
 N, V, C, CHUNK = 37, 2, 4, 5  # rows 0-4, 5-9, ..., 35-36: 8 chunks, the last one partial
 

@@ -1,0 +1,364 @@
+"""Benchmark: what a Born-Again student's epoch costs with the logit cache, against training from labels
+and against online distillation with the teacher in memory.
+
+Arms (same architecture, data, batch size, optimizer, loader and seed; one model per arm):
+  plain    train_one_epoch(loss='ce'), no teacher at all                      (pipeline.train)
+  offline  train_one_epoch(loss='ban') reading the teacher's store through CachedTargets (pipeline.reader)
+  online   the same loop, but the teacher model (eval mode) runs a no_grad forward on every batch
+  offline+mem  prototype: train_one_epoch(loss='ban') with benchmarks/_prototypes.InMemoryTargets, the
+           reader change this benchmark recommends
+  plain+mem-reads  loss 'ce' but InMemoryTargets read every batch (result unused): the reads alone, without
+           the soft-target loss, to split offline+mem's cost over plain into reader and loss
+
+Wall time is the headline; CPU time of the process (all threads) is reported beside it because other jobs
+on a shared machine inflate it much less.
+
+Epoch times: all arms in one process, alternating (order rotated every round), --reps rounds after one
+warm-up round; medians and median per-round ratios. Peak memory: one fresh subprocess per arm (a process's
+RSS high-water mark cannot be reset), running --mem-epochs epochs; peak RSS on CPU (VmHWM),
+torch.cuda.max_memory_allocated on CUDA.
+
+The teacher (generation 0) is trained for one epoch from labels, saved with pipeline.checkpoint and
+exported with pipeline.export.export_logits, exactly as `bancache export-logits` does.
+
+    .venv/bin/python benchmarks/student_step.py                              # MNIST-1D, 4000 rows, cnn1d
+    .venv/bin/python benchmarks/student_step.py --dataset synthetic-images   # 10000 x 3x32x32, bench_cnn2d
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from _benchlib import (
+    alternate,
+    machine_info,
+    median,
+    peak_rss_mib,
+    pick_workdir,
+    rss_mib,
+    set_threads,
+    spread,
+    synthetic_images,
+    table,
+    write_results,
+)
+from _prototypes import InMemoryTargets
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pipeline.data import IndexedDataset, PreparedData, load_prepared, make_mnist1d, write_prepared
+from pipeline.export import export_logits
+from pipeline.losses import generation_loss
+from pipeline.models import build_model
+from pipeline.params import ExportParams, GenParams, TrainParams
+from pipeline.reader import CachedTargets
+from pipeline.train import make_optimizer, train_one_epoch
+
+ARMS = ("plain", "offline", "online", "offline+mem", "plain+mem-reads")
+SETTINGS: dict[str, dict[str, Any]] = {
+    "mnist1d": {"arch": "cnn1d", "reps": 21, "mem_epochs": 3},
+    "synthetic-images": {
+        "arch": "bench_cnn2d",
+        "reps": 9,
+        "mem_epochs": 1,
+        "n_train": 10000,
+        "n_test": 1000,
+        "classes": 100,
+    },  # fmt: skip
+}
+STUDENT_SEED, LOADER_SEED = 1, 2
+
+
+# -- the online reference loop --------------------------------------------------------------------------
+def online_kd_epoch(model: nn.Module, teacher: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer,
+                    gp: GenParams, device: torch.device, generator: torch.Generator) -> float:  # fmt: skip
+    """`train_one_epoch` (fp32, no augmentation: the path the other arms take) with the targets computed
+    online: teacher.eval() and a forward under no_grad on every batch."""
+    model.train()
+    teacher.eval()
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # as train_one_epoch without fp16 autocast
+    total, count = 0.0, 0
+    for x, y, _index in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.no_grad():
+            t = teacher(x)
+        with torch.autocast(device.type, dtype=torch.float32, enabled=False):
+            out = model(x)
+        loss = generation_loss(gp.loss, out, t, y, temperature=gp.temperature, alpha=gp.alpha, generator=generator)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        total += float(loss.detach()) * len(y)
+        count += len(y)
+    return total / max(count, 1)
+
+
+# -- setup ----------------------------------------------------------------------------------------------
+def prepare(root: Path, dataset: str, device: torch.device, batch_size: int) -> None:
+    """dataset.h5, teacher.pt (generation 0, one epoch from labels) and cache/gen-0 under `root`."""
+    s = SETTINGS[dataset]
+    if dataset == "mnist1d":
+        arrays, names = make_mnist1d(5000), [str(i) for i in range(10)]  # 4000 train rows, 1000 test
+    else:
+        arrays = synthetic_images(s["n_train"], s["n_test"], s["classes"])
+        names = [str(i) for i in range(s["classes"])]
+    write_prepared(root / "dataset.h5", arrays, names, dataset, val_fraction=0.1, split_seed=0)
+    data = load_prepared(root / "dataset.h5")
+    torch.manual_seed(0)
+    teacher = build_model(s["arch"], data.input_shape, data.num_classes).to(device)
+    loader, gen = make_loader(data, batch_size, device)
+    train_one_epoch(teacher, loader, make_optimizer(teacher, TrainParams()), GenParams(loss="ce"), device, None, gen)
+    meta = {"arch": s["arch"], "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+            "generation": 0, "seed": 0, "dataset_fingerprint": data.fingerprint, "loss": "ce"}  # fmt: skip
+    save_checkpoint(root / "teacher.pt", teacher, meta)
+    export_logits(root / "teacher.pt", data, root / "cache", ExportParams(device=device.type), device)
+
+
+def make_loader(data: PreparedData, batch_size: int, device: torch.device) -> tuple[DataLoader, torch.Generator]:
+    """The loader `train_generation` builds: fit rows, shuffled, dataset index as the third element."""
+    gen = torch.Generator().manual_seed(LOADER_SEED)
+    fit = IndexedDataset(data.x_train, data.y_train, data.fit_index())
+    loader = DataLoader(fit, batch_size=batch_size, shuffle=True, drop_last=False, generator=gen,
+                        num_workers=0, pin_memory=device.type == "cuda")  # fmt: skip
+    return loader, gen
+
+
+def make_arm(arm: str, root: Path, data: PreparedData, arch: str, batch_size: int, device: torch.device):  # type: ignore[no-untyped-def]
+    """A zero-argument callable running one epoch of `arm`, and the objects it holds."""
+    torch.manual_seed(STUDENT_SEED)
+    model = build_model(arch, data.input_shape, data.num_classes).to(device)
+    opt = make_optimizer(model, TrainParams())
+    loader, gen = make_loader(data, batch_size, device)
+    n, c = len(data.y_train), data.num_classes
+    if arm == "plain":
+        gp, targets = GenParams(loss="ce"), None
+    elif arm in ("offline", "offline+mem", "plain+mem-reads"):
+        cls = CachedTargets if arm == "offline" else InMemoryTargets
+        gp = GenParams(loss="ce" if arm == "plain+mem-reads" else "ban", teacher=0)
+        targets = cls(root / "cache", "train", data.fingerprint, n, c)
+    elif arm == "online":
+        gp = GenParams(loss="ban", teacher=0)
+        teacher = model_from_checkpoint(load_checkpoint(root / "teacher.pt")).to(device)
+        return (lambda: online_kd_epoch(model, teacher, loader, opt, gp, device, gen)), None
+    else:
+        raise ValueError(arm)
+    return (lambda: train_one_epoch(model, loader, opt, gp, device, targets, gen)), targets
+
+
+# -- memory, one subprocess per arm ---------------------------------------------------------------------
+def child(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    root = Path(args.child_dir)
+    data = load_prepared(root / "dataset.h5")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = rss_mib()  # interpreter, imports and the dataset: common to every arm
+    run, _ = make_arm(args.child, root, data, SETTINGS[args.dataset]["arch"], args.batch_size, device)
+    for _ in range(args.mem_epochs):
+        run()
+    out = {"arm": args.child, "base_rss_mib": base, "peak_rss_mib": peak_rss_mib()}
+    if device.type == "cuda":
+        out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    print("RESULT " + json.dumps(out))
+
+
+def measure_memory(args: argparse.Namespace, root: Path, dataset: str, reps: int) -> dict[str, dict[str, Any]]:
+    runs: dict[str, list[dict[str, Any]]] = {a: [] for a in ARMS}
+    for r in range(reps):
+        order = list(ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)])
+        for arm in order:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--child-dir", str(root),
+                   "--dataset", dataset, "--threads", str(args.threads), "--device", args.device,
+                   "--batch-size", str(args.batch_size),
+                   "--mem-epochs", str(args.mem_epochs or SETTINGS[dataset]["mem_epochs"])]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not line:
+                raise RuntimeError(f"memory child {arm} failed:\n{proc.stderr[-3000:]}")
+            runs[arm].append(json.loads(line[-1][7:]))
+    out = {}
+    for arm, rs in runs.items():
+        peak = median([r["peak_rss_mib"] for r in rs])
+        base = median([r["base_rss_mib"] for r in rs])
+        out[arm] = {"peak_rss_mib": peak, "base_rss_mib": base, "peak_minus_base_mib": peak - base, "runs": rs}
+        if "cuda_max_allocated_mib" in rs[0]:
+            out[arm]["cuda_max_allocated_mib"] = median([r["cuda_max_allocated_mib"] for r in rs])
+    return out
+
+
+# -- the benchmark ----------------------------------------------------------------------------------------
+def reader_share(run, targets: CachedTargets) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """One extra epoch with the reader's entry point timed (`target`, which train_one_epoch calls, or `rows`
+    in older versions): seconds in the reader per batch and its share of the epoch."""
+    method = "target" if hasattr(targets, "target") else "rows"
+    inner, spent, calls = getattr(targets, method), [0.0], [0]
+
+    def timed(*a, **k):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        out = inner(*a, **k)
+        spent[0] += time.perf_counter() - t0
+        calls[0] += 1
+        return out
+
+    setattr(targets, method, timed)
+    t0 = time.perf_counter()
+    run()
+    epoch = time.perf_counter() - t0
+    delattr(targets, method)
+    return {"reader_ms_per_batch": 1e3 * spent[0] / max(calls[0], 1), "reader_share_of_epoch": spent[0] / epoch}
+
+
+def loss_cost(batch: int, classes: int, reps: int) -> dict[str, float]:
+    """Microseconds of one loss forward + backward on (batch, classes) logits: CE on labels (plain) against
+    the BAN soft-target loss (offline and online), alternating; the loss's share of offline's extra cost."""
+    torch.manual_seed(0)
+    s = torch.randn(batch, classes, requires_grad=True)
+    t, y = torch.randn(batch, classes), torch.randint(0, classes, (batch,))
+    k = 200
+    arms = {
+        "ce": lambda: [generation_loss("ce", s, None, y).backward() for _ in range(k)],
+        "ban": lambda: [generation_loss("ban", s, t, y).backward() for _ in range(k)],
+    }
+    times = alternate(arms, reps, warmup=1)
+    return {f"{n}_us": 1e6 * median(v) / k for n, v in times.items()}
+
+
+def bench_setting(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
+    s = SETTINGS[dataset]
+    device = torch.device(args.device)
+    root = pick_workdir(args.workdir, 2 * 2**30, f"bancache-student-{dataset}-")
+    t0 = time.perf_counter()
+    prepare(root, dataset, device, args.batch_size)
+    setup_s = time.perf_counter() - t0
+    data = load_prepared(root / "dataset.h5")
+    reps = args.reps or s["reps"]
+    arms, targets = {}, {}
+    for arm in ARMS:
+        arms[arm], targets[arm] = make_arm(arm, root, data, s["arch"], args.batch_size, device)
+    loader, _ = make_loader(data, args.batch_size, device)
+    arms["loader-only"] = lambda: sum(len(y) for _x, y, _i in loader)  # the fixed cost every arm pays
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    print(f"[{dataset}] timing {len(ARMS)} arms x {reps} rounds ...", flush=True)
+    cpu: dict[str, list[float]] = {}
+    times = alternate(arms, reps, warmup=1, sync=sync, cpu=cpu)
+    shares = {a: reader_share(arms[a], targets[a]) for a in ("offline", "offline+mem", "plain+mem-reads")}
+    losses = loss_cost(args.batch_size, data.num_classes, 15)
+    batches = -(-len(data.fit_index()) // args.batch_size)
+    print(f"[{dataset}] peak memory, one subprocess per arm ...", flush=True)
+    mem = measure_memory(args, root, dataset, args.mem_reps)
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+    def paired(a: str, b: str, t: dict[str, list[float]] = times) -> float:
+        return median([x / y for x, y in zip(t[a], t[b], strict=True)])
+
+    arms_out: dict[str, Any] = {}
+    for arm in ARMS:
+        arms_out[arm] = {
+            "epoch_s_median": median(times[arm]), "epoch_s_min_max": spread(times[arm]), "epoch_s_all": times[arm],
+            "ratio_vs_plain": paired(arm, "plain"), "ratio_vs_online": paired(arm, "online"),
+            "cpu_s_median": median(cpu[arm]), "cpu_s_all": cpu[arm],
+            "cpu_ratio_vs_plain": paired(arm, "plain", cpu), "cpu_ratio_vs_online": paired(arm, "online", cpu),
+            "samples_per_s": len(data.fit_index()) / median(times[arm]), **mem[arm],
+            "peak_rss_ratio_vs_plain": mem[arm]["peak_rss_mib"] / mem["plain"]["peak_rss_mib"],
+            **shares.get(arm, {}),
+        }  # fmt: skip
+    arms_out["loader-only"] = {
+        "epoch_s_median": median(times["loader-only"]), "epoch_s_min_max": spread(times["loader-only"]),
+        "ratio_vs_plain": paired("loader-only", "plain"), "ratio_vs_online": paired("loader-only", "online"),
+    }  # fmt: skip
+    # With a reader and a loss that cost nothing more than CE, offline = plain: plain/online is the floor.
+    best_possible = arms_out["plain"]["ratio_vs_online"]
+    targets_met = {
+        "offline/plain <= 1.05": arms_out["offline"]["ratio_vs_plain"] <= 1.05,
+        "offline/online <= 0.80": arms_out["offline"]["ratio_vs_online"] <= 0.80,
+        "peak memory offline <= 1.05 x plain": arms_out["offline"]["peak_rss_ratio_vs_plain"] <= 1.05,
+        "(proposed) offline+mem/plain <= 1.05": arms_out["offline+mem"]["ratio_vs_plain"] <= 1.05,
+        "(proposed) offline+mem/online <= 0.80": arms_out["offline+mem"]["ratio_vs_online"] <= 0.80,
+        "(proposed) peak memory offline+mem <= 1.05 x plain": arms_out["offline+mem"]["peak_rss_ratio_vs_plain"]
+        <= 1.05,
+        "(reads alone) plain+mem-reads/plain <= 1.05": arms_out["plain+mem-reads"]["ratio_vs_plain"] <= 1.05,
+    }
+    return {
+        "dataset": dataset, "arch": s["arch"], "train_rows": len(data.y_train), "fit_rows": len(data.fit_index()),
+        "input_shape": list(data.input_shape), "num_classes": data.num_classes, "batch_size": args.batch_size,
+        "device": str(device), "reps": reps, "setup_s": setup_s, "arms": arms_out, "targets_met": targets_met,
+        "offline_over_online_lower_bound": best_possible, "loss_us_per_batch": losses,
+        "ban_minus_ce_share_of_plain_epoch": (losses["ban_us"] - losses["ce_us"]) * 1e-6 * batches
+        / arms_out["plain"]["epoch_s_median"],
+    }  # fmt: skip
+
+
+def report(res: dict[str, Any]) -> str:
+    rows = []
+    nan = float("nan")
+    for arm, a in res["arms"].items():
+        if arm == "loader-only":
+            rows.append([arm + " (no training)", a["epoch_s_median"], nan, a["ratio_vs_plain"], a["ratio_vs_online"],
+                         nan, nan, nan, nan, nan, nan])  # fmt: skip
+            continue
+        rows.append([
+            arm, a["epoch_s_median"], a["samples_per_s"], a["ratio_vs_plain"], a["ratio_vs_online"],
+            a["cpu_ratio_vs_plain"], a["cpu_ratio_vs_online"],
+            a.get("reader_ms_per_batch", float("nan")), a["peak_rss_mib"], a["peak_minus_base_mib"],
+            a["peak_rss_ratio_vs_plain"],
+        ])  # fmt: skip
+    head = (f"### {res['dataset']} ({res['fit_rows']} fit rows, {res['arch']}, {res['num_classes']} classes, "
+            f"batch {res['batch_size']}, {res['device']}, median of {res['reps']} alternating rounds)")  # fmt: skip
+    t = table(["arm", "epoch s", "samples/s", "/plain", "/online", "/plain (cpu)", "/online (cpu)",
+               "reader ms/batch", "peak RSS MiB", "peak-base MiB", "peak/plain"], rows)  # fmt: skip
+    met = "\n".join(f"- {k}: {'MET' if v else 'MISSED'}" for k, v in res["targets_met"].items())
+    bound = (f"- floor of offline/online here (plain/online: reader and loss no dearer than plain's): "
+             f"{res['offline_over_online_lower_bound']:.3f}")  # fmt: skip
+    lc = res["loss_us_per_batch"]
+    loss = (f"- loss forward+backward per batch: ce {lc['ce_us']:.0f} us, ban {lc['ban_us']:.0f} us; the extra "
+            f"{lc['ban_us'] - lc['ce_us']:.0f} us/batch is {100 * res['ban_minus_ce_share_of_plain_epoch']:.1f}% of "
+            f"plain's epoch (part of any offline or online arm, whatever the reader)")  # fmt: skip
+    return f"{head}\n\n{t}\n\n{met}\n{bound}\n{loss}\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", choices=[*SETTINGS, "both"], default="mnist1d")
+    ap.add_argument("--reps", type=int, default=0, help="timed rounds (default: 21 MNIST-1D, 9 images)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--mem-reps", type=int, default=2, help="subprocesses per arm for peak memory")
+    ap.add_argument("--mem-epochs", type=int, default=0, help="epochs per memory subprocess (default per dataset)")
+    ap.add_argument("--workdir", default=None, help="where the temporary dataset, teacher and store go")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
+    ap.add_argument("--child-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    set_threads(args.threads)
+    if args.child:
+        child(args)
+        return
+    info = machine_info()
+    datasets = list(SETTINGS) if args.dataset == "both" else [args.dataset]
+    results = [bench_setting(args, d) for d in datasets]
+    text = "\n".join(report(r) for r in results)
+    print(f"\nstudent_step on {info['cpu_model']} ({info['cpus_usable']} CPUs), torch {info['torch']}, "
+          f"{info['torch_threads']} thread(s), {info['date_utc']}\n\n{text}")  # fmt: skip
+    name = "student_step" if args.dataset == "mnist1d" else f"student_step-{args.dataset}"
+    path = write_results(name, {"benchmark": "student_step", "machine": info, "args": vars(args),
+                                "settings": results, "table_markdown": text})  # fmt: skip
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()
