@@ -45,7 +45,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+        raise ParamsError("device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
     return torch.device(name)
 
 

@@ -111,6 +111,14 @@ CASES = [
          ("train", "--gen", "1"), "has 7 classes, the dataset has 10"),
     Case("teacher store with a corrupted chunk", lambda r: _chunk_file(Layout(r).store(0)).write_bytes(b"junk" * 9),
          ("train", "--gen", "1"), "a chunk is damaged, re-export the store"),
+    Case("augmented views on non-image data", lambda r: _set(r, "export.views", 4), ("export-logits", "--gen", "0"),
+         "export.views = 4: augmented views need square uint8 images"),
+    Case("top-k larger than the class count", lambda r: (_set(r, "export.layout", "topk"), _set(r, "export.topk", 50)),
+         ("export-logits", "--gen", "0"), "export.topk = 50: the dataset has only 10 classes"),
+    Case("view policy on a one-view store", lambda r: _set(r, "students.1.view_policy", "cycle"),
+         ("train", "--gen", "1"), "students.1.view_policy = 'cycle': the teacher's store"),
+    Case("device cuda without a GPU", lambda r: _set(r, "train.device", "cuda"), ("train", "--gen", "0"),
+         "no CUDA device is visible"),
     Case("teacher store metadata corrupted", lambda r: (Layout(r).store(0) / "zarr.json").write_text("{"),
          ("train", "--gen", "1"), "unreadable store metadata"),
 ]  # fmt: skip
@@ -123,6 +131,8 @@ def run_case(case: Case, root: Path):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
 def test_bad_input_gets_a_clear_error(case: Case, exported_root: Path, tmp_path: Path) -> None:
+    if case.what == "device cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
     root = tmp_path / "p"
     shutil.copytree(exported_root, root)
     before = {p: p.read_bytes() for p in (root / "cache").rglob("*") if p.is_file()} if case.args[0] != "train" else {}
