@@ -346,3 +346,16 @@ def bench_resnet8(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 for _name, _fn in (("bench_cnn2d", bench_cnn2d), ("bench_resnet8", bench_resnet8)):
     if _name not in ARCHS:
         register(_name)(_fn)
+
+
+def write_dataset(root: Path, dataset: str, setting: dict[str, Any]):  # -> PreparedData
+    """dataset.h5 under `root`: MNIST-1D (4000 train, 1000 test rows) or synthetic images per `setting`."""
+    from pipeline.data import MNIST1D_CLASSES, load_prepared, make_mnist1d, write_prepared
+
+    if dataset == "mnist1d":
+        arrays, names = make_mnist1d(5000), MNIST1D_CLASSES
+    else:
+        arrays = synthetic_images(setting["n_train"], setting["n_test"], setting["classes"])
+        names = [str(i) for i in range(setting["classes"])]
+    write_prepared(root / "dataset.h5", arrays, names, dataset, val_fraction=0.1, split_seed=0)
+    return load_prepared(root / "dataset.h5")

@@ -33,14 +33,14 @@ from _benchlib import (
     pick_workdir,
     set_threads,
     spread,
-    synthetic_images,
     table,
+    write_dataset,
     write_results,
 )
 from _prototypes import cached_array_handles
 
 from pipeline.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from pipeline.data import load_prepared, make_mnist1d, write_prepared
+from pipeline.data import load_prepared
 from pipeline.export import export_logits
 from pipeline.models import build_model
 from pipeline.params import ExportParams
@@ -61,13 +61,7 @@ STEPS = [
 
 def prepare(root: Path, dataset: str) -> None:
     s = SETTINGS[dataset]
-    if dataset == "mnist1d":
-        arrays, names = make_mnist1d(5000), [str(i) for i in range(10)]
-    else:
-        arrays = synthetic_images(s["n_train"], s["n_test"], s["classes"])
-        names = [str(i) for i in range(s["classes"])]
-    write_prepared(root / "dataset.h5", arrays, names, dataset, val_fraction=0.1, split_seed=0)
-    data = load_prepared(root / "dataset.h5")
+    data = write_dataset(root, dataset, s)
     torch.manual_seed(0)
     model = build_model(s["arch"], data.input_shape, data.num_classes)  # weights do not change the cost
     meta = {"arch": s["arch"], "input_shape": list(data.input_shape), "num_classes": data.num_classes,

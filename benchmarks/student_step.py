@@ -46,8 +46,8 @@ from _benchlib import (
     rss_mib,
     set_threads,
     spread,
-    synthetic_images,
     table,
+    write_dataset,
     write_results,
 )
 from _prototypes import InMemoryTargets
@@ -55,7 +55,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from pipeline.data import IndexedDataset, PreparedData, load_prepared, make_mnist1d, write_prepared
+from pipeline.data import IndexedDataset, PreparedData, load_prepared
 from pipeline.export import export_logits
 from pipeline.losses import generation_loss
 from pipeline.models import build_model
@@ -107,13 +107,7 @@ def online_kd_epoch(model: nn.Module, teacher: nn.Module, loader: DataLoader, op
 def prepare(root: Path, dataset: str, device: torch.device, batch_size: int) -> None:
     """dataset.h5, teacher.pt (generation 0, one epoch from labels) and cache/gen-0 under `root`."""
     s = SETTINGS[dataset]
-    if dataset == "mnist1d":
-        arrays, names = make_mnist1d(5000), [str(i) for i in range(10)]  # 4000 train rows, 1000 test
-    else:
-        arrays = synthetic_images(s["n_train"], s["n_test"], s["classes"])
-        names = [str(i) for i in range(s["classes"])]
-    write_prepared(root / "dataset.h5", arrays, names, dataset, val_fraction=0.1, split_seed=0)
-    data = load_prepared(root / "dataset.h5")
+    data = write_dataset(root, dataset, s)
     torch.manual_seed(0)
     teacher = build_model(s["arch"], data.input_shape, data.num_classes).to(device)
     loader, gen = make_loader(data, batch_size, device)
