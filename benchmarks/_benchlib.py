@@ -82,8 +82,10 @@ def git_state() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"git_commit": git("rev-parse", "HEAD") or None,
-            "pipeline_dirty": bool(git("status", "--porcelain", "--", "pipeline"))}  # fmt: skip
+    return {
+        "git_commit": git("rev-parse", "HEAD") or None,
+        "pipeline_dirty": bool(git("status", "--porcelain", "--", "pipeline")),
+    }
 
 
 def _meminfo_gib(key: str) -> float | None:
@@ -206,8 +208,10 @@ def pick_workdir(requested: str | None, need_bytes: int, prefix: str) -> Path:
         base.mkdir(parents=True, exist_ok=True)
         if shutil.disk_usage(base).free >= need_bytes * 1.3:
             return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
-    raise SystemExit(f"no directory among {[str(c) for c in candidates]} has {need_bytes / 2**30:.1f} GiB free; "
-                     f"pass --workdir on a larger disk")  # fmt: skip
+    raise SystemExit(
+        f"no directory among {[str(c) for c in candidates]} has {need_bytes / 2**30:.1f} GiB free; "
+        f"pass --workdir on a larger disk"
+    )
 
 
 def dir_bytes(path: Path) -> int:
@@ -245,9 +249,14 @@ def synthetic_images(n_train: int, n_test: int, classes: int, seed: int = 0, siz
 
 def store_attributes(classes: int, fingerprint: str = FINGERPRINT) -> dict[str, Any]:
     return {
-        "generation": 0, "arch": "synthetic", "seed": 0, "temperature": 1.0, "checkpoint_sha256": "00" * 32,
-        "dataset_fingerprint": fingerprint, "class_names": [str(i) for i in range(classes)],
-    }  # fmt: skip
+        "generation": 0,
+        "arch": "synthetic",
+        "seed": 0,
+        "temperature": 1.0,
+        "checkpoint_sha256": "00" * 32,
+        "dataset_fingerprint": fingerprint,
+        "class_names": [str(i) for i in range(classes)],
+    }
 
 
 def build_synthetic_store(
@@ -284,17 +293,31 @@ def build_synthetic_store(
     return LogitStore.open(path, fingerprint=FINGERPRINT, rows={"train": rows}, num_classes=classes)
 
 
-def _create_custom(path: Path, rows: int, classes: int, dtype: str, chunk_rows: int, attrs: dict[str, Any],
-                   **array_kwargs: Any) -> LogitStore:  # fmt: skip
+def _create_custom(
+    path: Path, rows: int, classes: int, dtype: str, chunk_rows: int, attrs: dict[str, Any], **array_kwargs: Any
+) -> LogitStore:
     import zarr
 
     from pipeline.store import FORMAT
 
-    full = {**attrs, "format": FORMAT, "dtype": dtype, "views": 1, "num_classes": classes,
-            "splits": {"train": rows}, "chunk_rows": chunk_rows}  # fmt: skip
+    full = {
+        **attrs,
+        "format": FORMAT,
+        "dtype": dtype,
+        "views": 1,
+        "num_classes": classes,
+        "splits": {"train": rows},
+        "chunk_rows": chunk_rows,
+    }
     group = zarr.create_group(str(path), overwrite=True, attributes=full)
-    group.create_array("train", shape=(rows, 1, classes), chunks=(chunk_rows, 1, classes), dtype=dtype,
-                       fill_value=np.nan, **array_kwargs)  # fmt: skip
+    group.create_array(
+        "train",
+        shape=(rows, 1, classes),
+        chunks=(chunk_rows, 1, classes),
+        dtype=dtype,
+        fill_value=np.nan,
+        **array_kwargs,
+    )
     return LogitStore(path, group)
 
 
@@ -325,20 +348,30 @@ def bench_cnn2d(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     global pool, linear head. ~4.6k samples/s training on one 2020s x86 core."""
     w = 16
     return nn.Sequential(
-        nn.Conv2d(_channels(input_shape), w, 3, 2, 1), nn.ReLU(),
-        _Block(w, 2 * w, 2), _Block(2 * w, 4 * w, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes),
-    )  # fmt: skip
+        nn.Conv2d(_channels(input_shape), w, 3, 2, 1),
+        nn.ReLU(),
+        _Block(w, 2 * w, 2),
+        _Block(2 * w, 4 * w, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * w, num_classes),
+    )
 
 
 def bench_resnet8(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """ResNet-8 for 32x32 images (16/32/64 channels, one basic block per stage, full-resolution stem)."""
     w = 16
     return nn.Sequential(
-        nn.Conv2d(_channels(input_shape), w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-        _Block(w, w, 1), _Block(w, 2 * w, 2), _Block(2 * w, 4 * w, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes),
-    )  # fmt: skip
+        nn.Conv2d(_channels(input_shape), w, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(w),
+        nn.ReLU(),
+        _Block(w, w, 1),
+        _Block(w, 2 * w, 2),
+        _Block(2 * w, 4 * w, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * w, num_classes),
+    )
 
 
 # Registered in this process only (the registry is a dict), so the library's own build_model, checkpoint

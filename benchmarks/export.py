@@ -53,10 +53,16 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 # Steps of export_logits, as (module file suffix, function name) for the profile breakdown.
 STEPS = [
-    ("checkpoint.py", "load_checkpoint"), ("io.py", "sha256_file"), ("checkpoint.py", "model_from_checkpoint"),
-    ("store.py", "create"), ("train.py", "predict_logits"), ("store.py", "write"), ("store.py", "seal"),
-    ("io.py", "replace_dir"), ("store.py", "open"),
-]  # fmt: skip
+    ("checkpoint.py", "load_checkpoint"),
+    ("io.py", "sha256_file"),
+    ("checkpoint.py", "model_from_checkpoint"),
+    ("store.py", "create"),
+    ("train.py", "predict_logits"),
+    ("store.py", "write"),
+    ("store.py", "seal"),
+    ("io.py", "replace_dir"),
+    ("store.py", "open"),
+]
 
 
 def prepare(root: Path, dataset: str) -> None:
@@ -64,8 +70,15 @@ def prepare(root: Path, dataset: str) -> None:
     data = write_dataset(root, dataset, s)
     torch.manual_seed(0)
     model = build_model(s["arch"], data.input_shape, data.num_classes)  # weights do not change the cost
-    meta = {"arch": s["arch"], "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-            "generation": 0, "seed": 0, "dataset_fingerprint": data.fingerprint, "loss": "ce"}  # fmt: skip
+    meta = {
+        "arch": s["arch"],
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "generation": 0,
+        "seed": 0,
+        "dataset_fingerprint": data.fingerprint,
+        "loss": "ce",
+    }
     save_checkpoint(root / "model.pt", model, meta)
 
 
@@ -120,17 +133,28 @@ def bench_setting(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     ratio_cpu = median([e / i for e, i in zip(cpu["export"], cpu["inference"], strict=True)])
     rows = len(data.y_train) + len(data.y_test)
     return {
-        "dataset": dataset, "arch": SETTINGS[dataset]["arch"], "rows": rows, "train_rows": len(data.y_train),
-        "num_classes": data.num_classes, "device": str(device), "reps": args.reps,
-        "export_s_median": median(times["export"]), "export_s_min_max": spread(times["export"]),
-        "inference_s_median": median(times["inference"]), "inference_s_min_max": spread(times["inference"]),
-        "export_over_inference": ratio, "overhead_ms": 1e3 * (median(times["export"]) - median(times["inference"])),
-        "target_export_over_inference_le_1.10": ratio <= 1.10, "profile_one_export_s": prof,
-        "export_handles_s_median": median(times["export+handles"]), "export_handles_over_inference": ratio_h,
-        "export_over_inference_cpu": ratio_cpu, "cpu_times": cpu,
+        "dataset": dataset,
+        "arch": SETTINGS[dataset]["arch"],
+        "rows": rows,
+        "train_rows": len(data.y_train),
+        "num_classes": data.num_classes,
+        "device": str(device),
+        "reps": args.reps,
+        "export_s_median": median(times["export"]),
+        "export_s_min_max": spread(times["export"]),
+        "inference_s_median": median(times["inference"]),
+        "inference_s_min_max": spread(times["inference"]),
+        "export_over_inference": ratio,
+        "overhead_ms": 1e3 * (median(times["export"]) - median(times["inference"])),
+        "target_export_over_inference_le_1.10": ratio <= 1.10,
+        "profile_one_export_s": prof,
+        "export_handles_s_median": median(times["export+handles"]),
+        "export_handles_over_inference": ratio_h,
+        "export_over_inference_cpu": ratio_cpu,
+        "cpu_times": cpu,
         "overhead_handles_ms": 1e3 * (median(times["export+handles"]) - median(times["inference"])),
         "times": times,
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -150,18 +174,43 @@ def main() -> None:
     info = machine_info()
     datasets = {"all": list(SETTINGS), "default": ["mnist1d", "synthetic-images"]}.get(args.dataset, [args.dataset])
     results = [bench_setting(args, d) for d in datasets]
-    rows = [[r["dataset"], r["arch"], r["rows"], r["inference_s_median"], r["export_s_median"], r["overhead_ms"],
-             r["export_over_inference"], r["export_over_inference_cpu"],
-             "MET" if r["target_export_over_inference_le_1.10"] else "MISSED",
-             r["overhead_handles_ms"], r["export_handles_over_inference"]]
-            for r in results]  # fmt: skip
-    text = table(["setting", "arch", "rows (train+test)", "inference s", "export s", "overhead ms",
-                  "export/inference", "export/inference (cpu)", "<= 1.10", "overhead ms (handles kept)",
-                  "export+handles/inference"],
-                 rows)  # fmt: skip
+    rows = [
+        [
+            r["dataset"],
+            r["arch"],
+            r["rows"],
+            r["inference_s_median"],
+            r["export_s_median"],
+            r["overhead_ms"],
+            r["export_over_inference"],
+            r["export_over_inference_cpu"],
+            "MET" if r["target_export_over_inference_le_1.10"] else "MISSED",
+            r["overhead_handles_ms"],
+            r["export_handles_over_inference"],
+        ]
+        for r in results
+    ]
+    text = table(
+        [
+            "setting",
+            "arch",
+            "rows (train+test)",
+            "inference s",
+            "export s",
+            "overhead ms",
+            "export/inference",
+            "export/inference (cpu)",
+            "<= 1.10",
+            "overhead ms (handles kept)",
+            "export+handles/inference",
+        ],
+        rows,
+    )
     steps = [k for k in results[0]["profile_one_export_s"] if k != "total_profiled_s"]
-    prof_rows = [[r["dataset"], r["profile_one_export_s"]["total_profiled_s"]]
-                 + [r["profile_one_export_s"][k] for k in steps] for r in results]  # fmt: skip
+    prof_rows = [
+        [r["dataset"], r["profile_one_export_s"]["total_profiled_s"]] + [r["profile_one_export_s"][k] for k in steps]
+        for r in results
+    ]
     text += "\n\ncProfile of one export (cumulative seconds; predict_logits runs inside the write loop):\n\n"
     text += table(["setting", "total", *steps], prof_rows)
     print(
@@ -169,8 +218,9 @@ def main() -> None:
         f"{info['torch_threads']} thread(s), {info['date_utc']}, median of {args.reps} alternating rounds\n\n{text}"
     )
     name = "export" if args.dataset == "default" else f"export-{args.dataset}"
-    path = write_results(name, {"benchmark": "export", "machine": info, "args": vars(args), "settings": results,
-                                    "table_markdown": text})  # fmt: skip
+    path = write_results(
+        name, {"benchmark": "export", "machine": info, "args": vars(args), "settings": results, "table_markdown": text}
+    )
     print(f"wrote {path}")
 
 

@@ -47,16 +47,28 @@ def build(root: Path, rows: int, test_rows: int, classes: int, chunk_rows: int, 
     layout = Layout(root)
     names = [f"class-{i}" for i in range(classes)]
     attrs = {
-        "generation": 0, "arch": "synthetic", "seed": seed, "temperature": 1.0, "checkpoint_sha256": "00" * 32,
-        "dataset_fingerprint": FINGERPRINT, "class_names": names, "loss": "ce", "teacher": None,
-    }  # fmt: skip
+        "generation": 0,
+        "arch": "synthetic",
+        "seed": seed,
+        "temperature": 1.0,
+        "checkpoint_sha256": "00" * 32,
+        "dataset_fingerprint": FINGERPRINT,
+        "class_names": names,
+        "loss": "ce",
+        "teacher": None,
+    }
     splits = {"train": rows, "test": test_rows}
     store = LogitStore.create(layout.store(0), splits, classes, 1, "float16", chunk_rows, attrs)
     rng = np.random.default_rng(seed)
     layout.dataset.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(layout.dataset, "w") as f:
-        f.attrs.update(format=DATASET_FORMAT, class_names=json.dumps(names), fingerprint=FINGERPRINT,
-                       num_classes=classes, dataset="synthetic")  # fmt: skip
+        f.attrs.update(
+            format=DATASET_FORMAT,
+            class_names=json.dumps(names),
+            fingerprint=FINGERPRINT,
+            num_classes=classes,
+            dataset="synthetic",
+        )
         for split, n in splits.items():
             y_ds = f.create_dataset(f"y_{split}", shape=(n,), dtype=np.int64)
             for start in range(0, n, chunk_rows):
@@ -79,9 +91,16 @@ def _inspect_child(root: str, queue: mp.Queue) -> None:
     baseline = _peak_rss_mib()  # interpreter and imports (numpy, zarr, h5py, torch, matplotlib)
     t0 = time.perf_counter()
     m = stage.run(ParamsFile({"inspect": {}}), Layout(Path(root)), 0)
-    queue.put({"seconds": time.perf_counter() - t0, "baseline_rss_mib": baseline, "peak_rss_mib": _peak_rss_mib(),
-               "train_accuracy": m["train"]["accuracy"], "ece": m["test"]["ece"],
-               "likely_noisy": m["train"]["likely_noisy"]})  # fmt: skip
+    queue.put(
+        {
+            "seconds": time.perf_counter() - t0,
+            "baseline_rss_mib": baseline,
+            "peak_rss_mib": _peak_rss_mib(),
+            "train_accuracy": m["train"]["accuracy"],
+            "ece": m["test"]["ece"],
+            "likely_noisy": m["train"]["likely_noisy"],
+        }
+    )
 
 
 def measure(rows: int, classes: int, chunk_rows: int, workdir: Path) -> dict[str, Any]:
@@ -99,13 +118,23 @@ def measure(rows: int, classes: int, chunk_rows: int, workdir: Path) -> dict[str
     logical = (rows + test_rows) * classes * 2  # float16 bytes of both splits, uncompressed
     extra = result["peak_rss_mib"] - result["baseline_rss_mib"]
     return {
-        "rows_train": rows, "rows_test": test_rows, "classes": classes, "chunk_rows": chunk_rows,
-        "store_mib": logical / 2**20, "store_on_disk_mib": disk / 2**20, "build_seconds": build_s,
-        "inspect_seconds": result["seconds"], "rows_per_second": (rows + test_rows) / result["seconds"],
-        "baseline_rss_mib": result["baseline_rss_mib"], "peak_rss_mib": result["peak_rss_mib"],
-        "inspect_rss_mib": extra, "inspect_rss_over_store": extra / (logical / 2**20),
-        "train_accuracy": result["train_accuracy"], "ece": result["ece"], "likely_noisy": result["likely_noisy"],
-    }  # fmt: skip
+        "rows_train": rows,
+        "rows_test": test_rows,
+        "classes": classes,
+        "chunk_rows": chunk_rows,
+        "store_mib": logical / 2**20,
+        "store_on_disk_mib": disk / 2**20,
+        "build_seconds": build_s,
+        "inspect_seconds": result["seconds"],
+        "rows_per_second": (rows + test_rows) / result["seconds"],
+        "baseline_rss_mib": result["baseline_rss_mib"],
+        "peak_rss_mib": result["peak_rss_mib"],
+        "inspect_rss_mib": extra,
+        "inspect_rss_over_store": extra / (logical / 2**20),
+        "train_accuracy": result["train_accuracy"],
+        "ece": result["ece"],
+        "likely_noisy": result["likely_noisy"],
+    }
 
 
 def main() -> None:
@@ -120,17 +149,25 @@ def main() -> None:
     sizes = [r for r in (ref, args.rows) if r > 0]
     with tempfile.TemporaryDirectory(prefix="bancache-inspect-bench-") as tmp:
         runs = [measure(r, args.classes, args.chunk_rows, Path(tmp)) for r in sizes]
-    cols = [("rows_train", "train rows", "d"), ("store_mib", "store MiB", ".1f"),
-            ("store_on_disk_mib", "on disk MiB", ".1f"), ("inspect_seconds", "inspect s", ".1f"),
-            ("rows_per_second", "rows/s", ".0f"), ("baseline_rss_mib", "base RSS MiB", ".0f"),
-            ("peak_rss_mib", "peak RSS MiB", ".0f"), ("inspect_rss_mib", "inspect RSS MiB", ".0f"),
-            ("inspect_rss_over_store", "RSS/store", ".3f")]  # fmt: skip
+    cols = [
+        ("rows_train", "train rows", "d"),
+        ("store_mib", "store MiB", ".1f"),
+        ("store_on_disk_mib", "on disk MiB", ".1f"),
+        ("inspect_seconds", "inspect s", ".1f"),
+        ("rows_per_second", "rows/s", ".0f"),
+        ("baseline_rss_mib", "base RSS MiB", ".0f"),
+        ("peak_rss_mib", "peak RSS MiB", ".0f"),
+        ("inspect_rss_mib", "inspect RSS MiB", ".0f"),
+        ("inspect_rss_over_store", "RSS/store", ".3f"),
+    ]
     print("| " + " | ".join(c[1] for c in cols) + " |")
     print("|" + "---|" * len(cols))
     for r in runs:
         print("| " + " | ".join(format(r[k], f) for k, _, f in cols) + " |")
-    report = {"machine": {"python": platform.python_version(), "processor": platform.processor(),
-                          "cpus": mp.cpu_count()}, "runs": runs}  # fmt: skip
+    report = {
+        "machine": {"python": platform.python_version(), "processor": platform.processor(), "cpus": mp.cpu_count()},
+        "runs": runs,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

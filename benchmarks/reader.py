@@ -97,8 +97,9 @@ def consumer_step(arch: str, shape: tuple[int, ...], classes: int, batch: int = 
     return step
 
 
-def consumer_arm(arch: str, shape: tuple[int, ...], classes: int, seconds: float, batch: int = 128
-                 ) -> tuple[Callable[[], None], int]:  # fmt: skip
+def consumer_arm(
+    arch: str, shape: tuple[int, ...], classes: int, seconds: float, batch: int = 128
+) -> tuple[Callable[[], None], int]:
     """(callable running k steps, samples per call), k sized so that a call takes about `seconds`."""
     step = consumer_step(arch, shape, classes, batch)
     t0 = time.perf_counter()
@@ -112,19 +113,23 @@ def consumer_arm(arch: str, shape: tuple[int, ...], classes: int, seconds: float
     return run, k * batch
 
 
-def measure_consumption(specs: list[tuple[str, tuple[int, ...], int]], reps: int, seconds: float,
-                        batch: int = 128) -> dict[str, dict[str, Any]]:  # fmt: skip
+def measure_consumption(
+    specs: list[tuple[str, tuple[int, ...], int]], reps: int, seconds: float, batch: int = 128
+) -> dict[str, dict[str, Any]]:
     arms = {f"{a}/C={c}": consumer_arm(a, sh, c, seconds, batch) for a, sh, c in specs}
     rates = measure_rates(arms, reps)
-    return {k: {"step_ms": 1e3 * batch / r["per_s"], "samples_per_s": r["per_s"], "batch": batch}
-            for k, r in rates.items()}  # fmt: skip
+    return {
+        k: {"step_ms": 1e3 * batch / r["per_s"], "samples_per_s": r["per_s"], "batch": batch} for k, r in rates.items()
+    }
 
 
 def measure_rates(arms: dict[str, tuple[Callable[[], None], int]], reps: int) -> dict[str, dict[str, Any]]:
     """Items/s of each arm (callable, items per call), alternating; per-round rates kept for pairing."""
     times = alternate({k: fn for k, (fn, _) in arms.items()}, reps, warmup=0)
-    return {k: {"per_s": arms[k][1] / median(t), "per_s_rounds": [arms[k][1] / x for x in t],
-                "items_per_call": arms[k][1]} for k, t in times.items()}  # fmt: skip
+    return {
+        k: {"per_s": arms[k][1] / median(t), "per_s_rounds": [arms[k][1] / x for x in t], "items_per_call": arms[k][1]}
+        for k, t in times.items()
+    }
 
 
 def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -149,8 +154,7 @@ def block_batches(n: int, batch: int, chunk_rows: int, seed: int) -> Iterator[np
             yield np.asarray(chunk)
 
 
-def reader_arm(targets: CachedTargets, batches: Iterator[np.ndarray], seconds: float
-               ) -> tuple[Callable[[], None], int]:  # fmt: skip
+def reader_arm(targets: CachedTargets, batches: Iterator[np.ndarray], seconds: float) -> tuple[Callable[[], None], int]:
     """(callable reading k batches, rows per call), k sized so that a call takes about `seconds` (k >= 3)."""
     targets.rows(next(batches))
     t0, k = time.perf_counter(), 0
@@ -172,8 +176,11 @@ def open_arms(path: Path, n: int, c: int, seed: int) -> tuple[dict[str, Any], di
     mem = InMemoryTargets(*args)
     rss0, t0 = rss_mib(), time.perf_counter()
     mem.load()
-    facts = {"in_memory_load_s": time.perf_counter() - t0, "in_memory_rss_added_mib": rss_mib() - rss0,
-             "in_memory_table_mib": mem.load().numel() * mem.load().element_size() / 2**20}  # fmt: skip
+    facts = {
+        "in_memory_load_s": time.perf_counter() - t0,
+        "in_memory_rss_added_mib": rss_mib() - rss0,
+        "in_memory_table_mib": mem.load().numel() * mem.load().element_size() / 2**20,
+    }
     chunk_rows = int(CachedTargets(*args).check().array("train").chunks[0])
     return {
         "current": CachedTargets(*args),
@@ -221,9 +228,17 @@ def bench_scale(scale: str, root: Path, args: argparse.Namespace) -> dict[str, A
             build_synthetic_store(p, n, c, **kw)
             print(f"[{scale}] built layout '{label}' in {time.perf_counter() - t1:.1f}s", flush=True)
             layouts[label] = p
-    out: dict[str, Any] = {"rows": n, "classes": c, "chunk_rows": chunk_rows, "build_s": build_s,
-                           "store_bytes": dir_bytes(path), "store_files": dir_files(path), **facts,
-                           "by_batch": {}, "layouts": {}}  # fmt: skip
+    out: dict[str, Any] = {
+        "rows": n,
+        "classes": c,
+        "chunk_rows": chunk_rows,
+        "build_s": build_s,
+        "store_bytes": dir_bytes(path),
+        "store_files": dir_files(path),
+        **facts,
+        "by_batch": {},
+        "layouts": {},
+    }
     for batch in args.batches:
         rng = np.random.default_rng(batch)
         shuffled = functools.partial(shuffled_batches, n, batch, rng)
@@ -241,9 +256,12 @@ def bench_scale(scale: str, root: Path, args: argparse.Namespace) -> dict[str, A
         res_b = {}
         for name in arms:
             r = rates[name]
-            res_b[name] = {"rows_per_s": r["per_s"], "ms_per_batch": 1e3 * batch / r["per_s"],
-                           "rows_per_call": r["items_per_call"],
-                           **{f"x_{label}": paired_ratio(r, rates[f"consumer {label}"]) for label in cons}}  # fmt: skip
+            res_b[name] = {
+                "rows_per_s": r["per_s"],
+                "ms_per_batch": 1e3 * batch / r["per_s"],
+                "rows_per_call": r["items_per_call"],
+                **{f"x_{label}": paired_ratio(r, rates[f"consumer {label}"]) for label in cons},
+            }
         res_b["block-shuffle"]["chunks_decoded_so_far"] = objs["block-shuffle"].decoded  # type: ignore[attr-defined]
         res_b["_consumers_samples_per_s"] = {label: rates[f"consumer {label}"]["per_s"] for label in cons}
         out["by_batch"][str(batch)] = res_b
@@ -278,9 +296,15 @@ def bench_growth(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
         arms = {"current": (CachedTargets(*a), shuffled), "in-memory": (mem, shuffled)}
         runs = {name: reader_arm(t, make(), args.seconds / 2) for name, (t, make) in arms.items()}
         r = measure_rates(runs, max(3, args.reps - 2))
-        rows.append({"rows": n, "classes": c, "current_rows_per_s": r["current"]["per_s"],
-                     "in_memory_rows_per_s": r["in-memory"]["per_s"],
-                     "decoded_bytes_per_row_current": decoded_per_row(n, c, 256)})  # fmt: skip
+        rows.append(
+            {
+                "rows": n,
+                "classes": c,
+                "current_rows_per_s": r["current"]["per_s"],
+                "in_memory_rows_per_s": r["in-memory"]["per_s"],
+                "decoded_bytes_per_row_current": decoded_per_row(n, c, 256),
+            }
+        )
         print(f"[growth] N={n} C={c}: current {r['current']['per_s']:.0f} rows/s", flush=True)
         shutil.rmtree(p, ignore_errors=True)
     return rows
@@ -289,9 +313,13 @@ def bench_growth(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
 # -- report ---------------------------------------------------------------------------------------------
 def report(res: dict[str, Any]) -> str:
     cons = res["consumption"]
-    parts = ["Student consumption (one training step, batch 128, inputs in memory; measured on its own):\n\n",
-             table(["model / classes", "step ms", "samples/s"],
-                   [[k, v["step_ms"], v["samples_per_s"]] for k, v in cons.items()])]  # fmt: skip
+    parts = [
+        "Student consumption (one training step, batch 128, inputs in memory; measured on its own):\n\n",
+        table(
+            ["model / classes", "step ms", "samples/s"],
+            [[k, v["step_ms"], v["samples_per_s"]] for k, v in cons.items()],
+        ),
+    ]
     for scale, s in res["scales"].items():
         rows = []
         for batch, arms in s["by_batch"].items():
@@ -311,13 +339,37 @@ def report(res: dict[str, Any]) -> str:
             f"x = reader rows/s over consumer samples/s, paired per round ({REFERENCE_CONSUMER} with "
             f"{s['classes']} classes, cnn1d with 10)\n\n"
         )
-        parts.append(table(["batch", "arm", "rows/s", "ms/batch", f"x {REFERENCE_CONSUMER}", "x cnn1d",
-                            f">= {TARGET_X:.0f}x {REFERENCE_CONSUMER}"], rows))  # fmt: skip
+        parts.append(
+            table(
+                [
+                    "batch",
+                    "arm",
+                    "rows/s",
+                    "ms/batch",
+                    f"x {REFERENCE_CONSUMER}",
+                    "x cnn1d",
+                    f">= {TARGET_X:.0f}x {REFERENCE_CONSUMER}",
+                ],
+                rows,
+            )
+        )
     if res.get("growth"):
         parts.append("\n\nGrowth (current reader vs in-memory, batch 256, rows/s):\n\n")
-        parts.append(table(["N", "C", "current", "in-memory", "current: bytes decoded per row"],
-                           [[g["rows"], g["classes"], g["current_rows_per_s"], g["in_memory_rows_per_s"],
-                             g["decoded_bytes_per_row_current"]] for g in res["growth"]]))  # fmt: skip
+        parts.append(
+            table(
+                ["N", "C", "current", "in-memory", "current: bytes decoded per row"],
+                [
+                    [
+                        g["rows"],
+                        g["classes"],
+                        g["current_rows_per_s"],
+                        g["in_memory_rows_per_s"],
+                        g["decoded_bytes_per_row_current"],
+                    ]
+                    for g in res["growth"]
+                ],
+            )
+        )
     return "".join(parts) + "\n"
 
 
@@ -358,13 +410,18 @@ def main() -> None:
             for arm, m in arms.items():
                 if not arm.startswith("_"):
                     res["targets"][f"{s} batch {batch} {arm} >= {TARGET_X:.0f}x {ref}"] = (
-                        m[f"x_{REFERENCE_CONSUMER}"] >= TARGET_X)  # fmt: skip
+                        m[f"x_{REFERENCE_CONSUMER}"] >= TARGET_X
+                    )
     text = report(res)
     wall = time.perf_counter() - t_start
-    print(f"\nreader on {info['cpu_model']} ({info['cpus_usable']} CPUs), torch {info['torch']}, zarr {info['zarr']}, "
-          f"{info['date_utc']}, medians of {args.reps} alternating rounds, {wall:.0f}s\n\n{text}")  # fmt: skip
-    path = write_results("reader", {"benchmark": "reader", "machine": info, "args": vars(args), "wall_s": wall,
-                                    **res, "table_markdown": text})  # fmt: skip
+    print(
+        f"\nreader on {info['cpu_model']} ({info['cpus_usable']} CPUs), torch {info['torch']}, zarr {info['zarr']}, "
+        f"{info['date_utc']}, medians of {args.reps} alternating rounds, {wall:.0f}s\n\n{text}"
+    )
+    path = write_results(
+        "reader",
+        {"benchmark": "reader", "machine": info, "args": vars(args), "wall_s": wall, **res, "table_markdown": text},
+    )
     print(f"wrote {path}")
 
 

@@ -89,8 +89,17 @@ def measure(root: Path, logits_v: np.ndarray, label: str, rng: np.random.Generat
     out: list[dict[str, Any]] = []
 
     def add(layout: str, raw: float, arrays: dict[str, np.ndarray], views: int = 1, **extra: Any) -> None:
-        out.append({"source": label, "classes": c, "layout": layout, "views": views, "raw_bytes": raw,
-                    "on_disk_bytes": on_disk(root, layout.replace(" ", "_"), arrays) / n, **extra})  # fmt: skip
+        out.append(
+            {
+                "source": label,
+                "classes": c,
+                "layout": layout,
+                "views": views,
+                "raw_bytes": raw,
+                "on_disk_bytes": on_disk(root, layout.replace(" ", "_"), arrays) / n,
+                **extra,
+            }
+        )
 
     add("dense float32", 4 * c, {"l": z.astype(np.float32)[:, None]})
     add("dense float16", 2 * c, {"l": z.astype(np.float16)[:, None]})
@@ -103,8 +112,13 @@ def measure(root: Path, logits_v: np.ndarray, label: str, rng: np.random.Generat
             add(f"top-{k} f16+{idt}", k * (2 + ib), {"v": vals, "i": idx}, mass_kept=kept)
     for draws in (8, 16):
         cls, cnt, mass = sampled(p, draws, rng)
-        add(f"sampled K={draws} (i16+u8)", draws * 3, {"i": cls, "n": cnt}, mass_covered=float(mass.mean()),
-            distinct_classes=float((cnt > 0).sum(1).mean()))  # fmt: skip
+        add(
+            f"sampled K={draws} (i16+u8)",
+            draws * 3,
+            {"i": cls, "n": cnt},
+            mass_covered=float(mass.mean()),
+            distinct_classes=float((cnt > 0).sum(1).mean()),
+        )
     for views in (1, 4, 16):
         if views > v_all:
             continue
@@ -180,10 +194,13 @@ def main() -> None:
         rows += measure(root, real, f"store {args.store}", rng)
     shutil.rmtree(root, ignore_errors=True)
     text = report(rows)
-    print(f"\nstorage: bytes per sample, {args.rows} samples per measurement, zarr {info['zarr']} default codecs, "
-          f"{info['date_utc']}\n\n{text}")  # fmt: skip
-    path = write_results("storage", {"benchmark": "storage", "machine": info, "args": vars(args), "rows": rows,
-                                     "table_markdown": text})  # fmt: skip
+    print(
+        f"\nstorage: bytes per sample, {args.rows} samples per measurement, zarr {info['zarr']} default codecs, "
+        f"{info['date_utc']}\n\n{text}"
+    )
+    path = write_results(
+        "storage", {"benchmark": "storage", "machine": info, "args": vars(args), "rows": rows, "table_markdown": text}
+    )
     print(f"wrote {path}")
 
 

@@ -73,14 +73,21 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "n_train": 10000,
         "n_test": 1000,
         "classes": 100,
-    },  # fmt: skip
+    },
 }
 STUDENT_SEED, LOADER_SEED = 1, 2
 
 
 # -- the online reference loop --------------------------------------------------------------------------
-def online_kd_epoch(model: nn.Module, teacher: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer,
-                    gp: GenParams, device: torch.device, generator: torch.Generator) -> float:  # fmt: skip
+def online_kd_epoch(
+    model: nn.Module,
+    teacher: nn.Module,
+    loader: DataLoader,
+    opt: torch.optim.Optimizer,
+    gp: GenParams,
+    device: torch.device,
+    generator: torch.Generator,
+) -> float:
     """`train_one_epoch` (fp32, no augmentation: the path the other arms take) with the targets computed
     online: teacher.eval() and a forward under no_grad on every batch."""
     model.train()
@@ -112,8 +119,15 @@ def prepare(root: Path, dataset: str, device: torch.device, batch_size: int) -> 
     teacher = build_model(s["arch"], data.input_shape, data.num_classes).to(device)
     loader, gen = make_loader(data, batch_size, device)
     train_one_epoch(teacher, loader, make_optimizer(teacher, TrainParams()), GenParams(loss="ce"), device, None, gen)
-    meta = {"arch": s["arch"], "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-            "generation": 0, "seed": 0, "dataset_fingerprint": data.fingerprint, "loss": "ce"}  # fmt: skip
+    meta = {
+        "arch": s["arch"],
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "generation": 0,
+        "seed": 0,
+        "dataset_fingerprint": data.fingerprint,
+        "loss": "ce",
+    }
     save_checkpoint(root / "teacher.pt", teacher, meta)
     export_logits(root / "teacher.pt", data, root / "cache", ExportParams(device=device.type), device)
 
@@ -122,8 +136,15 @@ def make_loader(data: PreparedData, batch_size: int, device: torch.device) -> tu
     """The loader `train_generation` builds: fit rows, shuffled, dataset index as the third element."""
     gen = torch.Generator().manual_seed(LOADER_SEED)
     fit = IndexedDataset(data.x_train, data.y_train, data.fit_index())
-    loader = DataLoader(fit, batch_size=batch_size, shuffle=True, drop_last=False, generator=gen,
-                        num_workers=0, pin_memory=device.type == "cuda")  # fmt: skip
+    loader = DataLoader(
+        fit,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=False,
+        generator=gen,
+        num_workers=0,
+        pin_memory=device.type == "cuda",
+    )
     return loader, gen
 
 
@@ -171,10 +192,24 @@ def measure_memory(args: argparse.Namespace, root: Path, dataset: str, reps: int
     for r in range(reps):
         order = list(ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)])
         for arm in order:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--child-dir", str(root),
-                   "--dataset", dataset, "--threads", str(args.threads), "--device", args.device,
-                   "--batch-size", str(args.batch_size),
-                   "--mem-epochs", str(args.mem_epochs or SETTINGS[dataset]["mem_epochs"])]  # fmt: skip
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                arm,
+                "--child-dir",
+                str(root),
+                "--dataset",
+                dataset,
+                "--threads",
+                str(args.threads),
+                "--device",
+                args.device,
+                "--batch-size",
+                str(args.batch_size),
+                "--mem-epochs",
+                str(args.mem_epochs or SETTINGS[dataset]["mem_epochs"]),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not line:
@@ -261,18 +296,26 @@ def bench_setting(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     arms_out: dict[str, Any] = {}
     for arm in ARMS:
         arms_out[arm] = {
-            "epoch_s_median": median(times[arm]), "epoch_s_min_max": spread(times[arm]), "epoch_s_all": times[arm],
-            "ratio_vs_plain": paired(arm, "plain"), "ratio_vs_online": paired(arm, "online"),
-            "cpu_s_median": median(cpu[arm]), "cpu_s_all": cpu[arm],
-            "cpu_ratio_vs_plain": paired(arm, "plain", cpu), "cpu_ratio_vs_online": paired(arm, "online", cpu),
-            "samples_per_s": len(data.fit_index()) / median(times[arm]), **mem[arm],
+            "epoch_s_median": median(times[arm]),
+            "epoch_s_min_max": spread(times[arm]),
+            "epoch_s_all": times[arm],
+            "ratio_vs_plain": paired(arm, "plain"),
+            "ratio_vs_online": paired(arm, "online"),
+            "cpu_s_median": median(cpu[arm]),
+            "cpu_s_all": cpu[arm],
+            "cpu_ratio_vs_plain": paired(arm, "plain", cpu),
+            "cpu_ratio_vs_online": paired(arm, "online", cpu),
+            "samples_per_s": len(data.fit_index()) / median(times[arm]),
+            **mem[arm],
             "peak_rss_ratio_vs_plain": mem[arm]["peak_rss_mib"] / mem["plain"]["peak_rss_mib"],
             **shares.get(arm, {}),
-        }  # fmt: skip
+        }
     arms_out["loader-only"] = {
-        "epoch_s_median": median(times["loader-only"]), "epoch_s_min_max": spread(times["loader-only"]),
-        "ratio_vs_plain": paired("loader-only", "plain"), "ratio_vs_online": paired("loader-only", "online"),
-    }  # fmt: skip
+        "epoch_s_median": median(times["loader-only"]),
+        "epoch_s_min_max": spread(times["loader-only"]),
+        "ratio_vs_plain": paired("loader-only", "plain"),
+        "ratio_vs_online": paired("loader-only", "online"),
+    }
     # With a reader and a loss that cost nothing more than CE, offline = plain: plain/online is the floor.
     best_possible = arms_out["plain"]["ratio_vs_online"]
     targets_met = {
@@ -286,13 +329,25 @@ def bench_setting(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
         "(reads alone) plain+mem-reads/plain <= 1.05": arms_out["plain+mem-reads"]["ratio_vs_plain"] <= 1.05,
     }
     return {
-        "dataset": dataset, "arch": s["arch"], "train_rows": len(data.y_train), "fit_rows": len(data.fit_index()),
-        "input_shape": list(data.input_shape), "num_classes": data.num_classes, "batch_size": args.batch_size,
-        "device": str(device), "reps": reps, "setup_s": setup_s, "arms": arms_out, "targets_met": targets_met,
-        "offline_over_online_lower_bound": best_possible, "loss_us_per_batch": losses,
-        "ban_minus_ce_share_of_plain_epoch": (losses["ban_us"] - losses["ce_us"]) * 1e-6 * batches
+        "dataset": dataset,
+        "arch": s["arch"],
+        "train_rows": len(data.y_train),
+        "fit_rows": len(data.fit_index()),
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "batch_size": args.batch_size,
+        "device": str(device),
+        "reps": reps,
+        "setup_s": setup_s,
+        "arms": arms_out,
+        "targets_met": targets_met,
+        "offline_over_online_lower_bound": best_possible,
+        "loss_us_per_batch": losses,
+        "ban_minus_ce_share_of_plain_epoch": (losses["ban_us"] - losses["ce_us"])
+        * 1e-6
+        * batches
         / arms_out["plain"]["epoch_s_median"],
-    }  # fmt: skip
+    }
 
 
 def report(res: dict[str, Any]) -> str:
@@ -300,26 +355,68 @@ def report(res: dict[str, Any]) -> str:
     nan = float("nan")
     for arm, a in res["arms"].items():
         if arm == "loader-only":
-            rows.append([arm + " (no training)", a["epoch_s_median"], nan, a["ratio_vs_plain"], a["ratio_vs_online"],
-                         nan, nan, nan, nan, nan, nan])  # fmt: skip
+            rows.append(
+                [
+                    arm + " (no training)",
+                    a["epoch_s_median"],
+                    nan,
+                    a["ratio_vs_plain"],
+                    a["ratio_vs_online"],
+                    nan,
+                    nan,
+                    nan,
+                    nan,
+                    nan,
+                    nan,
+                ]
+            )
             continue
-        rows.append([
-            arm, a["epoch_s_median"], a["samples_per_s"], a["ratio_vs_plain"], a["ratio_vs_online"],
-            a["cpu_ratio_vs_plain"], a["cpu_ratio_vs_online"],
-            a.get("reader_ms_per_batch", float("nan")), a["peak_rss_mib"], a["peak_minus_base_mib"],
-            a["peak_rss_ratio_vs_plain"],
-        ])  # fmt: skip
-    head = (f"### {res['dataset']} ({res['fit_rows']} fit rows, {res['arch']}, {res['num_classes']} classes, "
-            f"batch {res['batch_size']}, {res['device']}, median of {res['reps']} alternating rounds)")  # fmt: skip
-    t = table(["arm", "epoch s", "samples/s", "/plain", "/online", "/plain (cpu)", "/online (cpu)",
-               "reader ms/batch", "peak RSS MiB", "peak-base MiB", "peak/plain"], rows)  # fmt: skip
+        rows.append(
+            [
+                arm,
+                a["epoch_s_median"],
+                a["samples_per_s"],
+                a["ratio_vs_plain"],
+                a["ratio_vs_online"],
+                a["cpu_ratio_vs_plain"],
+                a["cpu_ratio_vs_online"],
+                a.get("reader_ms_per_batch", float("nan")),
+                a["peak_rss_mib"],
+                a["peak_minus_base_mib"],
+                a["peak_rss_ratio_vs_plain"],
+            ]
+        )
+    head = (
+        f"### {res['dataset']} ({res['fit_rows']} fit rows, {res['arch']}, {res['num_classes']} classes, "
+        f"batch {res['batch_size']}, {res['device']}, median of {res['reps']} alternating rounds)"
+    )
+    t = table(
+        [
+            "arm",
+            "epoch s",
+            "samples/s",
+            "/plain",
+            "/online",
+            "/plain (cpu)",
+            "/online (cpu)",
+            "reader ms/batch",
+            "peak RSS MiB",
+            "peak-base MiB",
+            "peak/plain",
+        ],
+        rows,
+    )
     met = "\n".join(f"- {k}: {'MET' if v else 'MISSED'}" for k, v in res["targets_met"].items())
-    bound = (f"- floor of offline/online here (plain/online: reader and loss no dearer than plain's): "
-             f"{res['offline_over_online_lower_bound']:.3f}")  # fmt: skip
+    bound = (
+        f"- floor of offline/online here (plain/online: reader and loss no dearer than plain's): "
+        f"{res['offline_over_online_lower_bound']:.3f}"
+    )
     lc = res["loss_us_per_batch"]
-    loss = (f"- loss forward+backward per batch: ce {lc['ce_us']:.0f} us, ban {lc['ban_us']:.0f} us; the extra "
-            f"{lc['ban_us'] - lc['ce_us']:.0f} us/batch is {100 * res['ban_minus_ce_share_of_plain_epoch']:.1f}% of "
-            f"plain's epoch (part of any offline or online arm, whatever the reader)")  # fmt: skip
+    loss = (
+        f"- loss forward+backward per batch: ce {lc['ce_us']:.0f} us, ban {lc['ban_us']:.0f} us; the extra "
+        f"{lc['ban_us'] - lc['ce_us']:.0f} us/batch is {100 * res['ban_minus_ce_share_of_plain_epoch']:.1f}% of "
+        f"plain's epoch (part of any offline or online arm, whatever the reader)"
+    )
     return f"{head}\n\n{t}\n\n{met}\n{bound}\n{loss}\n"
 
 
@@ -345,11 +442,15 @@ def main() -> None:
     datasets = list(SETTINGS) if args.dataset == "both" else [args.dataset]
     results = [bench_setting(args, d) for d in datasets]
     text = "\n".join(report(r) for r in results)
-    print(f"\nstudent_step on {info['cpu_model']} ({info['cpus_usable']} CPUs), torch {info['torch']}, "
-          f"{info['torch_threads']} thread(s), {info['date_utc']}\n\n{text}")  # fmt: skip
+    print(
+        f"\nstudent_step on {info['cpu_model']} ({info['cpus_usable']} CPUs), torch {info['torch']}, "
+        f"{info['torch_threads']} thread(s), {info['date_utc']}\n\n{text}"
+    )
     name = "student_step" if args.dataset == "mnist1d" else f"student_step-{args.dataset}"
-    path = write_results(name, {"benchmark": "student_step", "machine": info, "args": vars(args),
-                                "settings": results, "table_markdown": text})  # fmt: skip
+    path = write_results(
+        name,
+        {"benchmark": "student_step", "machine": info, "args": vars(args), "settings": results, "table_markdown": text},
+    )
     print(f"wrote {path}")
 
 

@@ -75,8 +75,9 @@ def arms(views: list[int], sparse_views: int, samples: int, policy: str) -> dict
     return out
 
 
-def online_student(data: PreparedData, recipe: TrainParams, teacher: torch.nn.Module, seed: int,
-                   device: torch.device) -> tuple[float, list[float]]:  # fmt: skip
+def online_student(
+    data: PreparedData, recipe: TrainParams, teacher: torch.nn.Module, seed: int, device: torch.device
+) -> tuple[float, list[float]]:
     """BAN student with the teacher in memory, on the same live-augmented batch; (test accuracy, epoch s)."""
     generator = seed_everything(seed, recipe.deterministic)
     model = build_model(recipe.arch, data.input_shape, data.num_classes)
@@ -86,9 +87,11 @@ def online_student(data: PreparedData, recipe: TrainParams, teacher: torch.nn.Mo
     teacher.eval()
     aug_gen = torch.Generator().manual_seed(seed + 7919)
     loader = torch.utils.data.DataLoader(
-        IndexedDataset(data.x_train, data.y_train, data.fit_index()), batch_size=recipe.batch_size, shuffle=True,
+        IndexedDataset(data.x_train, data.y_train, data.fit_index()),
+        batch_size=recipe.batch_size,
+        shuffle=True,
         generator=generator,
-    )  # fmt: skip
+    )
     opt, size = make_optimizer(model, recipe), data.x_train.shape[-1]
     sched = make_scheduler(opt, recipe)
     seconds = []
@@ -127,8 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(2)
     views = [int(v) for v in args.views.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    recipe = TrainParams(arch=args.arch, epochs=args.epochs, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9,
-                         nesterov=True, weight_decay=5e-4, device=args.device)  # fmt: skip
+    recipe = TrainParams(
+        arch=args.arch,
+        epochs=args.epochs,
+        batch_size=128,
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        device=args.device,
+    )
     if args.quick:
         views, recipe = [2, 4], replace(recipe, arch="cnn3", epochs=2, batch_size=32, lr=0.05, device="cpu")
     work = pick_workdir(args.workdir, 2 << 30, "views-exp-")
@@ -165,19 +177,33 @@ def main(argv: list[str] | None = None) -> int:
             accs.append(acc)
             epoch_s.append(statistics.median(seconds))
         results[name] = {
-            "acc_mean": statistics.mean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "accs": accs, "cache_bytes_per_sample": cache_bytes, "epoch_s_median": statistics.median(epoch_s),
-            "export": arm.get("export"), "policy": arm.get("policy", "online"),
-        }  # fmt: skip
+            "acc_mean": statistics.mean(accs),
+            "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "accs": accs,
+            "cache_bytes_per_sample": cache_bytes,
+            "epoch_s_median": statistics.median(epoch_s),
+            "export": arm.get("export"),
+            "policy": arm.get("policy", "online"),
+        }
         print(f"{name}: acc {results[name]['acc_mean']:.4f} +- {results[name]['acc_std']:.4f}", file=sys.stderr)
-    rows = [[n, f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}", r["cache_bytes_per_sample"],
-             r["epoch_s_median"]] for n, r in results.items()]  # fmt: skip
+    rows = [
+        [n, f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}", r["cache_bytes_per_sample"], r["epoch_s_median"]]
+        for n, r in results.items()
+    ]
     print(f"teacher test accuracy {100 * teacher_acc:.2f}% ({len(seeds)} seeds per arm, {recipe.epochs} epochs)")
     print(table(["arm", "student test acc %", "cache bytes / train sample", "epoch s (median)"], rows))
-    path = write_results("views_experiment-quick" if args.quick else "views_experiment", {
-        "machine": machine_info(), "recipe": recipe.__dict__, "seeds": seeds, "teacher_acc": teacher_acc,
-        "train_rows": len(data.y_train), "results": results, "quick": args.quick,
-    })  # fmt: skip
+    path = write_results(
+        "views_experiment-quick" if args.quick else "views_experiment",
+        {
+            "machine": machine_info(),
+            "recipe": recipe.__dict__,
+            "seeds": seeds,
+            "teacher_acc": teacher_acc,
+            "train_rows": len(data.y_train),
+            "results": results,
+            "quick": args.quick,
+        },
+    )
     print(f"wrote {path}")
     return 0
 

@@ -92,8 +92,11 @@ class AugParams:
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         """Arrays to store next to cached targets: top/left uint8 (pad <= 127), flip bool."""
-        return {"top": self.top.numpy().astype(np.uint8), "left": self.left.numpy().astype(np.uint8),
-                "flip": self.flip.numpy().astype(bool)}  # fmt: skip
+        return {
+            "top": self.top.numpy().astype(np.uint8),
+            "left": self.left.numpy().astype(np.uint8),
+            "flip": self.flip.numpy().astype(bool),
+        }
 
     @classmethod
     def from_numpy(cls, arrays: dict[str, np.ndarray], pad: int = PAD, size: int = SIZE) -> AugParams:
@@ -101,8 +104,9 @@ class AugParams:
             torch.from_numpy(np.asarray(arrays["top"], dtype=np.int64)),
             torch.from_numpy(np.asarray(arrays["left"], dtype=np.int64)),
             torch.from_numpy(np.asarray(arrays["flip"], dtype=bool)),
-            pad, size,
-        )  # fmt: skip
+            pad,
+            size,
+        )
 
 
 def draw_params(n: int, generator: torch.Generator, pad: int = PAD, size: int = SIZE) -> AugParams:
@@ -172,11 +176,15 @@ def view_params(seed: int, split_id: int, rows: np.ndarray, view: int, pad: int 
     so a (row, view) pair gets the same view whichever process, chunk or batch exports it."""
     if view == 0:
         return identity_params(len(rows), pad, size)
-    drawn = [draw_params(1, torch.Generator().manual_seed(mix64(seed, split_id, int(r), view)), pad, size)
-             for r in rows]  # fmt: skip
+    drawn = [
+        draw_params(1, torch.Generator().manual_seed(mix64(seed, split_id, int(r), view)), pad, size) for r in rows
+    ]
     if not drawn:
         return draw_params(0, torch.Generator(), pad, size)
     return AugParams(
-        torch.cat([d.top for d in drawn]), torch.cat([d.left for d in drawn]), torch.cat([d.flip for d in drawn]),
-        pad, size,
-    )  # fmt: skip
+        torch.cat([d.top for d in drawn]),
+        torch.cat([d.left for d in drawn]),
+        torch.cat([d.flip for d in drawn]),
+        pad,
+        size,
+    )

@@ -134,9 +134,13 @@ class DenseLayer(nn.Module):
         super().__init__()
         mid = DENSENET_BOTTLENECK * growth
         self.body = nn.Sequential(
-            nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, mid, 1, bias=False),
-            nn.BatchNorm2d(mid), nn.ReLU(), _conv3(mid, growth),
-        )  # fmt: skip
+            nn.BatchNorm2d(cin),
+            nn.ReLU(),
+            nn.Conv2d(cin, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(),
+            _conv3(mid, growth),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, self.body(x)], dim=1)
@@ -266,12 +270,31 @@ def resolve(arch: str) -> Builder | None:
 
 
 COMMON = (
-    "resnet20", "resnet56", "resnet110", "preresnet20", "preresnet56", "preresnet110",
-    "wrn28_10", "wrn28_10_drop0.3", "wrn28_2", "wrn28_1", "wrn28_5", "wrn16_4", "wrn16_8", "wrn40_4",
-    "densenet_bc100_12", "densenet_bc250_24", "densenet_bc190_40",
-    "densenet112_33", "densenet90_60", "densenet80_80", "densenet80_120",
-    "tv_resnet18", "tv_resnet50", "tv_mobilenet_v3_small",
-)  # fmt: skip
+    "resnet20",
+    "resnet56",
+    "resnet110",
+    "preresnet20",
+    "preresnet56",
+    "preresnet110",
+    "wrn28_10",
+    "wrn28_10_drop0.3",
+    "wrn28_2",
+    "wrn28_1",
+    "wrn28_5",
+    "wrn16_4",
+    "wrn16_8",
+    "wrn40_4",
+    "densenet_bc100_12",
+    "densenet_bc250_24",
+    "densenet_bc190_40",
+    "densenet112_33",
+    "densenet90_60",
+    "densenet80_80",
+    "densenet80_120",
+    "tv_resnet18",
+    "tv_resnet50",
+    "tv_mobilenet_v3_small",
+)
 
 for _name in COMMON:
     if _name.startswith("tv_"):  # no torchvision.models import until one is built

@@ -27,10 +27,11 @@ def _probs(store: LogitStore, start: int, stop: int) -> np.ndarray:
 def evaluate_chain(stores: dict[int, Path], data: PreparedData) -> dict[str, Any]:
     """Accuracy of each generation and each ensemble; `stores` maps generation -> store path."""
     opened = {
-        g: LogitStore.open(p, fingerprint=data.fingerprint, rows={"test": len(data.y_test)},
-                           num_classes=data.num_classes)
+        g: LogitStore.open(
+            p, fingerprint=data.fingerprint, rows={"test": len(data.y_test)}, num_classes=data.num_classes
+        )
         for g, p in sorted(stores.items())
-    }  # fmt: skip
+    }
     for g, s in opened.items():
         if s.attrs.get("layout", "dense") != "dense":  # the values are not C logits: refuse, never misread
             raise StoreError(

@@ -55,14 +55,20 @@ def store_layout(data: PreparedData, params: ExportParams) -> dict[str, Any]:
     augmentation = None
     if params.views > 1:
         augmentation = {
-            "kind": "crop+flip", "pad": PAD, "size": int(data.x_train.shape[-1]), "seed": params.seed,
-            "view0": "clean", "seeding": "mix64(seed, split_id, row, view)", "split_ids": SPLIT_IDS,
-        }  # fmt: skip
+            "kind": "crop+flip",
+            "pad": PAD,
+            "size": int(data.x_train.shape[-1]),
+            "seed": params.seed,
+            "view0": "clean",
+            "seeding": "mix64(seed, split_id, row, view)",
+            "split_ids": SPLIT_IDS,
+        }
     return {"views": params.views, "layout": params.layout, "slots": slots, "augmentation": augmentation}
 
 
-def _encode(logits: torch.Tensor, params: ExportParams, slots: int, generator: torch.Generator
-            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+def _encode(
+    logits: torch.Tensor, params: ExportParams, slots: int, generator: torch.Generator
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(values, sparse arrays) of float32 logits (B, V, C) in the store's layout."""
     if params.layout == "dense":
         return logits.numpy(), {}
@@ -79,12 +85,20 @@ def _encode(logits: torch.Tensor, params: ExportParams, slots: int, generator: t
     mass = (p.gather(1, idx) * (values > 0 if params.layout == "sampled" else 1)).sum(dim=-1)
     dtype = index_dtype(c)
     return values.reshape(b, v, slots).numpy(), {
-        "idx": idx.reshape(b, v, slots).numpy().astype(dtype), "mass": mass.reshape(b, v).numpy().astype(np.float32),
-    }  # fmt: skip
+        "idx": idx.reshape(b, v, slots).numpy().astype(dtype),
+        "mass": mass.reshape(b, v).numpy().astype(np.float32),
+    }
 
 
-def export_chunk(model: torch.nn.Module, x: np.ndarray, split: str, start: int, params: ExportParams,
-                 layout: dict[str, Any], device: torch.device) -> dict[str, np.ndarray]:  # fmt: skip
+def export_chunk(
+    model: torch.nn.Module,
+    x: np.ndarray,
+    split: str,
+    start: int,
+    params: ExportParams,
+    layout: dict[str, Any],
+    device: torch.device,
+) -> dict[str, np.ndarray]:
     """`LogitStore.write` keywords for rows [start, start + len(x)) of `split`: every view's logits in
     the store's layout, and each view's crop/flip when the store has augmented views."""
     rows = np.arange(start, start + len(x))
@@ -128,14 +142,19 @@ def export_logits(
     layout = store_layout(data, params)
     model = model_from_checkpoint(ckpt, checkpoint).to(device)
     attributes = {
-        "generation": meta["generation"], "arch": meta["arch"], "seed": meta["seed"],
+        "generation": meta["generation"],
+        "arch": meta["arch"],
+        "seed": meta["seed"],
         "temperature": 1.0,  # logits are stored raw; soften at read time
-        "checkpoint_sha256": sha256_file(checkpoint), "dataset_fingerprint": data.fingerprint,
-        "dataset": data.name, "class_names": data.class_names, "teacher": meta.get("teacher"),
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "dataset_fingerprint": data.fingerprint,
+        "dataset": data.name,
+        "class_names": data.class_names,
+        "teacher": meta.get("teacher"),
         "loss": meta.get("loss"),
         **({"topk_rest": params.topk_rest} if params.layout == "topk" else {}),
         **({"samples": params.samples} if params.layout == "sampled" else {}),
-    }  # fmt: skip
+    }
     tmp = None
     if ctx.is_main:
         for stale in out.parent.glob(f".{out.name}.tmp-*"):
@@ -146,9 +165,14 @@ def export_logits(
     try:
         if ctx.is_main:  # rank 0 alone creates the store and its attributes
             store = LogitStore.create(
-                tmp, rows, data.num_classes, dtype=params.dtype, chunk_rows=params.chunk_rows,
-                attributes=attributes, **layout,
-            )  # fmt: skip
+                tmp,
+                rows,
+                data.num_classes,
+                dtype=params.dtype,
+                chunk_rows=params.chunk_rows,
+                attributes=attributes,
+                **layout,
+            )
         barrier(ctx)
         if not ctx.is_main:
             store = LogitStore.attach(tmp)

@@ -168,9 +168,13 @@ class TargetStats:
         if self.max_listed and wrong.any():
             rows = np.flatnonzero(wrong)
             found = {
-                "index": start + rows, "label": labels[rows], "predicted": pred[rows], "confidence": m[rows],
-                "label_prob": np.exp(logp[rows, labels[rows]]), "val": val[rows],
-            }  # fmt: skip
+                "index": start + rows,
+                "label": labels[rows],
+                "predicted": pred[rows],
+                "confidence": m[rows],
+                "label_prob": np.exp(logp[rows, labels[rows]]),
+                "val": val[rows],
+            }
             self._keep_most_confident(found)
 
     def _keep_most_confident(self, found: dict[str, np.ndarray]) -> None:
@@ -187,12 +191,18 @@ class TargetStats:
         rows = []
         for i in range(len(self.noisy.get("index", []))):
             label, pred = int(self.noisy["label"][i]), int(self.noisy["predicted"][i])
-            rows.append({
-                "index": int(self.noisy["index"][i]), "label": label, "label_name": class_names[label],
-                "predicted": pred, "predicted_name": class_names[pred],
-                "confidence": float(self.noisy["confidence"][i]), "label_prob": float(self.noisy["label_prob"][i]),
-                "validation_row": bool(self.noisy["val"][i]),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "index": int(self.noisy["index"][i]),
+                    "label": label,
+                    "label_name": class_names[label],
+                    "predicted": pred,
+                    "predicted_name": class_names[pred],
+                    "confidence": float(self.noisy["confidence"][i]),
+                    "label_prob": float(self.noisy["label_prob"][i]),
+                    "validation_row": bool(self.noisy["val"][i]),
+                }
+            )
         return rows
 
     def metrics(self) -> dict[str, Any]:
@@ -200,18 +210,22 @@ class TargetStats:
         mean = {k: v / n for k, v in self.sums.items()}
         mp_std = _std(mean["max_prob"], mean["max_prob_sq"])
         return {
-            "rows": self.n, "accuracy": self.correct / n,
+            "rows": self.n,
+            "accuracy": self.correct / n,
             "accuracy_fit": (self.correct - self.correct_val) / max(self.n - self.n_val, 1),
             "accuracy_val": self.correct_val / self.n_val if self.n_val else float("nan"),
-            "entropy_mean": mean["entropy"], "entropy_std": _std(mean["entropy"], mean["entropy_sq"]),
+            "entropy_mean": mean["entropy"],
+            "entropy_std": _std(mean["entropy"], mean["entropy_sq"]),
             "entropy_uniform": float(np.log(self.num_classes)),
-            "max_prob_mean": mean["max_prob"], "max_prob_std": mp_std,
+            "max_prob_mean": mean["max_prob"],
+            "max_prob_std": mp_std,
             # Spread of the CWTM weights: 0 when every sample would get the same weight.
             "cwtm_weight_cv": mp_std / mean["max_prob"] if mean["max_prob"] else 0.0,
             "dark_mass_mean": mean["dark_mass"],
-            "likely_noisy": self.noisy_count, "likely_noisy_fraction": self.noisy_count / n,
+            "likely_noisy": self.noisy_count,
+            "likely_noisy_fraction": self.noisy_count / n,
             "likely_noisy_in_val": self.noisy_val,
-        }  # fmt: skip
+        }
 
 
 @dataclass
@@ -238,18 +252,26 @@ class Calibration:
         """One row per non-empty bin: its edges, sample count, mean confidence and accuracy."""
         edges = np.linspace(0.0, 1.0, self.bins + 1)
         return [
-            {"bin_lo": float(edges[b]), "bin_hi": float(edges[b + 1]), "count": int(n),
-             "confidence": float(self.conf_sum[b] / n), "accuracy": float(self.correct[b] / n)}
-            for b in np.flatnonzero(self.counts) for n in [self.counts[b]]
-        ]  # fmt: skip
+            {
+                "bin_lo": float(edges[b]),
+                "bin_hi": float(edges[b + 1]),
+                "count": int(n),
+                "confidence": float(self.conf_sum[b] / n),
+                "accuracy": float(self.correct[b] / n),
+            }
+            for b in np.flatnonzero(self.counts)
+            for n in [self.counts[b]]
+        ]
 
     def metrics(self) -> dict[str, Any]:
         n = int(self.counts.sum())
         return {
-            "rows": n, "accuracy": float(self.correct.sum() / max(n, 1)),
+            "rows": n,
+            "accuracy": float(self.correct.sum() / max(n, 1)),
             "confidence_mean": float(self.conf_sum.sum() / max(n, 1)),
-            "ece": expected_calibration_error(self.counts, self.conf_sum, self.correct), "ece_bins": self.bins,
-        }  # fmt: skip
+            "ece": expected_calibration_error(self.counts, self.conf_sum, self.correct),
+            "ece_bins": self.bins,
+        }
 
 
 @dataclass
@@ -279,8 +301,11 @@ class Agreement:
 
     def metrics(self) -> dict[str, Any]:
         n = max(int(self.counts.sum()), 1)
-        return {"rows": int(self.counts.sum()), "kl_mean": float(self.kl_sum.sum() / n),
-                "agreement": float(self.agree.sum() / n)}  # fmt: skip
+        return {
+            "rows": int(self.counts.sum()),
+            "kl_mean": float(self.kl_sum.sum() / n),
+            "agreement": float(self.agree.sum() / n),
+        }
 
 
 def _std(mean: float, mean_sq: float) -> float:
@@ -426,8 +451,11 @@ def _write_npz(store: LogitStore, path: Path, attrs: str) -> None:
         for name in _array_names(store):
             arr = store.array(name)
             with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(arr.dtype)), "fortran_order": False,
-                          "shape": tuple(arr.shape)}  # fmt: skip
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(arr.dtype)),
+                    "fortran_order": False,
+                    "shape": tuple(arr.shape),
+                }
                 np.lib.format.write_array_header_1_0(f, header)
                 for _, block in iter_blocks(arr):
                     f.write(np.ascontiguousarray(block).tobytes())

@@ -50,8 +50,10 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def _hist_rows(edges: np.ndarray, counts: np.ndarray) -> list[list[Any]]:
-    return [[float(edges[i]), float(edges[i + 1]), float((edges[i] + edges[i + 1]) / 2), int(counts[i])]
-            for i in range(len(counts))]  # fmt: skip
+    return [
+        [float(edges[i]), float(edges[i + 1]), float((edges[i] + edges[i + 1]) / 2), int(counts[i])]
+        for i in range(len(counts))
+    ]
 
 
 # -- one store -----------------------------------------------------------------------------------------
@@ -65,31 +67,56 @@ def write_store_audit(
     params: InspectParams,
 ) -> dict[str, Any]:
     """Write metrics.json, the CSVs, figures/*.png and summary.md of one store into `out`; returns metrics."""
-    metrics = _finite({
-        "generation": gen, "temperature": params.temperature, "view": VIEW,
-        "train": {**stats.metrics(), "noise_confidence": params.noise_confidence}, "test": calib.metrics(),
-    })  # fmt: skip
+    metrics = _finite(
+        {
+            "generation": gen,
+            "temperature": params.temperature,
+            "view": VIEW,
+            "train": {**stats.metrics(), "noise_confidence": params.noise_confidence},
+            "test": calib.metrics(),
+        }
+    )
     write_json(out / "metrics.json", metrics)
-    _write_csv(out / "entropy.csv", ["bin_lo", "bin_hi", "entropy", "count"],
-               _hist_rows(stats.entropy_edges, stats.entropy_hist))  # fmt: skip
-    _write_csv(out / "max_prob.csv", ["bin_lo", "bin_hi", "max_prob", "count"],
-               _hist_rows(stats.max_prob_edges, stats.max_prob_hist))  # fmt: skip
+    _write_csv(
+        out / "entropy.csv",
+        ["bin_lo", "bin_hi", "entropy", "count"],
+        _hist_rows(stats.entropy_edges, stats.entropy_hist),
+    )
+    _write_csv(
+        out / "max_prob.csv",
+        ["bin_lo", "bin_hi", "max_prob", "count"],
+        _hist_rows(stats.max_prob_edges, stats.max_prob_hist),
+    )
     rel = calib.reliability()
     _write_csv(out / "reliability.csv", list(rel[0]) if rel else ["bin_lo"], [list(r.values()) for r in rel])
     sim = stats.similarity()
-    _write_csv(out / "similarity.csv", ["class", *class_names],
-               [[name, *map(float, sim[i])] for i, name in enumerate(class_names)])  # fmt: skip
+    _write_csv(
+        out / "similarity.csv",
+        ["class", *class_names],
+        [[name, *map(float, sim[i])] for i, name in enumerate(class_names)],
+    )
     noisy = stats.noisy_rows(class_names)
     _write_csv(out / "noisy.csv", list(noisy[0]) if noisy else ["index"], [list(r.values()) for r in noisy])
     figs = out / "figures"
     title = f"generation {gen}, T = {params.temperature:g}"
-    _histogram(stats.entropy_edges, stats.entropy_hist, figs / "entropy.png", "entropy of p_T (nats)",
-               f"Entropy of the cached targets (train, {title})", stats.metrics()["entropy_mean"],
-               (float(np.log(stats.num_classes)), f"uniform: log C = {np.log(stats.num_classes):.2f}"))  # fmt: skip
-    _histogram(stats.max_prob_edges, stats.max_prob_hist, figs / "max_prob.png",
-               "teacher max probability max_c p_T,c (CWTM weight before batch normalisation)",
-               f"Max probability of the cached targets (train, {title})", stats.metrics()["max_prob_mean"],
-               (1.0 / stats.num_classes, f"uniform: 1/C = {1 / stats.num_classes:.2f}"))  # fmt: skip
+    _histogram(
+        stats.entropy_edges,
+        stats.entropy_hist,
+        figs / "entropy.png",
+        "entropy of p_T (nats)",
+        f"Entropy of the cached targets (train, {title})",
+        stats.metrics()["entropy_mean"],
+        (float(np.log(stats.num_classes)), f"uniform: log C = {np.log(stats.num_classes):.2f}"),
+    )
+    _histogram(
+        stats.max_prob_edges,
+        stats.max_prob_hist,
+        figs / "max_prob.png",
+        "teacher max probability max_c p_T,c (CWTM weight before batch normalisation)",
+        f"Max probability of the cached targets (train, {title})",
+        stats.metrics()["max_prob_mean"],
+        (1.0 / stats.num_classes, f"uniform: 1/C = {1 / stats.num_classes:.2f}"),
+    )
     _similarity(sim, class_names, figs / "similarity.png", f"Class similarity from dark knowledge\n(train, {title})")
     _reliability(calib, figs / "reliability.png", f"Reliability (test, {title})")
     write_text(out / "summary.md", _store_summary(gen, attrs, metrics, sim, class_names, noisy, params))
@@ -134,8 +161,15 @@ def _similarity(sim: np.ndarray, names: list[str], path: Path, title: str) -> No
         for i in range(c):
             for j in range(c):
                 if i != j and np.isfinite(sim[i, j]):
-                    ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="black" if sim[i, j] > 0.6 * top else "white")  # fmt: skip
+                    ax.text(
+                        j,
+                        i,
+                        f"{sim[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="black" if sim[i, j] > 0.6 * top else "white",
+                    )
     _save(fig, path)
 
 
@@ -148,8 +182,18 @@ def _reliability(calib: Calibration, path: Path, title: str) -> None:
         acc, conf = calib.correct / calib.counts, calib.conf_sum / calib.counts
     full = calib.counts > 0
     ax.bar(edges[:-1][full], acc[full], width=1 / calib.bins, align="edge", edgecolor="k", label="accuracy")
-    ax.bar(edges[:-1][full], (conf - acc)[full], bottom=acc[full], width=1 / calib.bins, align="edge",
-           color="C3", alpha=0.35, edgecolor="C3", hatch="//", label="gap to mean confidence")  # fmt: skip
+    ax.bar(
+        edges[:-1][full],
+        (conf - acc)[full],
+        bottom=acc[full],
+        width=1 / calib.bins,
+        align="edge",
+        color="C3",
+        alpha=0.35,
+        edgecolor="C3",
+        hatch="//",
+        label="gap to mean confidence",
+    )
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -215,15 +259,22 @@ def _store_summary(
         "",
     ]
     if noisy:
-        lines += ["| train index | label | teacher says | confidence | p(label) | validation row |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {r['index']} | {r['label_name']} | {r['predicted_name']} | {r['confidence']:.4f} | "
-                  f"{r['label_prob']:.2e} | {'yes' if r['validation_row'] else 'no'} |"
-                  for r in noisy[:SUMMARY_NOISY_ROWS]]  # fmt: skip
+        lines += [
+            "| train index | label | teacher says | confidence | p(label) | validation row |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['index']} | {r['label_name']} | {r['predicted_name']} | {r['confidence']:.4f} | "
+            f"{r['label_prob']:.2e} | {'yes' if r['validation_row'] else 'no'} |"
+            for r in noisy[:SUMMARY_NOISY_ROWS]
+        ]
     else:
         lines.append("None.")
-    lines += ["", "Data: [metrics.json](metrics.json), [entropy.csv](entropy.csv), [max_prob.csv](max_prob.csv), "
-              "[reliability.csv](reliability.csv)."]  # fmt: skip
+    lines += [
+        "",
+        "Data: [metrics.json](metrics.json), [entropy.csv](entropy.csv), [max_prob.csv](max_prob.csv), "
+        "[reliability.csv](reliability.csv).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -256,8 +307,15 @@ def write_comparison(
     params: InspectParams,
 ) -> dict[str, Any]:
     """Write metrics.json, per_class.csv, chain.csv (if given), figures and summary.md of K vs J."""
-    metrics = _finite({"generation": gen, "against": against, "temperature": params.temperature, "view": VIEW,
-                       **{split: acc.metrics() for split, acc in pair.items()}})  # fmt: skip
+    metrics = _finite(
+        {
+            "generation": gen,
+            "against": against,
+            "temperature": params.temperature,
+            "view": VIEW,
+            **{split: acc.metrics() for split, acc in pair.items()},
+        }
+    )
     write_json(out / "metrics.json", metrics)
     per = {split: acc.per_class() for split, acc in pair.items()}
     rows = [[i, name, *(float(per[s][k][i]) for s in pair for k in (0, 1))] for i, name in enumerate(class_names)]
@@ -273,8 +331,9 @@ def write_comparison(
     return metrics
 
 
-def _per_class(per: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str], path: Path, title: str,
-               gen: int, against: int) -> None:  # fmt: skip
+def _per_class(
+    per: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str], path: Path, title: str, gen: int, against: int
+) -> None:
     x = np.arange(len(names))
     fig = Figure(figsize=(max(6.4, 0.5 * len(names) + 2), 5.6))
     ax_kl, ax_ag = fig.subplots(2, 1, sharex=True)
@@ -329,8 +388,11 @@ def _pair_summary(gen: int, against: int, m: dict[str, Any], chain: list[dict[st
     lines += ["", "![per class](figures/per_class.png)", "", "## Along the chain", ""]
     if chain:
         lines += ["| pair | KL train | agreement train | KL test | agreement test |", "|---|---|---|---|---|"]
-        lines += [f"| {r['against']} -> {r['generation']} | {r['kl_train']:.4f} | {100 * r['agreement_train']:.2f}% "
-                  f"| {r['kl_test']:.4f} | {100 * r['agreement_test']:.2f}% |" for r in chain]  # fmt: skip
+        lines += [
+            f"| {r['against']} -> {r['generation']} | {r['kl_train']:.4f} | {100 * r['agreement_train']:.2f}% "
+            f"| {r['kl_test']:.4f} | {100 * r['agreement_test']:.2f}% |"
+            for r in chain
+        ]
         lines += ["", "![chain](figures/chain.png) ([chain.csv](chain.csv))"]
     else:
         lines.append("Not every store of the chain exists yet: export them all to get the consecutive-pair summary.")

@@ -69,9 +69,13 @@ def cnn3(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> nn.
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
 
     return nn.Sequential(
-        *block(input_shape[0], width), *block(width, 2 * width), *block(2 * width, 4 * width),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes),
-    )  # fmt: skip
+        *block(input_shape[0], width),
+        *block(width, 2 * width),
+        *block(2 * width, 4 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, num_classes),
+    )
 
 
 def count_params(model: nn.Module) -> int:

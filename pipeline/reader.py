@@ -148,8 +148,9 @@ class CachedTargets:
             )
         return out  # type: ignore[no-any-return]
 
-    def _keys(self, index: torch.Tensor | np.ndarray, views: torch.Tensor | np.ndarray | None
-              ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    def _keys(
+        self, index: torch.Tensor | np.ndarray, views: torch.Tensor | np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
         if views is None:
             return idx, np.full(idx.shape, self.view, dtype=np.int64)
@@ -213,8 +214,11 @@ class CachedTargets:
             raise ValueError(f"{self.path}: this store has one clean view and no augmentation parameters")
         idx, v = self._keys(index, views)
         tlf = self._gather(f"{self.split}_{AUG_ARRAY}", idx, v).astype(np.int64)
-        return AugParams.from_numpy({"top": tlf[:, 0], "left": tlf[:, 1], "flip": tlf[:, 2].astype(bool)},
-                                    pad=recipe["pad"], size=recipe["size"])  # fmt: skip
+        return AugParams.from_numpy(
+            {"top": tlf[:, 0], "left": tlf[:, 1], "flip": tlf[:, 2].astype(bool)},
+            pad=recipe["pad"],
+            size=recipe["size"],
+        )
 
 
 def _bad_rows(block: np.ndarray) -> np.ndarray:

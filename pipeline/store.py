@@ -42,9 +42,18 @@ from pipeline.io import write_json
 FORMAT = "bancache-logits-v1"
 MARKER = "COMPLETE.json"
 REQUIRED_ATTRS = (
-    "format", "generation", "arch", "seed", "temperature", "checkpoint_sha256", "dataset_fingerprint",
-    "class_names", "dtype", "views", "splits",
-)  # fmt: skip
+    "format",
+    "generation",
+    "arch",
+    "seed",
+    "temperature",
+    "checkpoint_sha256",
+    "dataset_fingerprint",
+    "class_names",
+    "dtype",
+    "views",
+    "splits",
+)
 LAYOUTS = ("dense", "topk", "sampled")
 SPARSE_ARRAYS = ("idx", "mass")  # suffixes of the arrays a sparse layout adds per split
 AUG_ARRAY = "aug"  # suffix of the (N, V, 3) crop/flip array of a multi-view store
@@ -89,29 +98,46 @@ class LogitStore:
         if layout == "dense" and slots != num_classes:
             raise ValueError(f"{path}: a dense store holds all {num_classes} classes per row, not {slots}")
         attrs = {
-            **attributes, "format": FORMAT, "dtype": dtype, "views": views, "num_classes": num_classes,
-            "splits": dict(rows), "chunk_rows": chunk_rows, "layout": layout, "slots": slots,
-            "augmentation": augmentation, "retained_mass": None,
-        }  # fmt: skip
+            **attributes,
+            "format": FORMAT,
+            "dtype": dtype,
+            "views": views,
+            "num_classes": num_classes,
+            "splits": dict(rows),
+            "chunk_rows": chunk_rows,
+            "layout": layout,
+            "slots": slots,
+            "augmentation": augmentation,
+            "retained_mass": None,
+        }
         group = zarr.create_group(str(path), overwrite=True, attributes=attrs)
         for split, n in rows.items():
             c = min(chunk_rows, max(n, 1))
             group.create_array(split, shape=(n, views, slots), chunks=(c, views, slots), dtype=dtype, fill_value=np.nan)
             if layout != "dense":
-                group.create_array(f"{split}_idx", shape=(n, views, slots), chunks=(c, views, slots),
-                                   dtype=index_dtype(num_classes), fill_value=-1)  # fmt: skip
-                group.create_array(f"{split}_mass", shape=(n, views), chunks=(c, views), dtype="float32",
-                                   fill_value=np.nan)  # fmt: skip
+                group.create_array(
+                    f"{split}_idx",
+                    shape=(n, views, slots),
+                    chunks=(c, views, slots),
+                    dtype=index_dtype(num_classes),
+                    fill_value=-1,
+                )
+                group.create_array(
+                    f"{split}_mass", shape=(n, views), chunks=(c, views), dtype="float32", fill_value=np.nan
+                )
             if augmentation is not None:
-                group.create_array(f"{split}_{AUG_ARRAY}", shape=(n, views, 3), chunks=(c, views, 3), dtype="int16",
-                                   fill_value=-1)  # fmt: skip
+                group.create_array(
+                    f"{split}_{AUG_ARRAY}", shape=(n, views, 3), chunks=(c, views, 3), dtype="int16", fill_value=-1
+                )
         return cls(path, group)
 
     def array_names(self) -> list[str]:
         """Every array of the store: each split's values, then its sparse and augmentation arrays."""
         a = self.attrs
-        extra = (*(SPARSE_ARRAYS if a.get("layout", "dense") != "dense" else ()),
-                 *((AUG_ARRAY,) if a.get("augmentation") else ()))  # fmt: skip
+        extra = (
+            *(SPARSE_ARRAYS if a.get("layout", "dense") != "dense" else ()),
+            *((AUG_ARRAY,) if a.get("augmentation") else ()),
+        )
         return [name for split in a["splits"] for name in (split, *(f"{split}_{e}" for e in extra))]
 
     @classmethod

@@ -126,8 +126,9 @@ def _bf16_ok() -> bool:
         return False
 
 
-def step_options(recipe: TrainParams, data: PreparedData, device: torch.device, aug_gen: torch.Generator
-                 ) -> StepOptions:  # fmt: skip
+def step_options(
+    recipe: TrainParams, data: PreparedData, device: torch.device, aug_gen: torch.Generator
+) -> StepOptions:
     images = data.x_train.ndim == 4 and data.x_train.dtype == np.uint8
     opts = StepOptions()
     if images and recipe.augment:
@@ -201,18 +202,33 @@ def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(axis=-1) == y).mean()) if len(y) else float("nan")
 
 
-def _save_state(path: Path, key: str, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
-                sched: torch.optim.lr_scheduler.LRScheduler, gens: tuple[torch.Generator, torch.Generator],
-                result: TrainResult,
-                best: tuple[float, dict[str, torch.Tensor] | None]) -> None:  # fmt: skip
+def _save_state(
+    path: Path,
+    key: str,
+    epoch: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    gens: tuple[torch.Generator, torch.Generator],
+    result: TrainResult,
+    best: tuple[float, dict[str, torch.Tensor] | None],
+) -> None:
     """Everything needed to continue after `epoch` bit-exactly: weights, optimizer, schedule, RNGs."""
     state = {
-        "format": STATE_FORMAT, "key": key, "epoch": epoch, "model": model.state_dict(),
-        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gens[0].get_state(),
+        "format": STATE_FORMAT,
+        "key": key,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "generator": gens[0].get_state(),
         "aug_generator": gens[1].get_state(),
-        "torch_rng": torch.get_rng_state(), "history": [asdict(h) for h in result.history],
-        "best_acc": best[0], "best_state": best[1], "selected_epoch": result.selected_epoch,
-    }  # fmt: skip
+        "torch_rng": torch.get_rng_state(),
+        "history": [asdict(h) for h in result.history],
+        "best_acc": best[0],
+        "best_state": best[1],
+        "selected_epoch": result.selected_epoch,
+    }
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
 
@@ -279,9 +295,15 @@ def train_generation(
         # Per-rank batch = batch_size / world_size, so the global batch matches a single process.
         sampler = DistributedSampler(fit, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
     loader = DataLoader(
-        fit, batch_size=max(1, recipe.batch_size // ctx.world_size), shuffle=sampler is None, sampler=sampler,
-        drop_last=False, generator=generator, num_workers=recipe.num_workers, pin_memory=device.type == "cuda",
-    )  # fmt: skip
+        fit,
+        batch_size=max(1, recipe.batch_size // ctx.world_size),
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=False,
+        generator=generator,
+        num_workers=recipe.num_workers,
+        pin_memory=device.type == "cuda",
+    )
     opt = make_optimizer(model, recipe)
     sched = make_scheduler(opt, recipe)
     x_val, y_val = data.x_train[data.val_index], data.y_train[data.val_index]
@@ -339,17 +361,25 @@ def _check_targets(targets: CachedTargets, gp: GenParams, gen: int) -> None:
         )
 
 
-def checkpoint_meta(data: PreparedData, recipe: TrainParams, gen: int, gp: GenParams, teacher_sha: str | None
-                    ) -> dict[str, Any]:  # fmt: skip
+def checkpoint_meta(
+    data: PreparedData, recipe: TrainParams, gen: int, gp: GenParams, teacher_sha: str | None
+) -> dict[str, Any]:
     return {
-        "arch": gp.arch or recipe.arch, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-        "class_names": data.class_names, "generation": gen, "teacher": gp.teacher,
+        "arch": gp.arch or recipe.arch,
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "class_names": data.class_names,
+        "generation": gen,
+        "teacher": gp.teacher,
         "teacher_store_checkpoint_sha256": teacher_sha,
-        "seed": gp.seed if gp.seed is not None else recipe.seed + gen, "loss": gp.loss,
-        "temperature": gp.temperature, "alpha": gp.alpha, "dataset_fingerprint": data.fingerprint,
+        "seed": gp.seed if gp.seed is not None else recipe.seed + gen,
+        "loss": gp.loss,
+        "temperature": gp.temperature,
+        "alpha": gp.alpha,
+        "dataset_fingerprint": data.fingerprint,
         "recipe": {k: getattr(recipe, k) for k in recipe.__dataclass_fields__},
         **({"view_policy": gp.view_policy} if gp.view_policy != "clean" else {}),  # keeps older resume keys
-    }  # fmt: skip
+    }
 
 
 def save_generation(path: Path, result: TrainResult, meta: dict[str, Any]) -> None:

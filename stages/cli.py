@@ -53,8 +53,10 @@ class Ctx:
 @click.pass_context
 def main(ctx: click.Context, params: str, root: str, verbose: int) -> None:
     """bancache: Born-Again Networks with an offline logit cache."""
-    logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(message)s",
+    )
     ctx.obj = Ctx(params, root)
 
 
@@ -137,8 +139,12 @@ def report(obj: Ctx) -> None:
 
 @main.command()
 @click.option("--seeds", default="0,1,2", show_default=True, help="comma-separated seeds")
-@click.option("--losses", default="ban,ban+l,cwtm,dkpp", show_default=True,
-              help="gen-1 loss variants to add as columns ('' for none)")  # fmt: skip
+@click.option(
+    "--losses",
+    default="ban,ban+l,cwtm,dkpp",
+    show_default=True,
+    help="gen-1 loss variants to add as columns ('' for none)",
+)
 @click.option("--out", default="results/sweep", show_default=True, help="output folder")
 @click.pass_obj
 @_user_errors
@@ -173,11 +179,15 @@ def inspect(obj: Ctx, gen: int, against: int | None) -> None:
     out = stage.out_dir(obj.layout, gen, against)
     if against is None:
         tr, te = m["train"], m["test"]
-        click.echo(f"generation {gen}: train acc {tr['accuracy']:.4f}, mean entropy {tr['entropy_mean']:.4f}, "
-                   f"test ECE {te['ece']:.4f}, {tr['likely_noisy']} likely-noisy; see {out}/summary.md")  # fmt: skip
+        click.echo(
+            f"generation {gen}: train acc {tr['accuracy']:.4f}, mean entropy {tr['entropy_mean']:.4f}, "
+            f"test ECE {te['ece']:.4f}, {tr['likely_noisy']} likely-noisy; see {out}/summary.md"
+        )
     else:
-        click.echo(f"generation {gen} vs {against}: test agreement {m['test']['agreement']:.4f}, "
-                   f"KL {m['test']['kl_mean']:.4f}; see {out / 'summary.md'}")  # fmt: skip
+        click.echo(
+            f"generation {gen} vs {against}: test agreement {m['test']['agreement']:.4f}, "
+            f"KL {m['test']['kl_mean']:.4f}; see {out / 'summary.md'}"
+        )
 
 
 @main.command()

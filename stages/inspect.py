@@ -56,8 +56,9 @@ def _chain(params: ParamsFile, layout: Layout, labels: DatasetLabels, temperatur
         return None
     rows = []
     for ref, gen in zip(gens, gens[1:], strict=False):
-        pair = compare_stores(open_checked(layout.store(gen), labels), open_checked(layout.store(ref), labels),
-                              labels, temperature)  # fmt: skip
+        pair = compare_stores(
+            open_checked(layout.store(gen), labels), open_checked(layout.store(ref), labels), labels, temperature
+        )
         row: dict[str, Any] = {"generation": gen, "against": ref}
         for split, acc in pair.items():
             m = acc.metrics()

@@ -15,8 +15,13 @@ def run(params: ParamsFile, layout: Layout) -> str:
         arrays, names = make_mnist1d(p.num_samples), MNIST1D_CLASSES
     else:
         loaded = load_dataset(
-            p.dataset, p.root, download=p.download, size=p.size, n_train=p.n_train, n_test=p.n_test,
+            p.dataset,
+            p.root,
+            download=p.download,
+            size=p.size,
+            n_train=p.n_train,
+            n_test=p.n_test,
             seed=p.split_seed,
-        )  # fmt: skip
+        )
         arrays, names = loaded.arrays, loaded.class_names
     return write_prepared(layout.dataset, arrays, names, p.dataset, p.val_fraction, p.split_seed)

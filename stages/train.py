@@ -54,11 +54,15 @@ def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False) -> d
     device = resolve_device(recipe.device)
     last = result.history[-1]
     metrics = {
-        "generation": gen, "teacher": gp.teacher, "loss": gp.loss, "selected_epoch": result.selected_epoch,
-        "final_train_loss": last.train_loss, "final_val_acc": last.val_acc,
+        "generation": gen,
+        "teacher": gp.teacher,
+        "loss": gp.loss,
+        "selected_epoch": result.selected_epoch,
+        "final_train_loss": last.train_loss,
+        "final_val_acc": last.val_acc,
         # Reported only; nothing is selected on it.
         "test_acc": accuracy(predict_logits(result.model, data.x_test, recipe.eval_batch_size, device), data.y_test),
-    }  # fmt: skip
+    }
     write_json(layout.train_metrics(gen), metrics)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(asdict(result.history[0])))

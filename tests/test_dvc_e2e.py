@@ -86,8 +86,14 @@ def test_killed_dvc_repro_then_repro_equals_clean_run(tmp_path: Path) -> None:
     total = time.perf_counter() - t0
     victim = _fresh_repo(tmp_path / "victim")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=victim, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=victim,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.perf_counter() + 2 * total
     while not (victim / "cache/gen-0/COMPLETE.json").exists() and time.perf_counter() < deadline:
         time.sleep(0.05)
@@ -101,8 +107,12 @@ def test_killed_dvc_repro_then_repro_equals_clean_run(tmp_path: Path) -> None:
     # Every cached output (models, stores) is bit-identical; plots carry wall-clock seconds, so skip them.
     def outs(root: Path) -> dict[str, str]:
         lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-        return {o["path"]: o["md5"] for st in lock.values() for o in st.get("outs", [])
-                if o["path"].startswith(("models/", "cache/", "metrics/"))}  # fmt: skip
+        return {
+            o["path"]: o["md5"]
+            for st in lock.values()
+            for o in st.get("outs", [])
+            if o["path"].startswith(("models/", "cache/", "metrics/"))
+        }
 
     assert outs(victim) == outs(clean) and len(outs(clean)) >= 6
     assert _stages_to_run(victim) == set()

@@ -69,59 +69,156 @@ class Case:
 
 
 CASES = [
-    Case("unknown key in params", lambda r: _set(r, "train.epoch", 3), ("train", "--gen", "0"),
-         "train.epoch: unknown key. Allowed keys in 'train'"),
-    Case("unknown params section", lambda r: _set(r, "trian.lr", 1), ("train", "--gen", "0"),
-         "unknown section 'trian'"),
-    Case("wrong type", lambda r: _set(r, "train.epochs", "ten"), ("train", "--gen", "0"),
-         "train.epochs = 'ten': expected int"),
-    Case("temperature <= 0", lambda r: _set(r, "students.1.temperature", 0), ("train", "--gen", "1"),
-         "students.1.temperature = 0.0: must be > 0.0"),
-    Case("alpha outside [0, 1]", lambda r: _set(r, "students.2.alpha", 1.5), ("train", "--gen", "2"),
-         "students.2.alpha = 1.5: must be >= 0.0 and <= 1.0"),
-    Case("teacher that does not exist", lambda r: _set(r, "students.4", {"teacher": 3}), ("train", "--gen", "1"),
-         "students.4.teacher = 3: no such generation"),
-    Case("teacher generation >= student", lambda r: _set(r, "students.1.teacher", 1), ("train", "--gen", "1"),
-         "students.1.teacher = 1: a teacher must be an earlier generation"),
-    Case("generation 0 with a teacher loss", lambda r: _set(r, "gen0.loss", "ban"), ("train", "--gen", "0"),
-         "generation 0 trains from labels"),
-    Case("unquoted students key", lambda r: _raw_params(r, yaml.safe_dump(tiny_params()).replace("'1':", "1:")),
-         ("validate",), "keys are generation numbers >= 1 written as quoted strings"),
+    Case(
+        "unknown key in params",
+        lambda r: _set(r, "train.epoch", 3),
+        ("train", "--gen", "0"),
+        "train.epoch: unknown key. Allowed keys in 'train'",
+    ),
+    Case(
+        "unknown params section", lambda r: _set(r, "trian.lr", 1), ("train", "--gen", "0"), "unknown section 'trian'"
+    ),
+    Case(
+        "wrong type",
+        lambda r: _set(r, "train.epochs", "ten"),
+        ("train", "--gen", "0"),
+        "train.epochs = 'ten': expected int",
+    ),
+    Case(
+        "temperature <= 0",
+        lambda r: _set(r, "students.1.temperature", 0),
+        ("train", "--gen", "1"),
+        "students.1.temperature = 0.0: must be > 0.0",
+    ),
+    Case(
+        "alpha outside [0, 1]",
+        lambda r: _set(r, "students.2.alpha", 1.5),
+        ("train", "--gen", "2"),
+        "students.2.alpha = 1.5: must be >= 0.0 and <= 1.0",
+    ),
+    Case(
+        "teacher that does not exist",
+        lambda r: _set(r, "students.4", {"teacher": 3}),
+        ("train", "--gen", "1"),
+        "students.4.teacher = 3: no such generation",
+    ),
+    Case(
+        "teacher generation >= student",
+        lambda r: _set(r, "students.1.teacher", 1),
+        ("train", "--gen", "1"),
+        "students.1.teacher = 1: a teacher must be an earlier generation",
+    ),
+    Case(
+        "generation 0 with a teacher loss",
+        lambda r: _set(r, "gen0.loss", "ban"),
+        ("train", "--gen", "0"),
+        "generation 0 trains from labels",
+    ),
+    Case(
+        "unquoted students key",
+        lambda r: _raw_params(r, yaml.safe_dump(tiny_params()).replace("'1':", "1:")),
+        ("validate",),
+        "keys are generation numbers >= 1 written as quoted strings",
+    ),
     Case("params.yaml is not YAML", lambda r: _raw_params(r, "train: [unclosed"), ("validate",), "not valid YAML"),
     Case("--gen not in params", lambda r: None, ("train", "--gen", "7"), "no section students.'7'"),
-    Case("dataset not prepared", lambda r: Layout(r).dataset.unlink(), ("train", "--gen", "0"),
-         "prepared dataset not found. Run `bancache prepare`"),
-    Case("dataset file corrupted", lambda r: Layout(r).dataset.write_bytes(b"\\x89HDF\\r\\n" + bytes(100)),
-         ("train", "--gen", "0"), "unreadable prepared dataset"),
-    Case("checkpoint missing", lambda r: Layout(r).model(0).unlink(), ("export-logits", "--gen", "0"),
-         "checkpoint not found. Run `bancache train`"),
-    Case("checkpoint is not a bancache checkpoint", lambda r: torch.save({"w": torch.zeros(2)}, Layout(r).model(0)),
-         ("export-logits", "--gen", "0"), "not a bancache checkpoint"),
-    Case("checkpoint carries a pickle payload", lambda r: torch.save({"x": _Payload()}, Layout(r).model(0)),
-         ("export-logits", "--gen", "0"), "weights_only=True"),
-    Case("checkpoint truncated", lambda r: Layout(r).model(0).write_bytes(Layout(r).model(0).read_bytes()[:300]),
-         ("export-logits", "--gen", "0"), "not a readable checkpoint"),
-    Case("teacher store missing", lambda r: shutil.rmtree(Layout(r).store(0)), ("train", "--gen", "1"),
-         "no logit store here. Run `bancache export-logits"),
-    Case("teacher store incomplete (export killed)", lambda r: (Layout(r).store(0) / "COMPLETE.json").unlink(),
-         ("train", "--gen", "1"), "incomplete store (no COMPLETE.json)"),
-    Case("teacher store from another dataset", lambda r: _foreign_store(r, fingerprint="0" * 64),
-         ("train", "--gen", "1"), "exported from another dataset"),
-    Case("teacher store with another class count", lambda r: _foreign_store(r, num_classes=7),
-         ("train", "--gen", "1"), "has 7 classes, the dataset has 10"),
-    Case("teacher store with a corrupted chunk", lambda r: _chunk_file(Layout(r).store(0)).write_bytes(b"junk" * 9),
-         ("train", "--gen", "1"), "a chunk is damaged, re-export the store"),
-    Case("augmented views on non-image data", lambda r: _set(r, "export.views", 4), ("export-logits", "--gen", "0"),
-         "export.views = 4: augmented views need square uint8 images"),
-    Case("top-k larger than the class count", lambda r: (_set(r, "export.layout", "topk"), _set(r, "export.topk", 50)),
-         ("export-logits", "--gen", "0"), "export.topk = 50: the dataset has only 10 classes"),
-    Case("view policy on a one-view store", lambda r: _set(r, "students.1.view_policy", "cycle"),
-         ("train", "--gen", "1"), "students.1.view_policy = 'cycle': the teacher's store"),
-    Case("device cuda without a GPU", lambda r: _set(r, "train.device", "cuda"), ("train", "--gen", "0"),
-         "no CUDA device is visible"),
-    Case("teacher store metadata corrupted", lambda r: (Layout(r).store(0) / "zarr.json").write_text("{"),
-         ("train", "--gen", "1"), "unreadable store metadata"),
-]  # fmt: skip
+    Case(
+        "dataset not prepared",
+        lambda r: Layout(r).dataset.unlink(),
+        ("train", "--gen", "0"),
+        "prepared dataset not found. Run `bancache prepare`",
+    ),
+    Case(
+        "dataset file corrupted",
+        lambda r: Layout(r).dataset.write_bytes(b"\\x89HDF\\r\\n" + bytes(100)),
+        ("train", "--gen", "0"),
+        "unreadable prepared dataset",
+    ),
+    Case(
+        "checkpoint missing",
+        lambda r: Layout(r).model(0).unlink(),
+        ("export-logits", "--gen", "0"),
+        "checkpoint not found. Run `bancache train`",
+    ),
+    Case(
+        "checkpoint is not a bancache checkpoint",
+        lambda r: torch.save({"w": torch.zeros(2)}, Layout(r).model(0)),
+        ("export-logits", "--gen", "0"),
+        "not a bancache checkpoint",
+    ),
+    Case(
+        "checkpoint carries a pickle payload",
+        lambda r: torch.save({"x": _Payload()}, Layout(r).model(0)),
+        ("export-logits", "--gen", "0"),
+        "weights_only=True",
+    ),
+    Case(
+        "checkpoint truncated",
+        lambda r: Layout(r).model(0).write_bytes(Layout(r).model(0).read_bytes()[:300]),
+        ("export-logits", "--gen", "0"),
+        "not a readable checkpoint",
+    ),
+    Case(
+        "teacher store missing",
+        lambda r: shutil.rmtree(Layout(r).store(0)),
+        ("train", "--gen", "1"),
+        "no logit store here. Run `bancache export-logits",
+    ),
+    Case(
+        "teacher store incomplete (export killed)",
+        lambda r: (Layout(r).store(0) / "COMPLETE.json").unlink(),
+        ("train", "--gen", "1"),
+        "incomplete store (no COMPLETE.json)",
+    ),
+    Case(
+        "teacher store from another dataset",
+        lambda r: _foreign_store(r, fingerprint="0" * 64),
+        ("train", "--gen", "1"),
+        "exported from another dataset",
+    ),
+    Case(
+        "teacher store with another class count",
+        lambda r: _foreign_store(r, num_classes=7),
+        ("train", "--gen", "1"),
+        "has 7 classes, the dataset has 10",
+    ),
+    Case(
+        "teacher store with a corrupted chunk",
+        lambda r: _chunk_file(Layout(r).store(0)).write_bytes(b"junk" * 9),
+        ("train", "--gen", "1"),
+        "a chunk is damaged, re-export the store",
+    ),
+    Case(
+        "augmented views on non-image data",
+        lambda r: _set(r, "export.views", 4),
+        ("export-logits", "--gen", "0"),
+        "export.views = 4: augmented views need square uint8 images",
+    ),
+    Case(
+        "top-k larger than the class count",
+        lambda r: (_set(r, "export.layout", "topk"), _set(r, "export.topk", 50)),
+        ("export-logits", "--gen", "0"),
+        "export.topk = 50: the dataset has only 10 classes",
+    ),
+    Case(
+        "view policy on a one-view store",
+        lambda r: _set(r, "students.1.view_policy", "cycle"),
+        ("train", "--gen", "1"),
+        "students.1.view_policy = 'cycle': the teacher's store",
+    ),
+    Case(
+        "device cuda without a GPU",
+        lambda r: _set(r, "train.device", "cuda"),
+        ("train", "--gen", "0"),
+        "no CUDA device is visible",
+    ),
+    Case(
+        "teacher store metadata corrupted",
+        lambda r: (Layout(r).store(0) / "zarr.json").write_text("{"),
+        ("train", "--gen", "1"),
+        "unreadable store metadata",
+    ),
+]
 
 
 def run_case(case: Case, root: Path):
@@ -152,8 +249,9 @@ def test_full_disk_during_export_via_cli(exported_root: Path, tmp_path: Path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(LogitStore, "write", full)
-    r = CliRunner().invoke(main, ["--params", str(root / "params.yaml"), "--root", str(root),
-                                  "export-logits", "--gen", "0"])  # fmt: skip
+    r = CliRunner().invoke(
+        main, ["--params", str(root / "params.yaml"), "--root", str(root), "export-logits", "--gen", "0"]
+    )
     assert r.exit_code == 2 and "no space left on the device while exporting" in r.output
     LogitStore.open(Layout(root).store(0)).verify()
 
@@ -178,11 +276,15 @@ def main_table(out: Path = Path("docs/errors.md")) -> None:
             shutil.copytree(base, root)
             msg = run_case(case, root).output.strip().replace("|", "\\|").replace("\n", " ")
             rows.append(f"| {case.what} | `bancache {' '.join(case.args)}` | {msg} |")
-        rows.append("| disk full during export | `bancache export-logits --gen 0` | bancache: error: cache/gen-0: no "
-                    "space left on the device while exporting; free space under cache and rerun `bancache "
-                    "export-logits`. The previous store at cache/gen-0, if any, is untouched |")  # fmt: skip
-    head = ("# Errors a user can hit\n\nEvery row is a test in `tests/test_errors.py` (regenerate with "
-            "`python -m tests.test_errors`). Paths are shown relative to a temporary project.\n\n")  # fmt: skip
+        rows.append(
+            "| disk full during export | `bancache export-logits --gen 0` | bancache: error: cache/gen-0: no "
+            "space left on the device while exporting; free space under cache and rerun `bancache "
+            "export-logits`. The previous store at cache/gen-0, if any, is untouched |"
+        )
+    head = (
+        "# Errors a user can hit\n\nEvery row is a test in `tests/test_errors.py` (regenerate with "
+        "`python -m tests.test_errors`). Paths are shown relative to a temporary project.\n\n"
+    )
     out.parent.mkdir(exist_ok=True)
     out.write_text(head + "\n".join(rows).replace(d + "/", "") + "\n")
 

@@ -41,8 +41,14 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[PreparedData, Path
     torch.manual_seed(0)
     model = build_model("cnn3", data.input_shape, data.num_classes)
     model.set_stats(data.channel_mean, data.channel_std)
-    meta = {"arch": "cnn3", "input_shape": list(data.input_shape), "num_classes": 4, "generation": 0, "seed": 0,
-            "dataset_fingerprint": data.fingerprint}  # fmt: skip
+    meta = {
+        "arch": "cnn3",
+        "input_shape": list(data.input_shape),
+        "num_classes": 4,
+        "generation": 0,
+        "seed": 0,
+        "dataset_fingerprint": data.fingerprint,
+    }
     save_checkpoint(root / "m.pt", model, meta)
     return data, root / "m.pt"
 
@@ -111,8 +117,14 @@ def test_views_depend_on_row_and_view_only(images, tmp_path: Path) -> None:
 def test_views_are_refused_for_non_image_data(prepared_root: Path, tmp_path: Path) -> None:
     data = load_prepared(Layout(prepared_root).dataset)
     model = build_model("cnn1d", data.input_shape, data.num_classes)
-    meta = {"arch": "cnn1d", "input_shape": list(data.input_shape), "num_classes": 10, "generation": 0, "seed": 0,
-            "dataset_fingerprint": data.fingerprint}  # fmt: skip
+    meta = {
+        "arch": "cnn1d",
+        "input_shape": list(data.input_shape),
+        "num_classes": 10,
+        "generation": 0,
+        "seed": 0,
+        "dataset_fingerprint": data.fingerprint,
+    }
     save_checkpoint(tmp_path / "m.pt", model, meta)
     with pytest.raises(ParamsError, match=r"export.views = 2: augmented views need square uint8 images") as e:
         export_logits(tmp_path / "m.pt", data, tmp_path / "gen-0", ExportParams(views=2, device="cpu"), CPU)
@@ -134,11 +146,20 @@ def _store_from_logits(path: Path, logits: np.ndarray, params: ExportParams, see
     n, c = logits.shape
     slots = {"dense": c, "topk": params.topk, "sampled": min(params.samples, c)}[params.layout]
     values, sparse = _encode(torch.from_numpy(logits[:, None, :]), params, slots, torch.Generator().manual_seed(seed))
-    attrs = {"generation": 0, "arch": "x", "seed": 0, "temperature": 1.0, "checkpoint_sha256": "0" * 64,
-             "dataset_fingerprint": "f" * 64, "class_names": [str(i) for i in range(c)],
-             "topk_rest": params.topk_rest, "samples": params.samples}  # fmt: skip
-    store = LogitStore.create(path, {"train": n}, c, 1, params.dtype, params.chunk_rows, attrs,
-                              layout=params.layout, slots=slots)  # fmt: skip
+    attrs = {
+        "generation": 0,
+        "arch": "x",
+        "seed": 0,
+        "temperature": 1.0,
+        "checkpoint_sha256": "0" * 64,
+        "dataset_fingerprint": "f" * 64,
+        "class_names": [str(i) for i in range(c)],
+        "topk_rest": params.topk_rest,
+        "samples": params.samples,
+    }
+    store = LogitStore.create(
+        path, {"train": n}, c, 1, params.dtype, params.chunk_rows, attrs, layout=params.layout, slots=slots
+    )
     store.write("train", 0, values, **sparse)
     store.seal()
     return CachedTargets(path, "train", "f" * 64, n, c)
@@ -162,8 +183,9 @@ def test_topk_targets_keep_the_kept_probabilities(tmp_path: Path) -> None:
     assert isinstance(uni, Probs)
     want = np.array([[0.5, 0.3, 0.1, 0.1], [0.15, 0.15, 0.3, 0.4]])  # dropped mass shared by the other classes
     np.testing.assert_allclose(uni.p.numpy(), want, atol=1e-6)
-    ren = _store_from_logits(tmp_path / "r", HAND, ExportParams(layout="topk", topk=2, topk_rest="renorm",
-                                                                 dtype="float32")).target([0, 1])  # fmt: skip
+    ren = _store_from_logits(
+        tmp_path / "r", HAND, ExportParams(layout="topk", topk=2, topk_rest="renorm", dtype="float32")
+    ).target([0, 1])
     np.testing.assert_allclose(ren.p.numpy(), [[0.625, 0.375, 0, 0], [0, 0, 3 / 7, 4 / 7]], atol=1e-6)
     hot = _store_from_logits(tmp_path / "h", HAND, ExportParams(layout="topk", topk=2, dtype="float32")).target(
         [0, 1], temperature=2.0
@@ -223,8 +245,9 @@ def test_sparse_export_end_to_end(images, tmp_path: Path) -> None:
     """export_logits with topk over augmented views: the kept logits are the dense store's largest ones."""
     data, ckpt = images
     export_logits(ckpt, data, tmp_path / "d", ExportParams(views=2, dtype="float32", device="cpu"), CPU)
-    attrs = export_logits(ckpt, data, tmp_path / "k", ExportParams(views=2, dtype="float32", device="cpu",
-                                                                    layout="topk", topk=2), CPU)  # fmt: skip
+    attrs = export_logits(
+        ckpt, data, tmp_path / "k", ExportParams(views=2, dtype="float32", device="cpu", layout="topk", topk=2), CPU
+    )
     dense = LogitStore.open(tmp_path / "d").array("train")[:]
     top = LogitStore.open(tmp_path / "k")
     np.testing.assert_array_equal(top.array("train")[:], -np.sort(-dense, axis=-1)[..., :2])

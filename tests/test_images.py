@@ -42,8 +42,14 @@ def test_image_model_normalises_uint8_and_checkpoint_keeps_stats(images: Prepare
     manual = (x.float() / 255 - model.mean) / model.std
     model.eval()
     torch.testing.assert_close(model(x), model.net(manual))
-    meta = {"arch": "cnn3", "input_shape": list(images.input_shape), "num_classes": 4, "generation": 0,
-            "seed": 0, "dataset_fingerprint": images.fingerprint}  # fmt: skip
+    meta = {
+        "arch": "cnn3",
+        "input_shape": list(images.input_shape),
+        "num_classes": 4,
+        "generation": 0,
+        "seed": 0,
+        "dataset_fingerprint": images.fingerprint,
+    }
     save_checkpoint(tmp_path / "m.pt", model, meta)
     again = model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))
     again.eval()
@@ -92,8 +98,7 @@ def test_autocast_and_channels_last_step_runs_on_cpu(images: PreparedData) -> No
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     before = [p.detach().clone() for p in model.parameters()]
     opts = StepOptions(amp_dtype=torch.bfloat16, channels_last=True)
-    loss = train_one_epoch(model, loader, opt, GenParams(loss="ce"), torch.device("cpu"), None,
-                           torch.Generator(), opts)  # fmt: skip
+    loss = train_one_epoch(model, loader, opt, GenParams(loss="ce"), torch.device("cpu"), None, torch.Generator(), opts)
     assert np.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
@@ -111,8 +116,14 @@ def viewed(images: PreparedData, tmp_path, monkeypatch) -> tuple[PreparedData, o
     torch.manual_seed(0)
     model = build_model("cnn3", images.input_shape, 4)
     model.set_stats(images.channel_mean, images.channel_std)
-    meta = {"arch": "cnn3", "input_shape": list(images.input_shape), "num_classes": 4, "generation": 0,
-            "seed": 0, "dataset_fingerprint": images.fingerprint}  # fmt: skip
+    meta = {
+        "arch": "cnn3",
+        "input_shape": list(images.input_shape),
+        "num_classes": 4,
+        "generation": 0,
+        "seed": 0,
+        "dataset_fingerprint": images.fingerprint,
+    }
     save_checkpoint(tmp_path / "m.pt", model, meta)
     fed: list[np.ndarray] = []
     real = export_lib.predict_logits
@@ -204,8 +215,14 @@ def test_view_policy_needs_a_multi_view_store(images, tmp_path) -> None:
     from pipeline.params import ExportParams
 
     model = build_model("cnn3", images.input_shape, 4)
-    meta = {"arch": "cnn3", "input_shape": list(images.input_shape), "num_classes": 4, "generation": 0,
-            "seed": 0, "dataset_fingerprint": images.fingerprint}  # fmt: skip
+    meta = {
+        "arch": "cnn3",
+        "input_shape": list(images.input_shape),
+        "num_classes": 4,
+        "generation": 0,
+        "seed": 0,
+        "dataset_fingerprint": images.fingerprint,
+    }
     save_checkpoint(tmp_path / "m.pt", model, meta)
     export_logits(tmp_path / "m.pt", images, tmp_path / "g", ExportParams(device="cpu"), torch.device("cpu"))
     recipe = TrainParams(arch="cnn3", epochs=1, device="cpu")

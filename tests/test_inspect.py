@@ -30,9 +30,14 @@ FP = "ef" * 32
 def make_store(path: Path, train: np.ndarray, test: np.ndarray, chunk_rows: int, dtype: str = "float32") -> LogitStore:
     c = train.shape[-1]
     attrs = {
-        "generation": 0, "arch": "tiny", "seed": 0, "temperature": 1.0, "checkpoint_sha256": "00" * 32,
-        "dataset_fingerprint": FP, "class_names": [f"c{i}" for i in range(c)],
-    }  # fmt: skip
+        "generation": 0,
+        "arch": "tiny",
+        "seed": 0,
+        "temperature": 1.0,
+        "checkpoint_sha256": "00" * 32,
+        "dataset_fingerprint": FP,
+        "class_names": [f"c{i}" for i in range(c)],
+    }
     store = LogitStore.create(path, {"train": len(train), "test": len(test)}, c, 1, dtype, chunk_rows, attrs)
     store.write("train", 0, train)
     store.write("test", 0, test)
@@ -75,10 +80,14 @@ def test_one_hot_like_row_and_temperature() -> None:
 def test_similarity_on_a_constructed_case() -> None:
     # Class 0: non-target logits log 3, log 1 -> [0, 0.75, 0.25], exact even with a huge target logit
     # (where 1 - p_y is 0 in floating point). Class 1: [0.5, 0, 0.5] and [0.9, 0, 0.1] -> mean [0.7, 0, 0.3].
-    logits = np.array([
-        [5.0, math.log(3), 0.0], [1000.0, math.log(3), 0.0],
-        [0.0, 10.0, 0.0], [math.log(0.9), 3.0, math.log(0.1)],
-    ])  # fmt: skip
+    logits = np.array(
+        [
+            [5.0, math.log(3), 0.0],
+            [1000.0, math.log(3), 0.0],
+            [0.0, 10.0, 0.0],
+            [math.log(0.9), 3.0, math.log(0.1)],
+        ]
+    )
     stats = ins.TargetStats(3)
     stats.update(0, logits, np.array([0, 0, 1, 1]))
     sim = stats.similarity()
@@ -113,8 +122,9 @@ def test_ece_of_an_overconfident_case() -> None:
     m = cal.metrics()
     assert m["ece"] == pytest.approx(0.2) and m["accuracy"] == pytest.approx(0.55)
     assert [(r["count"], round(r["confidence"], 6), r["accuracy"]) for r in cal.reliability()] == [
-        (10, 0.6, 0.6), (10, 0.9, 0.5)
-    ]  # fmt: skip
+        (10, 0.6, 0.6),
+        (10, 0.9, 0.5),
+    ]
 
 
 def test_kl_and_agreement() -> None:
@@ -165,10 +175,14 @@ def test_noise_list_finds_the_planted_sample() -> None:
 # -- streaming -----------------------------------------------------------------------------------------
 def _summary(stats: ins.TargetStats, calib: ins.Calibration) -> dict:
     return {
-        "metrics": stats.metrics(), "calib": calib.metrics(), "reliability": calib.reliability(),
-        "ent": stats.entropy_hist.tolist(), "mp": stats.max_prob_hist.tolist(),
-        "sim": np.nan_to_num(stats.similarity()), "noisy": stats.noisy_rows([f"c{i}" for i in range(7)]),
-    }  # fmt: skip
+        "metrics": stats.metrics(),
+        "calib": calib.metrics(),
+        "reliability": calib.reliability(),
+        "ent": stats.entropy_hist.tolist(),
+        "mp": stats.max_prob_hist.tolist(),
+        "sim": np.nan_to_num(stats.similarity()),
+        "noisy": stats.noisy_rows([f"c{i}" for i in range(7)]),
+    }
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -359,8 +373,9 @@ def test_cli_inspect_compare_convert(project) -> None:
     assert imread(vs / "figures" / "per_class.png").ndim == 3
     chain = (vs / "chain.csv").read_text().splitlines()
     assert chain[0].startswith("generation,against") and [row.split(",")[:2] for row in chain[1:]] == [
-        ["1", "0"], ["2", "1"]
-    ]  # fmt: skip
+        ["1", "0"],
+        ["2", "1"],
+    ]
     assert float(chain[1].split(",")[3]) == pytest.approx(cm["train"]["agreement"], rel=1e-5)
     assert imread(vs / "figures" / "chain.png").ndim == 3
 

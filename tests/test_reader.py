@@ -43,10 +43,22 @@ def table(n: int = N, views: int = V, classes: int = C) -> np.ndarray:
 def write_store(path: Path, data: np.ndarray, chunk_rows: int = CHUNK, dtype: str = "float32", seal: bool = True):
     n, views, classes = data.shape
     store = LogitStore.create(
-        path, {"train": n}, classes, views, dtype, chunk_rows,
-        {"generation": 0, "arch": "tiny", "seed": 0, "temperature": 1.0, "checkpoint_sha256": "cd" * 32,
-         "dataset_fingerprint": FP, "class_names": [str(i) for i in range(classes)]},
-    )  # fmt: skip
+        path,
+        {"train": n},
+        classes,
+        views,
+        dtype,
+        chunk_rows,
+        {
+            "generation": 0,
+            "arch": "tiny",
+            "seed": 0,
+            "temperature": 1.0,
+            "checkpoint_sha256": "cd" * 32,
+            "dataset_fingerprint": FP,
+            "class_names": [str(i) for i in range(classes)],
+        },
+    )
     store.write("train", 0, data)
     if seal:
         store.seal()
@@ -251,9 +263,13 @@ class _TeacherRows(Dataset):
 def test_works_in_forked_dataloader_workers(stored) -> None:
     path, data = stored
     loader = DataLoader(
-        _TeacherRows(targets(path)), batch_size=8, shuffle=True, num_workers=2, multiprocessing_context="fork",
+        _TeacherRows(targets(path)),
+        batch_size=8,
+        shuffle=True,
+        num_workers=2,
+        multiprocessing_context="fork",
         generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+    )
     for index, rows, own_handle in loader:
         np.testing.assert_array_equal(rows.numpy(), data[index.numpy(), 0])
         assert own_handle.all()
@@ -292,11 +308,23 @@ def test_aug_reads_each_rows_stored_view(tmp_path: Path) -> None:
     tlf = np.stack(np.meshgrid(np.arange(n), np.arange(views), indexing="ij"), axis=-1)  # top = row, left = view
     aug = np.concatenate([tlf, ((tlf[..., :1] + tlf[..., 1:]) % 2)], axis=-1).astype(np.int16)  # flip = parity
     store = LogitStore.create(
-        path, {"train": n}, 2, views, "float32", 4,
-        {"generation": 0, "arch": "tiny", "seed": 0, "temperature": 1.0, "checkpoint_sha256": "cd" * 32,
-         "dataset_fingerprint": FP, "class_names": ["a", "b"]},
+        path,
+        {"train": n},
+        2,
+        views,
+        "float32",
+        4,
+        {
+            "generation": 0,
+            "arch": "tiny",
+            "seed": 0,
+            "temperature": 1.0,
+            "checkpoint_sha256": "cd" * 32,
+            "dataset_fingerprint": FP,
+            "class_names": ["a", "b"],
+        },
         augmentation={"kind": "crop+flip", "pad": 6, "size": 8, "seed": 0},
-    )  # fmt: skip
+    )
     store.write("train", 0, np.zeros((n, views, 2)), aug=aug)
     store.seal()
     t = CachedTargets(path, "train", FP, n, 2)

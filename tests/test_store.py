@@ -28,9 +28,14 @@ FP = "ab" * 32  # dataset fingerprint (sha256 hex)
 
 def provenance(num_classes: int, fingerprint: str = FP) -> dict:
     return {
-        "generation": 1, "arch": "tiny", "seed": 3, "temperature": 1.0, "checkpoint_sha256": "cd" * 32,
-        "dataset_fingerprint": fingerprint, "class_names": [f"c{i}" for i in range(num_classes)],
-    }  # fmt: skip
+        "generation": 1,
+        "arch": "tiny",
+        "seed": 3,
+        "temperature": 1.0,
+        "checkpoint_sha256": "cd" * 32,
+        "dataset_fingerprint": fingerprint,
+        "class_names": [f"c{i}" for i in range(num_classes)],
+    }
 
 
 def logits_for(rows: int, views: int, classes: int, seed: int = 0) -> np.ndarray:
@@ -96,9 +101,14 @@ def test_round_trip_across_chunk_boundaries(layout: dict) -> None:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "store"
         store = LogitStore.create(
-            path, {"train": len(train), "test": len(test)}, classes, views, dtype, layout["chunk_rows"],
+            path,
+            {"train": len(train), "test": len(test)},
+            classes,
+            views,
+            dtype,
+            layout["chunk_rows"],
             provenance(classes),
-        )  # fmt: skip
+        )
         bounds = layout["bounds"]
         for i in layout["order"]:
             piece = train[bounds[i] : bounds[i + 1]]
@@ -353,10 +363,20 @@ def sparse_store(path: Path, rows: int = 10, views: int = 3, slots: int = 2, chu
         "aug": np.stack(
             [rng.integers(0, 9, (rows, views)), rng.integers(0, 9, (rows, views)), rng.integers(0, 2, (rows, views))],
             axis=-1,
-        ).astype(np.int16),  # fmt: skip
+        ).astype(np.int16),
     }
-    store = LogitStore.create(path, {"train": rows}, 5, views, "float32", chunk_rows, provenance(5), layout="topk",
-                              slots=slots, augmentation=AUG)  # fmt: skip
+    store = LogitStore.create(
+        path,
+        {"train": rows},
+        5,
+        views,
+        "float32",
+        chunk_rows,
+        provenance(5),
+        layout="topk",
+        slots=slots,
+        augmentation=AUG,
+    )
     return store, arrays
 
 
@@ -373,8 +393,9 @@ def test_multi_view_sparse_round_trip(tmp_path: Path) -> None:
     assert attrs["layout"] == "topk" and attrs["slots"] == 2 and attrs["views"] == 3 and attrs["augmentation"] == AUG
     assert attrs["retained_mass"] == {"train": pytest.approx(float(arrays["mass"].astype(np.float64).mean()))}
     for name, key in (("train", "logits"), ("train_idx", "idx"), ("train_mass", "mass"), ("train_aug", "aug")):
-        np.testing.assert_array_equal(zarr.open_array(str(path / name), mode="r")[:], arrays[key].astype(
-            opened.array(name).dtype))  # fmt: skip
+        np.testing.assert_array_equal(
+            zarr.open_array(str(path / name), mode="r")[:], arrays[key].astype(opened.array(name).dtype)
+        )
     opened.verify()
     zarr.open_array(str(path / "train_aug"), mode="r+")[3, 1, 0] = arrays["aug"][3, 1, 0] ^ 1
     with pytest.raises(CorruptStoreError, match="'train_aug' content differs from its marker"):
