@@ -30,14 +30,10 @@ import numpy as np
 import zarr
 from _benchlib import machine_info, pick_workdir, table, teacher_like_logits, write_results
 
+from pipeline.inspect import log_softmax
 from pipeline.store import LogitStore, iter_blocks
 
 CHUNK_ROWS = 1024
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def on_disk(root: Path, name: str, arrays: dict[str, np.ndarray]) -> int:
@@ -85,7 +81,7 @@ def measure(root: Path, logits_v: np.ndarray, label: str, rng: np.random.Generat
     """Rows of the result table for logits of shape (N, V, C): every layout for view 0, views for V > 1."""
     n, v_all, c = logits_v.shape
     z = logits_v[:, 0, :]
-    p = softmax(z.astype(np.float64))
+    p = np.exp(log_softmax(z))
     out: list[dict[str, Any]] = []
 
     def add(layout: str, raw: float, arrays: dict[str, np.ndarray], views: int = 1, **extra: Any) -> None:

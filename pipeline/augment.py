@@ -1,48 +1,27 @@
-"""CIFAR training augmentation (random crop with zero padding, horizontal flip) and normalisation.
+"""CIFAR training augmentation (random crop with zero padding, horizontal flip) of uint8 images.
 
-Two ways to augment the same recipe:
-- `train_transform()`: torchvision.transforms.v2 on one uint8 CHW image, drawing from torch's global RNG
-  (per-sample DataLoader use; not replayable).
-- `draw_params` + `apply_params` (or `augment_batch`): the crop offsets and flips of a batch drawn
-  explicitly from a `torch.Generator` and applied by index arithmetic, so a view can be stored as three
-  small integers per image and rebuilt bit-for-bit later (the FKD replay of Shen & Xing 2021: the student
-  must see the very view the teacher's cached outputs were computed on, Beyer et al. 2022).
+`draw_params` + `apply_params` (or `augment_batch`): the crop offsets and flips of a batch drawn
+explicitly from a `torch.Generator` and applied by index arithmetic, so a view can be stored as three
+small integers per image and rebuilt bit-for-bit later (the FKD replay of Shen & Xing 2021: the student
+must see the very view the teacher's cached outputs were computed on, Beyer et al. 2022).
 
 `apply_params` of offsets (top, left) and flip f equals torchvision's
 `horizontal_flip(crop(pad(x, pad), top, left, size, size))` if f else the same without the flip.
 
-Normalisation is separate: `normalize(x_uint8, mean, std)` = (x / 255 - mean) / std per channel, used by
-training (after augmentation) and by export (on un-augmented images), with the per-dataset constants below.
+Augmentation works on uint8 pixels; normalisation is the model's first step (`pipeline.models.ImageInput`,
+with the train images' `channel_stats` kept in the checkpoint), so training and export cannot differ.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from torchvision.transforms import v2
-
 PAD = 4  # pixels of zero padding on each side before the random crop
 SIZE = 32  # crop side in pixels (CIFAR images are 32 x 32)
-
-# Per-channel (R, G, B) mean and standard deviation of the training images in [0, 1], over all pixels.
-# (The often-copied CIFAR-10 std (0.2023, 0.1994, 0.2010) is not the pixel std of the training set.)
-STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
-
-
-def stats_for(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) for a dataset with known constants; other data: `channel_stats` of its train images."""
-    if dataset not in STATS:
-        raise ValueError(f"no normalisation constants for {dataset!r}: known {sorted(STATS)}; use channel_stats")
-    return STATS[dataset]
 
 
 def channel_stats(x: np.ndarray, batch: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -61,22 +40,6 @@ def channel_stats(x: np.ndarray, batch: int = 4096) -> tuple[tuple[float, ...], 
     return tuple(float(m) for m in mean), tuple(float(v) for v in std)
 
 
-def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """float32 (x / 255 - mean) / std per channel of uint8 (B, C, H, W) images, on x's device and layout."""
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != len(mean) or len(mean) != len(std):
-        raise ValueError(f"normalize expects uint8 (B, {len(mean)}, H, W) images, got {x.dtype} {tuple(x.shape)}")
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
-    return (x.float() / 255.0 - m) / s
-
-
-def train_transform(pad: int = PAD, size: int = SIZE) -> v2.Compose:
-    """torchvision v2 pipeline for one uint8 (C, H, W) image: RandomCrop(size, padding=pad), flip p=0.5."""
-    from torchvision.transforms import v2  # noqa: F811
-
-    return v2.Compose([v2.RandomCrop(size, padding=pad), v2.RandomHorizontalFlip(p=0.5)])
-
-
 @dataclass(frozen=True)
 class AugParams:
     """One view per image: crop offsets into the padded image and a horizontal flip.
@@ -89,14 +52,6 @@ class AugParams:
     flip: torch.Tensor
     pad: int
     size: int
-
-    def to_numpy(self) -> dict[str, np.ndarray]:
-        """Arrays to store next to cached targets: top/left uint8 (pad <= 127), flip bool."""
-        return {
-            "top": self.top.numpy().astype(np.uint8),
-            "left": self.left.numpy().astype(np.uint8),
-            "flip": self.flip.numpy().astype(bool),
-        }
 
     @classmethod
     def from_numpy(cls, arrays: dict[str, np.ndarray], pad: int = PAD, size: int = SIZE) -> AugParams:

@@ -22,7 +22,7 @@ Every builder takes `(input_shape=(C, H, W), num_classes)` like the rest of `pip
 - `tv_{name}`: any torchvision classification model (`torchvision.models.list_models`), built with
   `weights=None` and `num_classes` (ImageNet stems: they expect 3 channels and downsample 32x32 inputs hard).
 
-Parametric names are parsed by `resolve`; the common ones are registered in `ARCHS` at import. All forward
+Parametric names are parsed by `resolve`; `pipeline.models` registers the common ones (`COMMON`) in `ARCHS`. All forward
 passes use `flatten`, never `view`, so channels_last inputs and models work.
 """
 
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models import ARCHS, Builder, register
+Builder = Callable[[tuple[int, ...], int], nn.Module]  # (input_shape, num_classes) -> module
 
 WRN_DROPOUT = 0.0  # dropout between the two convs of a WRN block unless the name says `_drop{p}`
 DENSENET_COMPRESSION = 0.5  # theta of DenseNet-BC transitions
@@ -255,13 +255,11 @@ _PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Builder | None]
 
 
 def resolve(arch: str) -> Builder | None:
-    """The builder for `arch`: a registered name, or a parametric name this module parses; None if unknown.
+    """The builder for the parametric name `arch`; None if this module does not parse it.
 
     Depths are checked when the builder is called: `resolve("resnet21")` returns a builder whose call raises
     a `ValueError` that explains the 6n + 2 rule.
     """
-    if arch in ARCHS:
-        return ARCHS[arch]
     for regex, parse in _PATTERNS:
         m = regex.fullmatch(arch)
         if m:
@@ -296,10 +294,15 @@ COMMON = (
     "tv_mobilenet_v3_small",
 )
 
-for _name in COMMON:
-    if _name.startswith("tv_"):  # no torchvision.models import until one is built
-        register(_name)(functools.partial(torchvision_model, name=_name[3:]))
-    else:
-        _builder = resolve(_name)
-        assert _builder is not None, _name
-        register(_name)(_builder)
+
+def common_builders() -> dict[str, Builder]:
+    """Builders of the COMMON names, for the registry of `pipeline.models`."""
+    found: dict[str, Builder] = {}
+    for name in COMMON:
+        if name.startswith("tv_"):  # no torchvision.models import until one is built
+            found[name] = functools.partial(torchvision_model, name=name[3:])
+        else:
+            builder = resolve(name)
+            assert builder is not None, name
+            found[name] = builder
+    return found

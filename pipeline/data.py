@@ -10,12 +10,15 @@ Layout of the file (all at the root):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
@@ -145,23 +148,62 @@ def write_prepared(
     return fp
 
 
-def load_prepared(path: str | os.PathLike[str]) -> PreparedData:
-    """Read a prepared dataset written by `write_prepared`."""
+class Labels(Protocol):
+    """Labels indexed by a slice of rows: a numpy array, or an h5py dataset left on disk."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: slice) -> Any: ...
+
+
+@dataclass(frozen=True)
+class DatasetLabels:
+    """Labels of a prepared dataset, left on disk (h5py datasets slice like arrays)."""
+
+    train: Labels
+    test: Labels
+    class_names: list[str]
+    fingerprint: str
+    val_index: np.ndarray | None = None  # sorted train rows held out from fitting (small: a fraction of N)
+
+
+@contextlib.contextmanager
+def _open_dataset(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
+    """Open a prepared dataset file for reading, refusing a missing, unreadable or foreign file."""
     p = Path(path)
     if not p.exists():
         raise DatasetError(f"{p}: prepared dataset not found. Run `bancache prepare` (or `dvc repro prepare`) first")
     try:
-        with h5py.File(p, "r") as f:
-            if f.attrs.get("format") != FORMAT:
-                raise DatasetError(f"{p}: not a bancache dataset (format attribute missing); rerun `bancache prepare`")
+        f = h5py.File(p, "r")
+    except OSError as e:
+        raise DatasetError(f"{p}: unreadable prepared dataset ({e}); rerun `bancache prepare`") from e
+    with f:
+        if f.attrs.get("format") != FORMAT or not all(k in f for k in ("y_train", "y_test")):
+            raise DatasetError(f"{p}: not a bancache dataset (format attribute missing); rerun `bancache prepare`")
+        yield f
+
+
+def load_prepared(path: str | os.PathLike[str]) -> PreparedData:
+    """Read a prepared dataset written by `write_prepared`."""
+    with _open_dataset(path) as f:
+        try:
             arrays = {k: f[k][()] for k in (*ARRAYS, "val_index")}
             names = json.loads(f.attrs["class_names"])
             fp = str(f.attrs["fingerprint"])
             name = str(f.attrs["dataset"])
             stats = {k: tuple(json.loads(f.attrs[k])) for k in ("channel_mean", "channel_std") if k in f.attrs}
-    except (OSError, KeyError) as e:
-        raise DatasetError(f"{p}: unreadable prepared dataset ({e}); rerun `bancache prepare`") from e
+        except (OSError, KeyError) as e:
+            raise DatasetError(f"{path}: unreadable prepared dataset ({e}); rerun `bancache prepare`") from e
     return PreparedData(class_names=names, fingerprint=fp, name=name, **arrays, **stats)
+
+
+@contextlib.contextmanager
+def open_labels(path: str | os.PathLike[str]) -> Iterator[DatasetLabels]:
+    """Open the labels of a prepared dataset without reading the inputs or whole label arrays."""
+    with _open_dataset(path) as f:
+        names = json.loads(f.attrs["class_names"])
+        val = np.sort(f["val_index"][()]) if "val_index" in f else None
+        yield DatasetLabels(f["y_train"], f["y_test"], names, str(f.attrs["fingerprint"]), val)
 
 
 class IndexedDataset(Dataset):

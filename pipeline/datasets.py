@@ -1,9 +1,9 @@
 """Image datasets read from disk into the arrays `pipeline.data.write_prepared` stores.
 
 Every loader returns a `Loaded` pair: `arrays` = {x_train, y_train, x_test, y_test} and `class_names`.
-Images are **uint8 NCHW** (N, C, H, W) in 0..255, four times smaller than float32 on disk; training and
-export normalise them on the fly (`pipeline.augment.normalize`). Labels are int64 class indices into
-`class_names`.
+Images are **uint8 NCHW** (N, C, H, W) in 0..255, four times smaller than float32 on disk; the model
+normalises them on the fly (`pipeline.models.ImageInput`), in training and export alike. Labels are int64
+class indices into `class_names`.
 
 Sources:
 - `load_cifar("cifar10" | "cifar100", root)`: torchvision's on-disk format (`root/cifar-10-batches-py`,

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from pipeline.data import PreparedData
-from pipeline.errors import StoreError
 from pipeline.losses import soften
 from pipeline.store import LogitStore, read_rows
 
@@ -33,11 +32,7 @@ def evaluate_chain(stores: dict[int, Path], data: PreparedData) -> dict[str, Any
         for g, p in sorted(stores.items())
     }
     for g, s in opened.items():
-        if s.attrs.get("layout", "dense") != "dense":  # the values are not C logits: refuse, never misread
-            raise StoreError(
-                f"{s.path}: layout {s.attrs['layout']!r} keeps only part of each row's logits; the ensemble "
-                f"of generation {g} needs all of them. Export it with export.layout: dense"
-            )
+        s.require_dense(f"the ensemble of generation {g}")
     gens = sorted(opened)
     students = [g for g in gens if g >= 1]
     groups: dict[str, list[int]] = {f"gen{g}": [g] for g in gens}

@@ -19,47 +19,18 @@ max_listed) numbers, never a split: a 10^6 x 100 store is read in memory of a fe
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
-import os
-import warnings
-import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import h5py
 import numpy as np
 
-from pipeline.data import FORMAT as DATASET_FORMAT
-from pipeline.errors import DatasetError, ParamsError, StoreError
-from pipeline.io import atomic_path
-from pipeline.params import _range
-from pipeline.store import MARKER, LogitStore, iter_blocks
-
-log = logging.getLogger(__name__)
+from pipeline.data import DatasetLabels, Labels
+from pipeline.params import InspectParams
+from pipeline.store import LogitStore, iter_blocks
 
 HIST_BINS = 50  # bins of the entropy and max-probability histograms
 VIEW = 0  # the view of (N, V, C) stores that is audited: the un-augmented input
-CONVERT_FORMATS = ("h5", "npz")
-
-
-@dataclass(frozen=True)
-class InspectParams:
-    """Section `inspect`: how `bancache inspect` reads a store."""
-
-    temperature: float = 1.0  # softening of the raw logits before every statistic
-    ece_bins: int = 15  # equal-width confidence bins of the ECE and the reliability diagram
-    noise_confidence: float = 0.9  # teacher max-prob at or above which a wrong argmax flags likely label noise
-    max_listed: int = 50  # likely-noisy samples listed, most confident first (all are counted)
-
-    def check(self, section: str) -> None:
-        _range(f"{section}.temperature", self.temperature, 0.0, None, lo_open=True)
-        _range(f"{section}.ece_bins", self.ece_bins, 1, None)
-        _range(f"{section}.noise_confidence", self.noise_confidence, 0.0, 1.0)
-        _range(f"{section}.max_listed", self.max_listed, 0, None)
 
 
 # -- pure statistics on a block of logits (B, C) -------------------------------------------------------
@@ -87,11 +58,9 @@ def dark_mass(logp: np.ndarray) -> np.ndarray:
 
 def non_target_probs(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """softmax(z_{-y} / T) per row: the distribution with the target entry removed and renormalised (0 at y)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = np.array(logits, dtype=np.float64)
     z[np.arange(len(z)), labels] = -np.inf
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    return np.exp(log_softmax(z, temperature))
 
 
 def kl_divergence(logp_ref: np.ndarray, logp: np.ndarray) -> np.ndarray:
@@ -313,10 +282,6 @@ def _std(mean: float, mean_sq: float) -> float:
 
 
 # -- streaming drivers ---------------------------------------------------------------------------------
-class Labels(Protocol):
-    def __getitem__(self, key: slice) -> Any: ...
-
-
 def stream(
     store: LogitStore, split: str, labels: Labels, acc: TargetStats | Calibration, val_index: np.ndarray | None = None
 ) -> None:
@@ -343,45 +308,11 @@ def stream_pair(store: LogitStore, ref: LogitStore, split: str, labels: Labels, 
         acc.update(start, block[:, VIEW, :], ref_arr[start:stop][:, VIEW, :], np.asarray(labels[start:stop]))
 
 
-@dataclass(frozen=True)
-class DatasetLabels:
-    """Labels of a prepared dataset, left on disk (h5py datasets slice like arrays)."""
-
-    train: Labels
-    test: Labels
-    class_names: list[str]
-    fingerprint: str
-    val_index: np.ndarray | None = None  # sorted train rows held out from fitting (small: a fraction of N)
-
-
-@contextlib.contextmanager
-def open_labels(path: str | os.PathLike[str]) -> Iterator[DatasetLabels]:
-    """Open the labels of data/dataset.h5 without reading the inputs or whole label arrays."""
-    p = Path(path)
-    if not p.exists():
-        raise DatasetError(f"{p}: prepared dataset not found. Run `bancache prepare` (or `dvc repro prepare`) first")
-    try:
-        f = h5py.File(p, "r")
-    except OSError as e:
-        raise DatasetError(f"{p}: unreadable prepared dataset ({e}); rerun `bancache prepare`") from e
-    with f:
-        if f.attrs.get("format") != DATASET_FORMAT or "y_train" not in f or "y_test" not in f:
-            raise DatasetError(f"{p}: not a bancache dataset (format attribute missing); rerun `bancache prepare`")
-        names = json.loads(f.attrs["class_names"])
-        val = np.sort(f["val_index"][()]) if "val_index" in f else None
-        yield DatasetLabels(f["y_train"], f["y_test"], names, str(f.attrs["fingerprint"]), val)
-
-
 def open_checked(path: Path, labels: DatasetLabels) -> LogitStore:
-    """Open a complete store and check it was exported from the dataset whose labels are read."""
-    rows = {"train": len(labels.train), "test": len(labels.test)}  # type: ignore[arg-type]
+    """Open a complete dense store and check it was exported from the dataset whose labels are read."""
+    rows = {"train": len(labels.train), "test": len(labels.test)}
     store = LogitStore.open(path, fingerprint=labels.fingerprint, rows=rows, num_classes=len(labels.class_names))
-    layout = store.attrs.get("layout", "dense")
-    if layout != "dense":
-        raise StoreError(
-            f"{path}: layout {layout!r} keeps only part of each row's logits, and the audit needs all of them: "
-            f"inspect a store exported with the dense layout (`bancache convert` works on any layout)"
-        )
+    store.require_dense("the audit (`bancache convert` reads any layout)")
     return store
 
 
@@ -404,60 +335,3 @@ def compare_stores(
         stream_pair(store, ref, split, y, acc)
         out[split] = acc
     return out
-
-
-# -- export for other tools ----------------------------------------------------------------------------
-def convert_store(store: LogitStore, out: str | os.PathLike[str], fmt: str) -> Path:
-    """Write every split of `store` to an HDF5 (`h5`) or numpy (`npz`) file, chunk by chunk, atomically.
-
-    Both hold every array of the store under its zarr name and dtype (`train` and `test` (N, V, C) for a
-    dense store; sparse and multi-view stores add `<split>_idx`, `<split>_mass`, `<split>_aug`) and the
-    store's attributes as a JSON string (`attributes`: an HDF5 file attribute, or a 0-d string array in the
-    npz).
-    """
-    if fmt not in CONVERT_FORMATS:
-        raise ParamsError(f"--format {fmt!r}: allowed values are {', '.join(CONVERT_FORMATS)}")
-    target = Path(out)
-    if target.is_dir():
-        raise ParamsError(f"--out {target}: is a directory; give a file path such as {target}/gen.{fmt}")
-    attrs = json.dumps(store.attrs, sort_keys=True)
-    with atomic_path(target) as tmp:
-        (_write_h5 if fmt == "h5" else _write_npz)(store, tmp, attrs)
-    log.info("converted %s to %s", store.path, target)
-    return target
-
-
-def _array_names(store: LogitStore) -> list[str]:
-    with warnings.catch_warnings():  # zarr warns about the completion marker, a file it does not know
-        warnings.filterwarnings("ignore", message=f"Object at {MARKER} is not recognized")
-        return sorted(store.group.array_keys())
-
-
-def _write_h5(store: LogitStore, path: Path, attrs: str) -> None:
-    with h5py.File(path, "w") as f:
-        f.attrs["attributes"] = attrs
-        for name in _array_names(store):
-            arr = store.array(name)
-            chunks = (min(arr.chunks[0], arr.shape[0]), *arr.shape[1:]) if arr.shape[0] else None
-            ds = f.create_dataset(name, shape=arr.shape, dtype=np.dtype(arr.dtype), chunks=chunks)
-            for start, block in iter_blocks(arr):
-                ds[start : start + len(block)] = block
-
-
-def _write_npz(store: LogitStore, path: Path, attrs: str) -> None:
-    # np.savez needs whole arrays; an .npz is a zip of .npy files, so each member is written header first,
-    # then its rows chunk by chunk.
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name in _array_names(store):
-            arr = store.array(name)
-            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                header = {
-                    "descr": np.lib.format.dtype_to_descr(np.dtype(arr.dtype)),
-                    "fortran_order": False,
-                    "shape": tuple(arr.shape),
-                }
-                np.lib.format.write_array_header_1_0(f, header)
-                for _, block in iter_blocks(arr):
-                    f.write(np.ascontiguousarray(block).tobytes())
-        with zf.open("attributes.npy", "w") as f:
-            np.lib.format.write_array(f, np.array(attrs))

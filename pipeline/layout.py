@@ -33,6 +33,11 @@ class Layout:
     def train_plot(self, gen: int) -> Path:
         return self.root / "plots" / "train" / f"gen-{gen}.csv"
 
+    def inspect(self, gen: int, against: int | None = None) -> Path:
+        """Folder of the audit of generation `gen`, or of its comparison with generation `against`."""
+        name = f"gen-{gen}" if against is None else f"gen-{gen}-vs-{against}"
+        return self.root / "inspect" / name
+
     @property
     def ensemble_metrics(self) -> Path:
         return self.root / "metrics" / "ensemble.json"

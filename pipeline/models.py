@@ -12,8 +12,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-Builder = Callable[[tuple[int, ...], int], nn.Module]
-ARCHS: dict[str, Builder] = {}
+from pipeline.cifar_models import Builder, common_builders, resolve
+
+ARCHS: dict[str, Builder] = common_builders()  # the CIFAR and torchvision names; this module adds its own
 
 
 def register(name: str) -> Callable[[Builder], Builder]:
@@ -26,8 +27,6 @@ def register(name: str) -> Callable[[Builder], Builder]:
 
 def lookup(arch: str) -> Builder | None:
     """The builder registered under `arch`, or parsed from a parametric name (wrn22_8, tv_vgg11, ...)."""
-    from pipeline.cifar_models import resolve
-
     return ARCHS.get(arch) or resolve(arch)
 
 
@@ -78,10 +77,6 @@ def cnn3(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> nn.
     )
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 @register("mlp")
 def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 128) -> nn.Module:
     """Two hidden layers of `hidden` units (the MNIST-1D paper's MLP baseline)."""
@@ -121,6 +116,3 @@ def cnn1d(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if len(input_shape) != 2:
         raise ValueError(f"cnn1d expects inputs of shape (channels, length), got {input_shape}")
     return CNN1d(input_shape[0], input_shape[1], num_classes)
-
-
-from pipeline import cifar_models  # noqa: E402,F401  (registers the CIFAR and torchvision architectures)

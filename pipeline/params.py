@@ -239,19 +239,36 @@ class LaunchParams:
 
 
 @dataclass(frozen=True)
+class InspectParams:
+    """Section `inspect`: how `bancache inspect` reads a store."""
+
+    temperature: float = 1.0  # softening of the raw logits before every statistic
+    ece_bins: int = 15  # equal-width confidence bins of the ECE and the reliability diagram
+    noise_confidence: float = 0.9  # teacher max-prob at or above which a wrong argmax flags likely label noise
+    max_listed: int = 50  # likely-noisy samples listed, most confident first (all are counted)
+
+    def check(self, section: str) -> None:
+        _range(f"{section}.temperature", self.temperature, 0.0, None, lo_open=True)
+        _range(f"{section}.ece_bins", self.ece_bins, 1, None)
+        _range(f"{section}.noise_confidence", self.noise_confidence, 0.0, 1.0)
+        _range(f"{section}.max_listed", self.max_listed, 0, None)
+
+
+@dataclass(frozen=True)
 class Chain:
     """Generation 0 (section `gen0`) and the students (section `students`, keyed by generation)."""
 
     gens: dict[int, GenParams] = field(default_factory=dict)
 
-    def teacher_of(self, gen: int) -> int | None:
-        return self.gens[gen].teacher
 
-    def get(self, gen: int) -> GenParams:
-        if gen not in self.gens:
-            known = ", ".join(str(g) for g in sorted(self.gens))
-            raise ParamsError(f"--gen {gen}: no such generation. Generations in params: {known}")
-        return self.gens[gen]
+def section_of(gen: int) -> str:
+    """The params section of generation `gen`: `gen0`, or `students.K` for K >= 1."""
+    return "gen0" if gen == 0 else f"students.{gen}"
+
+
+def generation_seed(recipe: TrainParams, gen: int, gp: GenParams) -> int:
+    """The seed generation `gen` trains with: its own section's `seed`, else train.seed + gen."""
+    return gp.seed if gp.seed is not None else recipe.seed + gen
 
 
 def parse_generation(gen: int, raw: Any) -> GenParams:
@@ -264,7 +281,7 @@ def parse_generation(gen: int, raw: Any) -> GenParams:
                 f"(got loss={gp.loss!r}, teacher={gp.teacher!r})"
             )
         return gp
-    section = f"students.{gen}"
+    section = section_of(gen)
     gp = parse_section(GenParams, section, raw)
     if gp.teacher is None:
         raise ParamsError(f"{section}.teacher: unset. Name the generation whose logits generation {gen} learns from")
@@ -300,6 +317,6 @@ def parse_chain(gen0_raw: Any, students_raw: Any) -> Chain:
         if gp.teacher is not None and gp.teacher not in gens:
             known = ", ".join(str(g) for g in sorted(gens))
             raise ParamsError(
-                f"students.{gen}.teacher = {gp.teacher}: no such generation. Generations in params: {known}"
+                f"{section_of(gen)}.teacher = {gp.teacher}: no such generation. Generations in params: {known}"
             )
     return Chain(gens=gens)

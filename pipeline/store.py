@@ -38,6 +38,7 @@ from pipeline.errors import (
     StoreNotFoundError,
 )
 from pipeline.io import write_json
+from pipeline.params import LAYOUTS
 
 FORMAT = "bancache-logits-v1"
 MARKER = "COMPLETE.json"
@@ -54,7 +55,6 @@ REQUIRED_ATTRS = (
     "views",
     "splits",
 )
-LAYOUTS = ("dense", "topk", "sampled")
 SPARSE_ARRAYS = ("idx", "mass")  # suffixes of the arrays a sparse layout adds per split
 AUG_ARRAY = "aug"  # suffix of the (N, V, 3) crop/flip array of a multi-view store
 
@@ -279,6 +279,16 @@ class LogitStore:
     @property
     def attrs(self) -> dict[str, Any]:
         return self.group.attrs.asdict()
+
+    def require_dense(self, needed_by: str) -> None:
+        """Refuse a sparse store where all C logits of each row are needed: its values are not C logits, and
+        reading them as such would be silently wrong."""
+        layout = self.attrs.get("layout", "dense")
+        if layout != "dense":
+            raise StoreError(
+                f"{self.path}: layout {layout!r} keeps only part of each row's logits, and {needed_by} needs all "
+                f"of them. Export it with export.layout: dense"
+            )
 
     def array(self, split: str) -> zarr.Array:
         """The zarr array `split`, opened once per LogitStore."""

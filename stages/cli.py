@@ -176,7 +176,7 @@ def inspect(obj: Ctx, gen: int, against: int | None) -> None:
     from stages import inspect as stage
 
     m = stage.run(obj.params(), obj.layout, gen, against)
-    out = stage.out_dir(obj.layout, gen, against)
+    out = obj.layout.inspect(gen, against)
     if against is None:
         tr, te = m["train"], m["test"]
         click.echo(

@@ -12,6 +12,7 @@ from pipeline.errors import ParamsError
 from pipeline.params import (
     DataParams,
     ExportParams,
+    InspectParams,
     LaunchParams,
     TrainParams,
     parse_chain,
@@ -59,6 +60,4 @@ class ParamsFile:
         parse_section(ExportParams, "export", self.raw.get("export"))
         parse_section(LaunchParams, "launch", self.raw.get("launch"))
         parse_chain(self.raw.get("gen0"), self.raw.get("students"))
-        from pipeline.inspect import InspectParams  # lazy: pulls in h5py, zarr and torch
-
         parse_section(InspectParams, "inspect", self.raw.get("inspect"))

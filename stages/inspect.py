@@ -9,33 +9,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.inspect import (
-    DatasetLabels,
-    InspectParams,
-    audit_store,
-    compare_stores,
-    convert_store,
-    open_checked,
-    open_labels,
-)
+from pipeline.convert import convert_store
+from pipeline.data import DatasetLabels, open_labels
+from pipeline.inspect import audit_store, compare_stores, open_checked
 from pipeline.inspect_plots import write_comparison, write_store_audit
 from pipeline.layout import Layout
-from pipeline.params import parse_section, student_keys
+from pipeline.params import InspectParams, parse_section, student_keys
 from pipeline.store import MARKER, LogitStore
 from stages.common import ParamsFile
 
 log = logging.getLogger(__name__)
 
 
-def out_dir(layout: Layout, gen: int, against: int | None = None) -> Path:
-    name = f"gen-{gen}" if against is None else f"gen-{gen}-vs-{against}"
-    return layout.root / "inspect" / name
-
-
 def run(params: ParamsFile, layout: Layout, gen: int, against: int | None = None) -> dict[str, Any]:
     """Write the audit (or comparison) of generation `gen`; returns its metrics."""
     p = parse_section(InspectParams, "inspect", params.get("inspect"))
-    out = out_dir(layout, gen, against)
+    out = layout.inspect(gen, against)
     with open_labels(layout.dataset) as labels:
         store = open_checked(layout.store(gen), labels)
         if against is None:

@@ -14,21 +14,17 @@ from pipeline.distributed import barrier
 from pipeline.errors import ParamsError
 from pipeline.io import write_json, write_text
 from pipeline.layout import Layout
-from pipeline.params import TrainParams, parse_generation, parse_section
+from pipeline.params import TrainParams, parse_generation, parse_section, section_of
 from pipeline.store import LogitStore
 from pipeline.train import accuracy, checkpoint_meta, predict_logits, resolve_device, save_generation, train_generation
 from stages.common import ParamsFile
 from stages.launch import worker_context
 
 
-def gen_section(gen: int) -> str:
-    return "gen0" if gen == 0 else f"students.{gen}"
-
-
 def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False) -> dict[str, Any]:
     """Train generation `gen`; with `resume`, continue a killed run of the same config from its last epoch."""
     recipe = parse_section(TrainParams, "train", params.get("train"))
-    raw = params.get(gen_section(gen))
+    raw = params.get(section_of(gen))
     if gen != 0 and raw is None:
         raise ParamsError(
             f"--gen {gen}: params.yaml has no section students.'{gen}' (generation {gen}); "

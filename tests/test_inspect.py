@@ -16,9 +16,10 @@ from click.testing import CliRunner
 from matplotlib.image import imread
 
 import pipeline.inspect as ins
-from pipeline.data import load_prepared
+from pipeline.convert import convert_store
+from pipeline.data import DatasetLabels, load_prepared
 from pipeline.errors import ParamsError, StoreError
-from pipeline.params import parse_section
+from pipeline.params import InspectParams, parse_section
 from pipeline.store import LogitStore
 from stages.cli import main
 from stages.common import ParamsFile
@@ -45,8 +46,8 @@ def make_store(path: Path, train: np.ndarray, test: np.ndarray, chunk_rows: int,
     return LogitStore.open(path)
 
 
-def labels_of(y_train: np.ndarray, y_test: np.ndarray, c: int, val_index=None) -> ins.DatasetLabels:
-    return ins.DatasetLabels(y_train, y_test, [f"c{i}" for i in range(c)], FP, val_index)
+def labels_of(y_train: np.ndarray, y_test: np.ndarray, c: int, val_index=None) -> DatasetLabels:
+    return DatasetLabels(y_train, y_test, [f"c{i}" for i in range(c)], FP, val_index)
 
 
 def binary_logits(p: float) -> list[float]:
@@ -203,7 +204,7 @@ def test_chunked_store_audit_equals_whole_array(tmp_path: Path, chunk_rows: int)
     rng = np.random.default_rng(chunk_rows)
     tr, te = rng.normal(0, 4, (1000, 7)).astype(np.float16), rng.normal(0, 4, (300, 7)).astype(np.float16)
     ytr, yte = rng.integers(0, 7, 1000), rng.integers(0, 7, 300)
-    p = ins.InspectParams(temperature=1.5, ece_bins=10, noise_confidence=0.8, max_listed=20)
+    p = InspectParams(temperature=1.5, ece_bins=10, noise_confidence=0.8, max_listed=20)
     val_index = np.sort(rng.choice(1000, 100, replace=False))
     val = np.isin(np.arange(1000), val_index)
     whole = ins.TargetStats(7, p.temperature, p.noise_confidence, p.max_listed)
@@ -241,7 +242,7 @@ def test_inspector_reads_one_chunk_at_a_time(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(LogitStore, "array", lambda self, split: RecordingArray(self.group[split], reads))
     labels = labels_of(rng.integers(0, 4, 1000), rng.integers(0, 4, 250), 4)
 
-    ins.audit_store(a, labels, ins.InspectParams())
+    ins.audit_store(a, labels, InspectParams())
     assert sum(stop - start for start, stop, _ in reads) == 1250  # every row, once
     assert all(stop - start <= chunk and start % chunk == 0 for start, stop, chunk in reads)
     reads.clear()
@@ -263,13 +264,13 @@ def test_inspector_reads_one_chunk_at_a_time(tmp_path: Path, monkeypatch: pytest
 )
 def test_bad_inspect_params(raw: dict, needle: str) -> None:
     with pytest.raises(ParamsError) as e:
-        parse_section(ins.InspectParams, "inspect", raw)
+        parse_section(InspectParams, "inspect", raw)
     assert needle in str(e.value)
 
 
 def test_params_file_validates_the_inspect_section() -> None:
-    assert parse_section(ins.InspectParams, "inspect", yaml.safe_load(open("params.yaml"))["inspect"]) == (
-        ins.InspectParams(temperature=1.0, ece_bins=15, noise_confidence=0.9, max_listed=50)
+    assert parse_section(InspectParams, "inspect", yaml.safe_load(open("params.yaml"))["inspect"]) == (
+        InspectParams(temperature=1.0, ece_bins=15, noise_confidence=0.9, max_listed=50)
     )
     with pytest.raises(ParamsError, match="inspect.ece_bins"):
         ParamsFile(tiny_params(inspect={"ece_bins": 0})).validate()
@@ -280,7 +281,7 @@ def test_convert_round_trip(tmp_path: Path, fmt: str) -> None:
     rng = np.random.default_rng(4)
     tr, te = rng.normal(0, 3, (130, 5)), rng.normal(0, 3, (20, 5))
     store = make_store(tmp_path / "s", tr, te, chunk_rows=32, dtype="float16")
-    out = ins.convert_store(store, tmp_path / "out" / f"gen.{fmt}", fmt)
+    out = convert_store(store, tmp_path / "out" / f"gen.{fmt}", fmt)
     if fmt == "npz":
         with np.load(out) as f:
             arrays = {k: f[k] for k in ("train", "test")}
@@ -295,7 +296,7 @@ def test_convert_round_trip(tmp_path: Path, fmt: str) -> None:
     assert attrs["dataset_fingerprint"] == FP and attrs["splits"] == {"train": 130, "test": 20}
     assert sorted(p.name for p in out.parent.iterdir()) == [f"gen.{fmt}"]  # no temporary left behind
     with pytest.raises(ParamsError, match="is a directory"):
-        ins.convert_store(store, tmp_path, fmt)
+        convert_store(store, tmp_path, fmt)
 
 
 def test_convert_keeps_every_array_and_inspect_refuses_sparse_layouts(tmp_path: Path) -> None:
@@ -304,7 +305,7 @@ def test_convert_keeps_every_array_and_inspect_refuses_sparse_layouts(tmp_path: 
     group = zarr.open_group(str(tmp_path / "s"), mode="r+")
     mass = group.create_array("train_mass", shape=(40, 1), chunks=(16, 1), dtype="float32")
     mass[:] = rng.random((40, 1))
-    out = ins.convert_store(LogitStore.open(tmp_path / "s"), tmp_path / "all.npz", "npz")
+    out = convert_store(LogitStore.open(tmp_path / "s"), tmp_path / "all.npz", "npz")
     with np.load(out) as f:
         assert set(f.files) == {"train", "test", "train_mass", "attributes"}
         np.testing.assert_array_equal(f["train_mass"], mass[:])

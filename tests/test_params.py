@@ -63,7 +63,7 @@ def test_chain_rules() -> None:
     with pytest.raises(ParamsError, match="quoted strings"):
         student_keys({1: {"teacher": 0}})  # an unquoted YAML key is an int; DVC's foreach would skip it
     chain = parse_chain({}, {"1": {"teacher": 0}, "2": {"teacher": 0, "loss": "kd"}})
-    assert chain.teacher_of(2) == 0 and sorted(chain.gens) == [0, 1, 2]
+    assert chain.gens[2].teacher == 0 and sorted(chain.gens) == [0, 1, 2]
 
 
 def test_params_file_rejects_unknown_section(tmp_path) -> None:
