@@ -191,10 +191,12 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedData:
             names = json.loads(f.attrs["class_names"])
             fp = str(f.attrs["fingerprint"])
             name = str(f.attrs["dataset"])
-            stats = {k: tuple(json.loads(f.attrs[k])) for k in ("channel_mean", "channel_std") if k in f.attrs}
+            mean, std = (
+                tuple(json.loads(f.attrs[k])) if k in f.attrs else None for k in ("channel_mean", "channel_std")
+            )
         except (OSError, KeyError) as e:
             raise DatasetError(f"{path}: unreadable prepared dataset ({e}); rerun `bancache prepare`") from e
-    return PreparedData(class_names=names, fingerprint=fp, name=name, **arrays, **stats)
+    return PreparedData(**arrays, class_names=names, fingerprint=fp, name=name, channel_mean=mean, channel_std=std)
 
 
 @contextlib.contextmanager

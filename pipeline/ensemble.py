@@ -47,7 +47,10 @@ def evaluate_chain(stores: dict[int, Path], data: PreparedData) -> dict[str, Any
         stop = min(start + step, len(y))
         probs = {g: _probs(s, start, stop) for g, s in opened.items()}
         for name, members in groups.items():
-            mean = sum(probs[g] for g in members) / len(members)
+            total = np.zeros_like(probs[members[0]])
+            for g in members:
+                total += probs[g]
+            mean = total / len(members)
             correct[name] += int((mean.argmax(-1) == y[start:stop]).sum())
     n = len(y)
     return {

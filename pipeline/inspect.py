@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.data import DatasetLabels, Labels
 from pipeline.params import InspectParams
-from pipeline.store import LogitStore, iter_blocks
+from pipeline.store import LogitStore, iter_blocks, read_rows
 
 HIST_BINS = 50  # bins of the entropy and max-probability histograms
 VIEW = 0  # the view of (N, V, C) stores that is audited: the un-augmented input
@@ -305,7 +305,8 @@ def stream_pair(store: LogitStore, ref: LogitStore, split: str, labels: Labels, 
     ref_arr = ref.array(split)
     for start, block in iter_blocks(store.array(split)):
         stop = start + len(block)
-        acc.update(start, block[:, VIEW, :], ref_arr[start:stop][:, VIEW, :], np.asarray(labels[start:stop]))
+        ref_block = read_rows(ref_arr, start, stop)
+        acc.update(start, block[:, VIEW, :], ref_block[:, VIEW, :], np.asarray(labels[start:stop]))
 
 
 def open_checked(path: Path, labels: DatasetLabels) -> LogitStore:

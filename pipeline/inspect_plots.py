@@ -77,6 +77,16 @@ def write_store_audit(
         }
     )
     write_json(out / "metrics.json", metrics)
+    sim, noisy = _write_audit_csvs(out, class_names, stats, calib)
+    _write_audit_figures(out / "figures", f"generation {gen}, T = {params.temperature:g}", class_names, stats, calib)
+    write_text(out / "summary.md", _store_summary(gen, attrs, metrics, sim, class_names, noisy, params))
+    return metrics
+
+
+def _write_audit_csvs(
+    out: Path, class_names: list[str], stats: TargetStats, calib: Calibration
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The audit's CSVs; returns the similarity matrix and the listed likely-noisy rows."""
     _write_csv(
         out / "entropy.csv",
         ["bin_lo", "bin_hi", "entropy", "count"],
@@ -97,8 +107,13 @@ def write_store_audit(
     )
     noisy = stats.noisy_rows(class_names)
     _write_csv(out / "noisy.csv", list(noisy[0]) if noisy else ["index"], [list(r.values()) for r in noisy])
-    figs = out / "figures"
-    title = f"generation {gen}, T = {params.temperature:g}"
+    return sim, noisy
+
+
+def _write_audit_figures(
+    figs: Path, title: str, class_names: list[str], stats: TargetStats, calib: Calibration
+) -> None:
+    sim = stats.similarity()
     _histogram(
         stats.entropy_edges,
         stats.entropy_hist,
@@ -119,8 +134,6 @@ def write_store_audit(
     )
     _similarity(sim, class_names, figs / "similarity.png", f"Class similarity from dark knowledge\n(train, {title})")
     _reliability(calib, figs / "reliability.png", f"Reliability (test, {title})")
-    write_text(out / "summary.md", _store_summary(gen, attrs, metrics, sim, class_names, noisy, params))
-    return metrics
 
 
 def _histogram(
@@ -258,24 +271,28 @@ def _store_summary(
         f"## Likely label noise ({tr['likely_noisy']} samples; first {params.max_listed} in [noisy.csv](noisy.csv))",
         "",
     ]
-    if noisy:
-        lines += [
-            "| train index | label | teacher says | confidence | p(label) | validation row |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['index']} | {r['label_name']} | {r['predicted_name']} | {r['confidence']:.4f} | "
-            f"{r['label_prob']:.2e} | {'yes' if r['validation_row'] else 'no'} |"
-            for r in noisy[:SUMMARY_NOISY_ROWS]
-        ]
-    else:
-        lines.append("None.")
+    lines += _noisy_table(noisy)
     lines += [
         "",
         "Data: [metrics.json](metrics.json), [entropy.csv](entropy.csv), [max_prob.csv](max_prob.csv), "
         "[reliability.csv](reliability.csv).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _noisy_table(noisy: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows of the first likely-noisy samples, or "None."."""
+    if not noisy:
+        return ["None."]
+    rows = [
+        "| train index | label | teacher says | confidence | p(label) | validation row |",
+        "|---|---|---|---|---|---|",
+    ]
+    return rows + [
+        f"| {r['index']} | {r['label_name']} | {r['predicted_name']} | {r['confidence']:.4f} | "
+        f"{r['label_prob']:.2e} | {'yes' if r['validation_row'] else 'no'} |"
+        for r in noisy[:SUMMARY_NOISY_ROWS]
+    ]
 
 
 def _closest(sim: np.ndarray, names: list[str]) -> list[str]:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.params import LOSSES
+
 
 @dataclass(frozen=True)
 class Probs:
@@ -121,7 +123,7 @@ def generation_loss(
     alpha: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Dispatch on the loss name of params (`ce`, `ban`, `ban+l`, `kd`, `cwtm`, `dkpp`)."""
+    """Dispatch on the loss name of params (`pipeline.params.LOSSES`)."""
     if name == "ce":
         return ce_loss(student, labels)
     if teacher is None:
@@ -136,4 +138,4 @@ def generation_loss(
         return cwtm_loss(student, teacher, labels, temperature)
     if name == "dkpp":
         return dkpp_loss(student, teacher, temperature, generator)
-    raise ValueError(f"unknown loss {name!r}; known: ce, ban, ban+l, kd, cwtm, dkpp")
+    raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")

@@ -43,6 +43,9 @@ class ImageInput(nn.Module):
     kept as buffers: a checkpoint carries its own preprocessing, so export and evaluation cannot differ
     from training. Float inputs pass through unchanged."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, net: nn.Module, channels: int) -> None:
         super().__init__()
         self.net = net

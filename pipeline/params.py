@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from pipeline.errors import ParamsError
 
 LOSSES = ("ce", "ban", "ban+l", "kd", "cwtm", "dkpp")
+TEACHER_LOSSES = LOSSES[1:]  # every loss but ce learns from a teacher's cached logits
 DATASETS = ("mnist1d", "cifar10", "cifar100", "npz", "imagefolder")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant", "step")
@@ -288,7 +289,7 @@ def parse_generation(gen: int, raw: Any) -> GenParams:
     if not 0 <= gp.teacher < gen:
         raise ParamsError(f"{section}.teacher = {gp.teacher}: a teacher must be an earlier generation (0..{gen - 1})")
     if gp.loss == "ce":
-        raise ParamsError(f"{section}.loss = 'ce' ignores the teacher: use one of ban, ban+l, kd, cwtm, dkpp")
+        raise ParamsError(f"{section}.loss = 'ce' ignores the teacher: use one of {', '.join(TEACHER_LOSSES)}")
     return gp
 
 

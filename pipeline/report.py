@@ -4,7 +4,7 @@ seeds when several runs are given)."""
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 LOSS_COLUMNS = {"ban": "BAN", "ban+l": "BAN+L", "cwtm": "CWTM", "dkpp": "DKPP", "kd": "KD"}
@@ -22,7 +22,7 @@ def chain_columns(ensemble: Mapping[str, Any]) -> dict[str, float]:
     return cols
 
 
-def _order(columns: Sequence[str]) -> list[str]:
+def _order(columns: Iterable[str]) -> list[str]:
     def key(c: str) -> tuple[int, int, str]:
         if c == "Teacher":
             return (0, 0, c)

@@ -34,6 +34,7 @@ from pipeline.errors import (
     CorruptStoreError,
     ForeignStoreError,
     IncompleteStoreError,
+    ParamsError,
     StoreError,
     StoreNotFoundError,
 )
@@ -61,6 +62,16 @@ AUG_ARRAY = "aug"  # suffix of the (N, V, 3) crop/flip array of a multi-view sto
 
 def index_dtype(num_classes: int) -> str:
     return "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
+
+
+def check_temperature(path: str | os.PathLike[str], layout: str, temperature: float, key: str) -> None:
+    """Refuse a temperature the store's layout cannot serve: sampled class counts estimate the teacher
+    distribution at T = 1 only (Anshumann et al. 2025); `key` names the setting at fault."""
+    if layout == "sampled" and temperature != 1.0:
+        raise ParamsError(
+            f"{key} = {temperature}: the teacher's store {path} holds sampled targets, an estimate of the teacher "
+            f"distribution at T = 1 only. Use temperature: 1.0 or a dense or topk store"
+        )
 
 
 class LogitStore:
@@ -215,7 +226,7 @@ class LogitStore:
         out = {}
         for split in self.attrs["splits"]:
             total, count = 0.0, 0
-            for _, block in iter_blocks(self.group[f"{split}_mass"]):
+            for _, block in iter_blocks(self.array(f"{split}_mass")):
                 total += float(block.astype(np.float64).sum())
                 count += block.size
             out[split] = total / count if count else 1.0
@@ -237,7 +248,7 @@ class LogitStore:
         marker = _read_marker(p)
         try:
             group = zarr.open_group(str(p), mode="r")
-            attrs = group.attrs.asdict()
+            attrs: dict[str, Any] = group.attrs.asdict()
         except Exception as e:  # zarr raises many types for damaged metadata
             raise CorruptStoreError(f"{p}: unreadable store metadata ({e}); re-export it") from e
         missing = [k for k in REQUIRED_ATTRS if k not in attrs]
@@ -295,8 +306,11 @@ class LogitStore:
         if split in self._arrays:
             return self._arrays[split]
         try:
-            self._arrays[split] = self.group[split]
-            return self._arrays[split]
+            found = self.group[split]
+            if not isinstance(found, zarr.Array):
+                raise KeyError(split)
+            self._arrays[split] = found
+            return found
         except KeyError:
             raise CorruptStoreError(f"{self.path}: array '{split}' is missing; re-export the store") from None
         except Exception as e:  # damaged array metadata fails inside zarr with many exception types
@@ -310,7 +324,7 @@ class LogitStore:
         for split, want in marker["sha256"].items():
             h = hashlib.sha256()
             try:
-                for _, block in iter_blocks(self.group[split]):
+                for _, block in iter_blocks(self.array(split)):
                     h.update(np.ascontiguousarray(block).tobytes())
             except Exception as e:
                 raise CorruptStoreError(f"{self.path}: '{split}' has an unreadable chunk ({e}); re-export") from e
@@ -322,8 +336,8 @@ def _bad_rows(block: np.ndarray) -> np.ndarray:
     """Rows holding a fill value or worse: non-finite floats, negative integers (fill value -1)."""
     flat = block.reshape(len(block), -1)
     if np.issubdtype(block.dtype, np.floating):
-        return ~np.isfinite(flat).all(axis=1)
-    return (flat < 0).any(axis=1)  # type: ignore[no-any-return]
+        return np.asarray(~np.isfinite(flat).all(axis=1))
+    return np.asarray((flat < 0).any(axis=1))
 
 
 def iter_blocks(arr: zarr.Array) -> Iterator[tuple[int, np.ndarray]]:

@@ -151,7 +151,7 @@ def report(obj: Ctx) -> None:
 def sweep(obj: Ctx, seeds: str, losses: str, out: str) -> None:
     """Run the whole chain for several seeds and write a mean +- std table (results/sweep/table.md)."""
     from pipeline.errors import ParamsError
-    from pipeline.params import LOSSES
+    from pipeline.params import TEACHER_LOSSES
     from stages import sweep as stage
 
     try:
@@ -159,9 +159,9 @@ def sweep(obj: Ctx, seeds: str, losses: str, out: str) -> None:
     except ValueError:
         raise ParamsError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
     loss_list = [s.strip() for s in losses.split(",") if s.strip()]
-    bad = [s for s in loss_list if s not in LOSSES or s == "ce"]
+    bad = [s for s in loss_list if s not in TEACHER_LOSSES]
     if bad:
-        raise ParamsError(f"--losses: unknown {bad}; choose from ban, ban+l, kd, cwtm, dkpp")
+        raise ParamsError(f"--losses: unknown {bad}; choose from {', '.join(TEACHER_LOSSES)}")
     click.echo(stage.run(obj.params(), Path(out), seed_list, loss_list))
 
 
