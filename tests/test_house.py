@@ -87,3 +87,11 @@ def test_no_import_circle_among_pipeline_modules() -> None:
     assert "models" in graph["checkpoint"]  # the parser sees the library's imports
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def test_ci_runs_the_readme_test_command_with_every_gate() -> None:
+    readme = (ROOT / "README.md").read_text()
+    command = readme.split("this is exactly what CI runs):\n\n```bash\n", 1)[1].split("\n", 1)[0]
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
+    for gate in ("ruff check", "ruff format --check", "mypy pipeline", "pytest"):
+        assert f"&& {gate}" in command, gate
