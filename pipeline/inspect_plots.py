@@ -18,8 +18,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.inspect import VIEW, Agreement, Calibration, InspectParams, TargetStats
+from pipeline.inspect import VIEW, Agreement, Calibration, TargetStats
 from pipeline.io import atomic_path, write_json, write_text
+from pipeline.params import InspectParams
 
 SUMMARY_NOISY_ROWS = 10  # likely-noisy samples shown in summary.md (noisy.csv lists up to max_listed)
 

@@ -95,3 +95,16 @@ def test_ci_runs_the_readme_test_command_with_every_gate() -> None:
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()
     for gate in ("ruff check", "ruff format --check", "mypy pipeline", "pytest"):
         assert f"&& {gate}" in command, gate
+
+
+def test_readme_layout_lists_every_library_module_below_what_it_imports() -> None:
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("\n## Layout\n", 1)[1]
+    listed = [
+        line.split()[0][: -len(".py")] for line in layout.splitlines() if line.startswith("  ") and ".py " in line
+    ]
+    modules = {path.stem for path in _modules("pipeline")} - {"__init__"}
+    assert modules <= set(listed), f"README Layout misses {sorted(modules - set(listed))}"
+    for name in modules:
+        above = set(listed[: listed.index(name)])
+        assert pipeline_imports(ROOT / "pipeline" / f"{name}.py") <= above, f"{name} imports a module listed below it"
