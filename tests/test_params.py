@@ -10,9 +10,11 @@ from pipeline.params import (
     ExportParams,
     GenParams,
     TrainParams,
+    generation_seed,
     parse_chain,
     parse_generation,
     parse_section,
+    section_of,
     student_keys,
 )
 from stages.common import ParamsFile
@@ -105,3 +107,11 @@ def test_each_stage_reads_only_the_params_dvc_yaml_declares(project) -> None:
         p = ParamsFile(tiny_params())
         fn(p)
         assert p.used <= declared[stage], f"{stage} reads {p.used - declared[stage]} not declared in dvc.yaml"
+
+
+def test_section_and_seed_of_a_generation() -> None:
+    assert section_of(0) == "gen0" and section_of(3) == "students.3"
+    recipe = TrainParams(seed=10)
+    assert generation_seed(recipe, 0, GenParams(loss="ce")) == 10
+    assert generation_seed(recipe, 2, GenParams(teacher=1)) == 12  # train.seed + K
+    assert generation_seed(recipe, 2, GenParams(teacher=1, seed=5)) == 5  # the generation's own seed wins

@@ -17,11 +17,12 @@ from pipeline.errors import (
     CorruptStoreError,
     ForeignStoreError,
     IncompleteStoreError,
+    ParamsError,
     StoreError,
     StoreNotFoundError,
 )
 from pipeline.io import atomic_path
-from pipeline.store import MARKER, LogitStore
+from pipeline.store import MARKER, LogitStore, check_temperature
 
 FP = "ab" * 32  # dataset fingerprint (sha256 hex)
 
@@ -430,3 +431,11 @@ def test_write_needs_every_array_of_the_store_and_checks_all_shapes_first(tmp_pa
     dense = LogitStore.create(tmp_path / "d", {"train": 4}, 3, 1, "float32", 4, provenance(3))
     with pytest.raises(ValueError, match="'train_aug' is not an array of this store"):
         dense.write("train", 0, np.ones((4, 3)), aug=np.zeros((4, 1, 3)))
+
+
+def test_only_a_sampled_store_refuses_a_temperature_other_than_1() -> None:
+    for layout in ("dense", "topk"):
+        check_temperature("cache/gen-0", layout, 2.0, "students.1.temperature")
+    check_temperature("cache/gen-0", "sampled", 1.0, "students.1.temperature")
+    with pytest.raises(ParamsError, match=r"students.1.temperature = 2.0: .*cache/gen-0 holds sampled .* T = 1 only"):
+        check_temperature("cache/gen-0", "sampled", 2.0, "students.1.temperature")
