@@ -22,8 +22,8 @@ Every builder takes `(input_shape=(C, H, W), num_classes)` like the rest of `pip
 - `tv_{name}`: any torchvision classification model (`torchvision.models.list_models`), built with
   `weights=None` and `num_classes` (ImageNet stems: they expect 3 channels and downsample 32x32 inputs hard).
 
-Parametric names are parsed by `resolve`; `pipeline.models` registers the common ones (`COMMON`) in `ARCHS`. All forward
-passes use `flatten`, never `view`, so channels_last inputs and models work.
+Parametric names are parsed by `resolve`; `pipeline.models` registers the common ones (`COMMON`) in
+`ARCHS`. All forward passes use `flatten`, never `view`, so channels_last inputs and models work.
 """
 
 from __future__ import annotations
