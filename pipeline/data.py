@@ -145,8 +145,9 @@ def write_prepared(
     return fp
 
 
-def load_prepared(path: str | os.PathLike[str]) -> PreparedData:
-    """Read a prepared dataset written by `write_prepared`."""
+def load_prepared(path: str | os.PathLike[str], verify: bool = True) -> PreparedData:
+    """Read a prepared dataset written by `write_prepared`; `verify` recomputes its fingerprint from the
+    arrays read (benchmarks/verify.py measures the cost) and refuses a file whose arrays were edited."""
     p = Path(path)
     if not p.exists():
         raise DatasetError(f"{p}: prepared dataset not found. Run `bancache prepare` (or `dvc repro prepare`) first")
@@ -161,6 +162,11 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedData:
             stats = {k: tuple(json.loads(f.attrs[k])) for k in ("channel_mean", "channel_std") if k in f.attrs}
     except (OSError, KeyError) as e:
         raise DatasetError(f"{p}: unreadable prepared dataset ({e}); rerun `bancache prepare`") from e
+    if verify and fingerprint(arrays) != fp:
+        raise DatasetError(
+            f"{p}: its arrays differ from its recorded fingerprint {fp[:12]}... (edited or damaged after "
+            f"`bancache prepare`); rerun `bancache prepare`"
+        )
     return PreparedData(class_names=names, fingerprint=fp, name=name, **arrays, **stats)
 
 

@@ -34,10 +34,10 @@ import h5py
 import numpy as np
 
 from pipeline.data import FORMAT as DATASET_FORMAT
-from pipeline.errors import DatasetError, ParamsError, StoreError
+from pipeline.errors import CorruptStoreError, DatasetError, ParamsError, StoreError
 from pipeline.io import atomic_path
 from pipeline.params import _range
-from pipeline.store import MARKER, LogitStore, iter_blocks
+from pipeline.store import MARKER, REEXPORT, LogitStore
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,8 @@ def stream(
 ) -> None:
     """Feed `split` of `store` to `acc` one zarr chunk of rows at a time, with the matching labels (and, for
     TargetStats, which rows are in the sorted `val_index`)."""
-    for start, block in iter_blocks(store.array(split)):
+    for start, block in store.blocks(split):
+        _check_finite(store, split, start, block)
         stop = start + len(block)
         y = np.asarray(labels[start:stop])
         if isinstance(acc, TargetStats):
@@ -337,10 +338,23 @@ def stream(
 
 def stream_pair(store: LogitStore, ref: LogitStore, split: str, labels: Labels, acc: Agreement) -> None:
     """Feed the same rows of two stores to `acc`, in the chunks of `store` (at most two chunks of `ref`)."""
-    ref_arr = ref.array(split)
-    for start, block in iter_blocks(store.array(split)):
+    for start, block in store.blocks(split):
         stop = start + len(block)
-        acc.update(start, block[:, VIEW, :], ref_arr[start:stop][:, VIEW, :], np.asarray(labels[start:stop]))
+        ref_block = ref.read(split, start, stop)
+        _check_finite(store, split, start, block)
+        _check_finite(ref, split, start, ref_block)
+        acc.update(start, block[:, VIEW, :], ref_block[:, VIEW, :], np.asarray(labels[start:stop]))
+
+
+def _check_finite(store: LogitStore, split: str, start: int, block: np.ndarray) -> None:
+    """Refuse rows holding NaN/Inf (a store read with verify=False, or written by other tools)."""
+    bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+    if bad.any():
+        rows = (start + np.flatnonzero(bad))[:5].tolist()
+        raise CorruptStoreError(
+            f"{store.path}: rows {rows} of '{split}' are missing or not finite ({int(bad.sum())} in this chunk); "
+            f"the audit needs finite logits: {REEXPORT}"
+        )
 
 
 @dataclass(frozen=True)
@@ -372,10 +386,12 @@ def open_labels(path: str | os.PathLike[str]) -> Iterator[DatasetLabels]:
         yield DatasetLabels(f["y_train"], f["y_test"], names, str(f.attrs["fingerprint"]), val)
 
 
-def open_checked(path: Path, labels: DatasetLabels) -> LogitStore:
-    """Open a complete store and check it was exported from the dataset whose labels are read."""
+def open_checked(path: Path, labels: DatasetLabels, verify: bool = True) -> LogitStore:
+    """Open a complete store and check it was exported from the dataset whose labels are read (`verify`:
+    and, while it is streamed, against its marker's sha256)."""
     rows = {"train": len(labels.train), "test": len(labels.test)}  # type: ignore[arg-type]
-    store = LogitStore.open(path, fingerprint=labels.fingerprint, rows=rows, num_classes=len(labels.class_names))
+    n = len(labels.class_names)
+    store = LogitStore.open(path, fingerprint=labels.fingerprint, rows=rows, num_classes=n, verify=verify)
     layout = store.attrs.get("layout", "dense")
     if layout != "dense":
         raise StoreError(
@@ -440,7 +456,7 @@ def _write_h5(store: LogitStore, path: Path, attrs: str) -> None:
             arr = store.array(name)
             chunks = (min(arr.chunks[0], arr.shape[0]), *arr.shape[1:]) if arr.shape[0] else None
             ds = f.create_dataset(name, shape=arr.shape, dtype=np.dtype(arr.dtype), chunks=chunks)
-            for start, block in iter_blocks(arr):
+            for start, block in store.blocks(name):
                 ds[start : start + len(block)] = block
 
 
@@ -457,7 +473,7 @@ def _write_npz(store: LogitStore, path: Path, attrs: str) -> None:
                     "shape": tuple(arr.shape),
                 }
                 np.lib.format.write_array_header_1_0(f, header)
-                for _, block in iter_blocks(arr):
+                for _, block in store.blocks(name):
                     f.write(np.ascontiguousarray(block).tobytes())
         with zf.open("attributes.npy", "w") as f:
             np.lib.format.write_array(f, np.array(attrs))

@@ -21,7 +21,7 @@ from pipeline.errors import (
     StoreNotFoundError,
 )
 from pipeline.io import atomic_path
-from pipeline.store import MARKER, LogitStore
+from pipeline.store import COMPRESSORS, MARKER, LogitStore, _marker_digest
 
 FP = "ab" * 32  # dataset fingerprint (sha256 hex)
 
@@ -293,6 +293,7 @@ def test_shape_disagreeing_with_marker_is_corrupt(sealed) -> None:
     path, _ = sealed
     marker = json.loads((path / MARKER).read_text())
     marker["rows"]["train"] = 9
+    marker["marker_sha256"] = _marker_digest(marker)  # a consistent marker, for another reason wrong
     (path / MARKER).write_text(json.dumps(marker))
     with pytest.raises(CorruptStoreError, match="array 'train' has shape") as e:
         LogitStore.open(path)
