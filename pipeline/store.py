@@ -67,6 +67,7 @@ SPARSE_ARRAYS = ("idx", "mass")  # suffixes of the arrays a sparse layout adds p
 AUG_ARRAY = "aug"  # suffix of the (N, V, 3) crop/flip array of a multi-view store
 # zstd level 0 is zarr's default; checksum=True adds zstd's 4-byte content checksum to every chunk
 COMPRESSORS = (ZstdCodec(level=0, checksum=True),)
+MARKER_KEYS = {"format", "rows", "sha256", "marker_sha256"}
 REEXPORT = "re-export the store (`bancache export-logits --gen K`)"
 
 
@@ -412,6 +413,8 @@ def _read_marker(p: Path) -> dict[str, Any]:
             raise ValueError("wrong format")
         if not isinstance(marker.get("rows"), dict) or not isinstance(marker.get("sha256"), dict):
             raise ValueError("no rows or sha256 table")
+        if set(marker) - MARKER_KEYS:
+            raise ValueError(f"unknown entries {sorted(set(marker) - MARKER_KEYS)}")
     except (ValueError, AttributeError, TypeError) as e:
         raise StoreError(f"{mp}: damaged completion marker ({e}); rerun `bancache export-logits`") from e
     if "marker_sha256" in marker and marker["marker_sha256"] != _marker_digest(marker):

@@ -349,11 +349,11 @@ def test_float16_export_never_overflows(exported_root: Path, tmp_path: Path) -> 
     save_checkpoint(big, model, ckpt["meta"])
     data = load_prepared(lay.dataset)
     stores = {}
-    for dtype in ("float32", "float16"):
+    for dtype in ("float16", "float32"):  # float16 used to fail: "171 non-finite rows ..."
         p = ExportParams(dtype=dtype, chunk_rows=128, batch_size=100, device="cpu")
         stores[dtype] = tmp_path / dtype
         attrs = export_logits(big, data, stores[dtype], p, torch.device("cpu"))
-        assert attrs["logit_shift"] == ("row_max" if dtype == "float16" else "none")
+        assert attrs.get("logit_shift") == ("row_max" if dtype == "float16" else "none")
     raw32 = LogitStore.open(stores["float32"]).array("train")[:, 0, :]
     assert np.abs(raw32).max() > 65504  # the case that used to fail
     rows = np.arange(len(data.y_train))
