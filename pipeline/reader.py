@@ -115,7 +115,7 @@ class CachedTargets:
                     t.errors.append(f"{type(e).__name__}: {e}")
                     t.unreadable[start:stop] = len(t.errors) - 1
                     continue
-                self.check().hash_rows(name, start, block)  # raises after the last row if it was altered
+                self.check().hash_rows(name, start, np.asarray(block))  # raises after the last row if altered
                 t.values[start:stop] = block
                 t.bad[start:stop] = _bad_rows(block.reshape(-1, *block.shape[2:])).reshape(block.shape[:2])
             self._tables[name] = t

@@ -126,32 +126,7 @@ class LogitStore:
         }
         group = zarr.create_group(str(path), overwrite=True, attributes=attrs)
         for split, n in rows.items():
-            c = min(chunk_rows, max(n, 1))
-            kw: dict[str, Any] = {"compressors": COMPRESSORS}
-            group.create_array(
-                split, shape=(n, views, slots), chunks=(c, views, slots), dtype=dtype, fill_value=np.nan, **kw
-            )
-            if layout != "dense":
-                group.create_array(
-                    f"{split}_idx",
-                    shape=(n, views, slots),
-                    chunks=(c, views, slots),
-                    dtype=index_dtype(num_classes),
-                    fill_value=-1,
-                    **kw,
-                )
-                group.create_array(
-                    f"{split}_mass", shape=(n, views), chunks=(c, views), dtype="float32", fill_value=np.nan, **kw
-                )
-            if augmentation is not None:
-                group.create_array(
-                    f"{split}_{AUG_ARRAY}",
-                    shape=(n, views, 3),
-                    chunks=(c, views, 3),
-                    dtype="int16",
-                    fill_value=-1,
-                    **kw,
-                )
+            _create_split(group, split, (n, views, slots), min(chunk_rows, max(n, 1)), attrs)
         return cls(path, group)
 
     def array_names(self) -> list[str]:
@@ -372,6 +347,25 @@ class LogitStore:
         arr = self.array(name)
         for start in range(0, arr.shape[0], arr.chunks[0]):
             yield start, self.read(name, start, start + arr.chunks[0])
+
+
+def _create_split(group: zarr.Group, split: str, shape: tuple[int, int, int], chunk: int, attrs: dict) -> None:
+    """The arrays of one split: values (N, V, S), and `_idx`, `_mass` (sparse) and `_aug` (views) as needed."""
+    n, views, slots = shape
+    kw: dict[str, Any] = {"compressors": COMPRESSORS}
+    group.create_array(split, shape=shape, chunks=(chunk, views, slots), dtype=attrs["dtype"], fill_value=np.nan, **kw)
+    if attrs["layout"] != "dense":
+        idx_dtype = index_dtype(attrs["num_classes"])
+        group.create_array(
+            f"{split}_idx", shape=shape, chunks=(chunk, views, slots), dtype=idx_dtype, fill_value=-1, **kw
+        )
+        group.create_array(
+            f"{split}_mass", shape=(n, views), chunks=(chunk, views), dtype="float32", fill_value=np.nan, **kw
+        )
+    if attrs["augmentation"] is not None:
+        group.create_array(
+            f"{split}_{AUG_ARRAY}", shape=(n, views, 3), chunks=(chunk, views, 3), dtype="int16", fill_value=-1, **kw
+        )
 
 
 def _bad_rows(block: np.ndarray) -> np.ndarray:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -359,6 +358,16 @@ def main_table(out: Path = Path("docs/errors.md")) -> None:
             "| disk full during export | `bancache export-logits --gen 0` | bancache: error: cache/gen-0: no "
             "space left on the device while exporting; free space under cache and rerun `bancache "
             "export-logits`. The previous store at cache/gen-0, if any, is untouched |"
+        )
+        rows.append(  # tests/test_faults.py::test_full_disk_while_writing_the_checkpoint_is_a_one_line_error
+            "| disk full while writing a checkpoint or resume state | `bancache train --gen 0` | bancache: error: "
+            ".bancache/state/gen-0.pt: no space left on the device while writing it (No space left on device); "
+            "free space under .bancache/state and rerun (the previous gen-0.pt, if any, is untouched) |"
+        )
+        rows.append(  # tests/test_faults.py::test_export_into_a_read_only_cache_dir
+            "| export into a read-only cache directory | `bancache export-logits --gen 0` | bancache: error: cache: "
+            "cannot write the store there (Permission denied); make the directory writable (chmod u+w) or run "
+            "from a project root you can write to. The previous store at cache/gen-0, if any, is untouched |"
         )
     head = (
         "# Errors a user can hit\n\nEvery row is a test in `tests/test_errors.py` (regenerate with "
