@@ -151,6 +151,9 @@ def export_logits(
             f"prepared data is {data.fingerprint[:12]}...). Retrain this generation on the prepared data"
         )
     layout = store_layout(data, params)
+    recipe = meta.get("recipe") or {}
+    if recipe.get("deterministic") and recipe.get("threads"):  # the thread count the generation trained with
+        torch.set_num_threads(recipe["threads"])
     model = model_from_checkpoint(ckpt, checkpoint).to(device)
     attributes = {
         "generation": meta["generation"],

@@ -319,11 +319,15 @@ def test_thread_count_from_the_environment_does_not_change_the_checkpoint(projec
         root = tmp_path / f"omp{threads}"
         shutil.copytree(project.root, root)
         (root / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
-        r = _cli(root, "train", "--gen", "0", env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
-        assert r.returncode == 0, r.stderr
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        for command in (("train", "--gen", "0"), ("export-logits", "--gen", "0")):
+            r = _cli(root, *command, env=env)
+            assert r.returncode == 0, r.stderr
         roots.append(root)
     a, b = (Layout(r).model(0).read_bytes() for r in roots)
     assert a == b
+    markers = [(Layout(r).store(0) / "COMPLETE.json").read_text() for r in roots]  # sha256 of every array
+    assert markers[0] == markers[1]
     assert load_checkpoint(Layout(roots[0]).model(0))["meta"]["recipe"]["threads"] == 1  # in the provenance
 
 
