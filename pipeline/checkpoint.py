@@ -3,6 +3,7 @@ and loaded with weights_only=True (no pickled code runs)."""
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -25,9 +26,16 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: dict[s
     if missing:
         raise ValueError(f"checkpoint meta lacks {missing}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_atomic(path, {"format": FORMAT, "state_dict": state, "meta": meta, **extra})
+
+
+def save_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """torch.save `obj` to `path` atomically. It is serialized in memory and written by Python, so a full
+    disk is an OSError (ENOSPC, turned into DiskFullError by `atomic_path`), not torch's RuntimeError."""
+    buf = io.BytesIO()  # a file object (not a path) keeps the zip's inner names fixed: equal weights, equal bytes
+    torch.save(obj, buf)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        # A file object (not a path) keeps the zip's inner names fixed, so equal weights give equal bytes.
-        torch.save({"format": FORMAT, "state_dict": state, "meta": meta, **extra}, f)
+        f.write(buf.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

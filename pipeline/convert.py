@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.errors import ParamsError
 from pipeline.io import atomic_path
-from pipeline.store import MARKER, LogitStore, iter_blocks
+from pipeline.store import MARKER, LogitStore
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _write_h5(store: LogitStore, path: Path, attrs: str) -> None:
             arr = store.array(name)
             chunks = (min(arr.chunks[0], arr.shape[0]), *arr.shape[1:]) if arr.shape[0] else None
             ds = f.create_dataset(name, shape=arr.shape, dtype=np.dtype(arr.dtype), chunks=chunks)
-            for start, block in iter_blocks(arr):
+            for start, block in store.blocks(name):
                 ds[start : start + len(block)] = block
 
 
@@ -73,7 +73,7 @@ def _write_npz(store: LogitStore, path: Path, attrs: str) -> None:
                     "shape": tuple(arr.shape),
                 }
                 np.lib.format.write_array_header_1_0(f, header)
-                for _, block in iter_blocks(arr):
+                for _, block in store.blocks(name):
                     f.write(np.ascontiguousarray(block).tobytes())
         with zf.open("attributes.npy", "w") as f:
             np.lib.format.write_array(f, np.array(attrs))

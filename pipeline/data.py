@@ -183,8 +183,9 @@ def _open_dataset(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
         yield f
 
 
-def load_prepared(path: str | os.PathLike[str]) -> PreparedData:
-    """Read a prepared dataset written by `write_prepared`."""
+def load_prepared(path: str | os.PathLike[str], verify: bool = True) -> PreparedData:
+    """Read a prepared dataset written by `write_prepared`; `verify` recomputes its fingerprint from the
+    arrays read (benchmarks/verify.py measures the cost) and refuses a file whose arrays were edited."""
     with _open_dataset(path) as f:
         try:
             arrays = {k: f[k][()] for k in (*ARRAYS, "val_index")}
@@ -196,6 +197,11 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedData:
             )
         except (OSError, KeyError) as e:
             raise DatasetError(f"{path}: unreadable prepared dataset ({e}); rerun `bancache prepare`") from e
+    if verify and fingerprint(arrays) != fp:
+        raise DatasetError(
+            f"{path}: its arrays differ from its recorded fingerprint {fp[:12]}... (edited or damaged after "
+            f"`bancache prepare`); rerun `bancache prepare`"
+        )
     return PreparedData(**arrays, class_names=names, fingerprint=fp, name=name, channel_mean=mean, channel_std=std)
 
 

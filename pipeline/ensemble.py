@@ -2,7 +2,9 @@
 
 Ens*k = argmax of (1/k) * sum_{i=1..k} softmax(z_i) over the students 1..k (Furlanello et al. 2018);
 'with teacher' variants also average generation 0. No model is built: only cached logits are read, one
-chunk of rows at a time, so memory holds one block per generation.
+chunk of rows at a time, so memory holds one block per generation. A missing or non-finite row refuses the
+store (it would otherwise count as a wrong answer), and each store's test logits are checked against its
+marker's sha256 as they are read (unless `verify=False`).
 """
 
 from __future__ import annotations
@@ -14,21 +16,29 @@ import numpy as np
 import torch
 
 from pipeline.data import PreparedData
+from pipeline.errors import CorruptStoreError
 from pipeline.losses import soften
-from pipeline.store import LogitStore, read_rows
+from pipeline.store import REEXPORT, LogitStore
 
 
 def _probs(store: LogitStore, start: int, stop: int) -> np.ndarray:
-    block = read_rows(store.array("test"), start, stop)[:, 0, :]
+    block = store.read("test", start, stop)[:, 0, :]
+    bad = ~np.isfinite(block).all(axis=1)
+    if bad.any():
+        rows = (start + np.flatnonzero(bad))[:5].tolist()
+        raise CorruptStoreError(
+            f"{store.path}: test rows {rows} are missing or not finite ({int(bad.sum())} in rows "
+            f"{start}..{stop - 1}); the ensemble would count them as wrong answers. {REEXPORT[0].upper()}{REEXPORT[1:]}"
+        )
     return soften(torch.from_numpy(block.astype(np.float32))).numpy()
 
 
-def evaluate_chain(stores: dict[int, Path], data: PreparedData) -> dict[str, Any]:
-    """Accuracy of each generation and each ensemble; `stores` maps generation -> store path."""
+def evaluate_chain(stores: dict[int, Path], data: PreparedData, verify: bool = True) -> dict[str, Any]:
+    """Accuracy of each generation and each ensemble; `stores` maps generation -> store path. `verify`:
+    check each store's test logits against its marker's sha256 while reading them."""
+    rows = {"test": len(data.y_test)}
     opened = {
-        g: LogitStore.open(
-            p, fingerprint=data.fingerprint, rows={"test": len(data.y_test)}, num_classes=data.num_classes
-        )
+        g: LogitStore.open(p, fingerprint=data.fingerprint, rows=rows, num_classes=data.num_classes, verify=verify)
         for g, p in sorted(stores.items())
     }
     for g, s in opened.items():

@@ -45,3 +45,11 @@ class CorruptStoreError(StoreError):
 
 class DiskFullError(BancacheError, OSError):
     """No space left while writing; the previous version of the file or store is untouched."""
+
+
+class NotWritableError(BancacheError, PermissionError):
+    """An output directory cannot be written (read-only file system or missing permission)."""
+
+
+class DivergedError(BancacheError, ArithmeticError):
+    """Training produced a non-finite loss; no model was written."""

@@ -26,7 +26,7 @@ from pipeline.augment import PAD, apply_params, mix64, view_params
 from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 from pipeline.data import PreparedData
 from pipeline.distributed import SINGLE_PROCESS, DistContext, barrier, broadcast, partition_rows
-from pipeline.errors import CheckpointError, DiskFullError, ParamsError
+from pipeline.errors import CheckpointError, DiskFullError, NotWritableError, ParamsError
 from pipeline.io import replace_dir, sha256_file
 from pipeline.params import ExportParams
 from pipeline.store import MARKER, LogitStore, index_dtype
@@ -35,6 +35,12 @@ from pipeline.train import predict_logits
 log = logging.getLogger(__name__)
 
 SPLIT_IDS = {"train": 0, "test": 1}  # keys of the per-(split, row, view) seeds
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def logit_shift(params: ExportParams) -> str:
+    """What was subtracted from each stored row of logits: "row_max" (float16 dense/topk) or "none"."""
+    return "row_max" if params.dtype == "float16" and params.layout != "sampled" else "none"
 
 
 def store_layout(data: PreparedData, params: ExportParams) -> dict[str, Any]:
@@ -69,7 +75,12 @@ def store_layout(data: PreparedData, params: ExportParams) -> dict[str, Any]:
 def _encode(
     logits: torch.Tensor, params: ExportParams, slots: int, generator: torch.Generator
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(values, sparse arrays) of float32 logits (B, V, C) in the store's layout."""
+    """(values, sparse arrays) of float32 logits (B, V, C) in the store's layout. float16 logits are
+    stored shifted by each (row, view)'s max (`logit_shift` "row_max"): softmax(z - max z) = softmax(z), and
+    z - max z lies in [-65504, 0] (clamped below; exp(-65504 / T) is 0 in float32 for any T <= 700), so
+    no finite logit overflows float16."""
+    if params.dtype == "float16" and params.layout != "sampled":
+        logits = (logits - logits.amax(dim=-1, keepdim=True)).clamp_min(-FLOAT16_MAX)
     if params.layout == "dense":
         return logits.numpy(), {}
     b, v, c = logits.shape
@@ -140,6 +151,9 @@ def export_logits(
             f"prepared data is {data.fingerprint[:12]}...). Retrain this generation on the prepared data"
         )
     layout = store_layout(data, params)
+    recipe = meta.get("recipe") or {}
+    if recipe.get("deterministic") and recipe.get("threads"):  # the thread count the generation trained with
+        torch.set_num_threads(recipe["threads"])
     model = model_from_checkpoint(ckpt, checkpoint).to(device)
     attributes = {
         "generation": meta["generation"],
@@ -152,6 +166,7 @@ def export_logits(
         "class_names": data.class_names,
         "teacher": meta.get("teacher"),
         "loss": meta.get("loss"),
+        "logit_shift": logit_shift(params),  # softmax, hence every target and statistic, is unaffected
         **({"topk_rest": params.topk_rest} if params.layout == "topk" else {}),
         **({"samples": params.samples} if params.layout == "sampled" else {}),
     }
@@ -196,6 +211,12 @@ def export_logits(
             raise DiskFullError(
                 f"{out}: no space left on the device while exporting; free space under {out.parent} and rerun "
                 f"`bancache export-logits`. The previous store at {out}, if any, is untouched"
+            ) from e
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise NotWritableError(
+                f"{out.parent}: cannot write the store there ({e.strerror}); make the directory writable "
+                f"(chmod u+w) or run from a project root you can write to. The previous store at {out}, if any, "
+                f"is untouched"
             ) from e
         raise
     except BaseException:

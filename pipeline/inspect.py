@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.data import DatasetLabels, Labels
+from pipeline.errors import CorruptStoreError
 from pipeline.params import InspectParams
-from pipeline.store import LogitStore, iter_blocks, read_rows
+from pipeline.store import REEXPORT, LogitStore
 
 HIST_BINS = 50  # bins of the entropy and max-probability histograms
 VIEW = 0  # the view of (N, V, C) stores that is audited: the un-augmented input
@@ -287,7 +288,8 @@ def stream(
 ) -> None:
     """Feed `split` of `store` to `acc` one zarr chunk of rows at a time, with the matching labels (and, for
     TargetStats, which rows are in the sorted `val_index`)."""
-    for start, block in iter_blocks(store.array(split)):
+    for start, block in store.blocks(split):
+        _check_finite(store, split, start, block)
         stop = start + len(block)
         y = np.asarray(labels[start:stop])
         if isinstance(acc, TargetStats):
@@ -302,17 +304,31 @@ def stream(
 
 def stream_pair(store: LogitStore, ref: LogitStore, split: str, labels: Labels, acc: Agreement) -> None:
     """Feed the same rows of two stores to `acc`, in the chunks of `store` (at most two chunks of `ref`)."""
-    ref_arr = ref.array(split)
-    for start, block in iter_blocks(store.array(split)):
+    for start, block in store.blocks(split):
         stop = start + len(block)
-        ref_block = read_rows(ref_arr, start, stop)
+        ref_block = ref.read(split, start, stop)
+        _check_finite(store, split, start, block)
+        _check_finite(ref, split, start, ref_block)
         acc.update(start, block[:, VIEW, :], ref_block[:, VIEW, :], np.asarray(labels[start:stop]))
 
 
-def open_checked(path: Path, labels: DatasetLabels) -> LogitStore:
-    """Open a complete dense store and check it was exported from the dataset whose labels are read."""
+def _check_finite(store: LogitStore, split: str, start: int, block: np.ndarray) -> None:
+    """Refuse rows holding NaN/Inf (a store read with verify=False, or written by other tools)."""
+    bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+    if bad.any():
+        rows = (start + np.flatnonzero(bad))[:5].tolist()
+        raise CorruptStoreError(
+            f"{store.path}: rows {rows} of '{split}' are missing or not finite ({int(bad.sum())} in this chunk); "
+            f"the audit needs finite logits: {REEXPORT}"
+        )
+
+
+def open_checked(path: Path, labels: DatasetLabels, verify: bool = True) -> LogitStore:
+    """Open a complete dense store and check it was exported from the dataset whose labels are read
+    (`verify`: and, while it is streamed, against its marker's sha256)."""
     rows = {"train": len(labels.train), "test": len(labels.test)}
-    store = LogitStore.open(path, fingerprint=labels.fingerprint, rows=rows, num_classes=len(labels.class_names))
+    n = len(labels.class_names)
+    store = LogitStore.open(path, fingerprint=labels.fingerprint, rows=rows, num_classes=n, verify=verify)
     store.require_dense("the audit (`bancache convert` reads any layout)")
     return store
 

@@ -38,10 +38,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise DiskFullError(
-                f"{target}: no space left on the device while writing it; free space under {target.parent} "
-                f"and rerun (the previous {target.name}, if any, is untouched)"
+                f"{target}: no space left on the device while writing it ({e.strerror}); free space under "
+                f"{target.parent} and rerun (the previous {target.name}, if any, is untouched)"
             ) from e
         raise
     finally:

@@ -57,10 +57,14 @@ class CachedTargets:
         num_classes: int,
         view: int = 0,
         max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+        verify: bool = True,
     ) -> None:
         self.path = Path(path)
         self.split = split
+        # verify: each array is checked against the marker's sha256 when first used (hashed while loading
+        # into memory; read whole once before per-batch zarr reads); False skips that for trusted stores
         self._expect = {"fingerprint": fingerprint, "rows": {split: num_rows}, "num_classes": num_classes}
+        self._expect["verify"] = verify
         self.view = view
         self.max_memory_bytes = max_memory_bytes  # 0: always read through zarr
         self._store: LogitStore | None = None
@@ -92,6 +96,8 @@ class CachedTargets:
             arr = self.check().array(name)
             used = sum(t.values.nbytes for t in self._tables.values() if t is not None)
             if used + int(np.prod(arr.shape)) * arr.dtype.itemsize > self.max_memory_bytes:
+                if self._expect["verify"]:
+                    self.check().verify([name])
                 self._tables[name] = None
                 return None
             t = _Table(np.empty(arr.shape, arr.dtype), np.zeros(arr.shape[:2], bool), np.full(arr.shape[0], -1))
@@ -101,9 +107,15 @@ class CachedTargets:
                 try:
                     block = arr[start:stop]
                 except Exception as e:  # a damaged chunk fails inside the codec with many exception types
+                    if self._expect["verify"]:  # the array cannot be verified: refuse it now
+                        raise CorruptStoreError(
+                            f"{self.path}: cannot read rows {start}..{stop - 1} of '{name}' ({type(e).__name__}: "
+                            f"{e}); a chunk is damaged, re-export the store"
+                        ) from e
                     t.errors.append(f"{type(e).__name__}: {e}")
                     t.unreadable[start:stop] = len(t.errors) - 1
                     continue
+                self.check().hash_rows(name, start, np.asarray(block))  # raises after the last row if altered
                 t.values[start:stop] = block
                 t.bad[start:stop] = _bad_rows(block.reshape(-1, *block.shape[2:])).reshape(block.shape[:2])
             self._tables[name] = t

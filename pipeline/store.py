@@ -11,7 +11,14 @@ Layout of `cache/gen-K/` (readable with plain zarr):
     train_aug/           views > 1 only: (N, V, 3) int16 (top, left, flip) of each view's crop and flip
                          (`pipeline.augment.apply_params`); view 0 is the clean image (pad, pad, 0)
     test/, test_*        the same for the test split
-    COMPLETE.json        written last, after every row was checked: rows per split and sha256 of each array
+    COMPLETE.json        written last, after every row was checked: rows per split, sha256 of each array's
+                         decoded rows (C order) and `marker_sha256`, the sha256 of the rest of the marker
+
+Chunks are zstd-compressed with zstd's content checksum on, so a damaged chunk fails to decode. Readers
+verify on top of that: `LogitStore.open(verify=True)` (the default) hashes each array while it is read in
+row order (`read`, `blocks`) and raises `CorruptStoreError` when the last row's hash differs from the
+marker, before the caller can write anything derived from it; a reader that reads rows out of order calls
+`verify` first. `verify=False` (CLI `bancache --trust-stores`) skips the hashing for trusted stores.
 
 Logits are stored raw (T = 1); softened targets are computed at read time with any temperature. Fill
 values are NaN (float arrays) and -1 (integer arrays), so a chunk that was never written fails validation
@@ -29,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 
 from pipeline.errors import (
     CorruptStoreError,
@@ -58,6 +66,10 @@ REQUIRED_ATTRS = (
 )
 SPARSE_ARRAYS = ("idx", "mass")  # suffixes of the arrays a sparse layout adds per split
 AUG_ARRAY = "aug"  # suffix of the (N, V, 3) crop/flip array of a multi-view store
+# zstd level 0 is zarr's default; checksum=True adds zstd's 4-byte content checksum to every chunk
+COMPRESSORS = (ZstdCodec(level=0, checksum=True),)
+MARKER_KEYS = {"format", "rows", "sha256", "marker_sha256"}
+REEXPORT = "re-export the store (`bancache export-logits --gen K`)"
 
 
 def index_dtype(num_classes: int) -> str:
@@ -78,10 +90,12 @@ class LogitStore:
     """One generation's cached logits. Create with `create`, fill with `write`, finish with `seal`;
     read with `open`, which refuses incomplete, foreign or malformed stores."""
 
-    def __init__(self, path: str | os.PathLike[str], group: zarr.Group) -> None:
+    def __init__(self, path: str | os.PathLike[str], group: zarr.Group, marker: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.group = group
         self._arrays: dict[str, zarr.Array] = {}  # zarr 3 re-reads an array's zarr.json on every group[name]
+        self.marker = marker  # None: nothing to verify against (a store being written, or verify=False)
+        self._hashing: dict[str, tuple[Any, int] | None] = {}  # name -> (sha256, next row), None: gave up
 
     # -- writing ---------------------------------------------------------------------------------------
     @classmethod
@@ -123,23 +137,7 @@ class LogitStore:
         }
         group = zarr.create_group(str(path), overwrite=True, attributes=attrs)
         for split, n in rows.items():
-            c = min(chunk_rows, max(n, 1))
-            group.create_array(split, shape=(n, views, slots), chunks=(c, views, slots), dtype=dtype, fill_value=np.nan)
-            if layout != "dense":
-                group.create_array(
-                    f"{split}_idx",
-                    shape=(n, views, slots),
-                    chunks=(c, views, slots),
-                    dtype=index_dtype(num_classes),
-                    fill_value=-1,
-                )
-                group.create_array(
-                    f"{split}_mass", shape=(n, views), chunks=(c, views), dtype="float32", fill_value=np.nan
-                )
-            if augmentation is not None:
-                group.create_array(
-                    f"{split}_{AUG_ARRAY}", shape=(n, views, 3), chunks=(c, views, 3), dtype="int16", fill_value=-1
-                )
+            _create_split(group, split, (n, views, slots), min(chunk_rows, max(n, 1)), attrs)
         return cls(path, group)
 
     def array_names(self) -> list[str]:
@@ -215,6 +213,7 @@ class LogitStore:
                 marker["rows"][split] = int(arr.shape[0])
             marker["sha256"][split] = h.hexdigest()
         self.group.attrs.update({"retained_mass": self._retained_mass()})
+        marker["marker_sha256"] = _marker_digest(marker)
         write_json(self.path / MARKER, marker)
         return marker
 
@@ -240,8 +239,10 @@ class LogitStore:
         fingerprint: str | None = None,
         rows: dict[str, int] | None = None,
         num_classes: int | None = None,
+        verify: bool = True,
     ) -> LogitStore:
-        """Open a complete store, checking it against the dataset the reader is about to use."""
+        """Open a complete store, checking it against the dataset the reader is about to use. With `verify`
+        every array read in full (`read`, `blocks`, `verify`) is checked against the marker's sha256."""
         p = Path(path)
         if not (p / "zarr.json").exists():
             raise StoreNotFoundError(f"{p}: no logit store here. Run `bancache export-logits --gen K` first")
@@ -254,8 +255,8 @@ class LogitStore:
         missing = [k for k in REQUIRED_ATTRS if k not in attrs]
         if attrs.get("format") != FORMAT or missing:
             raise CorruptStoreError(f"{p}: not a bancache logit store (missing attributes {missing}); re-export it")
-        store = cls(p, group)
-        store._check_shapes(marker)
+        store = cls(p, group, marker if verify else None)
+        store._check_marker(marker)
         if fingerprint is not None and attrs["dataset_fingerprint"] != fingerprint:
             raise ForeignStoreError(
                 f"{p}: exported from another dataset (fingerprint {attrs['dataset_fingerprint'][:12]}..., "
@@ -276,8 +277,14 @@ class LogitStore:
                 )
         return store
 
-    def _check_shapes(self, marker: dict[str, Any]) -> None:
+    def _check_marker(self, marker: dict[str, Any]) -> None:
+        """The marker names every array of the store, and each split's shape agrees with it."""
         a = self.attrs
+        if set(marker["sha256"]) != set(self.array_names()):
+            raise CorruptStoreError(
+                f"{self.path}: {MARKER} lists arrays {sorted(marker['sha256'])}, the store has "
+                f"{sorted(self.array_names())}; {REEXPORT}"
+            )
         for split, n in a["splits"].items():
             shape = tuple(self.array(split).shape)
             want = (n, a["views"], a.get("slots", a["num_classes"]))
@@ -318,18 +325,74 @@ class LogitStore:
                 f"{self.path}: array '{split}' has unreadable metadata ({type(e).__name__}: {e}); re-export the store"
             ) from e
 
-    def verify(self) -> None:
-        """Re-hash every split against the marker (reads the whole store)."""
-        marker = _read_marker(self.path)
-        for split, want in marker["sha256"].items():
+    def verify(self, names: list[str] | None = None) -> None:
+        """Re-hash arrays `names` (default: every array) against the marker, reading them whole."""
+        marker = self.marker or _read_marker(self.path)
+        for name in names or list(marker["sha256"]):
             h = hashlib.sha256()
             try:
-                for _, block in iter_blocks(self.array(split)):
+                for _, block in iter_blocks(self.array(name)):
                     h.update(np.ascontiguousarray(block).tobytes())
             except Exception as e:
-                raise CorruptStoreError(f"{self.path}: '{split}' has an unreadable chunk ({e}); re-export") from e
-            if h.hexdigest() != want:
-                raise CorruptStoreError(f"{self.path}: '{split}' content differs from its marker; re-export it")
+                raise CorruptStoreError(f"{self.path}: '{name}' has an unreadable chunk ({e}); {REEXPORT}") from e
+            self._compare(name, h.hexdigest(), marker)
+
+    def _compare(self, name: str, digest: str, marker: dict[str, Any]) -> None:
+        if digest != marker["sha256"].get(name):
+            raise CorruptStoreError(
+                f"{self.path}: '{name}' content differs from its marker (sha256 in {MARKER}): a chunk or the "
+                f"marker was altered after export; {REEXPORT}"
+            )
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of array `name`. Reads in row order are hashed on the way (verify=True): the
+        read that reaches the last row raises CorruptStoreError if the array differs from its marker."""
+        arr = self.array(name)
+        block = read_rows(arr, start, stop)
+        self.hash_rows(name, start, block)
+        return block
+
+    def hash_rows(self, name: str, start: int, block: np.ndarray) -> None:
+        """Feed rows read from `start` to array `name`'s running hash (no-op without a marker to check);
+        rows out of order stop the hashing of that array: such a reader calls `verify` itself."""
+        if self.marker is None:
+            return
+        state = (hashlib.sha256(), 0) if start == 0 else self._hashing.get(name)  # row 0 (re)starts it
+        if state is None or state[1] != start:
+            self._hashing[name] = None
+            return
+        h, _ = state
+        h.update(np.ascontiguousarray(block).tobytes())
+        stop = start + len(block)
+        self._hashing[name] = (h, stop)
+        if stop >= self.array(name).shape[0]:
+            self._hashing.pop(name)  # a second pass starts a new hash
+            self._compare(name, h.hexdigest(), self.marker)
+
+    def blocks(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
+        """(start_row, rows) of array `name` one chunk at a time, verified as `read` does."""
+        arr = self.array(name)
+        for start in range(0, arr.shape[0], arr.chunks[0]):
+            yield start, self.read(name, start, start + arr.chunks[0])
+
+
+def _create_split(group: zarr.Group, split: str, shape: tuple[int, int, int], chunk: int, attrs: dict) -> None:
+    """The arrays of one split: values (N, V, S), and `_idx`, `_mass` (sparse) and `_aug` (views) as needed."""
+    n, views, slots = shape
+    kw: dict[str, Any] = {"compressors": COMPRESSORS}
+    group.create_array(split, shape=shape, chunks=(chunk, views, slots), dtype=attrs["dtype"], fill_value=np.nan, **kw)
+    if attrs["layout"] != "dense":
+        idx_dtype = index_dtype(attrs["num_classes"])
+        group.create_array(
+            f"{split}_idx", shape=shape, chunks=(chunk, views, slots), dtype=idx_dtype, fill_value=-1, **kw
+        )
+        group.create_array(
+            f"{split}_mass", shape=(n, views), chunks=(chunk, views), dtype="float32", fill_value=np.nan, **kw
+        )
+    if attrs["augmentation"] is not None:
+        group.create_array(
+            f"{split}_{AUG_ARRAY}", shape=(n, views, 3), chunks=(chunk, views, 3), dtype="int16", fill_value=-1, **kw
+        )
 
 
 def _bad_rows(block: np.ndarray) -> np.ndarray:
@@ -369,6 +432,22 @@ def _read_marker(p: Path) -> dict[str, Any]:
         marker = json.loads(mp.read_text())
         if marker.get("format") != FORMAT:
             raise ValueError("wrong format")
-        return marker  # type: ignore[no-any-return]
-    except (ValueError, AttributeError) as e:
+        if not isinstance(marker.get("rows"), dict) or not isinstance(marker.get("sha256"), dict):
+            raise ValueError("no rows or sha256 table")
+        if set(marker) - MARKER_KEYS:
+            raise ValueError(f"unknown entries {sorted(set(marker) - MARKER_KEYS)}")
+    except (ValueError, AttributeError, TypeError) as e:
         raise StoreError(f"{mp}: damaged completion marker ({e}); rerun `bancache export-logits`") from e
+    if "marker_sha256" in marker and marker["marker_sha256"] != _marker_digest(marker):
+        raise CorruptStoreError(
+            f"{mp}: damaged completion marker (its content differs from its own marker_sha256: it was edited or "
+            f"damaged after export); {REEXPORT}"
+        )
+    return marker  # type: ignore[no-any-return]
+
+
+def _marker_digest(marker: dict[str, Any]) -> str:
+    """sha256 of the marker without its `marker_sha256` entry, in its canonical JSON form. Markers written
+    before it existed have none and are checked through the array hashes alone."""
+    body = {k: v for k, v in marker.items() if k != "marker_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import random
 import time
@@ -25,11 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline.augment import apply_params, augment_batch, mix64
-from pipeline.checkpoint import save_checkpoint
+from pipeline.checkpoint import save_atomic, save_checkpoint
 from pipeline.data import IndexedDataset, PreparedData
 from pipeline.distributed import SINGLE_PROCESS, DistContext
-from pipeline.errors import ParamsError
-from pipeline.io import atomic_path
+from pipeline.errors import DivergedError, ParamsError
 from pipeline.losses import Teacher, generation_loss
 from pipeline.models import ImageInput, build_model
 from pipeline.params import GenParams, TrainParams
@@ -229,8 +229,7 @@ def _save_state(
         "best_state": best[1],
         "selected_epoch": result.selected_epoch,
     }
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
+    save_atomic(path, state)  # a full disk is a DiskFullError, not torch's RuntimeError
 
 
 def _load_state(path: Path, key: str) -> dict[str, Any] | None:
@@ -257,6 +256,7 @@ def train_generation(
     state_path: Path | None = None,
     state_key: str = "",
     ctx: DistContext = SINGLE_PROCESS,
+    verify: bool = True,
 ) -> TrainResult:
     """Train generation `gen` from scratch with seed recipe.seed + gen (or gp.seed).
 
@@ -267,6 +267,8 @@ def train_generation(
     """
     seed = gp.seed if gp.seed is not None else recipe.seed + gen
     generator = seed_everything(seed, recipe.deterministic)
+    if recipe.deterministic and recipe.threads:
+        torch.set_num_threads(recipe.threads)  # part of the recipe: CPU float sums depend on the thread count
     device = resolve_device(recipe.device)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
@@ -274,7 +276,8 @@ def train_generation(
     if gp.loss != "ce":
         if teacher_store is None:
             raise ValueError(f"generation {gen}: loss {gp.loss!r} needs a teacher store")
-        targets = CachedTargets(teacher_store, "train", data.fingerprint, len(data.y_train), data.num_classes)
+        n = len(data.y_train)
+        targets = CachedTargets(teacher_store, "train", data.fingerprint, n, data.num_classes, verify=verify)
         _check_targets(targets, gp, gen)
     arch = gp.arch or recipe.arch
     model = build_model(arch, data.input_shape, data.num_classes)
@@ -329,6 +332,7 @@ def train_generation(
         if sampler is not None:
             sampler.set_epoch(epoch)
         loss = train_one_epoch(net, loader, opt, gp, device, targets, generator, opts, epoch=epoch)
+        check_finite_loss(loss, gen, epoch, recipe)
         sched.step()
         val_acc = accuracy(predict_logits(model, x_val, recipe.eval_batch_size, device), y_val)
         result.history.append(EpochLog(epoch, loss, val_acc, lr, time.perf_counter() - t0))
@@ -343,6 +347,16 @@ def train_generation(
     else:
         result.selected_epoch = recipe.epochs
     return result
+
+
+def check_finite_loss(loss: float, gen: int, epoch: int, recipe: TrainParams) -> None:
+    """Stop a run whose mean training loss is NaN or infinite: nothing after it (model, resume state) is
+    written, so a diverged run never becomes a generation."""
+    if not math.isfinite(loss):
+        raise DivergedError(
+            f"generation {gen}: the training loss became {loss} in epoch {epoch}; no model was written. "
+            f"Lower train.lr (now {recipe.lr}) or check the teacher's store and the params of this generation"
+        )
 
 
 def _check_targets(targets: CachedTargets, gp: GenParams, gen: int) -> None:

@@ -32,13 +32,15 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Ctx:
-    def __init__(self, params: str, root: str) -> None:
+    def __init__(self, params: str, root: str, trust_stores: bool = False) -> None:
         self.params_path = params
         self.layout = Layout(Path(root))
+        self.verify = not trust_stores
 
     def argv(self, *command: str) -> list[str]:
         """This command line, for torchrun workers."""
-        return ["--params", self.params_path, "--root", str(self.layout.root), *command]
+        trust = [] if self.verify else ["--trust-stores"]
+        return ["--params", self.params_path, "--root", str(self.layout.root), *trust, *command]
 
     def params(self) -> ParamsFile:
         p = ParamsFile.load(self.params_path)
@@ -50,14 +52,20 @@ class Ctx:
 @click.option("--params", default="params.yaml", show_default=True, help="params file")
 @click.option("--root", default=".", show_default=True, help="project root holding data/, models/, cache/")
 @click.option("-v", "--verbose", count=True, help="-v for per-epoch logs")
+@click.option(
+    "--trust-stores",
+    is_flag=True,
+    help="skip re-hashing logit stores against their COMPLETE.json and the dataset against its fingerprint "
+    "(files you trust; saves the verification cost measured in benchmarks/verify.py)",
+)
 @click.pass_context
-def main(ctx: click.Context, params: str, root: str, verbose: int) -> None:
+def main(ctx: click.Context, params: str, root: str, verbose: int, trust_stores: bool) -> None:
     """bancache: Born-Again Networks with an offline logit cache."""
     logging.basicConfig(
         level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(message)s",
     )
-    ctx.obj = Ctx(params, root)
+    ctx.obj = Ctx(params, root, trust_stores)
 
 
 @main.command()
@@ -94,7 +102,7 @@ def train(obj: Ctx, gen: int, resume: bool) -> None:
     argv = obj.argv("train", "--gen", str(gen), "--resume" if resume else "--no-resume")
     if (code := relaunch_if_needed(params, argv)) is not None:
         sys.exit(code)
-    m = stage.run(params, obj.layout, gen, resume=resume)
+    m = stage.run(params, obj.layout, gen, resume=resume, verify=obj.verify)
     if "test_acc" not in m:  # a torchrun worker other than rank 0
         return
     click.echo(f"generation {gen}: val acc {m['final_val_acc']:.4f}, test acc {m['test_acc']:.4f}")
@@ -112,7 +120,7 @@ def export_logits(obj: Ctx, gen: int) -> None:
     params = obj.params()
     if (code := relaunch_if_needed(params, obj.argv("export-logits", "--gen", str(gen)))) is not None:
         sys.exit(code)
-    attrs = stage.run(params, obj.layout, gen)
+    attrs = stage.run(params, obj.layout, gen, verify=obj.verify)
     click.echo(f"exported {obj.layout.store(gen)}: {attrs['splits']}")
 
 
@@ -123,7 +131,7 @@ def ensemble(obj: Ctx) -> None:
     """Accuracy of each generation and of Ens*k from cached test logits."""
     from stages import ensemble as stage
 
-    m = stage.run(obj.params(), obj.layout)
+    m = stage.run(obj.params(), obj.layout, verify=obj.verify)
     click.echo(json.dumps(m["accuracy"], indent=2))
 
 
@@ -175,7 +183,7 @@ def inspect(obj: Ctx, gen: int, against: int | None) -> None:
     cache/gen-J into inspect/gen-GEN-vs-J/."""
     from stages import inspect as stage
 
-    m = stage.run(obj.params(), obj.layout, gen, against)
+    m = stage.run(obj.params(), obj.layout, gen, against, verify=obj.verify)
     out = obj.layout.inspect(gen, against)
     if against is None:
         tr, te = m["train"], m["test"]
@@ -200,7 +208,7 @@ def convert(obj: Ctx, gen: int, fmt: str, out: str) -> None:
     """Export cache/gen-GEN (every split, with its attributes) to an HDF5 or .npz file."""
     from stages import inspect as stage
 
-    click.echo(f"wrote {stage.convert(obj.layout, gen, fmt, out)}")
+    click.echo(f"wrote {stage.convert(obj.layout, gen, fmt, out, verify=obj.verify)}")
 
 
 if __name__ == "__main__":  # torchrun workers run `python -m stages.cli ...`

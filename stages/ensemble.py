@@ -13,9 +13,9 @@ from pipeline.params import student_keys
 from stages.common import ParamsFile
 
 
-def run(params: ParamsFile, layout: Layout) -> dict[str, Any]:
+def run(params: ParamsFile, layout: Layout, verify: bool = True) -> dict[str, Any]:
     gens = [0, *student_keys(params.get("students"))]
-    data = load_prepared(layout.dataset)
-    metrics = evaluate_chain({g: layout.store(g) for g in gens}, data)
+    data = load_prepared(layout.dataset, verify=verify)
+    metrics = evaluate_chain({g: layout.store(g) for g in gens}, data, verify=verify)
     write_json(layout.ensemble_metrics, metrics)
     return metrics

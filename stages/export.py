@@ -15,9 +15,9 @@ from stages.common import ParamsFile
 from stages.launch import worker_context
 
 
-def run(params: ParamsFile, layout: Layout, gen: int) -> dict[str, Any]:
+def run(params: ParamsFile, layout: Layout, gen: int, verify: bool = True) -> dict[str, Any]:
     p = parse_section(ExportParams, "export", params.get("export"))
-    data = load_prepared(layout.dataset)
+    data = load_prepared(layout.dataset, verify=verify)
     ctx = worker_context(params)
     device = resolve_device(p.device)
     if ctx.enabled and device.type == "cuda":

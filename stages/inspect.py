@@ -21,22 +21,27 @@ from stages.common import ParamsFile
 log = logging.getLogger(__name__)
 
 
-def run(params: ParamsFile, layout: Layout, gen: int, against: int | None = None) -> dict[str, Any]:
-    """Write the audit (or comparison) of generation `gen`; returns its metrics."""
+def run(
+    params: ParamsFile, layout: Layout, gen: int, against: int | None = None, verify: bool = True
+) -> dict[str, Any]:
+    """Write the audit (or comparison) of generation `gen`; returns its metrics. `verify` False skips
+    re-hashing the stores against their markers (trusted stores)."""
     p = parse_section(InspectParams, "inspect", params.get("inspect"))
     out = layout.inspect(gen, against)
     with open_labels(layout.dataset) as labels:
-        store = open_checked(layout.store(gen), labels)
+        store = open_checked(layout.store(gen), labels, verify)
         if against is None:
             stats, calib = audit_store(store, labels, p)
             return write_store_audit(out, gen, store.attrs, labels.class_names, stats, calib, p)
-        ref = open_checked(layout.store(against), labels)
+        ref = open_checked(layout.store(against), labels, verify)
         pair = compare_stores(store, ref, labels, p.temperature)
-        chain = _chain(params, layout, labels, p.temperature)
+        chain = _chain(params, layout, labels, p.temperature, verify)
         return write_comparison(out, gen, against, labels.class_names, pair, chain, p)
 
 
-def _chain(params: ParamsFile, layout: Layout, labels: DatasetLabels, temperature: float) -> list[dict] | None:
+def _chain(
+    params: ParamsFile, layout: Layout, labels: DatasetLabels, temperature: float, verify: bool = True
+) -> list[dict] | None:
     """KL and agreement of every consecutive pair of generations, or None if a store is missing."""
     gens = [0, *student_keys(params.get("students"))]
     missing = [g for g in gens if not (layout.store(g) / MARKER).exists()]
@@ -46,7 +51,10 @@ def _chain(params: ParamsFile, layout: Layout, labels: DatasetLabels, temperatur
     rows = []
     for ref, gen in zip(gens, gens[1:], strict=False):
         pair = compare_stores(
-            open_checked(layout.store(gen), labels), open_checked(layout.store(ref), labels), labels, temperature
+            open_checked(layout.store(gen), labels, verify),
+            open_checked(layout.store(ref), labels, verify),
+            labels,
+            temperature,
         )
         row: dict[str, Any] = {"generation": gen, "against": ref}
         for split, acc in pair.items():
@@ -56,6 +64,7 @@ def _chain(params: ParamsFile, layout: Layout, labels: DatasetLabels, temperatur
     return rows
 
 
-def convert(layout: Layout, gen: int, fmt: str, out: str | Path) -> Path:
-    """Export cache/gen-K to `out` as HDF5 (`h5`) or numpy (`npz`)."""
-    return convert_store(LogitStore.open(layout.store(gen)), out, fmt)
+def convert(layout: Layout, gen: int, fmt: str, out: str | Path, verify: bool = True) -> Path:
+    """Export cache/gen-K to `out` as HDF5 (`h5`) or numpy (`npz`), checked against its marker as it is
+    copied unless `verify` is False."""
+    return convert_store(LogitStore.open(layout.store(gen), verify=verify), out, fmt)

@@ -21,8 +21,9 @@ from stages.common import ParamsFile
 from stages.launch import worker_context
 
 
-def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False) -> dict[str, Any]:
-    """Train generation `gen`; with `resume`, continue a killed run of the same config from its last epoch."""
+def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False, verify: bool = True) -> dict[str, Any]:
+    """Train generation `gen`; with `resume`, continue a killed run of the same config from its last epoch;
+    `verify` False skips re-hashing the dataset and the teacher's store (trusted files)."""
     recipe = parse_section(TrainParams, "train", params.get("train"))
     raw = params.get(section_of(gen))
     if gen != 0 and raw is None:
@@ -31,7 +32,7 @@ def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False) -> d
             "add it or pick another generation"
         )
     gp = parse_generation(gen, raw)
-    data = load_prepared(layout.dataset)
+    data = load_prepared(layout.dataset, verify=verify)
     teacher_store = layout.store(gp.teacher) if gp.teacher is not None else None
     teacher_sha = None
     if teacher_store is not None:
@@ -42,7 +43,9 @@ def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False) -> d
     if not resume:
         state.unlink(missing_ok=True)
     ctx = worker_context(params)
-    result = train_generation(data, recipe, gen, gp, teacher_store, state_path=state, state_key=key, ctx=ctx)
+    result = train_generation(
+        data, recipe, gen, gp, teacher_store, state_path=state, state_key=key, ctx=ctx, verify=verify
+    )
     if not ctx.is_main:  # rank 0 alone writes the generation's outputs
         barrier(ctx)
         return {"generation": gen, "rank": ctx.rank}

@@ -6,15 +6,18 @@ Each case is one row of docs/errors.md; regenerate that table with `python -m te
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 import yaml
+import zarr
 from click.testing import CliRunner
 
 from pipeline.layout import Layout
@@ -53,6 +56,27 @@ def _foreign_store(root: Path, num_classes: int | None = None, fingerprint: str 
     for split, n in rows.items():
         s.write(split, 0, np.zeros((n, c), np.float32))
     s.seal()
+
+
+def _edit_rows(store: Path, split: str, rows: slice, value: float) -> None:
+    """Overwrite rows through zarr: the chunk decodes fine, only the marker's sha256 can tell."""
+    zarr.open_array(str(store / split), mode="r+")[rows] = value
+
+
+def _edit_marker_sha(store: Path) -> None:
+    marker = json.loads((store / "COMPLETE.json").read_text())
+    marker["sha256"]["test"] = "0" * 64
+    (store / "COMPLETE.json").write_text(json.dumps(marker))
+
+
+def _edit_dataset(root: Path) -> None:
+    with h5py.File(Layout(root).dataset, "r+") as f:  # the fingerprint attribute is left as it was
+        f["x_train"][0] = f["x_train"][0] + 1.0
+
+
+def _delete_test_chunk(root: Path) -> None:
+    _set(root, "students", {})  # the ensemble of generation 0 alone
+    next(p for p in sorted((Layout(root).store(0) / "test" / "c").rglob("*")) if p.is_file()).unlink()
 
 
 class _Payload:
@@ -213,6 +237,60 @@ CASES = [
         "no CUDA device is visible",
     ),
     Case(
+        "teacher store edited after export",
+        lambda r: _edit_rows(Layout(r).store(0), "train", slice(0, 5), 0.0),
+        ("train", "--gen", "1"),
+        "'train' content differs from its marker (sha256 in COMPLETE.json)",
+    ),
+    Case(
+        "edited sha256 in COMPLETE.json",
+        lambda r: _edit_marker_sha(Layout(r).store(0)),
+        ("train", "--gen", "1"),
+        "differs from its own marker_sha256",
+    ),
+    Case(
+        "store with missing test rows (deleted chunk), read as trusted",
+        _delete_test_chunk,
+        ("--trust-stores", "ensemble"),
+        "are missing or not finite",
+    ),
+    Case(
+        "store with non-finite rows, read as trusted",
+        lambda r: _edit_rows(Layout(r).store(0), "train", slice(3, 4), float("nan")),
+        ("--trust-stores", "inspect", "--gen", "0"),
+        "rows [3] of 'train' are missing or not finite",
+    ),
+    Case(
+        "NaN temperature",
+        lambda r: _set(r, "students.1.temperature", float("nan")),
+        ("train", "--gen", "1"),
+        "students.1.temperature = nan: must be a finite number",
+    ),
+    Case(
+        "infinite learning rate",
+        lambda r: _set(r, "train.lr", float("inf")),
+        ("train", "--gen", "0"),
+        "train.lr = inf: must be a finite number",
+    ),
+    Case(
+        "NaN alpha",
+        lambda r: _set(r, "students.2.alpha", float("nan")),
+        ("train", "--gen", "2"),
+        "students.2.alpha = nan: must be a finite number",
+    ),
+    Case(
+        "training loss becomes non-finite",
+        lambda r: _set(r, "train.lr", 1e30),
+        ("train", "--gen", "0"),
+        "the training loss became",
+    ),
+    Case(
+        "dataset arrays edited in place",
+        _edit_dataset,
+        ("train", "--gen", "0"),
+        "its arrays differ from its recorded fingerprint",
+    ),
+    Case(
         "teacher store metadata corrupted",
         lambda r: (Layout(r).store(0) / "zarr.json").write_text("{"),
         ("train", "--gen", "1"),
@@ -280,6 +358,16 @@ def main_table(out: Path = Path("docs/errors.md")) -> None:
             "| disk full during export | `bancache export-logits --gen 0` | bancache: error: cache/gen-0: no "
             "space left on the device while exporting; free space under cache and rerun `bancache "
             "export-logits`. The previous store at cache/gen-0, if any, is untouched |"
+        )
+        rows.append(  # tests/test_faults.py::test_full_disk_while_writing_the_checkpoint_is_a_one_line_error
+            "| disk full while writing a checkpoint or resume state | `bancache train --gen 0` | bancache: error: "
+            ".bancache/state/gen-0.pt: no space left on the device while writing it (No space left on device); "
+            "free space under .bancache/state and rerun (the previous gen-0.pt, if any, is untouched) |"
+        )
+        rows.append(  # tests/test_faults.py::test_export_into_a_read_only_cache_dir
+            "| export into a read-only cache directory | `bancache export-logits --gen 0` | bancache: error: cache: "
+            "cannot write the store there (Permission denied); make the directory writable (chmod u+w) or run "
+            "from a project root you can write to. The previous store at cache/gen-0, if any, is untouched |"
         )
     head = (
         "# Errors a user can hit\n\nEvery row is a test in `tests/test_errors.py` (regenerate with "

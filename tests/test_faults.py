@@ -242,3 +242,135 @@ def test_full_disk_while_saving_checkpoint_keeps_previous(project: Layout, monke
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert project.model(0).read_bytes() == before
     assert not [p for p in project.model_dir(0).iterdir() if p.name != "model.pt"]
+
+
+# -- issue 13: full disk at checkpoint time, read-only cache, divergence, thread count, fp16 range -----
+
+
+def _cli(root: Path, *args: str, env: dict | None = None, preexec=None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "stages.cli", "--params", str(root / "params.yaml"), "--root", str(root), *args]
+    full_env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, preexec_fn=preexec, timeout=600)
+
+
+def test_full_disk_while_writing_the_checkpoint_is_a_one_line_error(exported_root: Path, tmp_path: Path) -> None:
+    import resource
+
+    root = tmp_path / "p"
+    shutil.copytree(exported_root, root)
+    before = Layout(root).model(0).read_bytes()
+    limit = len(before) // 2  # every checkpoint (and resume state) write runs out of room half-way
+
+    def small_disk() -> None:  # the OS fails the write (EFBIG) as a full disk does (ENOSPC)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    r = _cli(root, "train", "--gen", "0", preexec=small_disk)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("bancache: error: ") and "no space left on the device" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert Layout(root).model(0).read_bytes() == before  # nothing lost
+    assert not [p for p in Layout(root).model_dir(0).iterdir() if p.name != "model.pt"]
+
+
+def test_export_into_a_read_only_cache_dir(exported_root: Path, tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    root = tmp_path / "p"
+    shutil.copytree(exported_root, root)
+    cache = Layout(root).store(0).parent
+    before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
+    cache.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores permission bits: fail the creation as the OS does for anyone else
+
+        def denied(path, *a, **k):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+        monkeypatch.setattr(LogitStore, "create", denied)
+    try:
+        r = CliRunner().invoke(
+            main, ["--params", str(root / "params.yaml"), "--root", str(root), "export-logits", "--gen", "0"]
+        )
+    finally:
+        cache.chmod(0o755)
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("bancache: error: ") and "cannot write the store there (Permission denied)" in r.output
+    assert "chmod u+w" in r.output and "Traceback" not in r.output
+    assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == before
+
+
+def test_a_diverging_run_stops_and_writes_no_model(project: Layout) -> None:
+    from pipeline.errors import DivergedError
+
+    raw = tiny_params()
+    raw["train"]["lr"] = 1e30
+    with pytest.raises(DivergedError, match=r"generation 0: the training loss became (nan|inf) in epoch 1") as e:
+        train.run(ParamsFile(raw), project, 0)
+    assert "no model was written" in str(e.value) and "train.lr" in str(e.value)
+    assert not project.model(0).exists() and not project.train_metrics(0).exists()
+    assert not project.train_state(0).exists()
+
+
+def test_thread_count_from_the_environment_does_not_change_the_checkpoint(project: Layout, tmp_path: Path) -> None:
+    roots = []
+    for threads in ("1", "2"):
+        root = tmp_path / f"omp{threads}"
+        shutil.copytree(project.root, root)
+        (root / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        for command in (("train", "--gen", "0"), ("export-logits", "--gen", "0")):
+            r = _cli(root, *command, env=env)
+            assert r.returncode == 0, r.stderr
+        roots.append(root)
+    a, b = (Layout(r).model(0).read_bytes() for r in roots)
+    assert a == b
+    markers = [(Layout(r).store(0) / "COMPLETE.json").read_text() for r in roots]  # sha256 of every array
+    assert markers[0] == markers[1]
+    assert load_checkpoint(Layout(roots[0]).model(0))["meta"]["recipe"]["threads"] == 1  # in the provenance
+
+
+def test_float16_export_never_overflows(exported_root: Path, tmp_path: Path) -> None:
+    """Logits beyond +-65504 export to float16: each row is stored minus its max (attribute logit_shift),
+    which leaves every consumer's softmax, hence targets, ensembles and inspect statistics, unchanged."""
+    from pipeline.checkpoint import model_from_checkpoint, save_checkpoint
+    from pipeline.data import load_prepared
+    from pipeline.ensemble import evaluate_chain
+    from pipeline.export import export_logits
+    from pipeline.inspect import InspectParams, audit_store, open_checked, open_labels
+    from pipeline.losses import soften
+    from pipeline.params import ExportParams
+    from pipeline.reader import CachedTargets
+
+    lay = Layout(exported_root)
+    ckpt = load_checkpoint(lay.model(0))
+    model = model_from_checkpoint(ckpt)
+    with torch.no_grad():
+        model.head.weight.mul_(1e5)  # a diverged or very confident model: logits of order 1e5..1e6
+        model.head.bias.mul_(1e5)
+    big = tmp_path / "big.pt"
+    save_checkpoint(big, model, ckpt["meta"])
+    data = load_prepared(lay.dataset)
+    stores = {}
+    for dtype in ("float16", "float32"):  # float16 used to fail: "171 non-finite rows ..."
+        p = ExportParams(dtype=dtype, chunk_rows=128, batch_size=100, device="cpu")
+        stores[dtype] = tmp_path / dtype
+        attrs = export_logits(big, data, stores[dtype], p, torch.device("cpu"))
+        assert attrs.get("logit_shift") == ("row_max" if dtype == "float16" else "none")
+    raw32 = LogitStore.open(stores["float32"]).array("train")[:, 0, :]
+    assert np.abs(raw32).max() > 65504  # the case that used to fail
+    rows = np.arange(len(data.y_train))
+    t32, t16 = (CachedTargets(stores[d], "train", data.fingerprint, len(rows), 10) for d in ("float32", "float16"))
+    for temperature in (1.0, 4.0):  # the targets every loss softens
+        p32, p16 = soften(t32.target(rows), temperature), soften(t16.target(rows), temperature)
+        assert (p32.argmax(1) == p16.argmax(1)).all()
+        torch.testing.assert_close(p16, p32, atol=2e-3, rtol=0)
+    e32, e16 = (evaluate_chain({0: stores[d]}, data) for d in ("float32", "float16"))
+    assert e16["accuracy"] == e32["accuracy"]
+    with open_labels(lay.dataset) as labels:
+        s32, s16 = (audit_store(open_checked(stores[d], labels), labels, InspectParams()) for d in stores)
+        m32, m16 = s32[0].metrics(), s16[0].metrics()
+        assert m16["accuracy"] == m32["accuracy"]
+        assert m16["entropy_mean"] == pytest.approx(m32["entropy_mean"], abs=1e-3)
+        assert s16[1].metrics()["ece"] == pytest.approx(s32[1].metrics()["ece"], abs=1e-3)

@@ -115,3 +115,82 @@ def test_fuzzed_datasets_are_refused(exported_root: Path, tmp_path: Path) -> Non
         path.write_bytes(blob)
         with pytest.raises(BancacheError):
             _within(30, lambda path=path: load_prepared(path))
+
+
+# -- single bit flips in chunk files and the marker (issue 13) -----------------------------------------
+
+FLIPS = 240  # 200 in chunk files, 40 in COMPLETE.json
+
+
+def _consumers(root: Path, data, verify: bool = True) -> dict:
+    """What train, inspect, ensemble and convert make of the store, through their library calls."""
+    from pipeline.ensemble import evaluate_chain
+    from pipeline.convert import convert_store
+    from pipeline.data import open_labels
+    from pipeline.inspect import audit_store, open_checked
+    from pipeline.params import InspectParams
+    from pipeline.store import LogitStore
+
+    lay = Layout(root)
+    out: dict = {}
+
+    def attempt(name: str, fn) -> None:
+        try:
+            out[name] = fn()
+        except BancacheError as e:
+            out[name] = e
+
+    def train_targets():  # the reader a student trains from, every row
+        t = CachedTargets(lay.store(0), "train", data.fingerprint, len(data.y_train), data.num_classes, verify=verify)
+        return t.rows(list(range(len(data.y_train)))).numpy().tobytes()
+
+    def inspect_stats():
+        with open_labels(lay.dataset) as labels:
+            stats, calib = audit_store(open_checked(lay.store(0), labels, verify), labels, InspectParams())
+            return repr((stats.metrics(), calib.metrics()))
+
+    def convert():
+        target = root / "converted.npz"
+        convert_store(LogitStore.open(lay.store(0), verify=verify), target, "npz")
+        return target.read_bytes()
+
+    attempt("train", train_targets)
+    attempt("inspect", inspect_stats)
+    attempt("ensemble", lambda: repr(evaluate_chain({0: lay.store(0)}, data, verify=verify)))
+    attempt("convert", convert)
+    return out
+
+
+def test_single_bit_flips_are_never_silently_accepted(exported_root: Path, tmp_path: Path) -> None:
+    """Every flip in a chunk file or the marker is refused by each consumer that reads the flipped file (a
+    flip in a file a consumer never reads must leave its result exactly as it was)."""
+    root = tmp_path / "p"
+    shutil.copytree(exported_root, root)
+    store = Layout(root).store(0)
+    data = load_prepared(Layout(root).dataset)
+    clean = _consumers(root, data)
+    assert not [v for v in clean.values() if isinstance(v, Exception)], clean
+    chunks = sorted(p for split in ("train", "test") for p in (store / split / "c").rglob("*") if p.is_file())
+    reads = {"train": {"train"}, "inspect": {"train", "test"}, "ensemble": {"test"}, "convert": {"train", "test"}}
+    rng = random.Random(13)
+    targets = [rng.choice(chunks) for _ in range(FLIPS - 40)] + [store / "COMPLETE.json"] * 40
+    refused = dict.fromkeys(reads, 0)
+    for path in targets:
+        original = path.read_bytes()
+        blob = bytearray(original)
+        byte, bit = rng.randrange(len(blob)), rng.randrange(8)
+        blob[byte] ^= 1 << bit
+        path.write_bytes(bytes(blob))
+        try:
+            got = _consumers(root, data)
+        finally:
+            path.write_bytes(original)
+        array = path.relative_to(store).parts[0]  # "train", "test" or the marker
+        for name, result in got.items():
+            if isinstance(result, Exception):
+                refused[name] += 1
+            elif array == "COMPLETE.json" or array in reads[name]:
+                pytest.fail(f"{name} silently accepted a flip of bit {bit} of byte {byte} in {path.relative_to(root)}")
+            else:
+                assert result == clean[name], f"{name} changed by a flip in {array}, which it does not read"
+    assert refused["convert"] == FLIPS and refused["inspect"] == FLIPS  # they read every file

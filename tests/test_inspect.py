@@ -305,13 +305,20 @@ def test_convert_keeps_every_array_and_inspect_refuses_sparse_layouts(tmp_path: 
     group = zarr.open_group(str(tmp_path / "s"), mode="r+")
     mass = group.create_array("train_mass", shape=(40, 1), chunks=(16, 1), dtype="float32")
     mass[:] = rng.random((40, 1))
-    out = convert_store(LogitStore.open(tmp_path / "s"), tmp_path / "all.npz", "npz")
+    # train_mass was added after sealing: only a trusted (unverified) store converts with it
+    out = convert_store(LogitStore.open(tmp_path / "s", verify=False), tmp_path / "all.npz", "npz")
     with np.load(out) as f:
         assert set(f.files) == {"train", "test", "train_mass", "attributes"}
         np.testing.assert_array_equal(f["train_mass"], mass[:])
-    group.attrs["layout"] = "topk"
+    attrs = {k: v for k, v in store.attrs.items() if k in ("generation", "arch", "seed", "temperature")}
+    attrs |= {k: store.attrs[k] for k in ("checkpoint_sha256", "dataset_fingerprint", "class_names")}
+    topk = LogitStore.create(tmp_path / "k", {"train": 40, "test": 10}, 4, 1, "float32", 16, attrs, "topk", 2)
+    for split, n in (("train", 40), ("test", 10)):
+        idx = np.tile([0, 1], (n, 1)).astype(np.int16)
+        topk.write(split, 0, rng.normal(0, 3, (n, 2)), idx=idx[:, None], mass=np.full((n, 1), 0.5))
+    topk.seal()
     with pytest.raises(StoreError, match="layout 'topk'"):
-        ins.open_checked(store.path, labels_of(np.zeros(40, int), np.zeros(10, int), 4))
+        ins.open_checked(topk.path, labels_of(np.zeros(40, int), np.zeros(10, int), 4))
 
 
 # -- end to end through the CLI ------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def read_path(request, monkeypatch):
     """Run every reader test on both read paths: the split loaded into memory, and zarr per batch."""
     if request.param == "zarr-per-batch":
         defaults = list(CachedTargets.__init__.__defaults__)
-        defaults[-1] = 0  # max_memory_bytes = 0: never load into memory
+        defaults[-2] = 0  # max_memory_bytes = 0: never load into memory (the last default is verify)
         monkeypatch.setattr(CachedTargets.__init__, "__defaults__", tuple(defaults))
     return request.param
 
@@ -196,7 +196,7 @@ def test_refuses_a_foreign_store(stored, kw: dict, reason: str) -> None:
 
 def test_refuses_a_chunk_overwritten_with_nan_after_sealing(fresh) -> None:
     path, data = fresh
-    t = targets(path)
+    t = targets(path, verify=False)  # trusted: damaged rows are still refused when a batch asks for them
     zarr.open_array(str(path / "train"), mode="r+")[10:15] = np.nan  # the third chunk
     np.testing.assert_array_equal(t.rows([0, 36, 9, 15]).numpy(), data[[0, 36, 9, 15], 0])  # other chunks fine
     with pytest.raises(CorruptStoreError) as e:
@@ -207,12 +207,22 @@ def test_refuses_a_chunk_overwritten_with_nan_after_sealing(fresh) -> None:
 
 def test_refuses_a_chunk_deleted_after_sealing(fresh) -> None:
     path, _ = fresh
-    t = targets(path)
+    t = targets(path, verify=False)
     chunk = path / "train" / "c" / "7" / "0" / "0"  # rows 35-36
     assert chunk.is_file()
     chunk.unlink()  # reads back as the NaN fill value, not as an error
     with pytest.raises(CorruptStoreError, match=r"rows \[36\]"):
         t.rows([36])
+
+
+def test_verifies_the_store_on_first_read_by_default(fresh) -> None:
+    path, data = fresh
+    zarr.open_array(str(path / "train"), mode="r+")[10:15] = data[10:15] + 0.5  # finite, plausible, wrong
+    t = targets(path)
+    with pytest.raises(CorruptStoreError, match="'train' content differs from its marker") as e:
+        t.rows([0])  # a row of an undamaged chunk: the whole array is refused
+    assert str(path) in str(e.value) and "re-export" in str(e.value)
+    np.testing.assert_array_equal(targets(path, verify=False).rows([0]).numpy(), data[[0], 0])
 
 
 # -- pickling for DataLoader workers -------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pipeline.errors import (
     StoreNotFoundError,
 )
 from pipeline.io import atomic_path
-from pipeline.store import MARKER, LogitStore, check_temperature
+from pipeline.store import COMPRESSORS, MARKER, LogitStore, _marker_digest, check_temperature
 
 FP = "ab" * 32  # dataset fingerprint (sha256 hex)
 
@@ -294,6 +294,7 @@ def test_shape_disagreeing_with_marker_is_corrupt(sealed) -> None:
     path, _ = sealed
     marker = json.loads((path / MARKER).read_text())
     marker["rows"]["train"] = 9
+    marker["marker_sha256"] = _marker_digest(marker)  # a consistent marker, for another reason wrong
     (path / MARKER).write_text(json.dumps(marker))
     with pytest.raises(CorruptStoreError, match="array 'train' has shape") as e:
         LogitStore.open(path)
@@ -439,3 +440,81 @@ def test_only_a_sampled_store_refuses_a_temperature_other_than_1() -> None:
     check_temperature("cache/gen-0", "sampled", 1.0, "students.1.temperature")
     with pytest.raises(ParamsError, match=r"students.1.temperature = 2.0: .*cache/gen-0 holds sampled .* T = 1 only"):
         check_temperature("cache/gen-0", "sampled", 2.0, "students.1.temperature")
+
+
+# -- verification on read ------------------------------------------------------------------------------
+
+
+def test_new_stores_have_zstd_checksums(sealed) -> None:
+    path, _ = sealed
+    meta = json.loads((path / "train" / "zarr.json").read_text())
+    zstd = [c for c in meta["codecs"] if c["name"] == "zstd"]
+    assert zstd and zstd[0]["configuration"]["checksum"] is True
+    assert COMPRESSORS[0].checksum
+
+
+def test_flipped_bit_in_a_chunk_fails_its_zstd_checksum(sealed) -> None:
+    path, _ = sealed
+    chunk = path / "train" / "c" / "1" / "0" / "0"
+    blob = bytearray(chunk.read_bytes())
+    blob[len(blob) // 2] ^= 0x10  # inside the compressed payload
+    chunk.write_bytes(bytes(blob))
+    store = LogitStore.open(path, verify=False)  # even unverified, a damaged chunk cannot decode silently
+    with pytest.raises(CorruptStoreError, match="rows 4..7 are unreadable"):
+        store.read("train", 4, 8)
+
+
+def test_sequential_reads_are_verified_against_the_marker(sealed) -> None:
+    path, data = sealed
+    zarr.open_array(str(path / "train"), mode="r+")[5] = data["train"][5] + 1.0  # finite, wrong, decodes fine
+    store = LogitStore.open(path)
+    blocks = store.blocks("train")
+    start, first = next(blocks)  # rows before the end are handed out; the last read raises
+    assert start == 0 and np.array_equal(first, data["train"][:4].astype(np.float32))
+    with pytest.raises(CorruptStoreError, match="'train' content differs from its marker") as e:
+        list(blocks)
+    assert str(path) in str(e.value) and "re-export" in str(e.value)
+    np.testing.assert_array_equal(store.read("test", 0, 5), data["test"].astype(np.float32))  # another array: fine
+    trusted = LogitStore.open(path, verify=False)  # the documented way to skip the hashing
+    assert sum(len(b) for _, b in trusted.blocks("train")) == 10
+
+
+def test_unchanged_store_reads_and_rereads_cleanly(sealed) -> None:
+    path, data = sealed
+    store = LogitStore.open(path)
+    for _ in range(2):  # a second pass starts a new hash
+        got = np.concatenate([b for _, b in store.blocks("train")])
+        np.testing.assert_array_equal(got, data["train"].astype(np.float32))
+    np.testing.assert_array_equal(store.read("train", 3, 9), data["train"][3:9].astype(np.float32))  # not hashed
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_edited_sha256_in_the_marker_is_refused(sealed, split: str) -> None:
+    path, _ = sealed
+    marker = json.loads((path / MARKER).read_text())
+    marker["sha256"][split] = "0" * 64
+    (path / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(CorruptStoreError, match="differs from its own marker_sha256") as e:
+        LogitStore.open(path, verify=False)  # refused at open, whichever array the reader wants
+    assert str(path) in str(e.value)
+
+
+def test_marker_without_self_hash_still_checks_the_arrays(sealed) -> None:
+    path, _ = sealed
+    marker = json.loads((path / MARKER).read_text())
+    del marker["marker_sha256"]  # a store sealed before the self-hash existed
+    marker["sha256"]["train"] = "0" * 64
+    (path / MARKER).write_text(json.dumps(marker))
+    store = LogitStore.open(path)
+    with pytest.raises(CorruptStoreError, match="'train' content differs"):
+        list(store.blocks("train"))
+
+
+def test_marker_listing_other_arrays_is_refused(sealed) -> None:
+    path, _ = sealed
+    marker = json.loads((path / MARKER).read_text())
+    marker["sha256"]["trian"] = marker["sha256"].pop("train")
+    marker["marker_sha256"] = _marker_digest(marker)
+    (path / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(CorruptStoreError, match=r"lists arrays \['test', 'trian'\]"):
+        LogitStore.open(path)
