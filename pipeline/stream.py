@@ -55,17 +55,28 @@ class ChunkCache:
         return len(self._entries)
 
     def take(self, idx: np.ndarray) -> np.ndarray:
-        """`arr[idx]` for in-range row indices `idx` (any order, repeats allowed), every trailing axis."""
+        """`arr[idx]` for in-range row indices `idx` (any order, repeats allowed), every trailing axis.
+
+        Chunks held (or being prefetched) are served from the cache; the others are decoded in groups of at
+        most `capacity` chunks, one concurrent zarr read per group, then cached."""
         out = np.empty((len(idx), *self.arr.shape[1:]), dtype=self.arr.dtype)
         chunk_of = idx // self.step
         order = np.argsort(chunk_of, kind="stable")
         starts = np.flatnonzero(np.diff(chunk_of[order])) + 1
-        touched = []
-        for group in np.split(order, starts) if len(idx) else []:
-            k = int(chunk_of[group[0]])
-            out[group] = self._chunk(k)[idx[group] - k * self.step]
-            touched.append(k)
-        self._prefetch_after(max((self._position.get(k, -1) for k in touched), default=-1))
+        groups = {int(chunk_of[g[0]]): g for g in (np.split(order, starts) if len(idx) else [])}
+        missing = []
+        for k, g in groups.items():
+            block = self._held(k)
+            if block is None:
+                missing.append(k)
+            else:
+                out[g] = block[idx[g] - k * self.step]
+        for i in range(0, len(missing), self.capacity):
+            some = missing[i : i + self.capacity]
+            for k, block in zip(some, self._decode(some), strict=True):
+                out[groups[k]] = block[idx[groups[k]] - k * self.step]
+                self._keep(k, block)
+        self._prefetch_after(max((self._position.get(k, -1) for k in groups), default=-1))
         return out
 
     def schedule(self, chunks: Sequence[int]) -> None:
@@ -77,35 +88,46 @@ class ChunkCache:
         self._prefetch_after(-1)
 
     def close(self) -> None:
-        """Stop the prefetch thread (after its current chunk) and drop every cached chunk."""
+        """Stop the prefetch thread (after its current read) and drop every cached chunk."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._entries.clear()
 
-    def _decode(self, k: int) -> np.ndarray:
-        block = np.asarray(self.arr[k * self.step : (k + 1) * self.step])
+    def _decode(self, chunks: list[int]) -> list[np.ndarray]:
+        """Chunks `chunks` whole, in one read (zarr decodes them concurrently)."""
+        n = self.arr.shape[0]
+        if len(chunks) == 1:
+            blocks = [np.asarray(self.arr[chunks[0] * self.step : (chunks[0] + 1) * self.step])]
+        else:
+            bounds = [(k * self.step, min((k + 1) * self.step, n)) for k in chunks]
+            rows = np.concatenate([np.arange(a, b) for a, b in bounds])
+            data = np.asarray(self.arr.oindex[rows])
+            cuts = np.cumsum([b - a for a, b in bounds])[:-1]
+            blocks = np.split(data, cuts)
         with self._lock:
-            self.decoded += 1
-        return block
+            self.decoded += len(chunks)
+        return blocks
 
-    def _chunk(self, k: int) -> np.ndarray:
+    def _held(self, k: int) -> np.ndarray | None:
+        """Chunk k if held (waiting for its prefetch to finish), else None; a failed prefetch is dropped,
+        so the chunk is decoded again and its error raised by the caller's own read."""
         entry = self._entries.get(k)
         if entry is None:
-            entry = Future()
-            try:
-                entry.set_result(self._decode(k))
-            except Exception as e:  # kept in the entry only until the raise below
-                entry.set_exception(e)
-            if not self._make_room(1):  # every entry still decoding: serve this chunk without keeping it
-                return entry.result()
-            self._entries[k] = entry
-        self._entries.move_to_end(k)
+            return None
         try:
-            return entry.result()
-        except BaseException:
-            self._entries.pop(k, None)  # a failed decode is retried when asked again, not cached
-            raise
+            block = entry.result()
+        except Exception:
+            del self._entries[k]
+            return None
+        self._entries.move_to_end(k)
+        return block
+
+    def _keep(self, k: int, block: np.ndarray) -> None:
+        if self._make_room(1):  # else every entry is still decoding: the chunk was served, not kept
+            done: Future[np.ndarray] = Future()
+            done.set_result(block)
+            self._entries[k] = done
 
     def _make_room(self, n: int) -> bool:
         """Evict finished chunks, least recently used first, until `n` more fit; False if they cannot."""
@@ -116,17 +138,27 @@ class ChunkCache:
         return len(self._entries) + n <= self.capacity
 
     def _prefetch_after(self, position: int) -> None:
-        """Start decoding the `prefetch` scheduled chunks after schedule place `position` in the background."""
-        if not self.prefetch:
+        """Decode the `prefetch` scheduled chunks after schedule place `position` in the background (one
+        read for all of them), evicting the least recently used chunks to make room."""
+        ahead = [k for k in self._schedule[position + 1 : position + 1 + self.prefetch] if k not in self._entries]
+        if not ahead or not self._make_room(len(ahead)):
             return
-        for k in self._schedule[position + 1 : position + 1 + self.prefetch]:
-            if k in self._entries:
-                continue
-            if not self._make_room(1):
-                return
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bancache-prefetch")
-            self._entries[k] = self._pool.submit(self._decode, k)
+        futures: list[Future[np.ndarray]] = [Future() for _ in ahead]
+        for k, f in zip(ahead, futures, strict=True):
+            self._entries[k] = f
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bancache-prefetch")
+        self._pool.submit(self._fill, ahead, futures)
+
+    def _fill(self, chunks: list[int], futures: list[Future[np.ndarray]]) -> None:
+        try:
+            blocks = self._decode(chunks)
+        except Exception as e:  # raised again by the caller's own read of these chunks
+            for f in futures:
+                f.set_exception(e)
+            return
+        for f, block in zip(futures, blocks, strict=True):
+            f.set_result(block)
 
 
 def block_shuffle(

@@ -36,15 +36,17 @@ def _array(path: Path) -> zarr.Array:
 
 
 class _Counting:
-    """A zarr array stand-in that records which chunks are decoded (row slices of whole chunks)."""
+    """A zarr array stand-in that records which chunks are read (whole chunks: slices or row lists)."""
 
     def __init__(self, arr: zarr.Array) -> None:
         self.arr, self.shape, self.dtype, self.chunks = arr, arr.shape, arr.dtype, arr.chunks
         self.reads: list[int] = []
+        self.oindex = self
 
-    def __getitem__(self, key: slice) -> np.ndarray:
-        self.reads.append(key.start // self.chunks[0])
-        return self.arr[key]
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        rows = np.arange(self.shape[0])[key]
+        self.reads += np.unique(rows // self.chunks[0]).tolist()
+        return self.arr.oindex[rows] if isinstance(key, np.ndarray) else self.arr[key]
 
 
 # -- the chunk cache ------------------------------------------------------------------------------------
