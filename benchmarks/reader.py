@@ -11,7 +11,7 @@ Arms, alternating in one process, batches of --batch rows, medians of --reps rou
                  (40 chunks, 16 prefetched in the background), in the epoch order of
                  `pipeline.stream.BlockShuffleSampler` (chunks shuffled, rows shuffled within blocks of 16)
   streaming, uniform order  the same reader in a uniform shuffle: what the block order buys
-  in-memory      (CIFAR scale only) the split loaded whole within the default budget, numpy gathers
+  in-memory      (stores up to 1 GiB) the split loaded whole within the default budget, numpy gathers
 
 Each arm's rows are first checked against the store. Rows/s are compared with a student that consumes
 3,000 images/s (ResNet-50 on one H100, the issue's reference; target >= 20x). Peak memory: tracemalloc's
@@ -164,6 +164,7 @@ def bench_scale(scale: str, root: Path, args: argparse.Namespace) -> dict[str, A
         name: traced_peak_mib(lambda name=name: make_arms(path, n, c, args.batch, budget)[name], args.mem_batches)
         for name in arms
     }
+    print(f"[{scale}] traced peaks (MiB): {peaks}", flush=True)
     runs = {name: timed_arm(read, it, args.seconds) for name, (read, it) in arms.items()}
     print(f"[{scale}] {len(runs)} arms x {args.reps} rounds ...", flush=True)
     times = alternate({k: fn for k, (fn, _) in runs.items()}, args.reps, warmup=0)

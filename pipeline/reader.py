@@ -98,7 +98,8 @@ class CachedTargets:
 
     @property
     def streaming(self) -> bool:
-        """True when the split's values exceed `max_memory_bytes` and are streamed by chunk."""
+        """True when the split's values exceed `max_memory_bytes` and are streamed by chunk (asking loads
+        the split into memory when it fits, as the first read would)."""
         return self._table(self.split) is None
 
     @property

@@ -14,9 +14,11 @@ order (FFCV's "quasi-random" order), and `BlockShuffleSampler` feeds it to a Dat
   any of the sampled rows, cuts that chunk order into blocks of `window` consecutive chunks, and permutes
   the rows of each block. Every row comes exactly once per epoch; rows of different blocks never swap, so a
   batch mixes rows of at most `window` chunks (two blocks at a block border), not of the whole split.
-- Memory: at most `capacity` decoded chunks per array, plus the one being decoded: with the defaults
-  (`window` 16, `capacity` 40) 80 MiB for ImageNet-1k logits in float16 (1024 x 1000 x 2 bytes a chunk),
-  whatever the number of rows.
+- Memory: the cache holds at most `capacity` decoded chunks per array (80 MiB for ImageNet-1k logits in
+  float16 with the default 40: 1024 x 1000 x 2 bytes a chunk), whatever the number of rows. A read decodes
+  the (at most `capacity`) chunks it misses in one zarr read, then copies each out, so it peaks at about
+  3 x `capacity` chunks; a read that misses more chunks than that reads only its own rows, uncached (the
+  zarr per-batch read), which is what a uniformly shuffled epoch over a large store gets.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ class ChunkCache:
     def take(self, idx: np.ndarray) -> np.ndarray:
         """`arr[idx]` for in-range row indices `idx` (any order, repeats allowed), every trailing axis.
 
-        Chunks held (or being prefetched) are served from the cache; the others are decoded in groups of at
-        most `capacity` chunks, one concurrent zarr read per group, then cached."""
+        Chunks held (or being prefetched) are served from the cache; the others are decoded whole, one
+        concurrent zarr read, and cached. A read that misses more than `capacity` chunks (a uniform shuffle
+        over a large store, not the block order) reads just its rows through zarr instead, uncached."""
         out = np.empty((len(idx), *self.arr.shape[1:]), dtype=self.arr.dtype)
         chunk_of = idx // self.step
         order = np.argsort(chunk_of, kind="stable")
@@ -71,6 +74,13 @@ class ChunkCache:
                 missing.append(k)
             else:
                 out[g] = block[idx[g] - k * self.step]
+        if len(missing) > self.capacity:  # a scattered read (not in block order): caching would only thrash
+            sel = np.concatenate([groups[k] for k in missing])
+            uniq, inverse = np.unique(idx[sel], return_inverse=True)
+            out[sel] = np.asarray(self.arr.oindex[uniq])[inverse]  # zarr decodes each chunk, keeps its rows
+            with self._lock:
+                self.decoded += len(missing)
+            missing = []
         for i in range(0, len(missing), self.capacity):
             some = missing[i : i + self.capacity]
             for k, block in zip(some, self._decode(some), strict=True):
@@ -104,7 +114,8 @@ class ChunkCache:
             rows = np.concatenate([np.arange(a, b) for a, b in bounds])
             data = np.asarray(self.arr.oindex[rows])
             cuts = np.cumsum([b - a for a, b in bounds])[:-1]
-            blocks = np.split(data, cuts)
+            # Copies: a view would keep the whole group's buffer alive for as long as one chunk is cached.
+            blocks = [b.copy() for b in np.split(data, cuts)]
         with self._lock:
             self.decoded += len(chunks)
         return blocks
