@@ -67,6 +67,7 @@ def machine_info() -> dict[str, Any]:
         "numpy": np.__version__,
         "zarr": zarr.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {cpu_model()}",
         **git_state(),
     }
     return info

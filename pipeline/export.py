@@ -8,6 +8,12 @@ stored whole ("dense"), as their k largest entries ("topk"), or as the class cou
 teacher distribution ("sampled", Anshumann et al. 2025). Rows go into a fresh temporary store beside the
 target; the store is validated and sealed (completion marker last), then renamed into place,
 so the target path only ever holds a complete store or its previous content.
+
+Inference and store writes overlap: the caller's thread runs the model over chunk k+1 while one writer
+thread encodes and writes chunk k (`ChunkWriter`, at most `WRITE_AHEAD` chunks waiting, so memory stays
+bounded). A writer failure is re-raised in the caller at its next chunk or at the end, before anything is
+sealed; the temporary store is then removed. So an export costs about one inference pass plus the last
+chunk's write, not inference plus every write.
 """
 
 from __future__ import annotations
@@ -15,8 +21,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -35,6 +45,7 @@ from pipeline.train import predict_logits
 log = logging.getLogger(__name__)
 
 SPLIT_IDS = {"train": 0, "test": 1}  # keys of the per-(split, row, view) seeds
+WRITE_AHEAD = 2  # inferred chunks that may wait for the writer thread (memory: 2 chunks of float32 logits)
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
@@ -112,6 +123,21 @@ def export_chunk(
 ) -> dict[str, np.ndarray]:
     """`LogitStore.write` keywords for rows [start, start + len(x)) of `split`: every view's logits in
     the store's layout, and each view's crop/flip when the store has augmented views."""
+    logits, aug = infer_chunk(model, x, split, start, params, layout, device)
+    return encode_chunk(logits, aug, split, start, params, layout)
+
+
+def infer_chunk(
+    model: torch.nn.Module,
+    x: np.ndarray,
+    split: str,
+    start: int,
+    params: ExportParams,
+    layout: dict[str, Any],
+    device: torch.device,
+) -> tuple[torch.Tensor, np.ndarray | None]:
+    """(float32 logits (B, V, C), each view's (top, left, flip) (B, V, 3) or None) of rows
+    [start, start + len(x)) of `split`: the model's part of `export_chunk`."""
     rows = np.arange(start, start + len(x))
     recipe = layout["augmentation"]
     per_view, aug = [], []
@@ -123,39 +149,103 @@ def export_chunk(
             aug.append(np.stack([ap.top.numpy(), ap.left.numpy(), ap.flip.numpy()], axis=1))
         per_view.append(predict_logits(model, xv, params.batch_size, device))
     logits = torch.from_numpy(np.stack(per_view, axis=1))  # (B, V, C) float32
+    return logits, (np.stack(aug, axis=1) if recipe is not None else None)
+
+
+def encode_chunk(
+    logits: torch.Tensor,
+    aug: np.ndarray | None,
+    split: str,
+    start: int,
+    params: ExportParams,
+    layout: dict[str, Any],
+) -> dict[str, np.ndarray]:
+    """`LogitStore.write` keywords from `infer_chunk`'s output: the store's part of `export_chunk`."""
     g = torch.Generator().manual_seed(mix64(params.seed, SPLIT_IDS[split], start, 1 << 40))  # chunk-keyed draws
     values, sparse = _encode(logits, params, layout["slots"], g)
     out: dict[str, np.ndarray] = {"logits": values, **sparse}
-    if recipe is not None:
-        out["aug"] = np.stack(aug, axis=1).astype(np.int16)  # (B, V, 3)
+    if aug is not None:
+        out["aug"] = aug.astype(np.int16)  # (B, V, 3)
     return out
 
 
-def export_logits(
-    checkpoint: Path,
-    data: PreparedData,
-    out: Path,
-    params: ExportParams,
-    device: torch.device,
-    ctx: DistContext = SINGLE_PROCESS,
-) -> dict[str, Any]:
-    """Write `out` (a complete store) from `checkpoint`; returns the store's attributes.
+class ChunkWriter:
+    """Runs write jobs in order on one background thread, at most `ahead` of them waiting (0: each job
+    runs at once in the caller). Use as a context manager: a job's exception is re-raised in the caller at
+    the next `submit` or at exit; later jobs are dropped unrun. An exception in the caller stops the
+    thread (queued jobs dropped) before it propagates, so the caller can remove what was written."""
 
-    Under torchrun each rank writes its own whole chunks (`partition_rows`); rank 0 creates the store
-    first and seals it after a barrier."""
-    ckpt = load_checkpoint(checkpoint)
-    meta = ckpt["meta"]
-    if meta["dataset_fingerprint"] != data.fingerprint:
-        raise CheckpointError(
-            f"{checkpoint}: trained on another dataset (fingerprint {meta['dataset_fingerprint'][:12]}..., "
-            f"prepared data is {data.fingerprint[:12]}...). Retrain this generation on the prepared data"
-        )
-    layout = store_layout(data, params)
-    recipe = meta.get("recipe") or {}
-    if recipe.get("deterministic") and recipe.get("threads"):  # the thread count the generation trained with
-        torch.set_num_threads(recipe["threads"])
-    model = model_from_checkpoint(ckpt, checkpoint).to(device)
-    attributes = {
+    def __init__(self, ahead: int = WRITE_AHEAD) -> None:
+        self.ahead = ahead
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=max(ahead, 1))
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> ChunkWriter:
+        if self.ahead > 0:
+            self._thread = threading.Thread(target=self._run, name="bancache-export-writer", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Queue `job` (blocks while `ahead` jobs wait); raises the error of an earlier job, if any."""
+        self._raise()
+        if self._thread is None:
+            job()
+        else:
+            self._jobs.put(job)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop = kind is not None  # the caller failed: drop what is queued
+        if self._thread is not None:
+            self._jobs.put(None)  # the writer keeps draining, so this never blocks for long
+            self._thread.join()
+        if kind is None:
+            self._raise()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._error is None and not self._stop:
+                try:
+                    job()
+                except BaseException as e:  # handed to the caller's thread, which re-raises it
+                    self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def _write_rows(
+    store: LogitStore,
+    model: torch.nn.Module,
+    data: PreparedData,
+    params: ExportParams,
+    layout: dict[str, Any],
+    device: torch.device,
+    ctx: DistContext,
+    write_ahead: int,
+) -> None:
+    """Every chunk of this rank's rows of both splits: inference here, encoding and writes on the writer."""
+    with ChunkWriter(write_ahead) as writer:
+        for split, n in store.attrs["splits"].items():
+            x, _ = data.split(split)
+            begin, end = partition_rows(n, params.chunk_rows, ctx.world_size)[ctx.rank]
+            # One whole chunk at a time, each written once, by one rank.
+            for start in range(begin, end, params.chunk_rows):
+                chunk = x[start : min(start + params.chunk_rows, end)]
+                logits, aug = infer_chunk(model, chunk, split, start, params, layout, device)
+
+                def job(split: str = split, start: int = start, logits: torch.Tensor = logits, aug: Any = aug) -> None:
+                    store.write(split, start, **encode_chunk(logits, aug, split, start, params, layout))
+
+                writer.submit(job)
+
+
+def _attributes(checkpoint: Path, meta: dict[str, Any], data: PreparedData, params: ExportParams) -> dict[str, Any]:
+    """The store's provenance attributes (`pipeline.store.REQUIRED_ATTRS` and the layout's extras)."""
+    return {
         "generation": meta["generation"],
         "arch": meta["arch"],
         "seed": meta["seed"],
@@ -170,12 +260,66 @@ def export_logits(
         **({"topk_rest": params.topk_rest} if params.layout == "topk" else {}),
         **({"samples": params.samples} if params.layout == "sampled" else {}),
     }
+
+
+def _temporary_path(out: Path, ctx: DistContext) -> Path:
+    """A fresh temporary store path beside `out` (rank 0 removes stale ones and picks it; all ranks get it)."""
     tmp = None
     if ctx.is_main:
         for stale in out.parent.glob(f".{out.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp = Path(broadcast(ctx, str(tmp)))
+    return Path(broadcast(ctx, str(tmp)))
+
+
+def _load_model(checkpoint: Path, data: PreparedData, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The generation's model (eval mode, on `device`) and its checkpoint meta; refuses another dataset's."""
+    ckpt = load_checkpoint(checkpoint)
+    meta = ckpt["meta"]
+    if meta["dataset_fingerprint"] != data.fingerprint:
+        raise CheckpointError(
+            f"{checkpoint}: trained on another dataset (fingerprint {meta['dataset_fingerprint'][:12]}..., "
+            f"prepared data is {data.fingerprint[:12]}...). Retrain this generation on the prepared data"
+        )
+    recipe = meta.get("recipe") or {}
+    if recipe.get("deterministic") and recipe.get("threads"):  # the thread count the generation trained with
+        torch.set_num_threads(recipe["threads"])
+    return model_from_checkpoint(ckpt, checkpoint).to(device), meta
+
+
+def _write_error(e: OSError, out: Path) -> OSError:
+    """The user-facing error for an OSError while writing the store `out` (the error itself if unknown)."""
+    if e.errno == errno.ENOSPC:
+        return DiskFullError(
+            f"{out}: no space left on the device while exporting; free space under {out.parent} and rerun "
+            f"`bancache export-logits`. The previous store at {out}, if any, is untouched"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return NotWritableError(
+            f"{out.parent}: cannot write the store there ({e.strerror}); make the directory writable "
+            f"(chmod u+w) or run from a project root you can write to. The previous store at {out}, if any, "
+            f"is untouched"
+        )
+    return e
+
+
+def export_logits(
+    checkpoint: Path,
+    data: PreparedData,
+    out: Path,
+    params: ExportParams,
+    device: torch.device,
+    ctx: DistContext = SINGLE_PROCESS,
+    write_ahead: int = WRITE_AHEAD,
+) -> dict[str, Any]:
+    """Write `out` (a complete store) from `checkpoint`; returns the store's attributes.
+
+    Under torchrun each rank writes its own whole chunks (`partition_rows`); rank 0 creates the store
+    first and seals it after a barrier. `write_ahead` = 0 writes each chunk before inferring the next."""
+    model, meta = _load_model(checkpoint, data, device)
+    layout = store_layout(data, params)
+    attributes = _attributes(checkpoint, meta, data, params)
+    tmp = _temporary_path(out, ctx)
     rows = {"train": len(data.y_train), "test": len(data.y_test)}
     try:
         if ctx.is_main:  # rank 0 alone creates the store and its attributes
@@ -191,13 +335,7 @@ def export_logits(
         barrier(ctx)
         if not ctx.is_main:
             store = LogitStore.attach(tmp)
-        for split, n in rows.items():
-            x, _ = data.split(split)
-            begin, end = partition_rows(n, params.chunk_rows, ctx.world_size)[ctx.rank]
-            # One whole chunk at a time, each written once, by one rank.
-            for start in range(begin, end, params.chunk_rows):
-                chunk = x[start : min(start + params.chunk_rows, end)]
-                store.write(split, start, **export_chunk(model, chunk, split, start, params, layout, device))
+        _write_rows(store, model, data, params, layout, device, ctx, write_ahead)
         barrier(ctx)
         if ctx.is_main:  # validation and the marker come after every rank's rows
             marker = store.seal()
@@ -207,18 +345,7 @@ def export_logits(
     except OSError as e:
         if ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise DiskFullError(
-                f"{out}: no space left on the device while exporting; free space under {out.parent} and rerun "
-                f"`bancache export-logits`. The previous store at {out}, if any, is untouched"
-            ) from e
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise NotWritableError(
-                f"{out.parent}: cannot write the store there ({e.strerror}); make the directory writable "
-                f"(chmod u+w) or run from a project root you can write to. The previous store at {out}, if any, "
-                f"is untouched"
-            ) from e
-        raise
+        raise _write_error(e, out) from e
     except BaseException:
         if ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -6,10 +6,13 @@ batch or loader. The store is opened lazily on first use, so the object can be h
 workers (each opens its own handle).
 
 A split's arrays are read into memory whole on first use when they fit `max_memory_bytes`, and each batch
-is then a numpy gather: shuffled reads through zarr decompress a whole chunk per requested row
-(benchmarks/reader.py: ~500 rows/s at ImageNet-1k scale, against ~1.4M rows/s from memory). Damaged rows
-are found while loading and refused only when a batch asks for them, as on the zarr path. Arrays over the
-budget are read through zarr.
+is then a numpy gather. Arrays over the budget are streamed by whole chunks through a bounded cache with
+background prefetch (`pipeline.stream.ChunkCache`: at most `cache_chunks` decoded chunks per array), since
+a shuffled read through zarr decompresses a whole chunk per requested row (benchmarks/reader.py). Either
+path returns exactly the rows asked for, in any order; the streaming path is fast only when the epoch
+order follows chunk blocks: train with `pipeline.stream.epoch_sampler(targets, rows, seed)` (a
+`BlockShuffleSampler` when `targets.streaming`, else None for the loader's own shuffle). Damaged rows are
+found while loading (or decoding a chunk) and refused only when a batch asks for them.
 
 Multi-view stores (export `views` > 1) take a view per row: `rows(index, views)` and `target(index, views)`
 return that view's teacher output and `aug(index, views)` the crop/flip the teacher saw, to be replayed on
@@ -30,6 +33,7 @@ from pipeline.augment import AugParams
 from pipeline.errors import CorruptStoreError
 from pipeline.losses import Probs, Teacher
 from pipeline.store import AUG_ARRAY, LogitStore
+from pipeline.stream import DEFAULT_CAPACITY, DEFAULT_WINDOW, ChunkCache
 
 DEFAULT_MAX_MEMORY_BYTES = 4 * 2**30  # ImageNet-1k train logits in float16 (1.28M x 1000) take 2.4 GiB
 
@@ -58,6 +62,8 @@ class CachedTargets:
         view: int = 0,
         max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
         verify: bool = True,
+        cache_chunks: int = DEFAULT_CAPACITY,
+        prefetch_chunks: int = DEFAULT_WINDOW,
     ) -> None:
         self.path = Path(path)
         self.split = split
@@ -66,10 +72,13 @@ class CachedTargets:
         self._expect = {"fingerprint": fingerprint, "rows": {split: num_rows}, "num_classes": num_classes}
         self._expect["verify"] = verify
         self.view = view
-        self.max_memory_bytes = max_memory_bytes  # 0: always read through zarr
+        self.max_memory_bytes = max_memory_bytes  # 0: always stream
+        self.cache_chunks, self.prefetch_chunks = cache_chunks, prefetch_chunks  # per streamed array
         self._store: LogitStore | None = None
         self._pid: int | None = None
         self._tables: dict[str, _Table | None] = {}  # array name -> in memory, or None when over budget
+        self._caches: dict[str, ChunkCache] = {}  # array name -> chunk cache of a streamed array
+        self._schedule: list[int] = []  # the current epoch's chunk order, for the caches' prefetch
         self.check()
 
     def check(self) -> LogitStore:
@@ -77,6 +86,7 @@ class CachedTargets:
         if self._store is None or self._pid != os.getpid():
             self._store = LogitStore.open(self.path, **self._expect)  # type: ignore[arg-type]
             self._pid = os.getpid()
+            self._caches = {}  # a forked child has the parent's caches but not their prefetch thread
         return self._store
 
     @property
@@ -87,7 +97,39 @@ class CachedTargets:
         state = self.__dict__.copy()
         state["_store"] = None
         state["_tables"] = {}  # a spawned worker reloads; a forked one shares the parent's pages
+        state["_caches"] = {}
         return state
+
+    @property
+    def streaming(self) -> bool:
+        """True when the split's values exceed `max_memory_bytes` and are streamed by chunk (asking loads
+        the split into memory when it fits, as the first read would)."""
+        return self._table(self.split) is None
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per chunk of the store (every array of a store is chunked alike)."""
+        return int(self.check().array(self.split).chunks[0])
+
+    def schedule(self, chunks: list[int]) -> None:
+        """Tell every streamed array the order in which the coming batches first touch chunks (an epoch's
+        `pipeline.stream.block_shuffle` order), so background prefetch decodes them ahead."""
+        self._schedule = list(chunks)
+        for cache in self._caches.values():
+            cache.schedule(self._schedule)
+
+    def close(self) -> None:
+        """Stop the prefetch threads and free the chunk caches (reading again restarts them)."""
+        for cache in self._caches.values():
+            cache.close()
+        self._caches = {}
+
+    def _cache(self, name: str) -> ChunkCache:
+        if name not in self._caches:
+            cache = ChunkCache(self.check().array(name), self.cache_chunks, self.prefetch_chunks)
+            cache.schedule(self._schedule)
+            self._caches[name] = cache
+        return self._caches[name]
 
     def _table(self, name: str) -> _Table | None:
         """Array `name` in memory if it fits what is left of `max_memory_bytes`, with each (row, view)'s
@@ -105,7 +147,7 @@ class CachedTargets:
             for start in range(0, arr.shape[0], step):
                 stop = min(start + step, arr.shape[0])
                 try:
-                    block = arr[start:stop]
+                    block = np.asarray(arr[start:stop])
                 except Exception as e:  # a damaged chunk fails inside the codec with many exception types
                     if self._expect["verify"]:  # the array cannot be verified: refuse it now
                         raise CorruptStoreError(
@@ -143,15 +185,14 @@ class CachedTargets:
                 )
             out, bad_rows = table.values[idx, views], table.bad[idx, views]
         else:
-            uniq, inverse = np.unique(idx, return_inverse=True)
+            cache = self._cache(name)
             try:
-                block = arr.oindex[uniq]  # every view of each row: a chunk holds all of them anyway
+                out = cache.take(idx)[np.arange(len(idx)), views]
             except Exception as e:  # a damaged chunk fails inside the codec with many exception types
                 raise CorruptStoreError(
                     f"{self.path}: cannot read rows of '{self.split}' ({type(e).__name__}: {e}); a chunk is "
                     f"damaged, re-export the store"
                 ) from e
-            out = block[inverse, views]
             bad_rows = _bad_rows(out)
         if bad_rows.any():
             raise CorruptStoreError(
@@ -237,5 +278,5 @@ def _bad_rows(block: np.ndarray) -> np.ndarray:
     """Rows of `block` holding a fill value: non-finite floats, or negative integers (index, aug arrays)."""
     flat = block.reshape(len(block), int(np.prod(block.shape[1:])))
     if np.issubdtype(block.dtype, np.floating):
-        return ~np.isfinite(flat).all(axis=1)  # type: ignore[no-any-return]
-    return (flat < 0).any(axis=1)  # type: ignore[no-any-return]
+        return np.asarray(~np.isfinite(flat).all(axis=1))
+    return np.asarray((flat < 0).any(axis=1))

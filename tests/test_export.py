@@ -3,6 +3,8 @@ arrays, top-k and sampled targets (retained mass, the k = C identity, unbiasedne
 
 from __future__ import annotations
 
+import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +16,13 @@ from pipeline.augment import apply_params
 from pipeline.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.data import PreparedData, load_prepared, write_prepared
 from pipeline.errors import ParamsError
-from pipeline.export import _encode, export_logits
+from pipeline.export import ChunkWriter, _encode, export_logits
 from pipeline.layout import Layout
 from pipeline.losses import Probs, ban_loss, kd_loss, soften
 from pipeline.models import build_model
 from pipeline.params import ExportParams
 from pipeline.reader import CachedTargets
-from pipeline.store import LogitStore
+from pipeline.store import MARKER, LogitStore
 
 CPU = torch.device("cpu")
 
@@ -266,3 +268,110 @@ def test_ensemble_refuses_a_sparse_store(images, tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"layout 'topk' keeps only part of each row's logits") as e:
         evaluate_chain({0: tmp_path / "k"}, data)
     assert "export.layout: dense" in str(e.value)
+
+
+# -- inference overlapped with the writes ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        ExportParams(views=3, chunk_rows=6, device="cpu"),
+        ExportParams(views=2, chunk_rows=4, device="cpu", layout="sampled", samples=5),
+    ],
+    ids=["dense-views", "sampled"],
+)
+def test_overlapped_export_writes_the_same_store_as_sequential(images, tmp_path: Path, params) -> None:
+    data, ckpt = images
+    export_logits(ckpt, data, tmp_path / "seq", params, CPU, write_ahead=0)
+    export_logits(ckpt, data, tmp_path / "ovl", params, CPU, write_ahead=2)
+    seq, ovl = LogitStore.open(tmp_path / "seq"), LogitStore.open(tmp_path / "ovl")
+    assert seq.array_names() == ovl.array_names()
+    for name in seq.array_names():
+        np.testing.assert_array_equal(seq.array(name)[:], ovl.array(name)[:])
+    assert json.loads((tmp_path / "seq" / MARKER).read_text()) == json.loads((tmp_path / "ovl" / MARKER).read_text())
+
+
+def test_the_next_chunk_is_inferred_while_the_previous_one_is_written(images, tmp_path: Path, monkeypatch) -> None:
+    """The first chunk's write waits until inference of the second chunk has started: only an export that
+    runs them at the same time finishes (a sequential one would deadlock, caught by the timeout)."""
+    data, ckpt = images
+    second_inference = threading.Event()
+    calls = {"infer": 0, "write_threads": set()}
+    real_predict, real_write = export_lib.predict_logits, LogitStore.write
+
+    def predict(model, x, batch_size, device):
+        calls["infer"] += 1
+        if calls["infer"] == 2:
+            second_inference.set()
+        return real_predict(model, x, batch_size, device)
+
+    def write(self, split, start, **arrays):
+        calls["write_threads"].add(threading.current_thread().name)
+        if start == 0 and split == "train":
+            assert second_inference.wait(timeout=120), "chunk 1 was not inferred while chunk 0 was written"
+        return real_write(self, split, start, **arrays)
+
+    monkeypatch.setattr(export_lib, "predict_logits", predict)
+    monkeypatch.setattr(LogitStore, "write", write)
+    export_logits(ckpt, data, tmp_path / "gen-0", ExportParams(chunk_rows=8, device="cpu"), CPU)
+    assert calls["write_threads"] == {"bancache-export-writer"}
+    assert LogitStore.open(tmp_path / "gen-0").attrs["splits"] == {"train": 20, "test": 7}
+
+
+@pytest.mark.parametrize("write_ahead", [0, 2])
+def test_a_failed_write_is_raised_in_the_caller_and_nothing_is_sealed(
+    images, tmp_path: Path, monkeypatch, write_ahead: int
+) -> None:
+    data, ckpt = images
+    out = tmp_path / "gen-0"
+    params = ExportParams(chunk_rows=4, device="cpu")
+    export_logits(ckpt, data, out, params, CPU)
+    before = LogitStore.open(out).array("train")[:]
+    real_write, calls = LogitStore.write, []
+
+    def failing(self, split, start, **arrays):
+        calls.append(start)
+        if len(calls) == 2:
+            raise RuntimeError("codec exploded")
+        return real_write(self, split, start, **arrays)
+
+    monkeypatch.setattr(LogitStore, "write", failing)
+    with pytest.raises(RuntimeError, match="codec exploded"):
+        export_logits(ckpt, data, out, ExportParams(chunk_rows=4, device="cpu", seed=9), CPU, write_ahead=write_ahead)
+    assert calls == [0, 4]  # no write after the failed one
+    np.testing.assert_array_equal(LogitStore.open(out).array("train")[:], before)  # previous store untouched
+    assert not list(tmp_path.glob(".gen-0.*"))  # the partial temporary store is gone, never sealed
+
+
+def test_chunk_writer_runs_jobs_in_order_and_drops_them_after_a_failure() -> None:
+    done: list[int] = []
+
+    def job(i: int):
+        def run() -> None:
+            if i == 3:
+                raise ValueError("job 3 failed")
+            done.append(i)
+
+        return run
+
+    with ChunkWriter(ahead=2) as w:
+        for i in range(3):
+            w.submit(job(i))
+    assert done == [0, 1, 2]
+    with pytest.raises(ValueError, match="job 3 failed"):
+        with ChunkWriter(ahead=2) as w:
+            for i in range(3, 50):
+                w.submit(job(i))
+    assert done == [0, 1, 2]  # jobs after the failed one never ran
+
+    def until_the_caller_failed() -> None:  # holds the writer until __exit__ has seen the caller's error
+        while not w._stop:
+            threading.Event().wait(0.01)
+
+    with pytest.raises(KeyError):
+        with ChunkWriter(ahead=2) as w:
+            w.submit(until_the_caller_failed)
+            w.submit(job(100))
+            raise KeyError("the caller failed")
+    assert done == [0, 1, 2]  # the job queued behind was dropped, not run after the caller failed

@@ -335,12 +335,12 @@ def test_float16_export_never_overflows(exported_root: Path, tmp_path: Path) -> 
     """Logits beyond +-65504 export to float16: each row is stored minus its max (attribute logit_shift),
     which leaves every consumer's softmax, hence targets, ensembles and inspect statistics, unchanged."""
     from pipeline.checkpoint import model_from_checkpoint, save_checkpoint
-    from pipeline.data import load_prepared
+    from pipeline.data import load_prepared, open_labels
     from pipeline.ensemble import evaluate_chain
     from pipeline.export import export_logits
-    from pipeline.inspect import InspectParams, audit_store, open_checked, open_labels
+    from pipeline.inspect import audit_store, open_checked
     from pipeline.losses import soften
-    from pipeline.params import ExportParams
+    from pipeline.params import ExportParams, InspectParams
     from pipeline.reader import CachedTargets
 
     lay = Layout(exported_root)

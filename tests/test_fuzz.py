@@ -124,9 +124,9 @@ FLIPS = 240  # 200 in chunk files, 40 in COMPLETE.json
 
 def _consumers(root: Path, data, verify: bool = True) -> dict:
     """What train, inspect, ensemble and convert make of the store, through their library calls."""
-    from pipeline.ensemble import evaluate_chain
     from pipeline.convert import convert_store
     from pipeline.data import open_labels
+    from pipeline.ensemble import evaluate_chain
     from pipeline.inspect import audit_store, open_checked
     from pipeline.params import InspectParams
     from pipeline.store import LogitStore

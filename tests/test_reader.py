@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 from pathlib import Path
@@ -20,13 +21,17 @@ from pipeline.reader import CachedTargets
 from pipeline.store import MARKER, LogitStore
 
 
-@pytest.fixture(autouse=True, params=["in-memory", "zarr-per-batch"])
+@pytest.fixture(autouse=True, params=["in-memory", "streaming"])
 def read_path(request, monkeypatch):
-    """Run every reader test on both read paths: the split loaded into memory, and zarr per batch."""
-    if request.param == "zarr-per-batch":
-        defaults = list(CachedTargets.__init__.__defaults__)
-        defaults[-2] = 0  # max_memory_bytes = 0: never load into memory (the last default is verify)
-        monkeypatch.setattr(CachedTargets.__init__, "__defaults__", tuple(defaults))
+    """Run every reader test on both read paths: the split loaded into memory, and streamed by chunk through
+    a cache smaller than the store (3 of its 8 chunks, 1 prefetched)."""
+    if request.param == "streaming":
+        names = list(inspect.signature(CachedTargets.__init__).parameters)[1:]
+        defaults = dict(
+            zip(names[-len(CachedTargets.__init__.__defaults__) :], CachedTargets.__init__.__defaults__, strict=True)
+        )
+        defaults.update(max_memory_bytes=0, cache_chunks=3, prefetch_chunks=1)  # 0: never load into memory
+        monkeypatch.setattr(CachedTargets.__init__, "__defaults__", tuple(defaults.values()))
     return request.param
 
 
