@@ -138,7 +138,7 @@ def report(obj: Ctx) -> None:
 
 
 @main.command()
-@click.option("--seeds", default="0,1,2", show_default=True, help="comma-separated seeds")
+@click.option("--seeds", default="0,1,2,3,4", show_default=True, help="comma-separated seeds")
 @click.option(
     "--losses",
     default="ban,ban+l,cwtm,dkpp",
@@ -146,9 +146,14 @@ def report(obj: Ctx) -> None:
     help="gen-1 loss variants to add as columns ('' for none)",
 )
 @click.option("--out", default="results/sweep", show_default=True, help="output folder")
+@click.option(
+    "--controls/--no-controls",
+    default=False,
+    help="also train control-K (labels only, generation K's seed, weights and batch order) and print the paired table",
+)
 @click.pass_obj
 @_user_errors
-def sweep(obj: Ctx, seeds: str, losses: str, out: str) -> None:
+def sweep(obj: Ctx, seeds: str, losses: str, out: str, controls: bool) -> None:
     """Run the whole chain for several seeds and write a mean +- std table (results/sweep/table.md)."""
     from pipeline.errors import ParamsError
     from pipeline.params import LOSSES
@@ -162,7 +167,7 @@ def sweep(obj: Ctx, seeds: str, losses: str, out: str) -> None:
     bad = [s for s in loss_list if s not in LOSSES or s == "ce"]
     if bad:
         raise ParamsError(f"--losses: unknown {bad}; choose from ban, ban+l, kd, cwtm, dkpp")
-    click.echo(stage.run(obj.params(), Path(out), seed_list, loss_list))
+    click.echo(stage.run(obj.params(), Path(out), seed_list, loss_list, controls=controls))
 
 
 @main.command()
