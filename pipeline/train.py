@@ -37,7 +37,7 @@ from pipeline.reader import CachedTargets
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = "bancache-train-state-v1"
+STATE_FORMAT = "bancache-train-state-v2"  # v2: adds the loss generator
 
 
 def resolve_device(name: str) -> torch.device:
@@ -209,7 +209,7 @@ def _save_state(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
-    gens: tuple[torch.Generator, torch.Generator],
+    gens: tuple[torch.Generator, ...],
     result: TrainResult,
     best: tuple[float, dict[str, torch.Tensor] | None],
 ) -> None:
@@ -223,6 +223,7 @@ def _save_state(
         "scheduler": sched.state_dict(),
         "generator": gens[0].get_state(),
         "aug_generator": gens[1].get_state(),
+        "loss_generator": gens[2].get_state(),
         "torch_rng": torch.get_rng_state(),
         "history": [asdict(h) for h in result.history],
         "best_acc": best[0],
@@ -282,6 +283,8 @@ def train_generation(
         model.set_stats(data.channel_mean, data.channel_std)
     model = model.to(device)
     aug_gen = torch.Generator().manual_seed(seed + 7919)  # crops and flips, apart from the shuffling stream
+    # dkpp's permutations: apart from the shuffling stream, so a label-only control sees the same batches
+    loss_gen = torch.Generator().manual_seed(seed + 104729)
     opts = step_options(recipe, data, device, aug_gen)
     if targets is not None and gp.view_policy != "clean":
         opts.view_policy, opts.num_views, opts.view_seed = gp.view_policy, targets.attrs["views"], seed
@@ -317,6 +320,7 @@ def train_generation(
         sched.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         aug_gen.set_state(state["aug_generator"])
+        loss_gen.set_state(state["loss_generator"])
         torch.set_rng_state(state["torch_rng"])
         result.history = [EpochLog(**h) for h in state["history"]]
         result.selected_epoch = state["selected_epoch"]
@@ -328,7 +332,7 @@ def train_generation(
         lr = opt.param_groups[0]["lr"]
         if sampler is not None:
             sampler.set_epoch(epoch)
-        loss = train_one_epoch(net, loader, opt, gp, device, targets, generator, opts, epoch=epoch)
+        loss = train_one_epoch(net, loader, opt, gp, device, targets, loss_gen, opts, epoch=epoch)
         sched.step()
         val_acc = accuracy(predict_logits(model, x_val, recipe.eval_batch_size, device), y_val)
         result.history.append(EpochLog(epoch, loss, val_acc, lr, time.perf_counter() - t0))
@@ -337,7 +341,8 @@ def train_generation(
             best = (val_acc, copy.deepcopy(model.state_dict()))
             result.selected_epoch = epoch
         if state_path is not None and ctx.is_main:
-            _save_state(state_path, state_key, epoch, model, opt, sched, (generator, aug_gen), result, best)
+            gens = (generator, aug_gen, loss_gen)
+            _save_state(state_path, state_key, epoch, model, opt, sched, gens, result, best)
     if recipe.select == "best_val" and best[1] is not None:
         model.load_state_dict(best[1])
     else:
