@@ -34,6 +34,7 @@ from pipeline.losses import Teacher, generation_loss
 from pipeline.models import ImageInput, build_model
 from pipeline.params import GenParams, TrainParams
 from pipeline.reader import CachedTargets
+from pipeline.schedules import warmup_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,10 @@ def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
 
 
 def make_scheduler(opt: torch.optim.Optimizer, p: TrainParams) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: cosine to 0, constant, or step (x0.2 at 50% and 75% of the epochs)."""
+    """Per-epoch schedule: cosine to 0, constant, or step (x0.2 at 50% and 75% of the epochs); with
+    warmup_epochs or one-cycle, `pipeline.schedules.warmup_scheduler`."""
+    if p.schedule == "onecycle" or p.warmup_epochs > 0:
+        return warmup_scheduler(opt, p)
     if p.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs)
     if p.schedule == "step":

@@ -188,6 +188,12 @@ def inspect(obj: Ctx, gen: int, against: int | None) -> None:
             f"generation {gen}: train acc {tr['accuracy']:.4f}, mean entropy {tr['entropy_mean']:.4f}, "
             f"test ECE {te['ece']:.4f}, {tr['likely_noisy']} likely-noisy; see {out}/summary.md"
         )
+        if "fitness" in m:
+            f = m["fitness"]
+            click.echo(
+                f"generation {gen} as a teacher: {100 * f['fit_accuracy']:.2f}% on its own fit rows, "
+                f"mean entropy {f['entropy_mean']:.4f} nats at T = {f['temperature']:g}"
+            )
     else:
         click.echo(
             f"generation {gen} vs {against}: test agreement {m['test']['agreement']:.4f}, "
