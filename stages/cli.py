@@ -100,6 +100,22 @@ def train(obj: Ctx, gen: int, resume: bool) -> None:
     click.echo(f"generation {gen}: val acc {m['final_val_acc']:.4f}, test acc {m['test_acc']:.4f}")
 
 
+@main.command()
+@click.option("--gen", type=int, required=True, help="student generation whose control to train")
+@click.pass_obj
+@_user_errors
+def control(obj: Ctx, gen: int) -> None:
+    """Train control-GEN from labels with generation GEN's seed, weights and batch order into
+    controls/gen-GEN (params: train, students.GEN, controls; does nothing unless controls: true)."""
+    from stages import control as stage
+
+    m = stage.run(obj.params(), obj.layout, gen)
+    if m.get("skipped"):
+        click.echo(f"control {gen}: skipped (controls: false)")
+    else:
+        click.echo(f"control {gen}: test acc {m['test_acc']:.4f}")
+
+
 @main.command("export-logits")
 @click.option("--gen", type=int, required=True, help="generation whose logits to export")
 @click.pass_obj

@@ -153,3 +153,36 @@ def test_sweep_with_controls_writes_the_paired_table(tmp_path: Path) -> None:
     expected = f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]"
     assert expected in result.output and expected in (out / "table.md").read_text()
     assert "2 seeds, 100 test rows" in result.output
+
+
+def test_control_stage_reads_declared_params_and_report_pairs_it(project: Layout) -> None:
+    from stages import control, ensemble, report
+    from tests.test_params import _declared_params
+
+    raw = tiny_params(students={"1": {"teacher": 0, "loss": "ban"}})
+    off = ParamsFile(raw)
+    assert control.run(off, project, 1)["skipped"] is True
+    assert not (control.control_dir(project, 1) / "model.pt").exists()
+    for gen in (0, 1):
+        train.run(ParamsFile(raw), project, gen)
+        export.run(ParamsFile(raw), project, gen)
+    ensemble.run(ParamsFile(raw), project)
+    on = ParamsFile({**raw, "controls": True})
+    m = control.run(on, project, 1)
+    assert on.used <= _declared_params()["control@1"] and "controls" in on.used
+    logits = np.load(control.control_dir(project, 1) / "test_logits.npy")
+    y = load_prepared(project.dataset).y_test
+    assert m["test_acc"] == pytest.approx(float((logits.argmax(-1) == y).mean())) and m["seed"] == 1
+    text = report.run(project)
+    ban1 = json.loads(project.ensemble_metrics.read_text())["accuracy"]["gen1"]
+    assert f"| 1 | {100 * ban1:.2f} | {100 * m['test_acc']:.2f} | {100 * (ban1 - m['test_acc']):+.2f} (1 seed" in text
+    assert "1 seed, 100 test rows" in text
+    # The tiny teacher (2 epochs) is far from fitting its rows: the report flags its ban student.
+    assert "## Teacher fitness flags" in text and "own fit rows" in text
+
+
+def test_controls_key_must_be_a_bool(tmp_path: Path) -> None:
+    from pipeline.errors import ParamsError
+
+    with pytest.raises(ParamsError, match="controls = 'yes': expected true or false"):
+        ParamsFile({**tiny_params(), "controls": "yes"}).validate()
