@@ -128,3 +128,20 @@ def test_plain_cosine_is_unchanged() -> None:
 def test_warmup_must_leave_epochs() -> None:
     with pytest.raises(ParamsError, match="train.warmup_epochs = 5: must be below epochs"):
         parse_section(TrainParams, "train", {"epochs": 5, "warmup_epochs": 5})
+
+
+def test_inspect_reports_fitness_of_a_one_hot_teacher(project: Layout) -> None:
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    _plant(project, margin=40.0, wrong_fraction=0.1)
+    params = project.root / "params.yaml"
+    params.write_text(json.dumps(tiny_params()))  # JSON is YAML
+    r = CliRunner().invoke(main, ["--params", str(params), "--root", str(project.root), "inspect", "--gen", "0"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((project.root / "inspect/gen-0/metrics.json").read_text())["fitness"]
+    assert m["fit_accuracy"] == pytest.approx(0.9, abs=1.0 / m["rows"]) and m["entropy_mean"] < 1e-6
+    assert f"{100 * m['fit_accuracy']:.2f}% on its own fit rows" in r.output
+    summary = (project.root / "inspect/gen-0/summary.md").read_text()
+    assert "## Teacher fitness" in summary and "own fit rows" in summary and "no dark knowledge" in summary
