@@ -20,7 +20,7 @@ LOSSES = ("ce", "ban", "ban+l", "kd", "cwtm", "dkpp")
 TEACHER_LOSSES = LOSSES[1:]  # every loss but ce learns from a teacher's cached logits
 DATASETS = ("mnist1d", "cifar10", "cifar100", "npz", "imagefolder")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "constant", "step")
+SCHEDULES = ("cosine", "constant", "step", "onecycle")
 SELECTIONS = ("last", "best_val")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float16", "float32")
@@ -149,6 +149,7 @@ class TrainParams:
     nesterov: bool = False  # SGD only
     weight_decay: float = 0.0
     schedule: str = "cosine"
+    warmup_epochs: int = 0  # linear warmup before the schedule (onecycle: its rise, 0 = 30% of the epochs)
     select: str = "last"  # which epoch's weights become the generation: never chosen on test data
     seed: int = 0  # generation K trains with seed + K unless its own section sets `seed`
     device: str = "auto"
@@ -170,6 +171,12 @@ class TrainParams:
         _one_of(f"{section}.device", self.device, DEVICES)
         _one_of(f"{section}.amp", self.amp, ("auto", "bf16", "fp16", "off"))
         _range(f"{section}.epochs", self.epochs, 1, None)
+        _range(f"{section}.warmup_epochs", self.warmup_epochs, 0, None)
+        if self.warmup_epochs >= self.epochs:
+            raise ParamsError(
+                f"{section}.warmup_epochs = {self.warmup_epochs}: must be below epochs ({self.epochs}); "
+                "the schedule needs epochs after the warmup"
+            )
         _range(f"{section}.batch_size", self.batch_size, 1, None)
         _range(f"{section}.eval_batch_size", self.eval_batch_size, 1, None)
         _range(f"{section}.lr", self.lr, 0.0, None, lo_open=True)

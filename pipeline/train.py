@@ -34,10 +34,11 @@ from pipeline.losses import Teacher, generation_loss
 from pipeline.models import ImageInput, build_model
 from pipeline.params import GenParams, TrainParams
 from pipeline.reader import CachedTargets
+from pipeline.schedules import warmup_scheduler
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = "bancache-train-state-v1"
+STATE_FORMAT = "bancache-train-state-v2"  # v2: adds the loss generator
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,7 +72,10 @@ def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
 
 
 def make_scheduler(opt: torch.optim.Optimizer, p: TrainParams) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: cosine to 0, constant, or step (x0.2 at 50% and 75% of the epochs)."""
+    """Per-epoch schedule: cosine to 0, constant, or step (x0.2 at 50% and 75% of the epochs); with
+    warmup_epochs or one-cycle, `pipeline.schedules.warmup_scheduler`."""
+    if p.schedule == "onecycle" or p.warmup_epochs > 0:
+        return warmup_scheduler(opt, p)
     if p.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs)
     if p.schedule == "step":
@@ -209,7 +213,7 @@ def _save_state(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
-    gens: tuple[torch.Generator, torch.Generator],
+    gens: tuple[torch.Generator, ...],
     result: TrainResult,
     best: tuple[float, dict[str, torch.Tensor] | None],
 ) -> None:
@@ -223,6 +227,7 @@ def _save_state(
         "scheduler": sched.state_dict(),
         "generator": gens[0].get_state(),
         "aug_generator": gens[1].get_state(),
+        "loss_generator": gens[2].get_state(),
         "torch_rng": torch.get_rng_state(),
         "history": [asdict(h) for h in result.history],
         "best_acc": best[0],
@@ -285,6 +290,8 @@ def train_generation(
         model.set_stats(data.channel_mean, data.channel_std)
     model = model.to(device)
     aug_gen = torch.Generator().manual_seed(seed + 7919)  # crops and flips, apart from the shuffling stream
+    # dkpp's permutations: apart from the shuffling stream, so a label-only control sees the same batches
+    loss_gen = torch.Generator().manual_seed(seed + 104729)
     opts = step_options(recipe, data, device, aug_gen)
     if targets is not None and gp.view_policy != "clean":
         opts.view_policy, opts.num_views, opts.view_seed = gp.view_policy, targets.attrs["views"], seed
@@ -320,6 +327,7 @@ def train_generation(
         sched.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         aug_gen.set_state(state["aug_generator"])
+        loss_gen.set_state(state["loss_generator"])
         torch.set_rng_state(state["torch_rng"])
         result.history = [EpochLog(**h) for h in state["history"]]
         result.selected_epoch = state["selected_epoch"]
@@ -331,7 +339,7 @@ def train_generation(
         lr = opt.param_groups[0]["lr"]
         if sampler is not None:
             sampler.set_epoch(epoch)
-        loss = train_one_epoch(net, loader, opt, gp, device, targets, generator, opts, epoch=epoch)
+        loss = train_one_epoch(net, loader, opt, gp, device, targets, loss_gen, opts, epoch=epoch)
         check_finite_loss(loss, gen, epoch, recipe)
         sched.step()
         val_acc = accuracy(predict_logits(model, x_val, recipe.eval_batch_size, device), y_val)
@@ -341,7 +349,8 @@ def train_generation(
             best = (val_acc, copy.deepcopy(model.state_dict()))
             result.selected_epoch = epoch
         if state_path is not None and ctx.is_main:
-            _save_state(state_path, state_key, epoch, model, opt, sched, (generator, aug_gen), result, best)
+            gens = (generator, aug_gen, loss_gen)
+            _save_state(state_path, state_key, epoch, model, opt, sched, gens, result, best)
     if recipe.select == "best_val" and best[1] is not None:
         model.load_state_dict(best[1])
     else:

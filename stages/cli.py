@@ -108,6 +108,22 @@ def train(obj: Ctx, gen: int, resume: bool) -> None:
     click.echo(f"generation {gen}: val acc {m['final_val_acc']:.4f}, test acc {m['test_acc']:.4f}")
 
 
+@main.command()
+@click.option("--gen", type=int, required=True, help="student generation whose control to train")
+@click.pass_obj
+@_user_errors
+def control(obj: Ctx, gen: int) -> None:
+    """Train control-GEN from labels with generation GEN's seed, weights and batch order into
+    controls/gen-GEN (params: train, students.GEN, controls; does nothing unless controls: true)."""
+    from stages import control as stage
+
+    m = stage.run(obj.params(), obj.layout, gen)
+    if m.get("skipped"):
+        click.echo(f"control {gen}: skipped (controls: false)")
+    else:
+        click.echo(f"control {gen}: test acc {m['test_acc']:.4f}")
+
+
 @main.command("export-logits")
 @click.option("--gen", type=int, required=True, help="generation whose logits to export")
 @click.pass_obj
@@ -146,7 +162,7 @@ def report(obj: Ctx) -> None:
 
 
 @main.command()
-@click.option("--seeds", default="0,1,2", show_default=True, help="comma-separated seeds")
+@click.option("--seeds", default="0,1,2,3,4", show_default=True, help="comma-separated seeds")
 @click.option(
     "--losses",
     default="ban,ban+l,cwtm,dkpp",
@@ -154,9 +170,14 @@ def report(obj: Ctx) -> None:
     help="gen-1 loss variants to add as columns ('' for none)",
 )
 @click.option("--out", default="results/sweep", show_default=True, help="output folder")
+@click.option(
+    "--controls/--no-controls",
+    default=False,
+    help="also train control-K (labels only, generation K's seed, weights and batch order) and print the paired table",
+)
 @click.pass_obj
 @_user_errors
-def sweep(obj: Ctx, seeds: str, losses: str, out: str) -> None:
+def sweep(obj: Ctx, seeds: str, losses: str, out: str, controls: bool) -> None:
     """Run the whole chain for several seeds and write a mean +- std table (results/sweep/table.md)."""
     from pipeline.errors import ParamsError
     from pipeline.params import TEACHER_LOSSES
@@ -170,7 +191,7 @@ def sweep(obj: Ctx, seeds: str, losses: str, out: str) -> None:
     bad = [s for s in loss_list if s not in TEACHER_LOSSES]
     if bad:
         raise ParamsError(f"--losses: unknown {bad}; choose from {', '.join(TEACHER_LOSSES)}")
-    click.echo(stage.run(obj.params(), Path(out), seed_list, loss_list))
+    click.echo(stage.run(obj.params(), Path(out), seed_list, loss_list, controls=controls))
 
 
 @main.command()
@@ -191,6 +212,12 @@ def inspect(obj: Ctx, gen: int, against: int | None) -> None:
             f"generation {gen}: train acc {tr['accuracy']:.4f}, mean entropy {tr['entropy_mean']:.4f}, "
             f"test ECE {te['ece']:.4f}, {tr['likely_noisy']} likely-noisy; see {out}/summary.md"
         )
+        if "fitness" in m:
+            f = m["fitness"]
+            click.echo(
+                f"generation {gen} as a teacher: {100 * f['fit_accuracy']:.2f}% on its own fit rows, "
+                f"mean entropy {f['entropy_mean']:.4f} nats at T = {f['temperature']:g}"
+            )
     else:
         click.echo(
             f"generation {gen} vs {against}: test agreement {m['test']['agreement']:.4f}, "

@@ -19,7 +19,7 @@ from pipeline.params import (
     parse_section,
 )
 
-SECTIONS = ("data", "train", "gen0", "students", "export", "launch", "inspect")
+SECTIONS = ("data", "train", "gen0", "students", "export", "launch", "inspect", "controls")
 
 
 class ParamsFile:
@@ -60,4 +60,9 @@ class ParamsFile:
         parse_section(ExportParams, "export", self.raw.get("export"))
         parse_section(LaunchParams, "launch", self.raw.get("launch"))
         parse_chain(self.raw.get("gen0"), self.raw.get("students"))
+        controls = self.raw.get("controls", False)
+        if not isinstance(controls, bool):
+            raise ParamsError(
+                f"controls = {controls!r}: expected true or false (train a label-only control per student)"
+            )
         parse_section(InspectParams, "inspect", self.raw.get("inspect"))

@@ -9,10 +9,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.convert import convert_store
 from pipeline.data import DatasetLabels, open_labels
+from pipeline.fitness import fitness_warnings, store_fitness
 from pipeline.inspect import audit_store, compare_stores, open_checked
 from pipeline.inspect_plots import write_comparison, write_store_audit
+from pipeline.io import write_json, write_text
 from pipeline.layout import Layout
 from pipeline.params import InspectParams, parse_section, student_keys
 from pipeline.store import MARKER, LogitStore
@@ -32,11 +36,35 @@ def run(
         store = open_checked(layout.store(gen), labels, verify)
         if against is None:
             stats, calib = audit_store(store, labels, p)
-            return write_store_audit(out, gen, store.attrs, labels.class_names, stats, calib, p)
+            metrics = write_store_audit(out, gen, store.attrs, labels.class_names, stats, calib, p)
+            return add_fitness(out, metrics, layout.store(gen), labels, p.temperature)
         ref = open_checked(layout.store(against), labels, verify)
         pair = compare_stores(store, ref, labels, p.temperature)
         chain = _chain(params, layout, labels, p.temperature, verify)
         return write_comparison(out, gen, against, labels.class_names, pair, chain, p)
+
+
+def add_fitness(out: Path, metrics: dict[str, Any], store: Path, labels: DatasetLabels, t: float) -> dict[str, Any]:
+    """Add the teacher fitness (accuracy on its own fit rows, mean entropy at inspect.temperature, which
+    should be the students' temperature) to metrics.json and summary.md."""
+    y = np.asarray(labels.train[:])
+    fit = np.setdiff1d(np.arange(len(y)), labels.val_index if labels.val_index is not None else [])
+    f = store_fitness(store, labels.fingerprint, y, fit, len(labels.class_names), t)
+    metrics = {**metrics, "fitness": f.as_dict()}
+    write_json(out / "metrics.json", metrics)
+    notes = [f"- {w}" for w in fitness_warnings(f, "ban")] or ["- fit for a label-free (ban, dkpp) student"]
+    lines = [
+        "",
+        "## Teacher fitness",
+        "",
+        f"Accuracy on its own fit rows (train minus validation, {f.rows} rows): {100 * f.fit_accuracy:.2f}%; "
+        f"mean entropy of p_T at T = {t:g}: {f.entropy_mean:.4f} nats.",
+        "",
+        *notes,
+    ]
+    summary = out / "summary.md"
+    write_text(summary, summary.read_text() + "\n".join(lines) + "\n")
+    return metrics
 
 
 def _chain(

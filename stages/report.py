@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import h5py
+import numpy as np
+
+from pipeline.controls import control_columns
 from pipeline.io import write_text
 from pipeline.layout import Layout
+from pipeline.paired_table import format_paired_table
 from pipeline.report import chain_columns, format_table
 from pipeline.store import LogitStore
 
@@ -27,9 +33,36 @@ def run(layout: Layout) -> str:
     for name, acc in metrics["accuracy"].items():
         if name.startswith("ens"):
             lines.append(f"- {name} (generations {metrics['members'][name]}): {100 * acc:.2f}%")
+    lines += controls_section(layout, metrics, gens) + fitness_flags(layout, gens)
     text = "\n".join(lines) + "\n"
     write_text(layout.report, text)
     return text
+
+
+def controls_section(layout: Layout, metrics: dict[str, Any], gens: list[int]) -> list[str]:
+    """The paired table of this run (one seed) when controls/gen-K/test_logits.npy exist for its students."""
+    logits = {}
+    for g in gens[1:]:
+        path = layout.root / "controls" / f"gen-{g}" / "test_logits.npy"
+        if path.exists():
+            logits[g] = np.load(path)
+    if not logits:
+        return []
+    with h5py.File(layout.dataset, "r") as f:
+        y = np.asarray(f["y_test"][:])
+    run = {**chain_columns(metrics), **control_columns(logits, y)}
+    return ["", format_paired_table([run], _network(layout, gens), len(y))]
+
+
+def fitness_flags(layout: Layout, gens: list[int]) -> list[str]:
+    """The teacher-fitness warnings each student's training recorded (metrics/train/gen-K.json)."""
+    flags = []
+    for g in gens[1:]:
+        path = layout.train_metrics(g)
+        fitness = json.loads(path.read_text()).get("teacher_fitness") if path.exists() else None
+        for w in (fitness or {}).get("warnings", []):
+            flags.append(f"- **generation {g}**: {w}")
+    return ["", "## Teacher fitness flags", "", *flags] if flags else []
 
 
 def _network(layout: Layout, gens: list[int]) -> str:

@@ -3,6 +3,8 @@
 Each seed runs in its own project root under --out, through the same stage functions dvc.yaml runs, with
 train.seed set to 100 * seed (generation K then uses 100 * seed + K). The loss variants train a first
 student from generation 0's cache with each loss, as the BAN / BAN+L / CWTM / DKPP columns of Table 2.
+With controls, every student generation K also gets control-K (labels only, generation K's seed, initial
+weights and batch order) and the paired table (BAN-K minus control-K with a 95% t-interval over seeds).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.data import load_prepared
+from pipeline.controls import control_columns, train_control
+from pipeline.data import PreparedData, load_prepared
 from pipeline.io import write_json, write_text
 from pipeline.layout import Layout
-from pipeline.params import TrainParams, parse_generation, parse_section, student_keys
+from pipeline.paired_table import format_paired_table
+from pipeline.params import TrainParams, parse_chain, parse_generation, parse_section, student_keys
 from pipeline.report import LOSS_COLUMNS, chain_columns, format_table
 from pipeline.train import accuracy, predict_logits, resolve_device, train_generation
 from stages import ensemble, export, prepare, train
@@ -25,7 +29,21 @@ from stages.common import ParamsFile
 log = logging.getLogger(__name__)
 
 
-def run_seed(params: ParamsFile, root: Path, seed: int, dataset: Path, losses: list[str]) -> dict[str, float]:
+def control_run(raw: dict[str, Any], data: PreparedData) -> dict[str, float]:
+    """Control-K of every student generation K of this seed's params, and the controls' Ens*k."""
+    recipe = parse_section(TrainParams, "train", raw["train"])
+    chain = parse_chain(raw.get("gen0"), raw.get("students"))
+    device = resolve_device(recipe.device)
+    logits = {}
+    for gen in sorted(g for g in chain.gens if g >= 1):
+        model = train_control(data, recipe, gen, chain.gens[gen]).model
+        logits[gen] = predict_logits(model, data.x_test, recipe.eval_batch_size, device)
+    return control_columns(logits, data.y_test)
+
+
+def run_seed(
+    params: ParamsFile, root: Path, seed: int, dataset: Path, losses: list[str], controls: bool = False
+) -> dict[str, float]:
     raw = copy.deepcopy(params.raw)
     raw.setdefault("train", {})["seed"] = 100 * seed
     p = ParamsFile(raw)
@@ -43,19 +61,33 @@ def run_seed(params: ParamsFile, root: Path, seed: int, dataset: Path, losses: l
         model = train_generation(data, recipe, 1, gp, layout.store(0)).model
         logits = predict_logits(model, data.x_test, recipe.eval_batch_size, resolve_device(recipe.device))
         cols[LOSS_COLUMNS[loss]] = accuracy(logits, data.y_test)
+    if controls:
+        cols.update(control_run(raw, data))
     log.info("seed %d: %s", seed, cols)
     return cols
 
 
-def run(params: ParamsFile, out: Path, seeds: list[int], losses: list[str]) -> str:
+def run(params: ParamsFile, out: Path, seeds: list[int], losses: list[str], controls: bool = False) -> str:
+    """Run every seed, write sweep.json after each and table.md (Table 2 shape, plus the paired table)."""
     out.mkdir(parents=True, exist_ok=True)
     dataset = Layout(out).dataset
     prepare.run(params, Layout(out))
+    num_test = len(load_prepared(dataset).y_test)
     runs: list[dict[str, Any]] = []
     for seed in seeds:
-        runs.append(run_seed(params, out / f"seed-{seed}", seed, dataset, losses))
-        write_json(out / "sweep.json", {"seeds": seeds[: len(runs)], "runs": runs})
+        runs.append(run_seed(params, out / f"seed-{seed}", seed, dataset, losses, controls))
+        record = {"seeds": seeds[: len(runs)], "num_test": num_test, "controls": controls, "runs": runs}
+        write_json(out / "sweep.json", record)
     arch = parse_section(TrainParams, "train", params.raw.get("train")).arch
-    table = format_table(runs, arch)
+    table = format_tables(runs, arch, num_test, controls)
     write_text(out / "table.md", table + "\n")
     return table
+
+
+def format_tables(runs: list[dict[str, Any]], arch: str, num_test: int, controls: bool) -> str:
+    """The paper's Table 2 shape (chain and loss columns) and, with controls, the paired table."""
+    chain_only = [{c: v for c, v in r.items() if not c.startswith("Control")} for r in runs]
+    parts = [f"Table 2 shape ({num_test} test rows):", "", format_table(chain_only, arch)]
+    if controls:
+        parts += ["", format_paired_table(runs, arch, num_test)]
+    return "\n".join(parts)

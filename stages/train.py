@@ -6,12 +6,14 @@ import csv
 import hashlib
 import io
 import json
+import os
 from dataclasses import asdict
 from typing import Any
 
 from pipeline.data import load_prepared
-from pipeline.distributed import barrier
+from pipeline.distributed import barrier, context_from_env
 from pipeline.errors import ParamsError
+from pipeline.fitness import check_teacher
 from pipeline.io import write_json, write_text
 from pipeline.layout import Layout
 from pipeline.params import TrainParams, parse_generation, parse_section, section_of
@@ -37,6 +39,9 @@ def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False, veri
     teacher_sha = None
     if teacher_store is not None:
         teacher_sha = LogitStore.open(teacher_store, fingerprint=data.fingerprint).attrs["checkpoint_sha256"]
+    fitness = None
+    if teacher_store is not None and gp.teacher is not None and context_from_env(os.environ).is_main:
+        fitness = check_teacher(data, teacher_store, gp.loss, gp.temperature, gp.teacher)
     meta = checkpoint_meta(data, recipe, gen, gp, teacher_sha)
     key = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
     state = layout.train_state(gen)
@@ -62,6 +67,8 @@ def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False, veri
         # Reported only; nothing is selected on it.
         "test_acc": accuracy(predict_logits(result.model, data.x_test, recipe.eval_batch_size, device), data.y_test),
     }
+    if fitness is not None:
+        metrics["teacher_fitness"] = fitness
     write_json(layout.train_metrics(gen), metrics)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(asdict(result.history[0])))

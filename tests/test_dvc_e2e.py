@@ -63,7 +63,9 @@ def test_dvc_repro_runs_the_chain_then_nothing(repo: Path) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     log = _run([sys.executable, "-m", "dvc", "repro"], repo)
     ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train@2", "export@2", "inspect@2", "train@3", "export@3", "inspect@3", "ensemble", "report"}
+    # control@2 declares students.2 (its seed and arch): with controls off it rewrites the same one-line file.
+    expect = {"train@2", "export@2", "inspect@2", "train@3", "export@3", "inspect@3", "ensemble", "report"}
+    assert ran == expect | {"control@2"}
 
 
 def _fresh_repo(root: Path) -> Path:
@@ -138,6 +140,7 @@ def test_dvc_repro_two_generation_image_chain(tmp_path: Path) -> None:
     raw["data"] = {"dataset": "npz", "root": str(raw_dir), "n_train": 45, "val_fraction": 0.2}
     raw["train"].update({"arch": "cnn3", "epochs": 2, "batch_size": 16})
     raw["students"] = {"1": {"teacher": 0, "loss": "ban"}}
+    raw["controls"] = True  # dvc repro also trains control-1 and the report pairs it with BAN-1
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     _run(["git", "init", "-q"], root)
     _run([sys.executable, "-m", "dvc", "init", "-q"], root)
@@ -148,4 +151,6 @@ def test_dvc_repro_two_generation_image_chain(tmp_path: Path) -> None:
 
     attrs = LogitStore.open(root / "cache/gen-1").attrs
     assert attrs["splits"] == {"train": 45, "test": 30} and attrs["class_names"] == list(classes)
-    assert "| Teacher | BAN-1 |" in (root / "reports/report.md").read_text()
+    report = (root / "reports/report.md").read_text()
+    assert "| Teacher | BAN-1 |" in report and "Paired table" in report and "1 seed, 30 test rows" in report
+    assert (root / "controls/gen-1/test_logits.npy").exists() and (root / "controls/gen-1/model.pt").exists()

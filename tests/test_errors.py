@@ -109,6 +109,12 @@ CASES = [
         "train.epochs = 'ten': expected int",
     ),
     Case(
+        "warmup as long as training",
+        lambda r: _set(r, "train.warmup_epochs", 2),
+        ("train", "--gen", "0"),
+        "train.warmup_epochs = 2: must be below epochs (2)",
+    ),
+    Case(
         "temperature <= 0",
         lambda r: _set(r, "students.1.temperature", 0),
         ("train", "--gen", "1"),

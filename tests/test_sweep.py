@@ -36,7 +36,8 @@ def test_sweep_runs_each_seed_in_its_own_root_and_tabulates_them(tmp_path: Path)
         assert 0.0 <= run["BAN+L"] <= 1.0
 
     assert (out / "table.md").read_text() == table + "\n"
-    head, sep, row = table.splitlines()
+    title, blank, head, sep, row = table.splitlines()  # no controls: the Table 2 shape alone
+    assert title.endswith(f"({result['num_test']} test rows):") and blank == ""
     assert head == "| Network (test accuracy %, 2 seeds) | Teacher | BAN+L | BAN-1 |"
     teacher = [100 * r["Teacher"] for r in runs]
     assert row.split(" | ")[1] == f"{statistics.mean(teacher):.2f} ± {statistics.stdev(teacher):.2f}"

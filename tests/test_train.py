@@ -80,11 +80,23 @@ def test_student_targets_follow_dataset_index_under_shuffling(project: Layout, m
     real_rows = lib.CachedTargets.rows
     batches = []
 
+    training = []  # rows read inside train_one_epoch (the teacher-fitness check reads rows in order before it)
+    real_epoch = lib.train_one_epoch
+
+    def epoch_spy(*args, **kw):
+        training.append(True)
+        try:
+            return real_epoch(*args, **kw)
+        finally:
+            training.pop()
+
     def rows_spy(self, index):
         out = real_rows(self, index)
-        batches.append((index.clone(), out))
+        if training:
+            batches.append((index.clone(), out))
         return out
 
+    monkeypatch.setattr(lib, "train_one_epoch", epoch_spy)
     monkeypatch.setattr(lib.CachedTargets, "rows", rows_spy)
     train.run(params, project, 1)
     assert batches

@@ -1,0 +1,98 @@
+"""Teacher fitness: is a teacher's cache worth learning from without labels?
+
+Two numbers, both from the cached train logits on the teacher's own fit rows (train minus validation):
+its accuracy there, and the mean entropy of p_T = softmax(z / T) at the student's temperature, in nats.
+A label-free student (`ban`, `dkpp`) copies the teacher's argmax: a teacher below 99% on the rows it was
+fit to hands its errors on as targets. A teacher whose p_T is one-hot (entropy near 0) carries no dark
+knowledge: its student is a label-trained network with the teacher's mistakes, and any gain over the
+teacher is seed luck (compare with the controls, `pipeline.controls`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.data import PreparedData
+from pipeline.losses import soften
+from pipeline.reader import CachedTargets
+
+log = logging.getLogger(__name__)
+
+LABEL_FREE = ("ban", "dkpp")  # losses with no label term: the teacher's targets are all the student sees
+MIN_FIT_ACCURACY = 0.99
+MIN_ENTROPY = 0.05  # nats; a softmax with max prob 0.995 over 10 classes has about 0.04
+
+
+@dataclass(frozen=True)
+class Fitness:
+    """The teacher's accuracy on its fit rows (0..1) and mean entropy of p_T there (nats)."""
+
+    fit_accuracy: float
+    entropy_mean: float
+    temperature: float
+    rows: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def teacher_fitness(
+    targets: CachedTargets, labels: np.ndarray, fit_index: np.ndarray, temperature: float, batch: int = 4096
+) -> Fitness:
+    """Fitness from `targets` (the teacher's train split, view 0) on rows `fit_index` with train `labels`."""
+    correct, entropy = 0, 0.0
+    for start in range(0, len(fit_index), batch):
+        idx = np.asarray(fit_index[start : start + batch], dtype=np.int64)
+        p = soften(targets.target(torch.from_numpy(idx), None, temperature), temperature)
+        correct += int((p.argmax(-1).numpy() == labels[idx]).sum())
+        logp = torch.log(p.clamp_min(1e-30))
+        entropy += float(-(p * logp).sum(-1).sum())
+    n = len(fit_index)
+    return Fitness(correct / n if n else math.nan, entropy / n if n else math.nan, temperature, n)
+
+
+def store_fitness(
+    store: Path, fingerprint: str, y_train: np.ndarray, fit_index: np.ndarray, num_classes: int, temperature: float
+) -> Fitness:
+    """`teacher_fitness` of the logit store at `store` (any layout)."""
+    targets = CachedTargets(store, "train", fingerprint, len(y_train), num_classes)
+    return teacher_fitness(targets, y_train, fit_index, temperature)
+
+
+def fitness_warnings(f: Fitness, loss: str, teacher: int | None = None) -> list[str]:
+    """Why a student with `loss` should not trust this teacher: empty when it fits or the loss uses labels."""
+    if loss not in LABEL_FREE:
+        return []
+    who = "the teacher" if teacher is None else f"teacher generation {teacher}"
+    out = []
+    if f.fit_accuracy < MIN_FIT_ACCURACY:
+        out.append(
+            f"{who} is {100 * f.fit_accuracy:.2f}% accurate on its own fit rows (< {100 * MIN_FIT_ACCURACY:.0f}%): "
+            f"a {loss!r} student learns no labels and will copy its errors. Train the teacher longer or to "
+            f"convergence (train.schedule, train.epochs), or use a loss with a label term (ban+l, kd)"
+        )
+    if f.entropy_mean < MIN_ENTROPY:
+        out.append(
+            f"{who}'s outputs at T = {f.temperature:g} have mean entropy {f.entropy_mean:.4f} nats "
+            f"(< {MIN_ENTROPY}): they are near one-hot and carry no dark knowledge, so a {loss!r} student "
+            f"is a label-trained network with the teacher's errors. Raise the student's temperature, "
+            f"regularise the teacher (weight decay, augmentation) or compare against controls"
+        )
+    return out
+
+
+def check_teacher(data: PreparedData, store: Path, loss: str, temperature: float, teacher: int) -> dict[str, Any]:
+    """Fitness of the teacher store a student is about to learn from, with its warnings logged at WARNING
+    (shown by `bancache train`); returns both for the student's metrics and the report."""
+    f = store_fitness(store, data.fingerprint, data.y_train, data.fit_index(), data.num_classes, temperature)
+    warnings = fitness_warnings(f, loss, teacher)
+    for w in warnings:
+        log.warning("%s", w)
+    return {**f.as_dict(), "loss": loss, "warnings": warnings}

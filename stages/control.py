@@ -1,0 +1,63 @@
+"""Stage `control` (generation K >= 1): params train, students.K and controls.
+
+With `controls: true`, trains control-K (labels only, generation K's seed, initial weights and batch
+order; `pipeline.controls`) into controls/gen-K/: model.pt, test_logits.npy (float32, test rows in order)
+and metrics.json. With `controls: false` (the default) it writes only metrics.json saying so, so that
+`dvc repro` costs nothing extra. `bancache report` reads controls/ for the paired table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.controls import control_params, train_control
+from pipeline.data import load_prepared
+from pipeline.errors import ParamsError
+from pipeline.io import atomic_path, write_json
+from pipeline.layout import Layout
+from pipeline.params import TrainParams, parse_generation, parse_section
+from pipeline.train import accuracy, checkpoint_meta, predict_logits, resolve_device
+from stages.common import ParamsFile
+
+
+def control_dir(layout: Layout, gen: int) -> Path:
+    return layout.root / "controls" / f"gen-{gen}"
+
+
+def enabled(params: ParamsFile) -> bool:
+    value = params.get("controls")
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ParamsError(f"controls = {value!r}: expected true or false (train a label-only control per student)")
+    return value
+
+
+def run(params: ParamsFile, layout: Layout, gen: int) -> dict[str, Any]:
+    """Train control-`gen` into controls/gen-`gen`/ (or record that controls are off)."""
+    out = control_dir(layout, gen)
+    out.mkdir(parents=True, exist_ok=True)
+    if not enabled(params):
+        metrics: dict[str, Any] = {"generation": gen, "skipped": True, "why": "controls: false in params"}
+        write_json(out / "metrics.json", metrics)
+        return metrics
+    recipe = parse_section(TrainParams, "train", params.get("train"))
+    raw = params.get(f"students.{gen}")
+    if raw is None:
+        raise ParamsError(f"--gen {gen}: params.yaml has no section students.'{gen}'; a control needs one")
+    gp = parse_generation(gen, raw)
+    data = load_prepared(layout.dataset)
+    result = train_control(data, recipe, gen, gp)
+    cp = control_params(recipe, gen, gp)
+    meta = {**checkpoint_meta(data, recipe, gen, cp, None), "control_of": gen}
+    save_checkpoint(out / "model.pt", result.model, {**meta, "selected_epoch": result.selected_epoch})
+    logits = predict_logits(result.model, data.x_test, recipe.eval_batch_size, resolve_device(recipe.device))
+    with atomic_path(out / "test_logits.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, logits.astype(np.float32))
+    metrics = {"generation": gen, "seed": cp.seed, "loss": "ce", "test_acc": accuracy(logits, data.y_test)}
+    write_json(out / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,147 @@
+"""Teacher fitness on planted teachers (under-fitted, one-hot, healthy), and the warmup / one-cycle schedules."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import load_prepared
+from pipeline.errors import ParamsError
+from pipeline.fitness import MIN_ENTROPY, store_fitness
+from pipeline.layout import Layout
+from pipeline.params import TrainParams, parse_section
+from pipeline.schedules import lr_factor
+from pipeline.store import LogitStore
+from pipeline.train import make_scheduler
+from stages import train
+from stages.common import ParamsFile
+from tests.conftest import tiny_params
+
+
+def _plant(layout: Layout, margin: float, wrong_fraction: float) -> None:
+    """Generation 0's store with logits margin * onehot(label), the label replaced by label + 1 on the
+    first `wrong_fraction` of the fit rows."""
+    data = load_prepared(layout.dataset)
+    y = data.y_train.copy()
+    fit = data.fit_index()
+    bad = fit[: int(round(wrong_fraction * len(fit)))]
+    y[bad] = (y[bad] + 1) % data.num_classes
+    attrs = {
+        "generation": 0,
+        "arch": "cnn1d",
+        "seed": 0,
+        "temperature": 1.0,
+        "checkpoint_sha256": "0" * 64,
+        "class_names": data.class_names,
+        "dataset_fingerprint": data.fingerprint,
+    }
+    rows = {"train": len(y), "test": len(data.y_test)}
+    s = LogitStore.create(layout.store(0), rows, data.num_classes, 1, "float32", 128, attrs)
+    s.write("train", 0, margin * np.eye(data.num_classes, dtype=np.float32)[y])
+    s.write("test", 0, margin * np.eye(data.num_classes, dtype=np.float32)[data.y_test])
+    s.seal()
+
+
+def _fitness(layout: Layout, t: float = 1.0):
+    d = load_prepared(layout.dataset)
+    return store_fitness(layout.store(0), d.fingerprint, d.y_train, d.fit_index(), d.num_classes, t)
+
+
+def test_fitness_of_planted_teachers_by_hand(project: Layout) -> None:
+    _plant(project, margin=3.0, wrong_fraction=0.2)
+    f = _fitness(project)
+    assert f.fit_accuracy == pytest.approx(0.8, abs=1.0 / f.rows)
+    # softmax of 3 * onehot over 10 classes: p = e^3 / (e^3 + 9) on one class, 1 / (e^3 + 9) on nine.
+    z = math.exp(3.0) + 9.0
+    h = -(math.exp(3.0) / z) * math.log(math.exp(3.0) / z) - 9.0 / z * math.log(1.0 / z)
+    assert f.entropy_mean == pytest.approx(h, rel=1e-5)
+    # At T = 3 the same logits are softer: margin 1.
+    z3 = math.e + 9.0
+    h3 = -(math.e / z3) * math.log(math.e / z3) - 9.0 / z3 * math.log(1.0 / z3)
+    assert _fitness(project, 3.0).entropy_mean == pytest.approx(h3, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("margin", "wrong", "expect"),
+    [
+        (3.0, 0.2, ["own fit rows"]),  # under-fitted: 80% on its fit rows
+        (40.0, 0.0, ["no dark knowledge"]),  # one-hot outputs: entropy ~ 0
+        (3.0, 0.0, []),  # fits, and soft: no warning
+    ],
+)
+def test_train_warns_on_unfit_teachers_and_records_fitness(project, caplog, margin, wrong, expect) -> None:
+    _plant(project, margin, wrong)
+    raw = tiny_params(students={"1": {"teacher": 0, "loss": "ban"}, "2": {"teacher": 0, "loss": "ban+l"}})
+    with caplog.at_level(logging.WARNING, logger="pipeline.fitness"):
+        m = train.run(ParamsFile(raw), project, 1)
+    warned = [r.getMessage() for r in caplog.records if r.name == "pipeline.fitness"]
+    assert len(warned) == len(expect) and all(e in w for e, w in zip(expect, warned, strict=True))
+    recorded = json.loads(project.train_metrics(1).read_text())["teacher_fitness"]
+    assert recorded == m["teacher_fitness"] and recorded["warnings"] == warned
+    assert (recorded["entropy_mean"] < MIN_ENTROPY) == (margin == 40.0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.fitness"):
+        train.run(ParamsFile(raw), project, 2)  # ban+l learns labels too: never warned
+    assert not [r for r in caplog.records if r.name == "pipeline.fitness"]
+
+
+def _lrs(p: TrainParams) -> list[float]:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=p.lr)
+    sched = make_scheduler(opt, p)
+    out = []
+    for _ in range(p.epochs):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_warmup_then_cosine_by_hand() -> None:
+    p = TrainParams(lr=1.0, epochs=6, warmup_epochs=2, schedule="cosine")
+    c = [0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
+    assert _lrs(p) == pytest.approx([0.5, 1.0, *c])
+    step = TrainParams(lr=1.0, epochs=6, warmup_epochs=2, schedule="step")
+    assert _lrs(step) == pytest.approx([0.5, 1.0, 1.0, 1.0, 0.2, 0.04])  # x0.2 at 2 and 3 of the 4 left
+
+
+def test_onecycle_by_hand() -> None:
+    p = TrainParams(lr=1.0, epochs=10, schedule="onecycle")  # rise: 30% of 10 = 3 epochs from lr / 25
+    rise = [0.04 + 0.96 * e / 3 for e in range(3)]
+    fall = [0.5 * (1 + math.cos(math.pi * e / 7)) for e in range(7)]
+    assert _lrs(p) == pytest.approx([*rise, *fall])
+    assert [lr_factor(TrainParams(epochs=10, schedule="onecycle", warmup_epochs=5), e) for e in (0, 5)] == [0.04, 1.0]
+
+
+def test_plain_cosine_is_unchanged() -> None:
+    p = TrainParams(lr=1.0, epochs=5, schedule="cosine")
+    assert _lrs(p) == pytest.approx([0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(5)])
+    assert type(make_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), p)).__name__ == (
+        "CosineAnnealingLR"
+    )
+
+
+def test_warmup_must_leave_epochs() -> None:
+    with pytest.raises(ParamsError, match="train.warmup_epochs = 5: must be below epochs"):
+        parse_section(TrainParams, "train", {"epochs": 5, "warmup_epochs": 5})
+
+
+def test_inspect_reports_fitness_of_a_one_hot_teacher(project: Layout) -> None:
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    _plant(project, margin=40.0, wrong_fraction=0.1)
+    params = project.root / "params.yaml"
+    params.write_text(json.dumps(tiny_params()))  # JSON is YAML
+    r = CliRunner().invoke(main, ["--params", str(params), "--root", str(project.root), "inspect", "--gen", "0"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((project.root / "inspect/gen-0/metrics.json").read_text())["fitness"]
+    assert m["fit_accuracy"] == pytest.approx(0.9, abs=1.0 / m["rows"]) and m["entropy_mean"] < 1e-6
+    assert f"{100 * m['fit_accuracy']:.2f}% on its own fit rows" in r.output
+    summary = (project.root / "inspect/gen-0/summary.md").read_text()
+    assert "## Teacher fitness" in summary and "own fit rows" in summary and "no dark knowledge" in summary
