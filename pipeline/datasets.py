@@ -87,7 +87,7 @@ def load_cifar(name: str, root: str | os.PathLike[str], download: bool = False) 
     root = Path(root)
     folder = root / cls.base_folder
     files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-    fix = f"Pass download=True on a machine with internet access, or unpack {cls.filename} into {root}"
+    fix = f"Set data.download: true in params.yaml (needs internet access), or unpack {cls.filename} into {root}"
     if not download:
         _require_dir(root, f"{name} data root", fix)
         missing = [f for f in files if not (folder / f).is_file()]
@@ -99,7 +99,7 @@ def load_cifar(name: str, root: str | os.PathLike[str], download: bool = False) 
     except RuntimeError as e:  # torchvision's "not found or corrupted": a failed md5 check
         raise DatasetError(
             f"{folder}: torchvision rejected the {name} files ({e}); they fail its md5 check. "
-            f"Delete {folder} and download again (download=True)"
+            f"Delete {folder} and download again (data.download: true in params.yaml)"
         ) from e
     except OSError as e:  # download or read failure (URLError is an OSError)
         raise DatasetError(f"{folder}: could not fetch or read {name} ({e}). {fix}") from e

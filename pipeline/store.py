@@ -233,7 +233,8 @@ class LogitStore:
         """Open a complete store, checking it against the dataset the reader is about to use."""
         p = Path(path)
         if not (p / "zarr.json").exists():
-            raise StoreNotFoundError(f"{p}: no logit store here. Run `bancache export-logits --gen K` first")
+            gen = p.name.removeprefix("gen-") if p.name.startswith("gen-") else "K"
+            raise StoreNotFoundError(f"{p}: no logit store here. Run `bancache export-logits --gen {gen}` first")
         marker = _read_marker(p)
         try:
             group = zarr.open_group(str(p), mode="r")

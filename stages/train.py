@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -16,13 +17,32 @@ from pipeline.io import write_json, write_text
 from pipeline.layout import Layout
 from pipeline.params import TrainParams, parse_generation, parse_section
 from pipeline.store import LogitStore
-from pipeline.train import accuracy, checkpoint_meta, predict_logits, resolve_device, save_generation, train_generation
+from pipeline.train import (
+    EpochLog,
+    accuracy,
+    checkpoint_meta,
+    predict_logits,
+    resolve_device,
+    save_generation,
+    train_generation,
+)
 from stages.common import ParamsFile
 from stages.launch import worker_context
+from stages.progress import Progress
 
 
 def gen_section(gen: int) -> str:
     return "gen0" if gen == 0 else f"students.{gen}"
+
+
+def epoch_hook(bar: Progress) -> Callable[[EpochLog], None]:
+    """Report an epoch's loss and validation accuracy (a resumed run starts the bar at its epoch)."""
+
+    def hook(e: EpochLog) -> None:
+        bar.done = e.epoch - 1
+        bar.update(loss=e.train_loss, val_acc=e.val_acc)
+
+    return hook
 
 
 def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False) -> dict[str, Any]:
@@ -46,7 +66,10 @@ def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False) -> d
     if not resume:
         state.unlink(missing_ok=True)
     ctx = worker_context(params)
-    result = train_generation(data, recipe, gen, gp, teacher_store, state_path=state, state_key=key, ctx=ctx)
+    with Progress(f"gen {gen}", recipe.epochs, unit="epoch", enabled=ctx.is_main) as bar:
+        result = train_generation(
+            data, recipe, gen, gp, teacher_store, state_path=state, state_key=key, ctx=ctx, on_epoch=epoch_hook(bar)
+        )
     if not ctx.is_main:  # rank 0 alone writes the generation's outputs
         barrier(ctx)
         return {"generation": gen, "rank": ctx.rank}

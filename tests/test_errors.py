@@ -120,6 +120,12 @@ CASES = [
         ("validate",),
         "keys are generation numbers >= 1 written as quoted strings",
     ),
+    Case(
+        "data root does not exist",
+        lambda r: _set(r, "data", {"dataset": "npz", "root": str(r / "nowhere")}),
+        ("validate",),
+        "nowhere': no such folder (dataset 'npz'). Point it at the folder holding the data",
+    ),
     Case("params.yaml is not YAML", lambda r: _raw_params(r, "train: [unclosed"), ("validate",), "not valid YAML"),
     Case("--gen not in params", lambda r: None, ("train", "--gen", "7"), "no section students.'7'"),
     Case(
@@ -162,7 +168,7 @@ CASES = [
         "teacher store missing",
         lambda r: shutil.rmtree(Layout(r).store(0)),
         ("train", "--gen", "1"),
-        "no logit store here. Run `bancache export-logits",
+        "no logit store here. Run `bancache export-logits --gen 0` first",
     ),
     Case(
         "teacher store incomplete (export killed)",

@@ -105,3 +105,15 @@ def test_each_stage_reads_only_the_params_dvc_yaml_declares(project) -> None:
         p = ParamsFile(tiny_params())
         fn(p)
         assert p.used <= declared[stage], f"{stage} reads {p.used - declared[stage]} not declared in dvc.yaml"
+
+
+def test_exponent_numbers_read_as_floats_as_dvc_reads_them(tmp_path) -> None:
+    """YAML 1.2 (ruamel.yaml, DVC's parser): `2e-3` is a float; PyYAML (YAML 1.1) reads it as a string."""
+    p = tmp_path / "params.yaml"
+    p.write_text("train:\n  lr: 2e-3\n  weight_decay: 5E-4\nstudents:\n  '1': {teacher: 0, temperature: 1e0}\n")
+    assert isinstance(yaml.safe_load(p.read_text())["train"]["lr"], str)  # the bug this guards against
+    params = ParamsFile.load(p)
+    params.validate()
+    recipe = parse_section(TrainParams, "train", params.get("train"))
+    assert (recipe.lr, recipe.weight_decay) == (0.002, 0.0005)
+    assert parse_generation(1, params.get("students.1")).temperature == 1.0
