@@ -117,3 +117,29 @@ def test_exponent_numbers_read_as_floats_as_dvc_reads_them(tmp_path) -> None:
     recipe = parse_section(TrainParams, "train", params.get("train"))
     assert (recipe.lr, recipe.weight_decay) == (0.002, 0.0005)
     assert parse_generation(1, params.get("students.1")).temperature == 1.0
+
+
+def test_repo_params_yaml_spells_out_every_key_a_stage_reads() -> None:
+    """`dvc exp run -S students.2.temperature=2` fails when the key is absent, so params.yaml lists every
+    field of every section (the value there is what the stage uses)."""
+    import dataclasses
+
+    from pipeline.inspect import InspectParams
+    from pipeline.params import DataParams, LaunchParams
+
+    raw = ParamsFile.load("params.yaml").raw
+    sections = {
+        "data": DataParams,
+        "train": TrainParams,
+        "export": ExportParams,
+        "launch": LaunchParams,
+        "inspect": InspectParams,
+        "gen0": GenParams,
+        **{f"students.{k}": GenParams for k in raw["students"]},
+    }
+    for section, cls in sections.items():
+        node = raw
+        for part in section.split("."):
+            node = node[part]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in node]
+        assert not missing, f"params.yaml section {section} lacks {missing}"
