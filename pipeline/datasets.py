@@ -222,6 +222,7 @@ def subset(loaded: Loaded, n_train: int | None, n_test: int | None, seed: int = 
     """A class-balanced random subset: `n_train` train and `n_test` test rows (None keeps a split whole).
 
     Rows keep their original order. The same (data, n_train, n_test, seed) always gives the same rows.
+    `source_index_<split>` in the result maps each row to its index in the original split.
     """
     rng = np.random.default_rng(seed)
     k = len(loaded.class_names)
@@ -237,5 +238,8 @@ def subset(loaded: Loaded, n_train: int | None, n_test: int | None, seed: int = 
         except DatasetError as e:
             raise DatasetError(f"subset of {split}: {e}; ask for fewer rows") from e
         arrays[f"x_{split}"], arrays[f"y_{split}"] = arrays[f"x_{split}"][rows], y[rows]
+        # index of each kept row in the original split (composed with an earlier subset's)
+        before = arrays.get(f"source_index_{split}", np.arange(len(y), dtype=np.int64))
+        arrays[f"source_index_{split}"] = before[rows].astype(np.int64)
     log.info("subset (seed %d): %d train, %d test rows", seed, len(arrays["y_train"]), len(arrays["y_test"]))
     return Loaded(arrays, loaded.class_names)

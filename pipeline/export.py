@@ -120,6 +120,18 @@ def export_chunk(
     return out
 
 
+def write_provenance(store: LogitStore, data: PreparedData) -> None:
+    """Arrays beside the logits: `<split>_labels`, `val_index` (the validation rows of train) and, for a
+    subset, `<split>_source_index` (each row's index in the original dataset); attribute `provenance` lists
+    them, so `seal` hashes them with the rest."""
+    arrays = {"train_labels": data.y_train, "test_labels": data.y_test, "val_index": data.val_index}
+    for split, index in (data.source_index or {}).items():
+        arrays[f"{split}_source_index"] = index
+    for name, values in arrays.items():
+        store.group.create_array(name, data=np.asarray(values, dtype=np.int64))
+    store.group.attrs.update({"provenance": sorted(arrays)})
+
+
 def export_logits(
     checkpoint: Path,
     data: PreparedData,
@@ -150,8 +162,11 @@ def export_logits(
         "dataset_fingerprint": data.fingerprint,
         "dataset": data.name,
         "class_names": data.class_names,
+        "dataset_name": data.description or data.name,
         "teacher": meta.get("teacher"),
         "loss": meta.get("loss"),
+        # how the generation that produced these logits was trained (`temperature` above is the stored T = 1)
+        "trained_with": {k: meta.get(k) for k in ("loss", "temperature", "alpha", "teacher", "seed")},
         **({"topk_rest": params.topk_rest} if params.layout == "topk" else {}),
         **({"samples": params.samples} if params.layout == "sampled" else {}),
     }
@@ -173,6 +188,7 @@ def export_logits(
                 attributes=attributes,
                 **layout,
             )
+            write_provenance(store, data)
         barrier(ctx)
         if not ctx.is_main:
             store = LogitStore.attach(tmp)

@@ -11,7 +11,10 @@ Layout of `cache/gen-K/` (readable with plain zarr):
     train_aug/           views > 1 only: (N, V, 3) int16 (top, left, flip) of each view's crop and flip
                          (`pipeline.augment.apply_params`); view 0 is the clean image (pad, pad, 0)
     test/, test_*        the same for the test split
-    COMPLETE.json        written last, after every row was checked: rows per split and sha256 of each array
+    complete/zarr.json   the completion marker, written last, after every row was checked: an empty zarr group
+                         whose attributes are the rows per split and the sha256 of each array
+    train_labels, test_labels, val_index, and for a subset train_source_index and test_source_index: (N,)
+                         int64 labels, validation rows of train, each row's index in the original dataset
 
 Logits are stored raw (T = 1); softened targets are computed at read time with any temperature. Fill
 values are NaN (float arrays) and -1 (integer arrays), so a chunk that was never written fails validation
@@ -40,7 +43,10 @@ from pipeline.errors import (
 from pipeline.io import write_json
 
 FORMAT = "bancache-logits-v1"
-MARKER = "COMPLETE.json"
+# The completion marker is the metadata of an empty zarr group `complete` whose attributes hold the rows and
+# hashes, so plain zarr lists it as a group (a bare JSON file in the store made zarr warn "not recognized").
+MARKER = "complete/zarr.json"
+LEGACY_MARKER = "COMPLETE.json"  # stores written before 0.2: still read
 REQUIRED_ATTRS = (
     "format",
     "generation",
@@ -138,7 +144,8 @@ class LogitStore:
             *(SPARSE_ARRAYS if a.get("layout", "dense") != "dense" else ()),
             *((AUG_ARRAY,) if a.get("augmentation") else ()),
         )
-        return [name for split in a["splits"] for name in (split, *(f"{split}_{e}" for e in extra))]
+        names = [name for split in a["splits"] for name in (split, *(f"{split}_{e}" for e in extra))]
+        return names + list(a.get("provenance") or ())  # labels, validation rows, a subset's source indices
 
     @classmethod
     def attach(cls, path: str | os.PathLike[str]) -> LogitStore:
@@ -204,7 +211,8 @@ class LogitStore:
                 marker["rows"][split] = int(arr.shape[0])
             marker["sha256"][split] = h.hexdigest()
         self.group.attrs.update({"retained_mass": self._retained_mass()})
-        write_json(self.path / MARKER, marker)
+        (self.path / MARKER).parent.mkdir(exist_ok=True)
+        write_json(self.path / MARKER, {"zarr_format": 3, "node_type": "group", "attributes": marker})
         return marker
 
     def _retained_mass(self) -> dict[str, float]:
@@ -337,6 +345,8 @@ def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
 
 def _read_marker(p: Path) -> dict[str, Any]:
     mp = p / MARKER
+    if not mp.exists() and (p / LEGACY_MARKER).exists():
+        mp = p / LEGACY_MARKER
     if not mp.exists():
         raise IncompleteStoreError(
             f"{p}: incomplete store (no {MARKER}): its export was interrupted or failed validation. "
@@ -344,8 +354,12 @@ def _read_marker(p: Path) -> dict[str, Any]:
         )
     try:
         marker = json.loads(mp.read_text())
+        if mp.name == "zarr.json":
+            if set(marker) != {"zarr_format", "node_type", "attributes"} or marker["zarr_format"] != 3:
+                raise ValueError("not a zarr v3 group's metadata")
+            marker = marker["attributes"]
         if marker.get("format") != FORMAT:
             raise ValueError("wrong format")
         return marker  # type: ignore[no-any-return]
-    except (ValueError, AttributeError) as e:
+    except (ValueError, AttributeError, KeyError, TypeError) as e:
         raise StoreError(f"{mp}: damaged completion marker ({e}); rerun `bancache export-logits`") from e

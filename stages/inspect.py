@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ParamsError
 from pipeline.inspect import (
     DatasetLabels,
     InspectParams,
@@ -68,5 +69,17 @@ def _chain(params: ParamsFile, layout: Layout, labels: DatasetLabels, temperatur
 
 
 def convert(layout: Layout, gen: int, fmt: str, out: str | Path) -> Path:
-    """Export cache/gen-K to `out` as HDF5 (`h5`) or numpy (`npz`)."""
-    return convert_store(LogitStore.open(layout.store(gen)), out, fmt)
+    """Export cache/gen-K to `out` as HDF5 (`h5`) or numpy (`npz`); `out` without an extension gets
+    `.h5` / `.npz`, one with another extension is refused."""
+    target = Path(out)
+    if target.suffix == "":
+        target = target.with_name(f"{target.name}.{fmt}")
+    elif target.suffix.lower() not in CONVERT_SUFFIXES[fmt]:
+        raise ParamsError(
+            f"--out {out}: the extension {target.suffix!r} does not match --format {fmt}; "
+            f"use {target.with_suffix('.' + fmt)} or --format {'npz' if fmt == 'h5' else 'h5'}"
+        )
+    return convert_store(LogitStore.open(layout.store(gen)), target, fmt)
+
+
+CONVERT_SUFFIXES = {"h5": (".h5", ".hdf5"), "npz": (".npz",)}

@@ -76,11 +76,7 @@ def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False) -> d
     save_generation(layout.model(gen), result, meta)
     device = resolve_device(recipe.device)
     last = result.history[-1]
-    metrics = {
-        "generation": gen,
-        "teacher": gp.teacher,
-        "loss": gp.loss,
-        "selected_epoch": result.selected_epoch,
+    metrics = {  # metrics only: generation, teacher, loss and selected epoch live in the checkpoint's meta
         "final_train_loss": last.train_loss,
         "final_val_acc": last.val_acc,
         # Reported only; nothing is selected on it.

@@ -172,9 +172,9 @@ CASES = [
     ),
     Case(
         "teacher store incomplete (export killed)",
-        lambda r: (Layout(r).store(0) / "COMPLETE.json").unlink(),
+        lambda r: (Layout(r).store(0) / "complete/zarr.json").unlink(),
         ("train", "--gen", "1"),
-        "incomplete store (no COMPLETE.json)",
+        "incomplete store (no complete/zarr.json)",
     ),
     Case(
         "teacher store from another dataset",

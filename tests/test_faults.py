@@ -39,7 +39,7 @@ def _stores_equal(a: Path, b: Path) -> None:
     sa.verify()
     for split in ("train", "test"):
         np.testing.assert_array_equal(sa.array(split)[:], sb.array(split)[:])
-    assert (a / "COMPLETE.json").read_text() == (b / "COMPLETE.json").read_text()
+    assert (a / "complete/zarr.json").read_text() == (b / "complete/zarr.json").read_text()
 
 
 def test_resume_after_interruption_is_bit_identical(project: Layout, tmp_path: Path, monkeypatch) -> None:

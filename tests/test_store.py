@@ -292,7 +292,7 @@ def test_verify_detects_a_deleted_chunk(sealed) -> None:
 def test_shape_disagreeing_with_marker_is_corrupt(sealed) -> None:
     path, _ = sealed
     marker = json.loads((path / MARKER).read_text())
-    marker["rows"]["train"] = 9
+    marker["attributes"]["rows"]["train"] = 9
     (path / MARKER).write_text(json.dumps(marker))
     with pytest.raises(CorruptStoreError, match="array 'train' has shape") as e:
         LogitStore.open(path)
@@ -407,7 +407,11 @@ def test_dense_single_view_store_has_no_extra_arrays(sealed) -> None:
     attrs = LogitStore.open(path).attrs
     assert attrs["layout"] == "dense" and attrs["slots"] == 3 and attrs["augmentation"] is None
     assert attrs["retained_mass"] == {"train": 1.0, "test": 1.0}
-    assert sorted(p.name for p in path.iterdir() if p.is_dir()) == ["test", "train"]
+    assert sorted(p.name for p in path.iterdir() if p.is_dir()) == [
+        "complete",
+        "test",
+        "train",
+    ]  # complete: the marker group
 
 
 def test_seal_refuses_an_unwritten_aug_chunk(tmp_path: Path) -> None:
