@@ -164,7 +164,7 @@ def train_one_epoch(
         views = pick_views(opts, epoch, index) if targets is not None else None
         teacher: Teacher | None = None
         if targets is not None:
-            teacher = targets.target(index, views, gp.temperature).to(device, non_blocking=True)
+            teacher = targets.target(index, views=views, temperature=gp.temperature).to(device, non_blocking=True)
         if views is not None and targets is not None:
             x = apply_params(x, targets.aug(index, views))  # the very image the teacher's output was computed on
         elif opts.augment is not None:
