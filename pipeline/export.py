@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +140,10 @@ def export_logits(
     params: ExportParams,
     device: torch.device,
     ctx: DistContext = SINGLE_PROCESS,
+    on_rows: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Write `out` (a complete store) from `checkpoint`; returns the store's attributes.
+    """Write `out` (a complete store) from `checkpoint`; returns the store's attributes. `on_rows` is
+    called with the number of rows after each chunk this process writes (progress display).
 
     Under torchrun each rank writes its own whole chunks (`partition_rows`); rank 0 creates the store
     first and seals it after a barrier."""
@@ -199,6 +202,8 @@ def export_logits(
             for start in range(begin, end, params.chunk_rows):
                 chunk = x[start : min(start + params.chunk_rows, end)]
                 store.write(split, start, **export_chunk(model, chunk, split, start, params, layout, device))
+                if on_rows is not None:
+                    on_rows(len(chunk))
         barrier(ctx)
         if ctx.is_main:  # validation and the marker come after every rank's rows
             marker = store.seal()

@@ -24,6 +24,7 @@ from pipeline.layout import Layout
 from pipeline.params import parse_section, student_keys
 from pipeline.store import MARKER, LogitStore
 from stages.common import ParamsFile
+from stages.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,23 @@ def run(params: ParamsFile, layout: Layout, gen: int, against: int | None = None
     """Write the audit (or comparison) of generation `gen`; returns its metrics."""
     p = parse_section(InspectParams, "inspect", params.get("inspect"))
     out = out_dir(layout, gen, against)
-    with open_labels(layout.dataset) as labels:
+    label = f"inspect gen {gen}" + (f" vs {against}" if against is not None else "")
+    with open_labels(layout.dataset) as labels, Progress(label, 2 if against is None else 3, unit="phase") as bar:
         store = open_checked(layout.store(gen), labels)
         if against is None:
             stats, calib = audit_store(store, labels, p)
-            return write_store_audit(out, gen, store.attrs, labels.class_names, stats, calib, p)
+            bar.update()  # the statistics (reads the store), then the files and figures
+            metrics = write_store_audit(out, gen, store.attrs, labels.class_names, stats, calib, p)
+            bar.update()
+            return metrics
         ref = open_checked(layout.store(against), labels)
         pair = compare_stores(store, ref, labels, p.temperature)
+        bar.update()
         chain = _chain(params, layout, labels, p.temperature)
-        return write_comparison(out, gen, against, labels.class_names, pair, chain, p)
+        bar.update()
+        metrics = write_comparison(out, gen, against, labels.class_names, pair, chain, p)
+        bar.update()
+        return metrics
 
 
 def _chain(params: ParamsFile, layout: Layout, labels: DatasetLabels, temperature: float) -> list[dict] | None:

@@ -34,8 +34,18 @@ class Progress:
 
     The line mode reports each step's values, its seconds and an ETA from the mean step time so far."""
 
-    def __init__(self, label: str, total: int, unit: str = "step", initial: int = 0, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        unit: str = "step",
+        initial: int = 0,
+        enabled: bool = True,
+        lines: int | None = None,
+    ) -> None:
         self.label, self.total, self.unit, self.done = label, total, unit, initial
+        self.lines = lines  # line mode: at most this many lines (at each 1/lines of the total); None: every step
+        self.printed = 0
         self.quiet = QUIET or not enabled  # e.g. torchrun workers other than rank 0
         self.stream = _stream()
         self.t_start = self.t_last = time.perf_counter()
@@ -44,7 +54,7 @@ class Progress:
         if not self.quiet and self.stream.isatty():
             self.bar = tqdm(total=total, initial=initial, desc=label, unit=unit, file=self.stream, leave=False)
 
-    def update(self, n: int = 1, **values: float) -> None:
+    def update(self, n: int = 1, /, **values: float) -> None:
         now = time.perf_counter()
         step_s, self.t_last = now - self.t_last, now
         self.done += n
@@ -56,8 +66,16 @@ class Progress:
             self.bar.set_postfix_str(shown, refresh=False)
             self.bar.update(n)
             return
+        if (
+            self.lines is not None
+            and self.done < self.total
+            and self.done * self.lines < (self.printed + 1) * self.total
+        ):
+            return
+        self.printed = self.done * self.lines // max(self.total, 1) if self.lines is not None else self.printed + 1
         eta = (now - self.t_start) / self.steps * (self.total - self.done)
-        parts = [p for p in (shown, f"{step_s:.1f} s", f"ETA {fmt_seconds(eta)}") if p]
+        step = f"{step_s:.1f} s" if self.lines is None else f"{now - self.t_start:.1f} s so far"
+        parts = [p for p in (shown, step, f"ETA {fmt_seconds(eta)}") if p]
         print(f"{self.label} {self.unit} {self.done}/{self.total}: {', '.join(parts)}", file=self.stream, flush=True)
 
     def close(self) -> None:

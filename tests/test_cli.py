@@ -82,3 +82,30 @@ def test_progress_eta_is_the_mean_step_time_times_the_steps_left(monkeypatch, ca
     err = capsys.readouterr().err.splitlines()
     assert err == ["gen 3 epoch 1/10: loss 1.5000, 2.0 s, ETA 18s", "gen 3 epoch 2/10: loss 1.2500, 4.0 s, ETA 24s"]
     assert progress.fmt_seconds(3725) == "1h02m" and progress.fmt_seconds(65) == "1m05s"
+
+
+def test_export_inspect_and_sweep_report_progress_off_a_terminal(exported_root, tmp_path) -> None:
+    import re
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(exported_root, root)
+    args = ["--params", str(root / "params.yaml"), "--root", str(root)]
+    r = CliRunner().invoke(main, [*args, "export-logits", "--gen", "0"])
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("export gen 0 rows")]
+    assert r.exit_code == 0 and lines and re.fullmatch(r"export gen 0 rows 500/500: [\d.]+ s so far, ETA 0s", lines[-1])
+    assert len(lines) <= 10  # at most one line per tenth of the rows
+    r = CliRunner().invoke(main, [*args, "inspect", "--gen", "0"])
+    assert r.exit_code == 0 and re.search(r"^inspect gen 0 phase 2/2: [\d.]+ s, ETA 0s$", r.output, re.M), r.output
+    raw = tiny_params(students={"1": {"teacher": 0, "loss": "ban"}})
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(main, [*args, "sweep", "--seeds", "5", "--losses", "cwtm", "--out", str(root / "sw")])
+    assert r.exit_code == 0, r.output
+    for needle in (
+        "sweep seed 5: generation 1\n",
+        "gen 1 epoch 2/2: loss",
+        "sweep seed 5: generation 1 with loss cwtm\n",
+        "seed 5 gen 1 (cwtm) epoch 2/2: loss",
+        "sweep seed 1/1: ",
+    ):
+        assert needle in r.output, needle
