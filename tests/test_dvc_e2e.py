@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _run(cmd: list[str], cwd: Path) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env["DVC_NO_ANALYTICS"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only contend on a shared CPU
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
     return r.stdout + r.stderr
