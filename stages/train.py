@@ -76,7 +76,8 @@ def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False) -> d
     save_generation(layout.model(gen), result, meta)
     device = resolve_device(recipe.device)
     last = result.history[-1]
-    metrics = {  # metrics only: generation, teacher, loss and selected epoch live in the checkpoint's meta
+    metrics = {  # metrics only: generation, teacher and loss live in the checkpoint's meta
+        "selected_epoch": result.selected_epoch,
         "final_train_loss": last.train_loss,
         "final_val_acc": last.val_acc,
         # Reported only; nothing is selected on it.
