@@ -117,6 +117,7 @@ def test_killed_dvc_repro_then_repro_equals_clean_run(tmp_path: Path) -> None:
     total = time.perf_counter() - t0
     victim = _fresh_repo(tmp_path / "victim")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.setdefault("OMP_NUM_THREADS", "1")  # as `_run` ran the clean chain: same threads, same floats
     proc = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro"],
         cwd=victim,
