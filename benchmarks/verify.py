@@ -5,7 +5,7 @@ Arms, run side by side in alternating rounds (medians of --reps):
     reader, unverified   CachedTargets(verify=False) loading the split into memory (its first batch)
     reader, verified     the same with verify=True (the default): sha256 of each chunk while it loads
     blocks, unverified   LogitStore.blocks over the split (what ensemble, inspect and convert read)
-    blocks, verified     the same, hashed and compared with COMPLETE.json on the last block
+    blocks, verified     the same, hashed and compared with the completion marker on the last block
     no zstd checksum     the unverified reader on the same rows written without zstd's content checksum
   dataset (--images 3x32x32 uint8 images, like CIFAR):
     load, unverified     load_prepared(verify=False)

@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.errors import ParamsError
 from pipeline.io import atomic_path
-from pipeline.store import MARKER, LogitStore
+from pipeline.store import LEGACY_MARKER, LogitStore
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ def convert_store(store: LogitStore, out: str | os.PathLike[str], fmt: str) -> P
 
 def _array_names(store: LogitStore) -> list[str]:
     """Every array in the store's group, listed or not in its attributes."""
-    with warnings.catch_warnings():  # zarr warns about the completion marker, a file it does not know
-        warnings.filterwarnings("ignore", message=f"Object at {MARKER} is not recognized")
+    with warnings.catch_warnings():  # zarr warns about an older store's COMPLETE.json, a file it does not know
+        warnings.filterwarnings("ignore", message=f"Object at {LEGACY_MARKER} is not recognized")
         return sorted(store.group.array_keys())
 
 

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "bancache-dataset-v1"
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+SOURCE_INDEX = ("source_index_train", "source_index_test")  # optional: a subset's rows in the original splits
 MNIST1D_CLASSES = [str(i) for i in range(10)]
 
 
@@ -49,6 +50,8 @@ class PreparedData:
     name: str
     channel_mean: tuple[float, ...] | None = None  # uint8 images: per-channel stats of train pixels / 255
     channel_std: tuple[float, ...] | None = None
+    description: str = ""  # a name a person can read, e.g. "cifar10 at data/cifar (subset: 45 train, 30 test rows)"
+    source_index: dict[str, np.ndarray] | None = None  # subsets: per split, each row's original index
 
     @property
     def num_classes(self) -> int:
@@ -112,8 +115,10 @@ def write_prepared(
     name: str,
     val_fraction: float,
     split_seed: int,
+    description: str = "",
 ) -> str:
-    """Write a prepared dataset atomically; returns its fingerprint."""
+    """Write a prepared dataset atomically; returns its fingerprint. Arrays `source_index_<split>` (a
+    subset's original row indices), when given, are kept; `description` is a name a person can read."""
     missing = [a for a in ARRAYS if a not in arrays]
     if missing:
         raise DatasetError(f"dataset {name!r} lacks arrays {missing}; a prepared dataset needs {list(ARRAYS)}")
@@ -131,8 +136,12 @@ def write_prepared(
             for k in ARRAYS:
                 f.create_dataset(k, data=arrays[k])
             f.create_dataset("val_index", data=val_index)
+            for k in SOURCE_INDEX:
+                if k in arrays:
+                    f.create_dataset(k, data=np.asarray(arrays[k], dtype=np.int64))
             f.attrs["format"] = FORMAT
             f.attrs["dataset"] = name
+            f.attrs["description"] = description or name
             f.attrs["class_names"] = json.dumps(class_names)
             f.attrs["num_classes"] = n_classes
             f.attrs["fingerprint"] = fp
@@ -195,6 +204,8 @@ def load_prepared(path: str | os.PathLike[str], verify: bool = True) -> Prepared
             mean, std = (
                 tuple(json.loads(f.attrs[k])) if k in f.attrs else None for k in ("channel_mean", "channel_std")
             )
+            source = {k.removeprefix("source_index_"): f[k][()] for k in SOURCE_INDEX if k in f}
+            description = str(f.attrs.get("description", name))
         except (OSError, KeyError) as e:
             raise DatasetError(f"{path}: unreadable prepared dataset ({e}); rerun `bancache prepare`") from e
     if verify and fingerprint(arrays) != fp:
@@ -202,7 +213,16 @@ def load_prepared(path: str | os.PathLike[str], verify: bool = True) -> Prepared
             f"{path}: its arrays differ from its recorded fingerprint {fp[:12]}... (edited or damaged after "
             f"`bancache prepare`); rerun `bancache prepare`"
         )
-    return PreparedData(**arrays, class_names=names, fingerprint=fp, name=name, channel_mean=mean, channel_std=std)
+    return PreparedData(
+        class_names=names,
+        fingerprint=fp,
+        name=name,
+        description=description,
+        source_index=source or None,
+        channel_mean=mean,
+        channel_std=std,
+        **arrays,
+    )
 
 
 @contextlib.contextmanager

@@ -87,7 +87,7 @@ def load_cifar(name: str, root: str | os.PathLike[str], download: bool = False) 
     root = Path(root)
     folder = root / cls.base_folder
     files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-    fix = f"Pass download=True on a machine with internet access, or unpack {cls.filename} into {root}"
+    fix = f"Set data.download: true in params.yaml (needs internet access), or unpack {cls.filename} into {root}"
     if not download:
         _require_dir(root, f"{name} data root", fix)
         missing = [f for f in files if not (folder / f).is_file()]
@@ -99,7 +99,7 @@ def load_cifar(name: str, root: str | os.PathLike[str], download: bool = False) 
     except RuntimeError as e:  # torchvision's "not found or corrupted": a failed md5 check
         raise DatasetError(
             f"{folder}: torchvision rejected the {name} files ({e}); they fail its md5 check. "
-            f"Delete {folder} and download again (download=True)"
+            f"Delete {folder} and download again (data.download: true in params.yaml)"
         ) from e
     except OSError as e:  # download or read failure (URLError is an OSError)
         raise DatasetError(f"{folder}: could not fetch or read {name} ({e}). {fix}") from e
@@ -222,6 +222,7 @@ def subset(loaded: Loaded, n_train: int | None, n_test: int | None, seed: int = 
     """A class-balanced random subset: `n_train` train and `n_test` test rows (None keeps a split whole).
 
     Rows keep their original order. The same (data, n_train, n_test, seed) always gives the same rows.
+    `source_index_<split>` in the result maps each row to its index in the original split.
     """
     rng = np.random.default_rng(seed)
     k = len(loaded.class_names)
@@ -237,5 +238,8 @@ def subset(loaded: Loaded, n_train: int | None, n_test: int | None, seed: int = 
         except DatasetError as e:
             raise DatasetError(f"subset of {split}: {e}; ask for fewer rows") from e
         arrays[f"x_{split}"], arrays[f"y_{split}"] = arrays[f"x_{split}"][rows], y[rows]
+        # index of each kept row in the original split (composed with an earlier subset's)
+        before = arrays.get(f"source_index_{split}", np.arange(len(y), dtype=np.int64))
+        arrays[f"source_index_{split}"] = before[rows].astype(np.int64)
     log.info("subset (seed %d): %d train, %d test rows", seed, len(arrays["y_train"]), len(arrays["y_test"]))
     return Loaded(arrays, loaded.class_names)

@@ -169,6 +169,18 @@ def encode_chunk(
     return out
 
 
+def write_provenance(store: LogitStore, data: PreparedData) -> None:
+    """Arrays beside the logits: `<split>_labels`, `val_index` (the validation rows of train) and, for a
+    subset, `<split>_source_index` (each row's index in the original dataset); attribute `provenance` lists
+    them, so `seal` hashes them with the rest."""
+    arrays = {"train_labels": data.y_train, "test_labels": data.y_test, "val_index": data.val_index}
+    for split, index in (data.source_index or {}).items():
+        arrays[f"{split}_source_index"] = index
+    for name, values in arrays.items():
+        store.group.create_array(name, data=np.asarray(values, dtype=np.int64))
+    store.group.attrs.update({"provenance": sorted(arrays)})
+
+
 class ChunkWriter:
     """Runs write jobs in order on one background thread, at most `ahead` of them waiting (0: each job
     runs at once in the caller). Use as a context manager: a job's exception is re-raised in the caller at
@@ -226,8 +238,10 @@ def _write_rows(
     device: torch.device,
     ctx: DistContext,
     write_ahead: int,
+    on_rows: Callable[[int], None] | None = None,
 ) -> None:
-    """Every chunk of this rank's rows of both splits: inference here, encoding and writes on the writer."""
+    """Every chunk of this rank's rows of both splits: inference here, encoding and writes on the writer;
+    `on_rows(n)` after each chunk is handed to the writer (progress display)."""
     with ChunkWriter(write_ahead) as writer:
         for split, n in store.attrs["splits"].items():
             x, _ = data.split(split)
@@ -241,6 +255,8 @@ def _write_rows(
                     store.write(split, start, **encode_chunk(logits, aug, split, start, params, layout))
 
                 writer.submit(job)
+                if on_rows is not None:
+                    on_rows(len(chunk))
 
 
 def _attributes(checkpoint: Path, meta: dict[str, Any], data: PreparedData, params: ExportParams) -> dict[str, Any]:
@@ -254,9 +270,12 @@ def _attributes(checkpoint: Path, meta: dict[str, Any], data: PreparedData, para
         "dataset_fingerprint": data.fingerprint,
         "dataset": data.name,
         "class_names": data.class_names,
+        "dataset_name": data.description or data.name,
         "teacher": meta.get("teacher"),
         "loss": meta.get("loss"),
         "logit_shift": logit_shift(params),  # softmax, hence every target and statistic, is unaffected
+        # how the generation that produced these logits was trained (`temperature` above is the stored T = 1)
+        "trained_with": {k: meta.get(k) for k in ("loss", "temperature", "alpha", "teacher", "seed")},
         **({"topk_rest": params.topk_rest} if params.layout == "topk" else {}),
         **({"samples": params.samples} if params.layout == "sampled" else {}),
     }
@@ -303,6 +322,18 @@ def _write_error(e: OSError, out: Path) -> OSError:
     return e
 
 
+def _create_store(
+    tmp: Path, data: PreparedData, params: ExportParams, attributes: dict[str, Any], layout: dict[str, Any]
+) -> LogitStore:
+    """The empty store at `tmp` with its attributes and provenance arrays (rank 0 only)."""
+    rows = {"train": len(data.y_train), "test": len(data.y_test)}
+    store = LogitStore.create(
+        tmp, rows, data.num_classes, dtype=params.dtype, chunk_rows=params.chunk_rows, attributes=attributes, **layout
+    )
+    write_provenance(store, data)
+    return store
+
+
 def export_logits(
     checkpoint: Path,
     data: PreparedData,
@@ -311,31 +342,24 @@ def export_logits(
     device: torch.device,
     ctx: DistContext = SINGLE_PROCESS,
     write_ahead: int = WRITE_AHEAD,
+    on_rows: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Write `out` (a complete store) from `checkpoint`; returns the store's attributes.
 
     Under torchrun each rank writes its own whole chunks (`partition_rows`); rank 0 creates the store
-    first and seals it after a barrier. `write_ahead` = 0 writes each chunk before inferring the next."""
+    first and seals it after a barrier. `write_ahead` = 0 writes each chunk before inferring the next;
+    `on_rows(n)` is called after each chunk this process infers (progress display)."""
     model, meta = _load_model(checkpoint, data, device)
     layout = store_layout(data, params)
     attributes = _attributes(checkpoint, meta, data, params)
     tmp = _temporary_path(out, ctx)
-    rows = {"train": len(data.y_train), "test": len(data.y_test)}
     try:
         if ctx.is_main:  # rank 0 alone creates the store and its attributes
-            store = LogitStore.create(
-                tmp,
-                rows,
-                data.num_classes,
-                dtype=params.dtype,
-                chunk_rows=params.chunk_rows,
-                attributes=attributes,
-                **layout,
-            )
+            store = _create_store(tmp, data, params, attributes, layout)
         barrier(ctx)
         if not ctx.is_main:
             store = LogitStore.attach(tmp)
-        _write_rows(store, model, data, params, layout, device, ctx, write_ahead)
+        _write_rows(store, model, data, params, layout, device, ctx, write_ahead, on_rows)
         barrier(ctx)
         if ctx.is_main:  # validation and the marker come after every rank's rows
             marker = store.seal()

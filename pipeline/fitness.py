@@ -50,7 +50,7 @@ def teacher_fitness(
     correct, entropy = 0, 0.0
     for start in range(0, len(fit_index), batch):
         idx = np.asarray(fit_index[start : start + batch], dtype=np.int64)
-        p = soften(targets.target(torch.from_numpy(idx), None, temperature), temperature)
+        p = soften(targets.target(torch.from_numpy(idx), views=None, temperature=temperature), temperature)
         correct += int((p.argmax(-1).numpy() == labels[idx]).sum())
         logp = torch.log(p.clamp_min(1e-30))
         entropy += float(-(p * logp).sum(-1).sum())

@@ -58,6 +58,24 @@ def _hist_rows(edges: np.ndarray, counts: np.ndarray) -> list[list[Any]]:
 
 
 # -- one store -----------------------------------------------------------------------------------------
+# Settings and counts kept in the summary but not in metrics.json, so `dvc metrics show` lists metrics only.
+NOT_METRICS = (
+    "generation",
+    "against",
+    "temperature",
+    "view",
+    "rows",
+    "ece_bins",
+    "noise_confidence",
+    "entropy_uniform",
+)
+
+
+def metrics_only(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` without the keys in NOT_METRICS, at any depth."""
+    return {k: metrics_only(v) if isinstance(v, dict) else v for k, v in metrics.items() if k not in NOT_METRICS}
+
+
 def write_store_audit(
     out: Path,
     gen: int,
@@ -77,7 +95,7 @@ def write_store_audit(
             "test": calib.metrics(),
         }
     )
-    write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics_only(metrics))
     sim, noisy = _write_audit_csvs(out, class_names, stats, calib)
     _write_audit_figures(out / "figures", f"generation {gen}, T = {params.temperature:g}", class_names, stats, calib)
     write_text(out / "summary.md", _store_summary(gen, attrs, metrics, sim, class_names, noisy, params))
@@ -334,7 +352,7 @@ def write_comparison(
             **{split: acc.metrics() for split, acc in pair.items()},
         }
     )
-    write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics_only(metrics))
     per = {split: acc.per_class() for split, acc in pair.items()}
     rows = [[i, name, *(float(per[s][k][i]) for s in pair for k in (0, 1))] for i, name in enumerate(class_names)]
     header = ["class", "name", *(f"{k}_{s}" for s in pair for k in ("kl", "agreement"))]

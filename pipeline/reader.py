@@ -221,6 +221,7 @@ class CachedTargets:
     def target(
         self,
         index: torch.Tensor | np.ndarray,
+        *,  # keyword-only: target(idx, 1.0) would read 1.0 as the views
         views: torch.Tensor | np.ndarray | None = None,
         temperature: float = 1.0,
     ) -> Teacher:

@@ -11,8 +11,11 @@ Layout of `cache/gen-K/` (readable with plain zarr):
     train_aug/           views > 1 only: (N, V, 3) int16 (top, left, flip) of each view's crop and flip
                          (`pipeline.augment.apply_params`); view 0 is the clean image (pad, pad, 0)
     test/, test_*        the same for the test split
-    COMPLETE.json        written last, after every row was checked: rows per split, sha256 of each array's
-                         decoded rows (C order) and `marker_sha256`, the sha256 of the rest of the marker
+    complete/zarr.json   the completion marker, written last, after every row was checked: an empty zarr group
+                         whose attributes are the rows per split, the sha256 of each array's decoded rows (C
+                         order) and `marker_sha256`, the sha256 of the rest of the marker
+    train_labels, test_labels, val_index, and for a subset train_source_index and test_source_index: (N,)
+                         int64 labels, validation rows of train, each row's index in the original dataset
 
 Chunks are zstd-compressed with zstd's content checksum on, so a damaged chunk fails to decode. Readers
 verify on top of that: `LogitStore.open(verify=True)` (the default) hashes each array while it is read in
@@ -50,7 +53,10 @@ from pipeline.io import write_json
 from pipeline.params import LAYOUTS
 
 FORMAT = "bancache-logits-v1"
-MARKER = "COMPLETE.json"
+# The completion marker is the metadata of an empty zarr group `complete` whose attributes hold the rows and
+# hashes, so plain zarr lists it as a group (a bare JSON file in the store made zarr warn "not recognized").
+MARKER = "complete/zarr.json"
+LEGACY_MARKER = "COMPLETE.json"  # stores written before 0.2: still read
 REQUIRED_ATTRS = (
     "format",
     "generation",
@@ -147,7 +153,8 @@ class LogitStore:
             *(SPARSE_ARRAYS if a.get("layout", "dense") != "dense" else ()),
             *((AUG_ARRAY,) if a.get("augmentation") else ()),
         )
-        return [name for split in a["splits"] for name in (split, *(f"{split}_{e}" for e in extra))]
+        names = [name for split in a["splits"] for name in (split, *(f"{split}_{e}" for e in extra))]
+        return names + list(a.get("provenance") or ())  # labels, validation rows, a subset's source indices
 
     @classmethod
     def attach(cls, path: str | os.PathLike[str]) -> LogitStore:
@@ -214,7 +221,8 @@ class LogitStore:
             marker["sha256"][split] = h.hexdigest()
         self.group.attrs.update({"retained_mass": self._retained_mass()})
         marker["marker_sha256"] = _marker_digest(marker)
-        write_json(self.path / MARKER, marker)
+        (self.path / MARKER).parent.mkdir(exist_ok=True)
+        write_json(self.path / MARKER, {"zarr_format": 3, "node_type": "group", "attributes": marker})
         return marker
 
     def _retained_mass(self) -> dict[str, float]:
@@ -245,7 +253,8 @@ class LogitStore:
         every array read in full (`read`, `blocks`, `verify`) is checked against the marker's sha256."""
         p = Path(path)
         if not (p / "zarr.json").exists():
-            raise StoreNotFoundError(f"{p}: no logit store here. Run `bancache export-logits --gen K` first")
+            gen = p.name.removeprefix("gen-") if p.name.startswith("gen-") else "K"
+            raise StoreNotFoundError(f"{p}: no logit store here. Run `bancache export-logits --gen {gen}` first")
         marker = _read_marker(p)
         try:
             group = zarr.open_group(str(p), mode="r")
@@ -423,6 +432,8 @@ def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
 
 def _read_marker(p: Path) -> dict[str, Any]:
     mp = p / MARKER
+    if not mp.exists() and (p / LEGACY_MARKER).exists():
+        mp = p / LEGACY_MARKER
     if not mp.exists():
         raise IncompleteStoreError(
             f"{p}: incomplete store (no {MARKER}): its export was interrupted or failed validation. "
@@ -430,13 +441,18 @@ def _read_marker(p: Path) -> dict[str, Any]:
         )
     try:
         marker = json.loads(mp.read_text())
+        if mp.name == "zarr.json":
+            keys = {"zarr_format", "node_type", "attributes"}
+            if set(marker) != keys or marker["zarr_format"] != 3 or marker["node_type"] != "group":
+                raise ValueError("not a zarr v3 group's metadata")
+            marker = marker["attributes"]
         if marker.get("format") != FORMAT:
             raise ValueError("wrong format")
         if not isinstance(marker.get("rows"), dict) or not isinstance(marker.get("sha256"), dict):
             raise ValueError("no rows or sha256 table")
         if set(marker) - MARKER_KEYS:
             raise ValueError(f"unknown entries {sorted(set(marker) - MARKER_KEYS)}")
-    except (ValueError, AttributeError, TypeError) as e:
+    except (ValueError, AttributeError, KeyError, TypeError) as e:
         raise StoreError(f"{mp}: damaged completion marker ({e}); rerun `bancache export-logits`") from e
     if "marker_sha256" in marker and marker["marker_sha256"] != _marker_digest(marker):
         raise CorruptStoreError(

@@ -168,7 +168,7 @@ def train_one_epoch(
         views = pick_views(opts, epoch, index) if targets is not None else None
         teacher: Teacher | None = None
         if targets is not None:
-            teacher = targets.target(index, views, gp.temperature).to(device, non_blocking=True)
+            teacher = targets.target(index, views=views, temperature=gp.temperature).to(device, non_blocking=True)
         if views is not None and targets is not None:
             x = apply_params(x, targets.aug(index, views))  # the very image the teacher's output was computed on
         elif opts.augment is not None:
@@ -262,6 +262,7 @@ def train_generation(
     state_key: str = "",
     ctx: DistContext = SINGLE_PROCESS,
     verify: bool = True,
+    on_epoch: Callable[[EpochLog], None] | None = None,
 ) -> TrainResult:
     """Train generation `gen` from scratch with seed recipe.seed + gen (or gp.seed).
 
@@ -269,6 +270,7 @@ def train_generation(
     saved by an interrupted run with the same `state_key` is resumed: on CPU in deterministic mode the
     result is bit-identical to an uninterrupted run. Under torchrun (`ctx.enabled`) the model is wrapped
     in DistributedDataParallel and each rank trains its DistributedSampler shard; rank 0 saves the state.
+    `on_epoch` is called with each epoch's log (progress display).
     """
     seed = gp.seed if gp.seed is not None else recipe.seed + gen
     generator = seed_everything(seed, recipe.deterministic)
@@ -345,6 +347,8 @@ def train_generation(
         val_acc = accuracy(predict_logits(model, x_val, recipe.eval_batch_size, device), y_val)
         result.history.append(EpochLog(epoch, loss, val_acc, lr, time.perf_counter() - t0))
         log.info("gen %d epoch %d/%d loss %.4f val_acc %.4f", gen, epoch, recipe.epochs, loss, val_acc)
+        if on_epoch is not None:
+            on_epoch(result.history[-1])
         if recipe.select == "best_val" and val_acc > best[0]:
             best = (val_acc, copy.deepcopy(model.state_dict()))
             result.selected_epoch = epoch

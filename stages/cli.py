@@ -12,8 +12,10 @@ from typing import Any
 
 import click
 
+from pipeline import __version__
 from pipeline.errors import BancacheError
 from pipeline.layout import Layout
+from stages import progress
 from stages.common import ParamsFile
 
 
@@ -48,23 +50,37 @@ class Ctx:
         return p
 
 
-@click.group()
+VERBOSITY = {"-v": 1, "--verbose": 1, "-vv": 2, "-vvv": 3, "-q": -1, "--quiet": -1}
+
+
+class Group(click.Group):
+    """A click group that also accepts the global -v/-q after the subcommand (`bancache train --gen 1 -v`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        flags = [a for a in args[:end] if a in VERBOSITY]
+        rest = [a for a in args[:end] if a not in VERBOSITY] + args[end:]
+        return super().parse_args(ctx, flags + rest)
+
+
+@click.group(cls=Group)
+@click.version_option(__version__, "--version", prog_name="bancache")
 @click.option("--params", default="params.yaml", show_default=True, help="params file")
 @click.option("--root", default=".", show_default=True, help="project root holding data/, models/, cache/")
-@click.option("-v", "--verbose", count=True, help="-v for per-epoch logs")
+@click.option("-v", "--verbose", count=True, help="more log lines (-vv: debug); also after the subcommand")
+@click.option("-q", "--quiet", count=True, help="no progress bar or per-epoch lines, warnings and errors only")
 @click.option(
     "--trust-stores",
     is_flag=True,
-    help="skip re-hashing logit stores against their COMPLETE.json and the dataset against its fingerprint "
+    help="skip re-hashing logit stores against their completion marker and the dataset against its fingerprint "
     "(files you trust; saves the verification cost measured in benchmarks/verify.py)",
 )
 @click.pass_context
-def main(ctx: click.Context, params: str, root: str, verbose: int, trust_stores: bool) -> None:
+def main(ctx: click.Context, params: str, root: str, verbose: int, quiet: int, trust_stores: bool) -> None:
     """bancache: Born-Again Networks with an offline logit cache."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(message)s",
-    )
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=logging.ERROR if quiet else level, format="%(asctime)s %(name)s %(message)s")
+    progress.QUIET = bool(quiet)
     ctx.obj = Ctx(params, root, trust_stores)
 
 
@@ -72,8 +88,8 @@ def main(ctx: click.Context, params: str, root: str, verbose: int, trust_stores:
 @click.pass_obj
 @_user_errors
 def validate(obj: Ctx) -> None:
-    """Check params.yaml (every section and the chain) and exit."""
-    obj.params()
+    """Check params.yaml (every section, the chain, the paths it names) and exit."""
+    obj.params().check_paths()
     click.echo(f"{obj.params_path}: ok")
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 from pipeline.errors import ParamsError
 from pipeline.params import (
@@ -20,6 +20,11 @@ from pipeline.params import (
 )
 
 SECTIONS = ("data", "train", "gen0", "students", "export", "launch", "inspect", "controls")
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML 1.2 as DVC does (ruamel.yaml): `2e-3` is a float, `yes`/`on` are strings, no tags."""
+    return YAML(typ="safe", pure=True).load(text)
 
 
 class ParamsFile:
@@ -36,8 +41,8 @@ class ParamsFile:
         if not p.exists():
             raise ParamsError(f"{p}: params file not found. Run bancache from the project root or pass --params")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
+            raw = load_yaml(p.read_text()) or {}
+        except YAMLError as e:
             raise ParamsError(f"{p}: not valid YAML ({e})") from e
         if not isinstance(raw, dict):
             raise ParamsError(f"{p}: expected a mapping of sections ({', '.join(SECTIONS)})")
@@ -66,3 +71,12 @@ class ParamsFile:
                 f"controls = {controls!r}: expected true or false (train a label-only control per student)"
             )
         parse_section(InspectParams, "inspect", self.raw.get("inspect"))
+
+    def check_paths(self) -> None:
+        """Check that the paths params name exist (`validate`): data.root for an image dataset."""
+        data = parse_section(DataParams, "data", self.raw.get("data"))
+        if data.dataset != "mnist1d" and not data.download and not Path(data.root).exists():
+            raise ParamsError(
+                f"data.root = {data.root!r}: no such folder (dataset {data.dataset!r}). Point it at the folder "
+                f"holding the data" + (", or set data.download: true" if data.dataset.startswith("cifar") else "")
+            )

@@ -13,6 +13,7 @@ from pipeline.params import ExportParams, parse_section
 from pipeline.train import resolve_device
 from stages.common import ParamsFile
 from stages.launch import worker_context
+from stages.progress import Progress
 
 
 def run(params: ParamsFile, layout: Layout, gen: int, verify: bool = True) -> dict[str, Any]:
@@ -22,4 +23,6 @@ def run(params: ParamsFile, layout: Layout, gen: int, verify: bool = True) -> di
     device = resolve_device(p.device)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
-    return export_logits(layout.model(gen), data, layout.store(gen), p, device, ctx)
+    rows = (len(data.y_train) + len(data.y_test)) // ctx.world_size
+    with Progress(f"export gen {gen}", rows, unit="rows", lines=10, enabled=ctx.is_main) as bar:
+        return export_logits(layout.model(gen), data, layout.store(gen), p, device, ctx, on_rows=bar.update)

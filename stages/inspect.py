@@ -13,14 +13,16 @@ import numpy as np
 
 from pipeline.convert import convert_store
 from pipeline.data import DatasetLabels, open_labels
+from pipeline.errors import ParamsError
 from pipeline.fitness import fitness_warnings, store_fitness
 from pipeline.inspect import audit_store, compare_stores, open_checked
-from pipeline.inspect_plots import write_comparison, write_store_audit
+from pipeline.inspect_plots import metrics_only, write_comparison, write_store_audit
 from pipeline.io import write_json, write_text
 from pipeline.layout import Layout
 from pipeline.params import InspectParams, parse_section, student_keys
 from pipeline.store import MARKER, LogitStore
 from stages.common import ParamsFile
+from stages.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +34,23 @@ def run(
     re-hashing the stores against their markers (trusted stores)."""
     p = parse_section(InspectParams, "inspect", params.get("inspect"))
     out = layout.inspect(gen, against)
-    with open_labels(layout.dataset) as labels:
+    label = f"inspect gen {gen}" + (f" vs {against}" if against is not None else "")
+    with open_labels(layout.dataset) as labels, Progress(label, 2 if against is None else 3, unit="phase") as bar:
         store = open_checked(layout.store(gen), labels, verify)
         if against is None:
             stats, calib = audit_store(store, labels, p)
+            bar.update()  # the statistics (reads the store), then the files and figures
             metrics = write_store_audit(out, gen, store.attrs, labels.class_names, stats, calib, p)
+            bar.update()
             return add_fitness(out, metrics, layout.store(gen), labels, p.temperature)
         ref = open_checked(layout.store(against), labels, verify)
         pair = compare_stores(store, ref, labels, p.temperature)
+        bar.update()
         chain = _chain(params, layout, labels, p.temperature, verify)
-        return write_comparison(out, gen, against, labels.class_names, pair, chain, p)
+        bar.update()
+        metrics = write_comparison(out, gen, against, labels.class_names, pair, chain, p)
+        bar.update()
+        return metrics
 
 
 def add_fitness(out: Path, metrics: dict[str, Any], store: Path, labels: DatasetLabels, t: float) -> dict[str, Any]:
@@ -51,7 +60,7 @@ def add_fitness(out: Path, metrics: dict[str, Any], store: Path, labels: Dataset
     fit = np.setdiff1d(np.arange(len(y)), labels.val_index if labels.val_index is not None else [])
     f = store_fitness(store, labels.fingerprint, y, fit, len(labels.class_names), t)
     metrics = {**metrics, "fitness": f.as_dict()}
-    write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics_only(metrics))
     notes = [f"- {w}" for w in fitness_warnings(f, "ban")] or ["- fit for a label-free (ban, dkpp) student"]
     lines = [
         "",
@@ -94,5 +103,17 @@ def _chain(
 
 def convert(layout: Layout, gen: int, fmt: str, out: str | Path, verify: bool = True) -> Path:
     """Export cache/gen-K to `out` as HDF5 (`h5`) or numpy (`npz`), checked against its marker as it is
-    copied unless `verify` is False."""
-    return convert_store(LogitStore.open(layout.store(gen), verify=verify), out, fmt)
+    copied unless `verify` is False; `out` without an extension gets `.h5` / `.npz`, one with another
+    extension is refused."""
+    target = Path(out)
+    if target.suffix == "":
+        target = target.with_name(f"{target.name}.{fmt}")
+    elif target.suffix.lower() not in CONVERT_SUFFIXES[fmt]:
+        raise ParamsError(
+            f"--out {out}: the extension {target.suffix!r} does not match --format {fmt}; "
+            f"use {target.with_suffix('.' + fmt)} or --format {'npz' if fmt == 'h5' else 'h5'}"
+        )
+    return convert_store(LogitStore.open(layout.store(gen), verify=verify), target, fmt)
+
+
+CONVERT_SUFFIXES = {"h5": (".h5", ".hdf5"), "npz": (".npz",)}

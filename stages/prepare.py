@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.data import MNIST1D_CLASSES, make_mnist1d, write_prepared
-from pipeline.datasets import load_dataset
+from pipeline.api import prepare_data
 from pipeline.layout import Layout
 from pipeline.params import DataParams, parse_section
 from stages.common import ParamsFile
@@ -11,17 +10,4 @@ from stages.common import ParamsFile
 
 def run(params: ParamsFile, layout: Layout) -> str:
     p = parse_section(DataParams, "data", params.get("data"))
-    if p.dataset == "mnist1d":
-        arrays, names = make_mnist1d(p.num_samples), MNIST1D_CLASSES
-    else:
-        loaded = load_dataset(
-            p.dataset,
-            p.root,
-            download=p.download,
-            size=p.size,
-            n_train=p.n_train,
-            n_test=p.n_test,
-            seed=p.split_seed,
-        )
-        arrays, names = loaded.arrays, loaded.class_names
-    return write_prepared(layout.dataset, arrays, names, p.dataset, p.val_fraction, p.split_seed)
+    return prepare_data(layout.dataset, params=p).fingerprint

@@ -25,6 +25,7 @@ from pipeline.report import LOSS_COLUMNS, chain_columns, format_table
 from pipeline.train import accuracy, predict_logits, resolve_device, train_generation
 from stages import ensemble, export, prepare, train
 from stages.common import ParamsFile
+from stages.progress import Progress, note
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,17 @@ def run_seed(
     layout.dataset.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(dataset, layout.dataset)
     for gen in [0, *student_keys(raw.get("students"))]:
+        note(f"sweep seed {seed}: generation {gen}")
         train.run(p, layout, gen)
         export.run(p, layout, gen)
     cols = chain_columns(ensemble.run(p, layout))
     recipe = parse_section(TrainParams, "train", raw["train"])
     data = load_prepared(layout.dataset)
     for loss in losses:
+        note(f"sweep seed {seed}: generation 1 with loss {loss}")
         gp = parse_generation(1, {"teacher": 0, "loss": loss})
-        model = train_generation(data, recipe, 1, gp, layout.store(0)).model
+        with Progress(f"seed {seed} gen 1 ({loss})", recipe.epochs, unit="epoch") as bar:
+            model = train_generation(data, recipe, 1, gp, layout.store(0), on_epoch=train.epoch_hook(bar)).model
         logits = predict_logits(model, data.x_test, recipe.eval_batch_size, resolve_device(recipe.device))
         cols[LOSS_COLUMNS[loss]] = accuracy(logits, data.y_test)
     if controls:
@@ -74,10 +78,12 @@ def run(params: ParamsFile, out: Path, seeds: list[int], losses: list[str], cont
     prepare.run(params, Layout(out))
     num_test = len(load_prepared(dataset).y_test)
     runs: list[dict[str, Any]] = []
-    for seed in seeds:
-        runs.append(run_seed(params, out / f"seed-{seed}", seed, dataset, losses, controls))
-        record = {"seeds": seeds[: len(runs)], "num_test": num_test, "controls": controls, "runs": runs}
-        write_json(out / "sweep.json", record)
+    with Progress("sweep", len(seeds), unit="seed") as bar:
+        for seed in seeds:
+            runs.append(run_seed(params, out / f"seed-{seed}", seed, dataset, losses, controls))
+            record = {"seeds": seeds[: len(runs)], "num_test": num_test, "controls": controls, "runs": runs}
+            write_json(out / "sweep.json", record)
+            bar.update()
     arch = parse_section(TrainParams, "train", params.raw.get("train")).arch
     table = format_tables(runs, arch, num_test, controls)
     write_text(out / "table.md", table + "\n")

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -18,9 +19,28 @@ from pipeline.io import write_json, write_text
 from pipeline.layout import Layout
 from pipeline.params import TrainParams, parse_generation, parse_section, section_of
 from pipeline.store import LogitStore
-from pipeline.train import accuracy, checkpoint_meta, predict_logits, resolve_device, save_generation, train_generation
+from pipeline.train import (
+    EpochLog,
+    accuracy,
+    checkpoint_meta,
+    predict_logits,
+    resolve_device,
+    save_generation,
+    train_generation,
+)
 from stages.common import ParamsFile
 from stages.launch import worker_context
+from stages.progress import Progress
+
+
+def epoch_hook(bar: Progress) -> Callable[[EpochLog], None]:
+    """Report an epoch's loss and validation accuracy (a resumed run starts the bar at its epoch)."""
+
+    def hook(e: EpochLog) -> None:
+        bar.done = e.epoch - 1
+        bar.update(loss=e.train_loss, val_acc=e.val_acc)
+
+    return hook
 
 
 def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False, verify: bool = True) -> dict[str, Any]:
@@ -48,19 +68,26 @@ def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False, veri
     if not resume:
         state.unlink(missing_ok=True)
     ctx = worker_context(params)
-    result = train_generation(
-        data, recipe, gen, gp, teacher_store, state_path=state, state_key=key, ctx=ctx, verify=verify
-    )
+    with Progress(f"gen {gen}", recipe.epochs, unit="epoch", enabled=ctx.is_main) as bar:
+        result = train_generation(
+            data,
+            recipe,
+            gen,
+            gp,
+            teacher_store,
+            state_path=state,
+            state_key=key,
+            ctx=ctx,
+            verify=verify,
+            on_epoch=epoch_hook(bar),
+        )
     if not ctx.is_main:  # rank 0 alone writes the generation's outputs
         barrier(ctx)
         return {"generation": gen, "rank": ctx.rank}
     save_generation(layout.model(gen), result, meta)
     device = resolve_device(recipe.device)
     last = result.history[-1]
-    metrics = {
-        "generation": gen,
-        "teacher": gp.teacher,
-        "loss": gp.loss,
+    metrics = {  # metrics only: generation, teacher and loss live in the checkpoint's meta
         "selected_epoch": result.selected_epoch,
         "final_train_loss": last.train_loss,
         "final_val_acc": last.val_acc,

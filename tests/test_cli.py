@@ -42,3 +42,70 @@ def test_unknown_generation(project) -> None:
 def test_validate_ok(tmp_path) -> None:
     r = _invoke(tmp_path, "validate")
     assert r.exit_code == 0 and "ok" in r.output
+
+
+def test_version() -> None:
+    from pipeline import __version__
+
+    r = CliRunner().invoke(main, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"bancache, version {__version__}"
+
+
+def test_verbosity_flags_before_or_after_the_subcommand(tmp_path) -> None:
+    for args in (("-v", "validate"), ("validate", "-v"), ("validate", "--quiet"), ("-q", "validate")):
+        r = _invoke(tmp_path, *args)
+        assert r.exit_code == 0, (args, r.output)
+
+
+def test_train_off_a_terminal_prints_one_line_per_epoch(project) -> None:
+    import re
+
+    r = _invoke(project.root, "train", "--gen", "0")
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("gen 0 epoch")]
+    pattern = r"gen 0 epoch (\d)/2: loss \d+\.\d{4}, val acc [01]\.\d{4}, \d+\.\d s, ETA \d+s"
+    assert [re.fullmatch(pattern, ln).group(1) for ln in lines] == ["1", "2"], r.output  # type: ignore[union-attr]
+    quiet = _invoke(project.root, "train", "--gen", "0", "-q")
+    assert quiet.exit_code == 0 and "epoch" not in quiet.output
+    _invoke(project.root, "validate")  # back to the default (not quiet) for later tests
+
+
+def test_progress_eta_is_the_mean_step_time_times_the_steps_left(monkeypatch, capsys) -> None:
+    from stages import progress
+
+    clock = iter([0.0, 2.0, 6.0])  # start, after step 1 (2 s), after step 2 (4 s)
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(progress, "QUIET", False)
+    bar = progress.Progress("gen 3", 10, unit="epoch")
+    bar.update(loss=1.5)
+    bar.update(loss=1.25)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["gen 3 epoch 1/10: loss 1.5000, 2.0 s, ETA 18s", "gen 3 epoch 2/10: loss 1.2500, 4.0 s, ETA 24s"]
+    assert progress.fmt_seconds(3725) == "1h02m" and progress.fmt_seconds(65) == "1m05s"
+
+
+def test_export_inspect_and_sweep_report_progress_off_a_terminal(exported_root, tmp_path) -> None:
+    import re
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(exported_root, root)
+    args = ["--params", str(root / "params.yaml"), "--root", str(root)]
+    r = CliRunner().invoke(main, [*args, "export-logits", "--gen", "0"])
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("export gen 0 rows")]
+    assert r.exit_code == 0 and lines and re.fullmatch(r"export gen 0 rows 500/500: [\d.]+ s so far, ETA 0s", lines[-1])
+    assert len(lines) <= 10  # at most one line per tenth of the rows
+    r = CliRunner().invoke(main, [*args, "inspect", "--gen", "0"])
+    assert r.exit_code == 0 and re.search(r"^inspect gen 0 phase 2/2: [\d.]+ s, ETA 0s$", r.output, re.M), r.output
+    raw = tiny_params(students={"1": {"teacher": 0, "loss": "ban"}})
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(main, [*args, "sweep", "--seeds", "5", "--losses", "cwtm", "--out", str(root / "sw")])
+    assert r.exit_code == 0, r.output
+    for needle in (
+        "sweep seed 5: generation 1\n",
+        "gen 1 epoch 2/2: loss",
+        "sweep seed 5: generation 1 with loss cwtm\n",
+        "seed 5 gen 1 (cwtm) epoch 2/2: loss",
+        "sweep seed 1/1: ",
+    ):
+        assert needle in r.output, needle

@@ -103,7 +103,7 @@ def test_cifar_md5_failure_is_a_dataset_error(cifar10_root: Fabricated) -> None:
 
 def test_cifar_missing_root_and_files(cifar10_root: Fabricated) -> None:
     root, _, _ = cifar10_root
-    with pytest.raises(DatasetError, match="nowhere.*download=True"):
+    with pytest.raises(DatasetError, match="nowhere.*data.download: true"):
         load_cifar("cifar10", root / "nowhere")
     (root / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(DatasetError, match="missing: data_batch_3"):

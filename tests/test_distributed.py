@@ -68,8 +68,8 @@ def test_two_process_export_is_bit_equal_to_single_process(exported_root: Path, 
     multi.verify()
     for split in ("train", "test"):
         np.testing.assert_array_equal(single.array(split)[:], multi.array(split)[:])
-    assert (Layout(root).store(0) / "COMPLETE.json").read_text() == (
-        Layout(exported_root).store(0) / "COMPLETE.json"
+    assert (Layout(root).store(0) / "complete/zarr.json").read_text() == (
+        Layout(exported_root).store(0) / "complete/zarr.json"
     ).read_text()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.checkpoint import load_checkpoint
 from tests.conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,22 +21,34 @@ REPO = Path(__file__).resolve().parents[1]
 def _run(cmd: list[str], cwd: Path) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env["DVC_NO_ANALYTICS"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only contend on a shared CPU
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
     return r.stdout + r.stderr
+
+
+def spelled_out_tiny_params() -> dict:
+    """The repo's params.yaml (every key spelled out) with the tiny config's values: 3 students."""
+    from stages.common import ParamsFile
+
+    raw = ParamsFile.load(REPO / "params.yaml").raw
+    for section, values in tiny_params().items():
+        if section != "students":
+            raw[section].update(values)
+    return raw
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     if shutil.which("git") is None:
         pytest.skip("git not installed")
-    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
-    raw = tiny_params()
-    raw["students"]["3"] = {"teacher": 2, "loss": "ban"}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    _run(["git", "init", "-q"], tmp_path)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
-    return tmp_path
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(spelled_out_tiny_params(), sort_keys=False))
+    _run(["git", "init", "-q"], root)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    return root
 
 
 def _stages_to_run(repo: Path) -> set[str]:
@@ -45,27 +58,44 @@ def _stages_to_run(repo: Path) -> set[str]:
 
 def test_dvc_repro_runs_the_chain_then_nothing(repo: Path) -> None:
     log = _run([sys.executable, "-m", "dvc", "repro"], repo)
-    for stage in ("prepare", "teacher", "export_teacher", "train@1", "export@3", "ensemble", "report"):
+    for stage in ("prepare", "teacher", "export_teacher", "train@1", "export@3", "ensemble", "report", "compare@3"):
         assert f"Running stage '{stage}'" in log
     acc = json.loads((repo / "metrics/ensemble.json").read_text())["accuracy"]
     assert set(acc) >= {"gen0", "gen1", "gen2", "gen3", "ens2", "ens3"}
     report = (repo / "reports/report.md").read_text()
     assert "| Teacher | BAN-1 | BAN-2 | BAN-3 | Ens*2 | Ens*3 |" in report
     for g in range(4):
-        assert (repo / f"cache/gen-{g}/COMPLETE.json").exists()
+        assert (repo / f"cache/gen-{g}/complete/zarr.json").exists()
     # Right after, nothing is out of date and a second repro runs nothing.
     assert _stages_to_run(repo) == set()
     assert "Running stage" not in _run([sys.executable, "-m", "dvc", "repro"], repo)
 
-    # Changing generation 2's params invalidates generation 2 and what depends on it, nothing before.
-    raw = yaml.safe_load((repo / "params.yaml").read_text())
-    raw["students"]["2"]["temperature"] = 3.0
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    log = _run([sys.executable, "-m", "dvc", "repro"], repo)
+    # An experiment on generation 2's temperature (a key params.yaml spells out) reruns generation 2 and
+    # what depends on it, nothing before.
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "chain"], repo)
+    log = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "students.2.temperature=2"], repo)
     ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+    students = {f"{stage}@{k}" for stage in ("train", "export", "inspect") for k in (2, 3)}
     # control@2 declares students.2 (its seed and arch): with controls off it rewrites the same one-line file.
-    expect = {"train@2", "export@2", "inspect@2", "train@3", "export@3", "inspect@3", "ensemble", "report"}
-    assert ran == expect | {"control@2"}
+    assert ran == students | {"ensemble", "report", "compare@1", "compare@2", "compare@3", "control@2"}
+    assert yaml.safe_load((repo / "params.yaml").read_text())["students"]["2"]["temperature"] == 2
+    assert load_checkpoint(repo / "models/gen-2/model.pt")["meta"]["temperature"] == 2.0
+    assert load_checkpoint(repo / "models/gen-1/model.pt")["meta"]["temperature"] == 1.0
+
+    # Share the results through a DVC remote (a local folder); a fresh clone pulls them and has nothing to run.
+    remote = repo.parent / "remote"
+    _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(remote)], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "temperature 2, remote"], repo)
+    _run([sys.executable, "-m", "dvc", "push"], repo)
+    clone = repo.parent / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], repo.parent)
+    assert not (clone / "models/gen-3/model.pt").exists()
+    _run([sys.executable, "-m", "dvc", "pull"], clone)
+    for rel in ("models/gen-3/model.pt", "cache/gen-3/complete/zarr.json", "data/dataset.h5"):
+        assert (clone / rel).read_bytes() == (repo / rel).read_bytes(), rel
+    assert _stages_to_run(clone) == set()
 
 
 def _fresh_repo(root: Path) -> Path:
@@ -88,6 +118,7 @@ def test_killed_dvc_repro_then_repro_equals_clean_run(tmp_path: Path) -> None:
     total = time.perf_counter() - t0
     victim = _fresh_repo(tmp_path / "victim")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.setdefault("OMP_NUM_THREADS", "1")  # as `_run` ran the clean chain: same threads, same floats
     proc = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro"],
         cwd=victim,
@@ -97,7 +128,7 @@ def test_killed_dvc_repro_then_repro_equals_clean_run(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     deadline = time.perf_counter() + 2 * total
-    while not (victim / "cache/gen-0/COMPLETE.json").exists() and time.perf_counter() < deadline:
+    while not (victim / "cache/gen-0/complete/zarr.json").exists() and time.perf_counter() < deadline:
         time.sleep(0.05)
     time.sleep(random.Random(2).uniform(0.0, 2.0))  # somewhere in the students' stages
     os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage it is running

@@ -21,7 +21,7 @@ import zarr
 from click.testing import CliRunner
 
 from pipeline.layout import Layout
-from pipeline.store import LogitStore
+from pipeline.store import MARKER, LogitStore
 from stages.cli import main
 from tests.conftest import tiny_params
 
@@ -64,9 +64,9 @@ def _edit_rows(store: Path, split: str, rows: slice, value: float) -> None:
 
 
 def _edit_marker_sha(store: Path) -> None:
-    marker = json.loads((store / "COMPLETE.json").read_text())
-    marker["sha256"]["test"] = "0" * 64
-    (store / "COMPLETE.json").write_text(json.dumps(marker))
+    marker = json.loads((store / MARKER).read_text())
+    marker["attributes"]["sha256"]["test"] = "0" * 64
+    (store / MARKER).write_text(json.dumps(marker))
 
 
 def _edit_dataset(root: Path) -> None:
@@ -150,6 +150,12 @@ CASES = [
         ("validate",),
         "keys are generation numbers >= 1 written as quoted strings",
     ),
+    Case(
+        "data root does not exist",
+        lambda r: _set(r, "data", {"dataset": "npz", "root": str(r / "nowhere")}),
+        ("validate",),
+        "nowhere': no such folder (dataset 'npz'). Point it at the folder holding the data",
+    ),
     Case("params.yaml is not YAML", lambda r: _raw_params(r, "train: [unclosed"), ("validate",), "not valid YAML"),
     Case("--gen not in params", lambda r: None, ("train", "--gen", "7"), "no section students.'7'"),
     Case(
@@ -192,13 +198,13 @@ CASES = [
         "teacher store missing",
         lambda r: shutil.rmtree(Layout(r).store(0)),
         ("train", "--gen", "1"),
-        "no logit store here. Run `bancache export-logits",
+        "no logit store here. Run `bancache export-logits --gen 0` first",
     ),
     Case(
         "teacher store incomplete (export killed)",
-        lambda r: (Layout(r).store(0) / "COMPLETE.json").unlink(),
+        lambda r: (Layout(r).store(0) / "complete/zarr.json").unlink(),
         ("train", "--gen", "1"),
-        "incomplete store (no COMPLETE.json)",
+        "incomplete store (no complete/zarr.json)",
     ),
     Case(
         "teacher store from another dataset",
@@ -246,10 +252,10 @@ CASES = [
         "teacher store edited after export",
         lambda r: _edit_rows(Layout(r).store(0), "train", slice(0, 5), 0.0),
         ("train", "--gen", "1"),
-        "'train' content differs from its marker (sha256 in COMPLETE.json)",
+        "'train' content differs from its marker (sha256 in complete/zarr.json)",
     ),
     Case(
-        "edited sha256 in COMPLETE.json",
+        "edited sha256 in the completion marker",
         lambda r: _edit_marker_sha(Layout(r).store(0)),
         ("train", "--gen", "1"),
         "differs from its own marker_sha256",

@@ -21,7 +21,7 @@ import yaml
 from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import DiskFullError, IncompleteStoreError
 from pipeline.layout import Layout
-from pipeline.store import LogitStore
+from pipeline.store import MARKER, LogitStore
 from stages import export, train
 from stages.common import ParamsFile
 from tests.conftest import tiny_params
@@ -39,7 +39,7 @@ def _stores_equal(a: Path, b: Path) -> None:
     sa.verify()
     for split in ("train", "test"):
         np.testing.assert_array_equal(sa.array(split)[:], sb.array(split)[:])
-    assert (a / "COMPLETE.json").read_text() == (b / "COMPLETE.json").read_text()
+    assert (a / "complete/zarr.json").read_text() == (b / "complete/zarr.json").read_text()
 
 
 def test_resume_after_interruption_is_bit_identical(project: Layout, tmp_path: Path, monkeypatch) -> None:
@@ -326,7 +326,7 @@ def test_thread_count_from_the_environment_does_not_change_the_checkpoint(projec
         roots.append(root)
     a, b = (Layout(r).model(0).read_bytes() for r in roots)
     assert a == b
-    markers = [(Layout(r).store(0) / "COMPLETE.json").read_text() for r in roots]  # sha256 of every array
+    markers = [(Layout(r).store(0) / MARKER).read_text() for r in roots]  # sha256 of every array
     assert markers[0] == markers[1]
     assert load_checkpoint(Layout(roots[0]).model(0))["meta"]["recipe"]["threads"] == 1  # in the provenance
 

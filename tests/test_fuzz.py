@@ -15,6 +15,7 @@ from pipeline.data import load_prepared
 from pipeline.errors import BancacheError
 from pipeline.layout import Layout
 from pipeline.reader import CachedTargets
+from pipeline.store import MARKER
 
 CASES_PER_FILE = 6
 
@@ -62,7 +63,7 @@ def test_fuzzed_store_files_are_refused(exported_root: Path, tmp_path: Path) -> 
     rng = random.Random(0)
     store = Layout(exported_root).store(0)
     files = sorted(p.relative_to(store) for p in store.rglob("*") if p.is_file())
-    assert any(f.name == "COMPLETE.json" for f in files) and len(files) >= 6
+    assert any(str(f) == "complete/zarr.json" for f in files) and len(files) >= 6
     n = 0
     for rel in files:
         original = (store / rel).read_bytes()
@@ -119,7 +120,7 @@ def test_fuzzed_datasets_are_refused(exported_root: Path, tmp_path: Path) -> Non
 
 # -- single bit flips in chunk files and the marker (issue 13) -----------------------------------------
 
-FLIPS = 240  # 200 in chunk files, 40 in COMPLETE.json
+FLIPS = 240  # 200 in chunk files, 40 in the completion marker
 
 
 def _consumers(root: Path, data, verify: bool = True) -> dict:
@@ -173,7 +174,7 @@ def test_single_bit_flips_are_never_silently_accepted(exported_root: Path, tmp_p
     chunks = sorted(p for split in ("train", "test") for p in (store / split / "c").rglob("*") if p.is_file())
     reads = {"train": {"train"}, "inspect": {"train", "test"}, "ensemble": {"test"}, "convert": {"train", "test"}}
     rng = random.Random(13)
-    targets = [rng.choice(chunks) for _ in range(FLIPS - 40)] + [store / "COMPLETE.json"] * 40
+    targets = [rng.choice(chunks) for _ in range(FLIPS - 40)] + [store / MARKER] * 40
     refused = dict.fromkeys(reads, 0)
     for path in targets:
         original = path.read_bytes()
@@ -189,7 +190,7 @@ def test_single_bit_flips_are_never_silently_accepted(exported_root: Path, tmp_p
         for name, result in got.items():
             if isinstance(result, Exception):
                 refused[name] += 1
-            elif array == "COMPLETE.json" or array in reads[name]:
+            elif array == MARKER.split("/")[0] or array in reads[name]:
                 pytest.fail(f"{name} silently accepted a flip of bit {bit} of byte {byte} in {path.relative_to(root)}")
             else:
                 assert result == clean[name], f"{name} changed by a flip in {array}, which it does not read"

@@ -141,8 +141,8 @@ def _spy_student(monkeypatch) -> dict[str, list]:
     seen: dict[str, list] = {"target": [], "image": [], "live": []}
     real_target, real_apply = CachedTargets.target, lib.apply_params
 
-    def target(self, index, views=None, temperature=1.0):
-        out = real_target(self, index, views, temperature)
+    def target(self, index, *, views=None, temperature=1.0):
+        out = real_target(self, index, views=views, temperature=temperature)
         seen["target"].append((np.asarray(index).copy(), None if views is None else views.copy(), out.clone()))
         return out
 

@@ -329,12 +329,12 @@ def _cli(layout, *args):
     return CliRunner().invoke(main, ["--params", str(params), "--root", str(layout.root), *args])
 
 
-def _dvc_paths(stage: str, gen: int) -> list[str]:
+def _dvc_paths(stage: str, gen: int, teacher: int = 0) -> list[str]:
     """Every output path dvc.yaml declares for an inspect stage of generation `gen`."""
     st = yaml.safe_load(open("dvc.yaml"))["stages"][stage]
     st = st.get("do", st)
-    paths = [next(iter(e)) if isinstance(e, dict) else e for k in ("metrics", "plots", "outs") for e in st[k]]
-    return [p.replace("${key}", str(gen)) for p in paths]
+    paths = [next(iter(e)) if isinstance(e, dict) else e for k in ("metrics", "plots", "outs") for e in st.get(k, [])]
+    return [p.replace("${key}", str(gen)).replace("${item.teacher}", str(teacher)) for p in paths]
 
 
 def test_cli_inspect_compare_convert(project) -> None:
@@ -376,6 +376,8 @@ def test_cli_inspect_compare_convert(project) -> None:
     r = _cli(project, "inspect", "--gen", "1", "--against", "0")
     assert r.exit_code == 0, r.output
     vs = root / "inspect" / "gen-1-vs-0"
+    for rel in _dvc_paths("compare", 1, teacher=0):  # the --against output is declared in dvc.yaml
+        assert (root / rel).exists(), rel
     cm = json.loads((vs / "metrics.json").read_text())
     assert cm["train"]["kl_mean"] > 0 and 0 < cm["test"]["agreement"] <= 1
     assert imread(vs / "figures" / "per_class.png").ndim == 3

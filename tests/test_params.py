@@ -115,3 +115,40 @@ def test_section_and_seed_of_a_generation() -> None:
     assert generation_seed(recipe, 0, GenParams(loss="ce")) == 10
     assert generation_seed(recipe, 2, GenParams(teacher=1)) == 12  # train.seed + K
     assert generation_seed(recipe, 2, GenParams(teacher=1, seed=5)) == 5  # the generation's own seed wins
+
+
+def test_exponent_numbers_read_as_floats_as_dvc_reads_them(tmp_path) -> None:
+    """YAML 1.2 (ruamel.yaml, DVC's parser): `2e-3` is a float; PyYAML (YAML 1.1) reads it as a string."""
+    p = tmp_path / "params.yaml"
+    p.write_text("train:\n  lr: 2e-3\n  weight_decay: 5E-4\nstudents:\n  '1': {teacher: 0, temperature: 1e0}\n")
+    assert isinstance(yaml.safe_load(p.read_text())["train"]["lr"], str)  # the bug this guards against
+    params = ParamsFile.load(p)
+    params.validate()
+    recipe = parse_section(TrainParams, "train", params.get("train"))
+    assert (recipe.lr, recipe.weight_decay) == (0.002, 0.0005)
+    assert parse_generation(1, params.get("students.1")).temperature == 1.0
+
+
+def test_repo_params_yaml_spells_out_every_key_a_stage_reads() -> None:
+    """`dvc exp run -S students.2.temperature=2` fails when the key is absent, so params.yaml lists every
+    field of every section (the value there is what the stage uses)."""
+    import dataclasses
+
+    from pipeline.params import DataParams, InspectParams, LaunchParams
+
+    raw = ParamsFile.load("params.yaml").raw
+    sections = {
+        "data": DataParams,
+        "train": TrainParams,
+        "export": ExportParams,
+        "launch": LaunchParams,
+        "inspect": InspectParams,
+        "gen0": GenParams,
+        **{f"students.{k}": GenParams for k in raw["students"]},
+    }
+    for section, cls in sections.items():
+        node = raw
+        for part in section.split("."):
+            node = node[part]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in node]
+        assert not missing, f"params.yaml section {section} lacks {missing}"

@@ -303,7 +303,7 @@ def test_rows_take_a_view_per_row(stored, pairs: list[tuple[int, int]]) -> None:
     got = t.rows(torch.from_numpy(index), torch.from_numpy(views)).numpy()
     np.testing.assert_array_equal(got, data[index, views].reshape(len(pairs), C))
     np.testing.assert_array_equal(got[:, 0], np.round(index + views / 10, 4).astype(np.float32))
-    assert torch.equal(t.target(index, views), t.rows(index, views))  # a dense store's target is its logits
+    assert torch.equal(t.target(index, views=views), t.rows(index, views))  # a dense store's target is its logits
 
 
 def test_rows_refuse_bad_views(stored) -> None:

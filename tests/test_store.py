@@ -293,8 +293,8 @@ def test_verify_detects_a_deleted_chunk(sealed) -> None:
 def test_shape_disagreeing_with_marker_is_corrupt(sealed) -> None:
     path, _ = sealed
     marker = json.loads((path / MARKER).read_text())
-    marker["rows"]["train"] = 9
-    marker["marker_sha256"] = _marker_digest(marker)  # a consistent marker, for another reason wrong
+    marker["attributes"]["rows"]["train"] = 9
+    marker["attributes"]["marker_sha256"] = _marker_digest(marker["attributes"])  # consistent, for another reason wrong
     (path / MARKER).write_text(json.dumps(marker))
     with pytest.raises(CorruptStoreError, match="array 'train' has shape") as e:
         LogitStore.open(path)
@@ -409,7 +409,11 @@ def test_dense_single_view_store_has_no_extra_arrays(sealed) -> None:
     attrs = LogitStore.open(path).attrs
     assert attrs["layout"] == "dense" and attrs["slots"] == 3 and attrs["augmentation"] is None
     assert attrs["retained_mass"] == {"train": 1.0, "test": 1.0}
-    assert sorted(p.name for p in path.iterdir() if p.is_dir()) == ["test", "train"]
+    assert sorted(p.name for p in path.iterdir() if p.is_dir()) == [
+        "complete",
+        "test",
+        "train",
+    ]  # complete: the marker group
 
 
 def test_seal_refuses_an_unwritten_aug_chunk(tmp_path: Path) -> None:
@@ -491,9 +495,10 @@ def test_unchanged_store_reads_and_rereads_cleanly(sealed) -> None:
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_edited_sha256_in_the_marker_is_refused(sealed, split: str) -> None:
     path, _ = sealed
-    marker = json.loads((path / MARKER).read_text())
+    meta = json.loads((path / MARKER).read_text())  # the marker group's zarr.json
+    marker = meta["attributes"]
     marker["sha256"][split] = "0" * 64
-    (path / MARKER).write_text(json.dumps(marker))
+    (path / MARKER).write_text(json.dumps(meta))
     with pytest.raises(CorruptStoreError, match="differs from its own marker_sha256") as e:
         LogitStore.open(path, verify=False)  # refused at open, whichever array the reader wants
     assert str(path) in str(e.value)
@@ -501,10 +506,11 @@ def test_edited_sha256_in_the_marker_is_refused(sealed, split: str) -> None:
 
 def test_marker_without_self_hash_still_checks_the_arrays(sealed) -> None:
     path, _ = sealed
-    marker = json.loads((path / MARKER).read_text())
+    meta = json.loads((path / MARKER).read_text())  # the marker group's zarr.json
+    marker = meta["attributes"]
     del marker["marker_sha256"]  # a store sealed before the self-hash existed
     marker["sha256"]["train"] = "0" * 64
-    (path / MARKER).write_text(json.dumps(marker))
+    (path / MARKER).write_text(json.dumps(meta))
     store = LogitStore.open(path)
     with pytest.raises(CorruptStoreError, match="'train' content differs"):
         list(store.blocks("train"))
@@ -512,9 +518,10 @@ def test_marker_without_self_hash_still_checks_the_arrays(sealed) -> None:
 
 def test_marker_listing_other_arrays_is_refused(sealed) -> None:
     path, _ = sealed
-    marker = json.loads((path / MARKER).read_text())
+    meta = json.loads((path / MARKER).read_text())  # the marker group's zarr.json
+    marker = meta["attributes"]
     marker["sha256"]["trian"] = marker["sha256"].pop("train")
     marker["marker_sha256"] = _marker_digest(marker)
-    (path / MARKER).write_text(json.dumps(marker))
+    (path / MARKER).write_text(json.dumps(meta))
     with pytest.raises(CorruptStoreError, match=r"lists arrays \['test', 'trian'\]"):
         LogitStore.open(path)

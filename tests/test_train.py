@@ -28,12 +28,12 @@ def test_student_trains_with_teacher_checkpoint_destroyed(project: Layout) -> No
     _teacher(project, params)
     # Corrupt, then delete, generation 0's model: the student must not need it.
     project.model(0).write_bytes(b"not a checkpoint")
-    m = train.run(params, project, 1)
-    assert project.model(1).exists() and m["generation"] == 1
+    train.run(params, project, 1)
+    assert project.model(1).exists() and load_checkpoint(project.model(1))["meta"]["generation"] == 1
     for p in project.model_dir(0).iterdir():
         p.unlink()
     project.model_dir(0).rmdir()
-    m = train.run(params, project, 1)
+    train.run(params, project, 1)
     ckpt = load_checkpoint(project.model(1))
     assert ckpt["meta"]["teacher"] == 0
     # The student records which teacher checkpoint produced its targets (from the store's attributes).
@@ -125,7 +125,11 @@ def test_students_get_new_seeds_and_metrics_are_written(project: Layout) -> None
     s1 = load_checkpoint(project.model(1))["meta"]["seed"]
     assert s0 != s1
     metrics = json.loads(project.train_metrics(1).read_text())
-    assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["loss"] == "ban"
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and load_checkpoint(project.model(1))["meta"]["loss"] == "ban"
+    # metrics only (for dvc metrics): generation, teacher and loss are in the checkpoint's meta
+    # a label-free student also records its teacher's fitness (accuracy on its fit rows, entropy at T)
+    assert set(metrics) == {"selected_epoch", "final_train_loss", "final_val_acc", "test_acc", "teacher_fitness"}
+    assert metrics["teacher_fitness"]["fit_accuracy"] >= 0.0
     rows = project.train_plot(1).read_text().splitlines()
     assert rows[0].startswith("epoch,") and len(rows) == 1 + 2
 

@@ -1,0 +1,121 @@
+"""The Python API: the chain's steps as functions, for notebooks and scripts (the CLI calls the same code).
+
+Params are the dataclasses of `pipeline.params` (validated here as params.yaml is); every argument after
+the first ones is keyword-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pipeline.data import MNIST1D_CLASSES, PreparedData, load_prepared, make_mnist1d, write_prepared
+from pipeline.params import DataParams, ExportParams, GenParams, TrainParams, parse_generation, parse_section
+from pipeline.reader import CachedTargets
+from pipeline.train import EpochLog, TrainResult
+
+P = TypeVar("P")
+PathLike = str | os.PathLike[str]
+
+
+def _checked(cls: type[P], section: str, given: P | None) -> P:
+    """`given` (or the defaults) validated like the params.yaml section `section`."""
+    raw = dataclasses.asdict(given) if given is not None else {}  # type: ignore[call-overload]
+    return parse_section(cls, section, raw)
+
+
+def _data(data: PreparedData | PathLike) -> PreparedData:
+    return data if isinstance(data, PreparedData) else load_prepared(data)
+
+
+def describe_dataset(p: DataParams, arrays: dict[str, Any]) -> str:
+    """A dataset name a person can read: source, where it came from, rows, and the subset if any."""
+    rows = f"{len(arrays['y_train'])} train, {len(arrays['y_test'])} test rows"
+    if p.dataset == "mnist1d":
+        return f"MNIST-1D ({p.num_samples} samples: {rows})"
+    where = f"{p.dataset} from {Path(p.root).resolve().name or p.root}"
+    if p.n_train is not None or p.n_test is not None:
+        return f"{where} (class-balanced subset, seed {p.split_seed}: {rows})"
+    return f"{where} ({rows})"
+
+
+def prepare_data(path: PathLike, *, params: DataParams | None = None) -> PreparedData:
+    """Write the dataset `params` describes (default: MNIST-1D) to the HDF5 file `path`; returns it loaded."""
+    p = _checked(DataParams, "data", params)
+    if p.dataset == "mnist1d":
+        arrays, names = make_mnist1d(p.num_samples), MNIST1D_CLASSES
+    else:
+        from pipeline.datasets import load_dataset
+
+        loaded = load_dataset(
+            p.dataset, p.root, download=p.download, size=p.size, n_train=p.n_train, n_test=p.n_test, seed=p.split_seed
+        )
+        arrays, names = loaded.arrays, loaded.class_names
+    desc = describe_dataset(p, arrays)
+    write_prepared(path, arrays, names, p.dataset, p.val_fraction, p.split_seed, description=desc)
+    return load_prepared(path)
+
+
+def train_model(
+    data: PreparedData | PathLike,
+    *,
+    gen: int,
+    recipe: TrainParams | None = None,
+    generation: GenParams | None = None,
+    teacher_store: PathLike | None = None,
+    out: PathLike | None = None,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+) -> TrainResult:
+    """Train generation `gen` (0: from labels; K >= 1: from `teacher_store`, the cached logits of
+    `generation.teacher`) and, with `out`, save its checkpoint there (what `export` reads)."""
+    from pipeline.store import LogitStore
+    from pipeline.train import checkpoint_meta, save_generation, train_generation
+
+    r = _checked(TrainParams, "train", recipe)  # params first: a bad value fails before any work
+    raw = dataclasses.asdict(generation) if generation is not None else {}
+    gp = parse_generation(gen, raw)
+    d = _data(data)
+    store = Path(teacher_store) if teacher_store is not None else None
+    if gp.loss != "ce" and store is None:
+        raise ValueError(f"generation {gen}: loss {gp.loss!r} learns from a teacher: pass teacher_store=")
+    result = train_generation(d, r, gen, gp, store if gp.loss != "ce" else None, on_epoch=on_epoch)
+    if out is not None:
+        sha = LogitStore.open(store, fingerprint=d.fingerprint).attrs["checkpoint_sha256"] if store else None
+        save_generation(Path(out), result, checkpoint_meta(d, r, gen, gp, sha))
+    return result
+
+
+def export_store(
+    checkpoint: PathLike,
+    data: PreparedData | PathLike,
+    out: PathLike,
+    *,
+    params: ExportParams | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Write the logit store `out` from a checkpoint saved by `train_model(..., out=)`; returns its attributes."""
+    from pipeline.export import export_logits
+    from pipeline.train import resolve_device
+
+    p = _checked(ExportParams, "export", params)
+    return export_logits(Path(checkpoint), _data(data), Path(out), p, resolve_device(device))
+
+
+def open_targets(
+    store: PathLike, split: str = "train", *, data: PreparedData | PathLike | None = None, view: int = 0
+) -> CachedTargets:
+    """The cached targets of `split` of `store`, read by dataset row index (`rows`, `target`). With `data`,
+    the store is checked against that dataset (fingerprint, rows, classes); without, its own attributes
+    are trusted."""
+    from pipeline.store import LogitStore
+
+    if data is None:
+        attrs = LogitStore.open(store).attrs
+        fingerprint, rows, classes = attrs["dataset_fingerprint"], attrs["splits"].get(split, -1), attrs["num_classes"]
+    else:
+        d = _data(data)
+        fingerprint, rows, classes = d.fingerprint, len(d.split(split)[1]), d.num_classes
+    return CachedTargets(store, split, fingerprint, rows, classes, view=view)

@@ -1,0 +1,93 @@
+"""A store describes itself: how its generation was trained, labels, validation rows, a subset's original
+indices, a readable dataset name; plain zarr opens it without a warning; `convert` names its file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from pipeline.data import load_prepared, write_prepared
+from pipeline.datasets import Loaded, subset
+from pipeline.export import write_provenance
+from pipeline.layout import Layout
+from pipeline.store import LEGACY_MARKER, MARKER, LogitStore
+from stages import export, train
+from stages.cli import main
+from stages.common import ParamsFile
+from tests.conftest import tiny_params
+
+
+def test_student_store_records_how_it_was_trained_and_its_data(project: Layout) -> None:
+    raw = tiny_params(students={"1": {"teacher": 0, "loss": "ban", "temperature": 2.0, "seed": 7}})
+    params = ParamsFile(raw)
+    for gen in (0, 1):
+        train.run(params, project, gen)
+        export.run(params, project, gen)
+    store = LogitStore.open(project.store(1))
+    attrs = store.attrs
+    assert attrs["trained_with"] == {"loss": "ban", "temperature": 2.0, "alpha": 0.5, "teacher": 0, "seed": 7}
+    assert attrs["temperature"] == 1.0  # the stored logits themselves are raw
+    assert LogitStore.open(project.store(0)).attrs["trained_with"]["loss"] == "ce"
+    assert attrs["dataset_name"] == "MNIST-1D (500 samples: 400 train, 100 test rows)"
+    data = load_prepared(project.dataset)
+    np.testing.assert_array_equal(store.array("train_labels")[:], data.y_train)
+    np.testing.assert_array_equal(store.array("test_labels")[:], data.y_test)
+    np.testing.assert_array_equal(store.array("val_index")[:], data.val_index)
+    # The provenance arrays are sealed with the logits: changing a label is caught by verify.
+    labels = zarr.open_array(str(project.store(1) / "train_labels"), mode="r+")
+    labels[0] = (int(labels[0]) + 1) % 10
+    with pytest.raises(Exception, match="differs from its marker"):
+        LogitStore.open(project.store(1)).verify()
+
+
+def test_subset_store_keeps_original_indices(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    y = {"train": np.arange(40) % 4, "test": np.arange(20) % 4}
+    arrays = {f"y_{s}": v.astype(np.int64) for s, v in y.items()}
+    arrays |= {f"x_{s}": rng.integers(0, 255, (len(v), 3, 8, 8), dtype=np.uint8) for s, v in y.items()}
+    loaded = subset(Loaded(arrays, ["a", "b", "c", "d"]), 8, 4, seed=3)
+    write_prepared(tmp_path / "d.h5", loaded.arrays, loaded.class_names, "npz", 0.25, 0, description="toy")
+    data = load_prepared(tmp_path / "d.h5")
+    assert data.source_index is not None and data.description == "toy"
+    for split in ("train", "test"):
+        index = data.source_index[split]
+        np.testing.assert_array_equal(arrays[f"x_{split}"][index], data.split(split)[0])  # rows map back
+    store = LogitStore.create(tmp_path / "s", {"train": 8, "test": 4}, 4, 1, "float32", 4, {})
+    write_provenance(store, data)
+    np.testing.assert_array_equal(store.array("train_source_index")[:], data.source_index["train"])
+
+
+def test_plain_zarr_opens_the_store_without_a_warning(exported_root: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        group = zarr.open_group(str(Layout(exported_root).store(0)), mode="r")
+        members = dict(group.members())
+    assert {"train", "test", "train_labels", "val_index"} <= set(members)
+    assert members["complete"].attrs["rows"] == {"train": 400, "test": 100}  # the marker, as a zarr group
+
+
+def test_store_with_the_old_marker_file_is_still_read(exported_root: Path, tmp_path: Path) -> None:
+    path = tmp_path / "old"
+    shutil.copytree(Layout(exported_root).store(0), path)
+    marker = json.loads((path / MARKER).read_text())["attributes"]
+    shutil.rmtree(path / "complete")
+    (path / LEGACY_MARKER).write_text(json.dumps(marker))
+    LogitStore.open(path).verify()
+
+
+@pytest.mark.parametrize(("out", "fmt", "written"), [("g0b", "npz", "g0b.npz"), ("g0b", "h5", "g0b.h5")])
+def test_convert_adds_the_extension(exported_root: Path, tmp_path: Path, out: str, fmt: str, written: str) -> None:
+    root = str(exported_root)
+    args = ["--params", f"{root}/params.yaml", "--root", root, "convert", "--gen", "0", "--format", fmt]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / out)])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [written]
+    bad = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "x.h5" if fmt == "npz" else tmp_path / "x.npz")])
+    assert bad.exit_code == 2 and "does not match --format" in bad.output
