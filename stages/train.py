@@ -12,11 +12,12 @@ from typing import Any
 from pipeline.data import load_prepared
 from pipeline.distributed import barrier
 from pipeline.errors import ParamsError
+from pipeline.evaluate import accuracy, predict_logits, resolve_device
 from pipeline.io import write_json, write_text
 from pipeline.layout import Layout
 from pipeline.params import TrainParams, parse_generation, parse_section
 from pipeline.store import LogitStore
-from pipeline.train import accuracy, checkpoint_meta, predict_logits, resolve_device, save_generation, train_generation
+from pipeline.train import checkpoint_meta, save_generation, train_generation
 from stages.common import ParamsFile
 from stages.launch import worker_context
 
@@ -51,7 +52,7 @@ def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False) -> d
         barrier(ctx)
         return {"generation": gen, "rank": ctx.rank}
     save_generation(layout.model(gen), result, meta)
-    device = resolve_device(recipe.device)
+    device = resolve_device(recipe.device, ctx)
     last = result.history[-1]
     metrics = {
         "generation": gen,
