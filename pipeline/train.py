@@ -389,6 +389,17 @@ def _restore(
     return state["epoch"] + 1, (state["best_acc"], state["best_state"])
 
 
+def _wrap(model: nn.Module, recipe: TrainParams, ctx: DistContext, device: torch.device) -> nn.Module:
+    """The module the training steps call: DistributedDataParallel under torchrun, torch.compile'd when
+    `recipe.compile`; checkpoints and validation keep using the plain `model`."""
+    net: nn.Module = model
+    if ctx.enabled:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if recipe.compile:
+        net = torch.compile(net)  # type: ignore[assignment]
+    return net
+
+
 def train_generation(
     data: PreparedData,
     recipe: TrainParams,
@@ -414,22 +425,19 @@ def train_generation(
     opts = step_options(recipe, data, device, gens[1])  # gens[1]: crops and flips, apart from shuffling
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    views = None
-    if targets is not None and gp.view_policy != "clean":
-        views = ViewPolicy(gp.view_policy, targets.attrs["views"], seed)
+    views = (
+        None
+        if targets is None or gp.view_policy == "clean"
+        else ViewPolicy(gp.view_policy, targets.attrs["views"], seed)
+    )
     source = make_input(data, recipe, gp, device, ctx, targets, views, gens, opts, seed)
-    net: nn.Module = model
-    if ctx.enabled:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if recipe.compile:
-        net = torch.compile(net)  # type: ignore[assignment]
+    net = _wrap(model, recipe, ctx, device)
     opt = make_optimizer(model, recipe)
     sched = make_scheduler(opt, recipe)
     result = TrainResult(model=model)
     best: tuple[float, dict[str, torch.Tensor] | None] = (-1.0, None)
     start = 1
-    state = _load_state(state_path, state_key) if state_path is not None else None
-    if state is not None:
+    if state_path is not None and (state := _load_state(state_path, state_key)) is not None:
         start, best = _restore(state, model, opt, sched, gens, result)
         log.info("gen %d: resuming after epoch %d from %s", gen, start - 1, state_path)
     criterion = make_criterion(gp, gens[0])
@@ -448,8 +456,15 @@ def train_generation(
             result.selected_epoch = epoch
         if state_path is not None and ctx.is_main:
             _save_state(state_path, state_key, epoch, model, opt, sched, gens, result, best)
+    return _select(result, recipe, best)
+
+
+def _select(
+    result: TrainResult, recipe: TrainParams, best: tuple[float, dict[str, torch.Tensor] | None]
+) -> TrainResult:
+    """The generation's weights: the best validation epoch's (select: best_val), else the last epoch's."""
     if recipe.select == "best_val" and best[1] is not None:
-        model.load_state_dict(best[1])
+        result.model.load_state_dict(best[1])
     else:
         result.selected_epoch = recipe.epochs
     return result
