@@ -126,7 +126,7 @@ class DeviceTargets:
         self.path, self.layout, self.num_classes = source.path, a.get("layout", "dense"), a["num_classes"]
         self.samples, self.rest = a.get("samples", 1), a.get("topk_rest", "uniform")
         self.recipe = a.get("augmentation")
-        self.view = source.view
+        self.default_view = source.view if all_views else 0  # index of the reader's view in the tensors
         views = slice(None) if all_views else slice(source.view, source.view + 1)
         self.tensors: dict[str, torch.Tensor] = {}
         for name in _arrays(a, source.split, all_views):
@@ -151,7 +151,7 @@ class DeviceTargets:
 
     def _get(self, name: str, rows: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
         t = self.tensors[name]
-        return t[rows, 0] if views is None else t[rows, views]
+        return t[rows, self.default_view] if views is None else t[rows, views]
 
     def target(self, rows: torch.Tensor, views: torch.Tensor | None, temperature: float) -> Teacher:
         """Teacher target of dataset rows `rows` (device int64), each at its view in `views` (None: the
