@@ -7,7 +7,7 @@ stored crop/flip (no fresh augmentation) and its target is that view's teacher o
 
 Two input paths feed the same `train_one_epoch`: when the train data and the teacher's targets fit
 `train.memory_budget_mib`, they live on the training device and batches are gathered there
-(`pipeline.device_data`); otherwise a DataLoader streams them (`loader_batches`). Both draw the same
+(`pipeline.device_data`); otherwise a DataLoader streams them (`pipeline.train_input`). Both draw the same
 random numbers, so on the CPU they train bit-identically.
 """
 
@@ -18,7 +18,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,20 +27,20 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 
-from pipeline.augment import apply_params, augment_batch
+from pipeline.augment import augment_batch
 from pipeline.checkpoint import save_checkpoint
-from pipeline.data import IndexedDataset, PreparedData
-from pipeline.device_data import MIB, Batch, DeviceTargets, ResidentInput, ViewPolicy, pick_views, resident_bytes
+from pipeline.data import PreparedData
+from pipeline.device_data import MIB, Batch, ViewPolicy
 from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.errors import ParamsError
-from pipeline.evaluate import accuracy, device_accuracy, predict_logits, resolve_device
+from pipeline.evaluate import predict_logits, resolve_device  # noqa: F401  (predict_logits: old import path)
 from pipeline.io import atomic_path
 from pipeline.losses import Teacher, ban_l_loss, ban_loss, ce_loss, cwtm_loss, dkpp_loss, kd_loss
 from pipeline.models import ImageInput, build_model
 from pipeline.params import GenParams, TrainParams
 from pipeline.reader import CachedTargets
+from pipeline.train_input import loader_batches, make_input  # noqa: F401  (loader_batches: public here too)
 
 log = logging.getLogger(__name__)
 
@@ -156,30 +156,6 @@ def make_criterion(gp: GenParams, generator: torch.Generator | None = None) -> C
     return bound[gp.loss]
 
 
-def loader_batches(
-    loader: DataLoader,
-    device: torch.device,
-    targets: CachedTargets | None = None,
-    temperature: float = 1.0,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    views: ViewPolicy | None = None,
-    epoch: int = 0,
-) -> Iterator[Batch]:
-    """The streaming path: (x, y, teacher) on `device` per batch of `loader`, whose items are (x, y,
-    dataset index). Teacher rows are looked up by the batch's dataset indices and, under a view policy,
-    the views `pick_views` chooses for `epoch` (each row's image rebuilt from that view's stored crop)."""
-    for x, y, index in loader:
-        v = pick_views(views, epoch, index.numpy()) if views is not None and targets is not None else None
-        teacher: Teacher | None = None
-        if targets is not None:
-            teacher = targets.target(index, v, temperature).to(device, non_blocking=True)
-        if v is not None and targets is not None:
-            x = apply_params(x, targets.aug(index, v))  # the very image the teacher's output was computed on
-        elif augment is not None:
-            x = augment(x)
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), teacher
-
-
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -256,16 +232,6 @@ def _load_state(path: Path, key: str) -> dict[str, Any] | None:
     return state  # type: ignore[no-any-return]
 
 
-@dataclass
-class _Input:
-    """Where a run's batches and validation come from: the resident path (`pipeline.device_data`) or the
-    streaming path (DataLoader + CachedTargets)."""
-
-    batches: Callable[[int], Iterable[Batch]]  # epoch -> (x, y, teacher) batches on the device
-    validate: Callable[[nn.Module], float]  # model -> validation accuracy
-    sampler: DistributedSampler | None = None
-
-
 def _open_targets(
     data: PreparedData, recipe: TrainParams, gen: int, gp: GenParams, teacher_store: Path | None
 ) -> CachedTargets | None:
@@ -290,83 +256,6 @@ def _build_model(data: PreparedData, recipe: TrainParams, gp: GenParams, device:
     if isinstance(model, ImageInput) and data.channel_mean is not None and data.channel_std is not None:
         model.set_stats(data.channel_mean, data.channel_std)
     return model.to(device)
-
-
-def _resident_input(
-    data: PreparedData,
-    recipe: TrainParams,
-    gp: GenParams,
-    device: torch.device,
-    targets: CachedTargets | None,
-    views: ViewPolicy | None,
-    gens: tuple[torch.Generator, torch.Generator | None],
-) -> _Input:
-    res = ResidentInput(data, device, recipe.batch_size, gens[0], gens[1])
-    dev_targets = None if targets is None else DeviceTargets(targets, device, data.fit_index(), views is not None)
-    x_val, y_val = res.val_xy()
-    return _Input(
-        batches=lambda epoch: res.epoch(epoch, dev_targets, gp.temperature, views),
-        validate=lambda model: device_accuracy(model, x_val, y_val, recipe.eval_batch_size),
-    )
-
-
-def _streaming_input(
-    data: PreparedData,
-    recipe: TrainParams,
-    gp: GenParams,
-    device: torch.device,
-    ctx: DistContext,
-    targets: CachedTargets | None,
-    views: ViewPolicy | None,
-    generator: torch.Generator,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None,
-    seed: int,
-) -> _Input:
-    fit = IndexedDataset(data.x_train, data.y_train, data.fit_index())
-    sampler: DistributedSampler | None = None
-    if ctx.enabled:  # per-rank batch = batch_size / world_size, so the global batch matches one process
-        sampler = DistributedSampler(fit, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
-    loader = DataLoader(
-        fit,
-        batch_size=max(1, recipe.batch_size // ctx.world_size),
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=False,
-        generator=generator,
-        num_workers=recipe.num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    x_val, y_val = data.x_train[data.val_index], data.y_train[data.val_index]
-    return _Input(
-        batches=lambda epoch: loader_batches(loader, device, targets, gp.temperature, augment, views, epoch),
-        validate=lambda model: accuracy(predict_logits(model, x_val, recipe.eval_batch_size, device), y_val),
-        sampler=sampler,
-    )
-
-
-def make_input(
-    data: PreparedData,
-    recipe: TrainParams,
-    gp: GenParams,
-    device: torch.device,
-    ctx: DistContext,
-    targets: CachedTargets | None,
-    views: ViewPolicy | None,
-    gens: tuple[torch.Generator, torch.Generator],
-    opts: StepOptions,
-    seed: int,
-) -> _Input:
-    """The resident path when a single process's train data and teacher arrays fit
-    `recipe.memory_budget_mib` on `device`, else the streaming path (and always under torchrun)."""
-    need = resident_bytes(data, targets, views is not None)
-    if not ctx.enabled and need <= recipe.memory_budget_mib * MIB:
-        log.info("training input resident on %s (%.1f MiB)", device, need / MIB)
-        aug_gen = gens[1] if opts.augment is not None else None
-        return _resident_input(data, recipe, gp, device, targets, views, (gens[0], aug_gen))
-    log.info(
-        "training input streamed (%.1f MiB over the %d MiB budget, or torchrun)", need / MIB, recipe.memory_budget_mib
-    )
-    return _streaming_input(data, recipe, gp, device, ctx, targets, views, gens[0], opts.augment, seed)
 
 
 def _restore(
@@ -430,7 +319,7 @@ def train_generation(
         if targets is None or gp.view_policy == "clean"
         else ViewPolicy(gp.view_policy, targets.attrs["views"], seed)
     )
-    source = make_input(data, recipe, gp, device, ctx, targets, views, gens, opts, seed)
+    source = make_input(data, recipe, gp, device, ctx, targets, views, gens, opts.augment, seed)
     net = _wrap(model, recipe, ctx, device)
     opt = make_optimizer(model, recipe)
     sched = make_scheduler(opt, recipe)

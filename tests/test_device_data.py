@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import pipeline.train as lib
+import pipeline.train_input as inputs
 from pipeline.augment import AugParams, apply_params, augment_batch, mix64
 from pipeline.checkpoint import save_checkpoint
 from pipeline.data import IndexedDataset, PreparedData, load_prepared, write_prepared
@@ -212,18 +213,19 @@ def test_over_budget_falls_back_to_streaming(images, stores, monkeypatch) -> Non
     """Budget in bytes here (MIB patched to 1): the resident path needs the images, labels and the store's
     served arrays; one byte short of that, training streams, and trains the same weights."""
     monkeypatch.setattr(lib, "MIB", 1)
+    monkeypatch.setattr(inputs, "MIB", 1)
     src = _source(images, stores["dense-views"])
     need = resident_bytes(images, src, all_views=True)
     data_only = images.x_train.nbytes + images.y_train.nbytes
     assert need == data_only + len(images.y_train) * 3 * (images.num_classes * 2 + 3 * 2)  # fp16, int16 aug
     built = []
-    real = lib.ResidentInput
+    real = inputs.ResidentInput
 
     def spy(*a, **k):
         built.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(lib, "ResidentInput", spy)
+    monkeypatch.setattr(inputs, "ResidentInput", spy)
     gp = GenParams(loss="ban", teacher=0, view_policy="cycle")
     runs = {}
     for budget in (need, need - 1, data_only + 1, 0):

@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader
 
 from pipeline.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.data import IndexedDataset, PreparedData, load_prepared, write_prepared
+from pipeline.evaluate import predict_logits
 from pipeline.models import ImageInput, build_model
 from pipeline.params import GenParams, TrainParams
-from pipeline.evaluate import predict_logits
 from pipeline.train import StepOptions, loader_batches, make_criterion, step_options, train_generation, train_one_epoch
 
 
@@ -140,10 +140,11 @@ def viewed(images: PreparedData, tmp_path, monkeypatch) -> tuple[PreparedData, o
 
 def _spy_student(monkeypatch) -> dict[str, list]:
     import pipeline.train as lib
+    import pipeline.train_input as inputs
     from pipeline.reader import CachedTargets
 
     seen: dict[str, list] = {"target": [], "image": [], "live": []}
-    real_target, real_apply = CachedTargets.target, lib.apply_params
+    real_target, real_apply = CachedTargets.target, inputs.apply_params
 
     def target(self, index, views=None, temperature=1.0):
         out = real_target(self, index, views, temperature)
@@ -156,7 +157,7 @@ def _spy_student(monkeypatch) -> dict[str, list]:
         return out
 
     monkeypatch.setattr(CachedTargets, "target", target)
-    monkeypatch.setattr(lib, "apply_params", apply)
+    monkeypatch.setattr(inputs, "apply_params", apply)
     monkeypatch.setattr(lib, "augment_batch", lambda *a, **k: seen["live"].append(1) or a[0])
     return seen
 
