@@ -34,17 +34,15 @@ from pipeline.augment import augment_batch
 from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 from pipeline.data import IndexedDataset, PreparedData, load_prepared, write_prepared
 from pipeline.datasets import load_dataset
+from pipeline.evaluate import accuracy, predict_logits, resolve_device
 from pipeline.export import export_logits
 from pipeline.losses import generation_loss
 from pipeline.models import ImageInput, build_model
 from pipeline.params import ExportParams, GenParams, TrainParams
 from pipeline.train import (
-    accuracy,
     checkpoint_meta,
     make_optimizer,
     make_scheduler,
-    predict_logits,
-    resolve_device,
     save_generation,
     seed_everything,
     train_generation,

@@ -97,8 +97,8 @@ def export_store(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Write the logit store `out` from a checkpoint saved by `train_model(..., out=)`; returns its attributes."""
+    from pipeline.evaluate import resolve_device
     from pipeline.export import export_logits
-    from pipeline.train import resolve_device
 
     p = _checked(ExportParams, "export", params)
     return export_logits(Path(checkpoint), _data(data), Path(out), p, resolve_device(device))

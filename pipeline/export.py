@@ -37,10 +37,10 @@ from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 from pipeline.data import PreparedData
 from pipeline.distributed import SINGLE_PROCESS, DistContext, barrier, broadcast, partition_rows
 from pipeline.errors import CheckpointError, DiskFullError, NotWritableError, ParamsError
+from pipeline.evaluate import predict_logits
 from pipeline.io import replace_dir, sha256_file
 from pipeline.params import ExportParams
 from pipeline.store import MARKER, LogitStore, index_dtype
-from pipeline.train import predict_logits
 
 log = logging.getLogger(__name__)
 

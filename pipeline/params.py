@@ -162,6 +162,11 @@ class TrainParams:
     augment: bool = True  # image datasets only: random crop (pad 4) and horizontal flip
     amp: str = "auto"  # CUDA autocast: auto (bf16 where supported), bf16, fp16, off; CPU always float32
     channels_last: bool = True  # CUDA image models only
+    # Train images, labels and the teacher's train targets are held on the training device (GPU memory on
+    # CUDA, RAM on CPU) when together they fit this many MiB; beyond it (or 0) batches stream from a
+    # DataLoader and the store. ImageNet-1k at 64 px (1.28M x 3 x 64 x 64 uint8) plus fp16 logits: ~17 GiB.
+    memory_budget_mib: int = 4096
+    compile: bool = False  # torch.compile the training forward/backward (first epoch pays the compilation)
 
     def check(self, section: str) -> None:
         _check_arch(f"{section}.arch", self.arch)
@@ -184,6 +189,7 @@ class TrainParams:
         _range(f"{section}.weight_decay", self.weight_decay, 0.0, None)
         _range(f"{section}.num_workers", self.num_workers, 0, None)
         _range(f"{section}.threads", self.threads, 0, None)
+        _range(f"{section}.memory_budget_mib", self.memory_budget_mib, 0, None)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ A student never builds, loads or even opens its teacher's checkpoint: its target
 teacher's logit store, read by dataset index (`pipeline.reader.CachedTargets`). With a multi-view store and
 view_policy "cycle" or "random", each sample trains on one stored view: its image is rebuilt from the
 stored crop/flip (no fresh augmentation) and its target is that view's teacher output.
+
+Two input paths feed the same `train_one_epoch`: when the train data and the teacher's targets fit
+`train.memory_budget_mib`, they live on the training device and batches are gathered there
+(`pipeline.device_data`); otherwise a DataLoader streams them (`pipeline.train_input`). Both draw the same
+random numbers, so on the CPU they train bit-identically.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,34 +28,30 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 
-from pipeline.augment import apply_params, augment_batch, mix64
+from pipeline.augment import augment_batch
 from pipeline.checkpoint import save_atomic, save_checkpoint
-from pipeline.data import IndexedDataset, PreparedData
+from pipeline.data import PreparedData
+from pipeline.device_data import MIB, Batch, ViewPolicy
 from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.errors import DivergedError, ParamsError
-from pipeline.losses import Teacher, generation_loss
+from pipeline.evaluate import resolve_device
+from pipeline.losses import Teacher, ban_l_loss, ban_loss, ce_loss, cwtm_loss, dkpp_loss, kd_loss
 from pipeline.models import ImageInput, build_model
-from pipeline.params import GenParams, TrainParams
+from pipeline.params import GenParams, TrainParams, generation_seed, section_of
 from pipeline.reader import CachedTargets
 from pipeline.schedules import warmup_scheduler
+from pipeline.store import check_temperature
+from pipeline.train_input import make_input
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "bancache-train-state-v2"  # v2: adds the loss generator
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
-def seed_everything(seed: int, deterministic: bool) -> torch.Generator:
+def seed_everything(seed: int, deterministic: bool, device: torch.device | None = None) -> torch.Generator:
+    """Seed Python, numpy and torch; deterministic kernels, or cudnn's autotuner (`cudnn.benchmark`) on
+    CUDA when not deterministic. Returns the shuffling generator."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -58,6 +59,8 @@ def seed_everything(seed: int, deterministic: bool) -> torch.Generator:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    elif device is not None and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     return torch.Generator().manual_seed(seed)
 
 
@@ -101,26 +104,11 @@ class TrainResult:
 
 @dataclass
 class StepOptions:
-    """Per-step input handling: augmentation (images), autocast dtype and memory format (CUDA)."""
+    """Per-step input handling: live augmentation (streaming path), autocast dtype and memory format (CUDA)."""
 
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
-    view_policy: str = "clean"  # cycle / random: replay stored views of a multi-view store (`pick_views`)
-    num_views: int = 1
-    view_seed: int = 0
-
-
-def pick_views(opts: StepOptions, epoch: int, index: torch.Tensor) -> np.ndarray | None:
-    """The stored view each row of the batch trains on, or None for "clean" (view 0 + live augmentation):
-    "cycle" gives every row view epoch % V, "random" view mix64(seed, epoch, row) % V (the same for a row
-    and epoch whatever the batch, so a resumed run replays the same views)."""
-    if opts.view_policy == "clean":
-        return None
-    rows = index.cpu().numpy().astype(np.int64)
-    if opts.view_policy == "cycle":
-        return np.full(len(rows), epoch % opts.num_views, dtype=np.int64)
-    return np.array([mix64(opts.view_seed, epoch, r) % opts.num_views for r in rows], dtype=np.int64)
 
 
 def _bf16_ok() -> bool:
@@ -147,63 +135,60 @@ def step_options(
     return opts
 
 
+Criterion = Callable[[torch.Tensor, Teacher | None, torch.Tensor], torch.Tensor]
+
+
+def make_criterion(gp: GenParams, generator: torch.Generator | None = None) -> Criterion:
+    """The generation's loss bound to its params once: criterion(student_logits, teacher, labels).
+    `generator` draws DKPP's permutations."""
+    t, alpha = gp.temperature, gp.alpha
+
+    def need(teacher: Teacher | None) -> Teacher:
+        if teacher is None:
+            raise ValueError(f"loss {gp.loss!r} needs teacher logits")
+        return teacher
+
+    bound: dict[str, Criterion] = {
+        "ce": lambda s, _teacher, y: ce_loss(s, y),
+        "ban": lambda s, teacher, _y: ban_loss(s, need(teacher), t),
+        "ban+l": lambda s, teacher, y: ban_l_loss(s, need(teacher), y, t),
+        "kd": lambda s, teacher, y: kd_loss(s, need(teacher), y, t, alpha),
+        "cwtm": lambda s, teacher, y: cwtm_loss(s, need(teacher), y, t),
+        "dkpp": lambda s, teacher, _y: dkpp_loss(s, need(teacher), t, generator),
+    }
+    if gp.loss not in bound:
+        raise ValueError(f"unknown loss {gp.loss!r}; known: {', '.join(bound)}")
+    return bound[gp.loss]
+
+
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    batches: Iterable[Batch],
     opt: torch.optim.Optimizer,
-    gp: GenParams,
-    device: torch.device,
-    targets: CachedTargets | None,
-    generator: torch.Generator,
+    criterion: Criterion,
     opts: StepOptions | None = None,
-    epoch: int = 0,
 ) -> float:
-    """One pass over `loader`; each batch's teacher rows are looked up by the batch's dataset indices
-    (and, under a view policy, the views `pick_views` chooses for `epoch`)."""
+    """One pass over `batches` of (x, y, teacher) on the model's device; returns the mean loss per sample.
+    The running loss stays on the device (float64) and is read once, at the end of the epoch."""
     opts = opts or StepOptions()
     model.train()
     scaler = torch.amp.GradScaler("cuda", enabled=opts.amp_dtype == torch.float16)
-    total, count = 0.0, 0
-    for x, y, index in loader:
-        views = pick_views(opts, epoch, index) if targets is not None else None
-        teacher: Teacher | None = None
-        if targets is not None:
-            teacher = targets.target(index, views=views, temperature=gp.temperature).to(device, non_blocking=True)
-        if views is not None and targets is not None:
-            x = apply_params(x, targets.aug(index, views))  # the very image the teacher's output was computed on
-        elif opts.augment is not None:
-            x = opts.augment(x)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    total: torch.Tensor | None = None
+    count = 0
+    for x, y, teacher in batches:
         if opts.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=opts.amp_dtype or torch.float32, enabled=opts.amp_dtype is not None):
+        with torch.autocast(x.device.type, dtype=opts.amp_dtype or torch.float32, enabled=opts.amp_dtype is not None):
             out = model(x)
-        loss = generation_loss(
-            gp.loss, out, teacher, y, temperature=gp.temperature, alpha=gp.alpha, generator=generator
-        )
+        loss = criterion(out, teacher, y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        total += float(loss.detach()) * len(y)
+        part = loss.detach().double() * len(y)
+        total = part if total is None else total + part
         count += len(y)
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
-    """Logits (N, C) of `model` in eval mode, in row order, float32."""
-    model.eval()
-    out = []
-    for start in range(0, len(x), batch_size):
-        xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
-        out.append(model(xb).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
-def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
-    """Fraction of rows whose argmax is the label (divided by samples, not batches)."""
-    return float((logits.argmax(axis=-1) == y).mean()) if len(y) else float("nan")
+    return float(total) / count if total is not None else 0.0
 
 
 def _save_state(
@@ -252,6 +237,76 @@ def _load_state(path: Path, key: str) -> dict[str, Any] | None:
     return state  # type: ignore[no-any-return]
 
 
+def _open_targets(
+    data: PreparedData, recipe: TrainParams, gen: int, gp: GenParams, teacher_store: Path | None, verify: bool
+) -> CachedTargets | None:
+    if gp.loss == "ce":
+        return None
+    if teacher_store is None:
+        raise ValueError(f"generation {gen}: loss {gp.loss!r} needs a teacher store")
+    targets = CachedTargets(
+        teacher_store,
+        "train",
+        data.fingerprint,
+        len(data.y_train),
+        data.num_classes,
+        max_memory_bytes=recipe.memory_budget_mib * MIB,
+        verify=verify,
+    )
+    _check_targets(targets, gp, gen)
+    return targets
+
+
+def _build_model(data: PreparedData, recipe: TrainParams, gp: GenParams, device: torch.device) -> nn.Module:
+    model = build_model(gp.arch or recipe.arch, data.input_shape, data.num_classes)
+    if isinstance(model, ImageInput) and data.channel_mean is not None and data.channel_std is not None:
+        model.set_stats(data.channel_mean, data.channel_std)
+    return model.to(device)
+
+
+def _restore(
+    state: dict[str, Any],
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    gens: tuple[torch.Generator, ...],
+    result: TrainResult,
+) -> tuple[int, tuple[float, dict[str, torch.Tensor] | None]]:
+    """Load a resume state into the run's objects; returns the first epoch to train and the best so far."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gens[0].set_state(state["generator"])
+    gens[1].set_state(state["aug_generator"])
+    gens[2].set_state(state["loss_generator"])
+    torch.set_rng_state(state["torch_rng"])
+    result.history = [EpochLog(**h) for h in state["history"]]
+    result.selected_epoch = state["selected_epoch"]
+    return state["epoch"] + 1, (state["best_acc"], state["best_state"])
+
+
+def _wrap(model: nn.Module, recipe: TrainParams, ctx: DistContext, device: torch.device) -> nn.Module:
+    """The module the training steps call: DistributedDataParallel under torchrun, torch.compile'd when
+    `recipe.compile`; checkpoints and validation keep using the plain `model`."""
+    net: nn.Module = model
+    if ctx.enabled:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if recipe.compile:
+        net = torch.compile(net)  # type: ignore[assignment]
+    return net
+
+
+def _generators(
+    seed: int, recipe: TrainParams, device: torch.device
+) -> tuple[torch.Generator, torch.Generator, torch.Generator]:
+    """Seed everything; (shuffling, crops and flips, DKPP's permutations), three apart streams, so a
+    label-only control sees the same batches as its student. Deterministic runs pin the thread count."""
+    if recipe.deterministic and recipe.threads:
+        torch.set_num_threads(recipe.threads)  # part of the recipe: CPU float sums depend on the thread count
+    shuffle = seed_everything(seed, recipe.deterministic, device)
+    return shuffle, torch.Generator().manual_seed(seed + 7919), torch.Generator().manual_seed(seed + 104729)
+
+
 def train_generation(
     data: PreparedData,
     recipe: TrainParams,
@@ -270,81 +325,38 @@ def train_generation(
     saved by an interrupted run with the same `state_key` is resumed: on CPU in deterministic mode the
     result is bit-identical to an uninterrupted run. Under torchrun (`ctx.enabled`) the model is wrapped
     in DistributedDataParallel and each rank trains its DistributedSampler shard; rank 0 saves the state.
-    `on_epoch` is called with each epoch's log (progress display).
+    `verify` False skips hashing the teacher's store; `on_epoch` gets each epoch's log (progress display).
     """
-    seed = gp.seed if gp.seed is not None else recipe.seed + gen
-    generator = seed_everything(seed, recipe.deterministic)
-    if recipe.deterministic and recipe.threads:
-        torch.set_num_threads(recipe.threads)  # part of the recipe: CPU float sums depend on the thread count
-    device = resolve_device(recipe.device)
-    if ctx.enabled and device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
-    targets = None
-    if gp.loss != "ce":
-        if teacher_store is None:
-            raise ValueError(f"generation {gen}: loss {gp.loss!r} needs a teacher store")
-        n = len(data.y_train)
-        targets = CachedTargets(teacher_store, "train", data.fingerprint, n, data.num_classes, verify=verify)
-        _check_targets(targets, gp, gen)
-    arch = gp.arch or recipe.arch
-    model = build_model(arch, data.input_shape, data.num_classes)
-    if isinstance(model, ImageInput) and data.channel_mean is not None and data.channel_std is not None:
-        model.set_stats(data.channel_mean, data.channel_std)
-    model = model.to(device)
-    aug_gen = torch.Generator().manual_seed(seed + 7919)  # crops and flips, apart from the shuffling stream
-    # dkpp's permutations: apart from the shuffling stream, so a label-only control sees the same batches
-    loss_gen = torch.Generator().manual_seed(seed + 104729)
-    opts = step_options(recipe, data, device, aug_gen)
-    if targets is not None and gp.view_policy != "clean":
-        opts.view_policy, opts.num_views, opts.view_seed = gp.view_policy, targets.attrs["views"], seed
+    seed = generation_seed(recipe, gen, gp)
+    device = resolve_device(recipe.device, ctx)
+    gens = _generators(seed, recipe, device)
+    targets = _open_targets(data, recipe, gen, gp, teacher_store, verify)
+    model = _build_model(data, recipe, gp, device)
+    opts = step_options(recipe, data, device, gens[1])  # gens[1]: crops and flips, apart from shuffling
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net: nn.Module = model
-    fit = IndexedDataset(data.x_train, data.y_train, data.fit_index())
-    sampler = None
-    if ctx.enabled:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        # Per-rank batch = batch_size / world_size, so the global batch matches a single process.
-        sampler = DistributedSampler(fit, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
-    loader = DataLoader(
-        fit,
-        batch_size=max(1, recipe.batch_size // ctx.world_size),
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=False,
-        generator=generator,
-        num_workers=recipe.num_workers,
-        pin_memory=device.type == "cuda",
+    views = (
+        None
+        if targets is None or gp.view_policy == "clean"
+        else ViewPolicy(gp.view_policy, targets.attrs["views"], seed)
     )
-    opt = make_optimizer(model, recipe)
-    sched = make_scheduler(opt, recipe)
-    x_val, y_val = data.x_train[data.val_index], data.y_train[data.val_index]
-    result = TrainResult(model=model)
+    source = make_input(data, recipe, gp, device, ctx, targets, views, gens[:2], opts.augment, seed)
+    net, opt = _wrap(model, recipe, ctx, device), make_optimizer(model, recipe)
+    sched, result = make_scheduler(opt, recipe), TrainResult(model=model)
     best: tuple[float, dict[str, torch.Tensor] | None] = (-1.0, None)
     start = 1
-    state = _load_state(state_path, state_key) if state_path is not None else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        aug_gen.set_state(state["aug_generator"])
-        loss_gen.set_state(state["loss_generator"])
-        torch.set_rng_state(state["torch_rng"])
-        result.history = [EpochLog(**h) for h in state["history"]]
-        result.selected_epoch = state["selected_epoch"]
-        best = (state["best_acc"], state["best_state"])
-        start = state["epoch"] + 1
-        log.info("gen %d: resuming after epoch %d from %s", gen, state["epoch"], state_path)
+    if state_path is not None and (state := _load_state(state_path, state_key)) is not None:
+        start, best = _restore(state, model, opt, sched, gens, result)
+        log.info("gen %d: resuming after epoch %d from %s", gen, start - 1, state_path)
+    criterion = make_criterion(gp, gens[2])
     for epoch in range(start, recipe.epochs + 1):
-        t0 = time.perf_counter()
-        lr = opt.param_groups[0]["lr"]
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loss = train_one_epoch(net, loader, opt, gp, device, targets, loss_gen, opts, epoch=epoch)
+        t0, lr = time.perf_counter(), opt.param_groups[0]["lr"]
+        if source.sampler is not None:
+            source.sampler.set_epoch(epoch)
+        loss = train_one_epoch(net, source.batches(epoch), opt, criterion, opts)
         check_finite_loss(loss, gen, epoch, recipe)
         sched.step()
-        val_acc = accuracy(predict_logits(model, x_val, recipe.eval_batch_size, device), y_val)
+        val_acc = source.validate(model)
         result.history.append(EpochLog(epoch, loss, val_acc, lr, time.perf_counter() - t0))
         log.info("gen %d epoch %d/%d loss %.4f val_acc %.4f", gen, epoch, recipe.epochs, loss, val_acc)
         if on_epoch is not None:
@@ -353,13 +365,8 @@ def train_generation(
             best = (val_acc, copy.deepcopy(model.state_dict()))
             result.selected_epoch = epoch
         if state_path is not None and ctx.is_main:
-            gens = (generator, aug_gen, loss_gen)
             _save_state(state_path, state_key, epoch, model, opt, sched, gens, result, best)
-    if recipe.select == "best_val" and best[1] is not None:
-        model.load_state_dict(best[1])
-    else:
-        result.selected_epoch = recipe.epochs
-    return result
+    return _select(result, recipe, best)
 
 
 def check_finite_loss(loss: float, gen: int, epoch: int, recipe: TrainParams) -> None:
@@ -372,20 +379,27 @@ def check_finite_loss(loss: float, gen: int, epoch: int, recipe: TrainParams) ->
         )
 
 
+def _select(
+    result: TrainResult, recipe: TrainParams, best: tuple[float, dict[str, torch.Tensor] | None]
+) -> TrainResult:
+    """The generation's weights: the best validation epoch's (select: best_val), else the last epoch's."""
+    if recipe.select == "best_val" and best[1] is not None:
+        result.model.load_state_dict(best[1])
+    else:
+        result.selected_epoch = recipe.epochs
+    return result
+
+
 def _check_targets(targets: CachedTargets, gp: GenParams, gen: int) -> None:
     """Refuse a view policy or temperature the teacher's store cannot serve."""
     a = targets.attrs
-    section = f"students.{gen}"
+    section = section_of(gen)
     if gp.view_policy != "clean" and not (a["views"] > 1 and a.get("augmentation")):
         raise ParamsError(
             f"{section}.view_policy = {gp.view_policy!r}: the teacher's store {targets.path} has {a['views']} "
             f"un-augmented view(s). Export it with export.views > 1 (image datasets) or use view_policy: clean"
         )
-    if a.get("layout") == "sampled" and gp.temperature != 1.0:
-        raise ParamsError(
-            f"{section}.temperature = {gp.temperature}: the teacher's store {targets.path} holds sampled targets, "
-            f"an estimate of the teacher distribution at T = 1 only. Use temperature: 1.0 or a dense or topk store"
-        )
+    check_temperature(targets.path, a.get("layout", "dense"), gp.temperature, f"{section}.temperature")
 
 
 def checkpoint_meta(
@@ -399,7 +413,7 @@ def checkpoint_meta(
         "generation": gen,
         "teacher": gp.teacher,
         "teacher_store_checkpoint_sha256": teacher_sha,
-        "seed": gp.seed if gp.seed is not None else recipe.seed + gen,
+        "seed": generation_seed(recipe, gen, gp),
         "loss": gp.loss,
         "temperature": gp.temperature,
         "alpha": gp.alpha,

@@ -17,10 +17,11 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.controls import control_params, train_control
 from pipeline.data import load_prepared
 from pipeline.errors import ParamsError
+from pipeline.evaluate import accuracy, predict_logits, resolve_device
 from pipeline.io import atomic_path, write_json
 from pipeline.layout import Layout
 from pipeline.params import TrainParams, parse_generation, parse_section
-from pipeline.train import accuracy, checkpoint_meta, predict_logits, resolve_device
+from pipeline.train import checkpoint_meta
 from stages.common import ParamsFile
 
 

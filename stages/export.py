@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from pipeline.data import load_prepared
+from pipeline.evaluate import resolve_device
 from pipeline.export import export_logits
 from pipeline.layout import Layout
 from pipeline.params import ExportParams, parse_section
-from pipeline.train import resolve_device
 from stages.common import ParamsFile
 from stages.launch import worker_context
 from stages.progress import Progress
@@ -20,9 +18,7 @@ def run(params: ParamsFile, layout: Layout, gen: int, verify: bool = True) -> di
     p = parse_section(ExportParams, "export", params.get("export"))
     data = load_prepared(layout.dataset, verify=verify)
     ctx = worker_context(params)
-    device = resolve_device(p.device)
-    if ctx.enabled and device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
+    device = resolve_device(p.device, ctx)
     rows = (len(data.y_train) + len(data.y_test)) // ctx.world_size
     with Progress(f"export gen {gen}", rows, unit="rows", lines=10, enabled=ctx.is_main) as bar:
         return export_logits(layout.model(gen), data, layout.store(gen), p, device, ctx, on_rows=bar.update)

@@ -17,12 +17,13 @@ from typing import Any
 
 from pipeline.controls import control_columns, train_control
 from pipeline.data import PreparedData, load_prepared
+from pipeline.evaluate import accuracy, predict_logits, resolve_device
 from pipeline.io import write_json, write_text
 from pipeline.layout import Layout
 from pipeline.paired_table import format_paired_table
 from pipeline.params import TrainParams, parse_chain, parse_generation, parse_section, student_keys
 from pipeline.report import LOSS_COLUMNS, chain_columns, format_table
-from pipeline.train import accuracy, predict_logits, resolve_device, train_generation
+from pipeline.train import train_generation
 from stages import ensemble, export, prepare, train
 from stages.common import ParamsFile
 from stages.progress import Progress, note

@@ -11,23 +11,16 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from pipeline.data import load_prepared
-from pipeline.distributed import barrier, context_from_env
+from pipeline.data import PreparedData, load_prepared
+from pipeline.distributed import DistContext, barrier, context_from_env
 from pipeline.errors import ParamsError
+from pipeline.evaluate import accuracy, predict_logits, resolve_device
 from pipeline.fitness import check_teacher
 from pipeline.io import write_json, write_text
 from pipeline.layout import Layout
 from pipeline.params import TrainParams, parse_generation, parse_section, section_of
 from pipeline.store import LogitStore
-from pipeline.train import (
-    EpochLog,
-    accuracy,
-    checkpoint_meta,
-    predict_logits,
-    resolve_device,
-    save_generation,
-    train_generation,
-)
+from pipeline.train import EpochLog, TrainResult, checkpoint_meta, save_generation, train_generation
 from stages.common import ParamsFile
 from stages.launch import worker_context
 from stages.progress import Progress
@@ -85,9 +78,26 @@ def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False, veri
         barrier(ctx)
         return {"generation": gen, "rank": ctx.rank}
     save_generation(layout.model(gen), result, meta)
-    device = resolve_device(recipe.device)
+    metrics = _write_outputs(layout, gen, data, recipe, result, fitness, ctx)
+    state.unlink(missing_ok=True)  # the stage's outputs are complete: nothing left to resume
+    barrier(ctx)
+    return metrics
+
+
+def _write_outputs(
+    layout: Layout,
+    gen: int,
+    data: PreparedData,
+    recipe: TrainParams,
+    result: TrainResult,
+    fitness: dict[str, Any] | None,
+    ctx: DistContext,
+) -> dict[str, Any]:
+    """metrics/train/gen-K.json (metrics only: generation, teacher and loss live in the checkpoint's meta)
+    and plots/train/gen-K.csv (one row per epoch)."""
+    device = resolve_device(recipe.device, ctx)
     last = result.history[-1]
-    metrics = {  # metrics only: generation, teacher and loss live in the checkpoint's meta
+    metrics: dict[str, Any] = {
         "selected_epoch": result.selected_epoch,
         "final_train_loss": last.train_loss,
         "final_val_acc": last.val_acc,
@@ -102,6 +112,4 @@ def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False, veri
     writer.writeheader()
     writer.writerows(asdict(h) for h in result.history)
     write_text(layout.train_plot(gen), buf.getvalue())
-    state.unlink(missing_ok=True)  # the stage's outputs are complete: nothing left to resume
-    barrier(ctx)
     return metrics

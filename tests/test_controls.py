@@ -3,6 +3,7 @@ paired differences and their t-intervals match hand-computed values."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -28,23 +29,33 @@ from tests.conftest import tiny_params
 
 
 class _Spy:
-    """Records, per training run, the weights before the first step and every batch's dataset indices."""
+    """Records, per training run, the weights before the first step and every batch (its labels and a hash
+    of its inputs, which identify the rows in order). A run starts at `make_criterion`, which
+    `train_generation` calls once, right before its first epoch."""
 
     def __init__(self) -> None:
         self.runs: list[dict[str, Any]] = []
         self.real = pipeline.train.train_one_epoch
+        self.real_make = pipeline.train.make_criterion
+        self.new_run = False
 
-    def __call__(self, model, loader, *args, **kwargs):
-        epoch = kwargs.get("epoch", 0)
-        if epoch == 1:
+    def make_criterion(self, *args, **kwargs):
+        self.new_run = True
+        return self.real_make(*args, **kwargs)
+
+    def __call__(self, model, batches, *args, **kwargs):
+        if self.new_run:
             weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            self.runs.append({"weights": weights, "batches": []})
-        batches = self.runs[-1]["batches"]
+            self.runs.append({"weights": weights, "batches": [], "epochs": 0})
+            self.new_run = False
+        run = self.runs[-1]
+        run["epochs"] += 1
+        epoch = run["epochs"]
 
         def recording():
-            for x, y, index in loader:
-                batches.append((epoch, index.tolist()))
-                yield x, y, index
+            for x, y, teacher in batches:
+                run["batches"].append((epoch, y.tolist(), hashlib.sha256(x.cpu().numpy().tobytes()).hexdigest()))
+                yield x, y, teacher
 
         return self.real(model, recording(), *args, **kwargs)
 
@@ -61,6 +72,7 @@ def test_control_starts_from_ban_k_weights_and_sees_its_batch_order(project: Lay
     export.run(params, project, 0)
     spy = _Spy()
     monkeypatch.setattr(pipeline.train, "train_one_epoch", spy)
+    monkeypatch.setattr(pipeline.train, "make_criterion", spy.make_criterion)
     data = load_prepared(project.dataset)
     recipe = parse_section(TrainParams, "train", raw["train"])
     gp = parse_generation(1, raw["students"]["1"])
@@ -70,7 +82,7 @@ def test_control_starts_from_ban_k_weights_and_sees_its_batch_order(project: Lay
     ban, control, other = spy.runs
     assert _same_weights(ban["weights"], control["weights"])
     assert ban["batches"] == control["batches"]
-    assert {e for e, _ in ban["batches"]} == {1, 2}  # every epoch was compared
+    assert {e for e, _, _ in ban["batches"]} == {1, 2}  # every epoch was compared
     # The spy can tell runs apart: generation 2's seed gives other weights and another order.
     assert not _same_weights(ban["weights"], other["weights"])
     assert ban["batches"] != other["batches"]

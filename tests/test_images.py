@@ -10,9 +10,11 @@ from torch.utils.data import DataLoader
 
 from pipeline.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.data import IndexedDataset, PreparedData, load_prepared, write_prepared
+from pipeline.evaluate import predict_logits
 from pipeline.models import ImageInput, build_model
 from pipeline.params import GenParams, TrainParams
-from pipeline.train import StepOptions, predict_logits, step_options, train_generation, train_one_epoch
+from pipeline.train import StepOptions, make_criterion, step_options, train_generation, train_one_epoch
+from pipeline.train_input import loader_batches
 
 
 @pytest.fixture
@@ -67,13 +69,15 @@ def test_training_augments_but_evaluation_does_not(images: PreparedData, monkeyp
         return real(x, gen, pad=pad, size=size)
 
     monkeypatch.setattr(lib, "augment_batch", spy)
-    recipe = TrainParams(arch="cnn3", epochs=1, batch_size=10, device="cpu", optimizer="sgd", lr=0.01)
+    recipe = TrainParams(
+        arch="cnn3", epochs=1, batch_size=10, device="cpu", optimizer="sgd", lr=0.01, memory_budget_mib=0
+    )
     result = train_generation(images, recipe, 0, GenParams(loss="ce"), None)
     assert len(seen) == 3  # 30 fit rows / batch 10: every training batch, and nothing else
     n = len(seen)
     predict_logits(result.model, images.x_test, 8, torch.device("cpu"))
     assert len(seen) == n
-    off = TrainParams(arch="cnn3", epochs=1, batch_size=10, device="cpu", augment=False)
+    off = TrainParams(arch="cnn3", epochs=1, batch_size=10, device="cpu", augment=False, memory_budget_mib=0)
     train_generation(images, off, 0, GenParams(loss="ce"), None)
     assert len(seen) == n
 
@@ -98,7 +102,8 @@ def test_autocast_and_channels_last_step_runs_on_cpu(images: PreparedData) -> No
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     before = [p.detach().clone() for p in model.parameters()]
     opts = StepOptions(amp_dtype=torch.bfloat16, channels_last=True)
-    loss = train_one_epoch(model, loader, opt, GenParams(loss="ce"), torch.device("cpu"), None, torch.Generator(), opts)
+    batches = loader_batches(loader, torch.device("cpu"))
+    loss = train_one_epoch(model, batches, opt, make_criterion(GenParams(loss="ce")), opts)
     assert np.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
@@ -136,10 +141,11 @@ def viewed(images: PreparedData, tmp_path, monkeypatch) -> tuple[PreparedData, o
 
 def _spy_student(monkeypatch) -> dict[str, list]:
     import pipeline.train as lib
+    import pipeline.train_input as inputs
     from pipeline.reader import CachedTargets
 
     seen: dict[str, list] = {"target": [], "image": [], "live": []}
-    real_target, real_apply = CachedTargets.target, lib.apply_params
+    real_target, real_apply = CachedTargets.target, inputs.apply_params
 
     def target(self, index, *, views=None, temperature=1.0):
         out = real_target(self, index, views=views, temperature=temperature)
@@ -152,7 +158,7 @@ def _spy_student(monkeypatch) -> dict[str, list]:
         return out
 
     monkeypatch.setattr(CachedTargets, "target", target)
-    monkeypatch.setattr(lib, "apply_params", apply)
+    monkeypatch.setattr(inputs, "apply_params", apply)
     monkeypatch.setattr(lib, "augment_batch", lambda *a, **k: seen["live"].append(1) or a[0])
     return seen
 
@@ -160,7 +166,9 @@ def _spy_student(monkeypatch) -> dict[str, list]:
 def test_cycle_student_trains_on_the_teachers_exact_views(viewed, monkeypatch) -> None:
     data, store, teacher_saw = viewed
     seen = _spy_student(monkeypatch)
-    recipe = TrainParams(arch="cnn3", epochs=4, batch_size=10, device="cpu", optimizer="sgd", lr=0.01)
+    recipe = TrainParams(
+        arch="cnn3", epochs=4, batch_size=10, device="cpu", optimizer="sgd", lr=0.01, memory_budget_mib=0
+    )
     train_generation(data, recipe, 1, GenParams(loss="ban", teacher=0, view_policy="cycle"), store)
     stored = zarr_array(store, "train")
     assert len(seen["target"]) == 4 * 3 and len(seen["image"]) == 4 * 3 and not seen["live"]
@@ -175,7 +183,9 @@ def test_cycle_student_trains_on_the_teachers_exact_views(viewed, monkeypatch) -
 
 def test_random_student_views_are_seeded_per_epoch_and_row(viewed, monkeypatch) -> None:
     data, store, teacher_saw = viewed
-    recipe = TrainParams(arch="cnn3", epochs=2, batch_size=10, device="cpu", optimizer="sgd", lr=0.01)
+    recipe = TrainParams(
+        arch="cnn3", epochs=2, batch_size=10, device="cpu", optimizer="sgd", lr=0.01, memory_budget_mib=0
+    )
     runs = []
     for _ in range(2):
         seen = _spy_student(monkeypatch)
@@ -201,7 +211,9 @@ def test_random_student_views_are_seeded_per_epoch_and_row(viewed, monkeypatch) 
 def test_clean_student_keeps_live_augmentation_and_view_0(viewed, monkeypatch) -> None:
     data, store, _ = viewed
     seen = _spy_student(monkeypatch)
-    recipe = TrainParams(arch="cnn3", epochs=1, batch_size=10, device="cpu", optimizer="sgd", lr=0.01)
+    recipe = TrainParams(
+        arch="cnn3", epochs=1, batch_size=10, device="cpu", optimizer="sgd", lr=0.01, memory_budget_mib=0
+    )
     train_generation(data, recipe, 1, GenParams(loss="ban", teacher=0), store)
     assert len(seen["live"]) == 3 and not seen["image"]
     index, views, target = seen["target"][0]

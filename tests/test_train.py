@@ -62,25 +62,24 @@ def test_student_builds_exactly_one_model_and_loads_no_checkpoint(project: Layou
     assert built == ["cnn1d"]
 
 
-def test_student_targets_follow_dataset_index_under_shuffling(project: Layout, monkeypatch) -> None:
-    """Every batch's teacher rows are the stored rows of that batch's dataset indices."""
-    params = ParamsFile(tiny_params())
+@pytest.mark.parametrize("budget", [0, 4096], ids=["streaming", "resident"])
+def test_student_targets_follow_dataset_index_under_shuffling(project: Layout, monkeypatch, budget: int) -> None:
+    """Every batch's teacher rows are the stored rows of that batch's dataset indices, and the criterion
+    gets exactly them: on the streaming path (budget 0) and on the device-resident path."""
+    raw = tiny_params()
+    raw["train"] = {**raw["train"], "memory_budget_mib": budget}
+    params = ParamsFile(raw)
     _teacher(project, params)
     stored = np.asarray(LogitStore.open(project.store(0)).array("train")[:, 0, :], dtype=np.float32)
     from pipeline import train as lib
+    from pipeline.device_data import DeviceTargets
+    from pipeline.reader import CachedTargets
 
-    seen = []
-    real = lib.generation_loss
+    cls = CachedTargets if budget == 0 else DeviceTargets
+    batches, seen = [], []
+    real_target, real_make = cls.target, lib.make_criterion
 
-    def spy(name, student, teacher, labels, **kw):
-        seen.append((teacher.clone(), labels.clone()))
-        return real(name, student, teacher, labels, **kw)
-
-    monkeypatch.setattr(lib, "generation_loss", spy)
-    real_rows = lib.CachedTargets.rows
-    batches = []
-
-    training = []  # rows read inside train_one_epoch (the teacher-fitness check reads rows in order before it)
+    training = []  # targets read inside train_one_epoch (the teacher-fitness check reads rows in order before it)
     real_epoch = lib.train_one_epoch
 
     def epoch_spy(*args, **kw):
@@ -90,21 +89,31 @@ def test_student_targets_follow_dataset_index_under_shuffling(project: Layout, m
         finally:
             training.pop()
 
-    def rows_spy(self, index):
-        out = real_rows(self, index)
+    def target_spy(self, index, *, views=None, temperature=1.0):
+        out = real_target(self, index, views=views, temperature=temperature)
         if training:
-            batches.append((index.clone(), out))
+            batches.append((torch.as_tensor(index).clone(), out.clone()))
         return out
 
+    def make_spy(gp, generator=None):
+        criterion = real_make(gp, generator)
+
+        def spy(student, teacher, labels):
+            seen.append(teacher.clone())
+            return criterion(student, teacher, labels)
+
+        return spy
+
     monkeypatch.setattr(lib, "train_one_epoch", epoch_spy)
-    monkeypatch.setattr(lib.CachedTargets, "rows", rows_spy)
+    monkeypatch.setattr(cls, "target", target_spy)
+    monkeypatch.setattr(lib, "make_criterion", make_spy)
     train.run(params, project, 1)
-    assert batches
-    for index, out in batches:
+    assert batches and len(seen) == len(batches)
+    for (index, out), teacher in zip(batches, seen, strict=True):
         np.testing.assert_array_equal(out.numpy(), stored[index.numpy()])
+        assert torch.equal(teacher, out)
     # Shuffled: the first batch is not rows 0..B-1 in order.
     assert not np.array_equal(batches[0][0].numpy(), np.sort(batches[0][0].numpy()))
-    assert len(seen) == len(batches)
 
 
 def test_training_is_deterministic_on_cpu(project: Layout, tmp_path) -> None:

@@ -1,0 +1,237 @@
+"""Device-resident training input and teacher targets, for datasets and stores within a memory budget.
+
+When the train images, labels and the teacher store's train split fit `train.memory_budget_mib`, they are
+moved to the training device once (`ResidentInput`, `DeviceTargets`) and every batch is gathered there by
+dataset index: no DataLoader, no per-batch host-to-device copy, no host synchronisation inside an epoch.
+Beyond the budget, training takes the streaming path (DataLoader + `pipeline.reader.CachedTargets`).
+
+The resident path draws its randomness exactly as the streaming path does, so on the CPU both train
+bit-identically (tests/test_device_data.py):
+
+- the epoch's order: what a DataLoader with `shuffle=True` draws from the shuffling generator
+  (`epoch_order`: its workers' base seed, then RandomSampler's permutations);
+- crops and flips: `pipeline.augment.draw_params` per batch, in batch order, from the augmentation
+  generator, drawn for the whole epoch on the host before it starts (`epoch_aug`) and applied on the device
+  with `pipeline.augment.apply_params`;
+- stored views (view policy cycle / random): `pick_views`, the view `mix64(seed, epoch, row) % V`, vectorised.
+
+The targets are those `CachedTargets.target` serves for the same (row, view): raw logits (float32) of a
+dense store, the distribution rebuilt from a top-k or sampled layout, computed on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.augment import AugParams, apply_params, draw_params
+from pipeline.data import PreparedData
+from pipeline.errors import CorruptStoreError
+from pipeline.losses import Probs, Teacher
+from pipeline.reader import CachedTargets
+from pipeline.store import AUG_ARRAY
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor, Teacher | None]  # inputs, labels, teacher target (on the device)
+_MASK64 = (1 << 64) - 1
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class ViewPolicy:
+    """Which stored view of a multi-view store each row trains on (`GenParams.view_policy`):
+    cycle gives every row view epoch % V, random view mix64(seed, epoch, row) % V."""
+
+    policy: str
+    num_views: int
+    seed: int
+
+
+def mix64_rows(seed: int, epoch: int, rows: np.ndarray) -> np.ndarray:
+    """`pipeline.augment.mix64(seed, epoch, r)` for every r in `rows`, as uint64 (numpy wraps mod 2^64)."""
+    h = np.full(rows.shape, 0x9E3779B97F4A7C15, dtype=np.uint64)
+    for key in (np.uint64(seed & _MASK64), np.uint64(epoch & _MASK64), rows.astype(np.int64).astype(np.uint64)):
+        h = h ^ key
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        h = h ^ (h >> np.uint64(31))
+    return h >> np.uint64(1)  # type: ignore[no-any-return]
+
+
+def pick_views(policy: ViewPolicy, epoch: int, rows: np.ndarray) -> np.ndarray:
+    """The stored view (int64) each dataset row in `rows` trains on in `epoch`: the same for a row and
+    epoch whatever the batch, so a resumed run replays the same views."""
+    if policy.policy == "cycle":
+        return np.full(len(rows), epoch % policy.num_views, dtype=np.int64)
+    return (mix64_rows(policy.seed, epoch, rows) % np.uint64(policy.num_views)).astype(np.int64)
+
+
+def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Positions 0..n-1 in the order a DataLoader(shuffle=True, generator=generator) visits them in one
+    epoch, drawing from `generator` as it does: its base seed (one int64), RandomSampler's randperm, and
+    the second, empty-sliced randperm that RandomSampler draws when the epoch's iteration reaches its end."""
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+    order = torch.randperm(n, generator=generator)
+    torch.randperm(n, generator=generator)
+    return order
+
+
+def epoch_aug(n: int, batch_size: int, generator: torch.Generator, pad: int, size: int) -> torch.Tensor:
+    """(n, 3) int64 (top, left, flip) of an epoch's batches, drawn batch by batch as `augment_batch` does."""
+    parts = [draw_params(min(batch_size, n - s), generator, pad, size) for s in range(0, n, batch_size)]
+    if not parts:
+        return torch.zeros((0, 3), dtype=torch.int64)
+    columns = [torch.cat([p.top for p in parts]), torch.cat([p.left for p in parts])]
+    return torch.stack([*columns, torch.cat([p.flip for p in parts]).long()], dim=1)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without blocking the host (pinned staging on CUDA)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _arrays(attrs: dict, split: str, all_views: bool) -> list[str]:
+    layout = attrs.get("layout", "dense")
+    names = [split, *([f"{split}_idx"] if layout != "dense" else []), *([f"{split}_mass"] if layout == "topk" else [])]
+    return names + ([f"{split}_{AUG_ARRAY}"] if all_views else [])
+
+
+def resident_bytes(data: PreparedData, source: CachedTargets | None, all_views: bool) -> int:
+    """Device bytes the resident path needs: train images and labels, and the teacher arrays it serves
+    (every view under a view policy, else one)."""
+    total = data.x_train.nbytes + data.y_train.nbytes
+    if source is not None:
+        store = source.check()
+        for name in _arrays(source.attrs, source.split, all_views):
+            arr = store.array(name)
+            total += int(np.prod(arr.shape)) * arr.dtype.itemsize // (1 if all_views else arr.shape[1])
+    return total
+
+
+class DeviceTargets:
+    """One split of a teacher store in device memory, served by (row, view) as `CachedTargets.target`.
+
+    Built from a `CachedTargets` (its validated store and in-memory tables); damaged rows among `rows`
+    (the rows training will ask for) are refused here, once, as the streaming reader refuses a batch."""
+
+    def __init__(self, source: CachedTargets, device: torch.device, rows: np.ndarray, all_views: bool) -> None:
+        a = source.attrs
+        self.path, self.layout, self.num_classes = source.path, a.get("layout", "dense"), a["num_classes"]
+        self.samples, self.rest = a.get("samples", 1), a.get("topk_rest", "uniform")
+        self.recipe = a.get("augmentation")
+        self.default_view = source.view if all_views else 0  # index of the reader's view in the tensors
+        views = slice(None) if all_views else slice(source.view, source.view + 1)
+        self.tensors: dict[str, torch.Tensor] = {}
+        for name in _arrays(a, source.split, all_views):
+            table = source._table(name)  # noqa: SLF001  (the reader's loaded, damage-checked array)
+            if table is None:
+                raise ValueError(f"{source.path}: array {name!r} is over the reader's memory budget")
+            if (table.unreadable[rows] >= 0).any():
+                err = table.errors[table.unreadable[rows].max()]
+                raise CorruptStoreError(
+                    f"{source.path}: cannot read rows of '{source.split}' ({err}); a chunk is damaged, "
+                    "re-export the store"
+                )
+            bad = table.bad[rows][:, views].any(axis=1)
+            if bad.any():
+                raise CorruptStoreError(
+                    f"{source.path}: rows {np.unique(rows[bad])[:5].tolist()} of '{name}' are not finite "
+                    f"(damaged chunk?); re-export the store"
+                )
+            self.tensors[name.removeprefix(source.split).lstrip("_") or "values"] = to_device(
+                torch.from_numpy(np.ascontiguousarray(table.values[:, views])), device
+            )
+
+    def _get(self, name: str, rows: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
+        t = self.tensors[name]
+        return t[rows, self.default_view] if views is None else t[rows, views]
+
+    def target(self, rows: torch.Tensor, *, views: torch.Tensor | None, temperature: float) -> Teacher:
+        """Teacher target of dataset rows `rows` (device int64), each at its view in `views` (None: the
+        reader's default view); the same values as `CachedTargets.target` (see its docstring)."""
+        if self.layout == "dense":
+            return self._get("values", rows, views).float()
+        values = self._get("values", rows, views).float()
+        classes = self._get("idx", rows, views).long()
+        b, c = len(rows), self.num_classes
+        if self.layout == "sampled":
+            if temperature != 1.0:
+                raise ValueError(f"{self.path}: a sampled store estimates the teacher distribution at T = 1 only")
+            return Probs(torch.zeros(b, c, device=values.device).scatter_add_(1, classes, values) / self.samples)
+        mass = self._get("mass", rows, views).float()
+        order = classes.argsort(dim=1)  # class order, as the reader, so that k = C is the dense softmax
+        classes, values = classes.gather(1, order), values.gather(1, order)
+        kept = torch.softmax(values / temperature, dim=-1)
+        k = classes.shape[1]
+        if self.rest == "renorm" or k == c:
+            return Probs(torch.zeros(b, c, device=values.device).scatter_(1, classes, kept))
+        rest = ((1.0 - mass) / (c - k)).clamp_min(0.0)
+        return Probs(rest[:, None].expand(b, c).clone().scatter_(1, classes, kept * mass[:, None]))
+
+    def aug(self, rows: torch.Tensor, views: torch.Tensor) -> AugParams:
+        """The stored crop/flip of each (row, view), on the device."""
+        assert self.recipe, "aug() needs a multi-view store with augmentation parameters"
+        tlf = self._get(AUG_ARRAY, rows, views).long()
+        return AugParams(tlf[:, 0], tlf[:, 1], tlf[:, 2].bool(), self.recipe["pad"], self.recipe["size"])
+
+
+class ResidentInput:
+    """Train images and labels on the device; `epoch` yields the fit rows' batches in seeded order."""
+
+    def __init__(
+        self,
+        data: PreparedData,
+        device: torch.device,
+        batch_size: int,
+        generator: torch.Generator,
+        aug_gen: torch.Generator | None,
+    ) -> None:
+        self.device, self.batch_size = device, batch_size
+        self.generator, self.aug_gen = generator, aug_gen
+        self.x = to_device(torch.from_numpy(np.ascontiguousarray(data.x_train)), device)
+        self.y = to_device(torch.from_numpy(np.ascontiguousarray(data.y_train)), device)
+        self.fit = torch.from_numpy(data.fit_index())
+        self.val = to_device(torch.from_numpy(data.val_index), device)
+        self.size = data.x_train.shape[-1]
+
+    def epoch(
+        self,
+        epoch: int,
+        targets: DeviceTargets | None = None,
+        temperature: float = 1.0,
+        views: ViewPolicy | None = None,
+    ) -> Iterator[Batch]:
+        """One epoch of (x, y, teacher) batches on the device. With `views` (and targets) each row trains
+        on its stored view; else, with an augmentation generator, on a fresh crop and flip."""
+        rows_cpu = self.fit[epoch_order(len(self.fit), self.generator)]
+        n, bs = len(rows_cpu), self.batch_size
+        v = None
+        if views is not None and targets is not None:
+            v = to_device(torch.from_numpy(pick_views(views, epoch, rows_cpu.numpy())), self.device)
+        aug = None
+        if v is None and self.aug_gen is not None:
+            aug = to_device(epoch_aug(n, bs, self.aug_gen, 4, self.size), self.device)
+        rows_all = to_device(rows_cpu, self.device)
+        for s in range(0, n, bs):
+            rows = rows_all[s : s + bs]
+            x, y, teacher = self.x[rows], self.y[rows], None
+            if targets is not None:
+                vb = None if v is None else v[s : s + bs]
+                teacher = targets.target(rows, views=vb, temperature=temperature)
+                if vb is not None:
+                    x = apply_params(x, targets.aug(rows, vb))  # the image the teacher's output was computed on
+            if aug is not None:
+                a = aug[s : s + bs]
+                x = apply_params(x, AugParams(a[:, 0], a[:, 1], a[:, 2].bool(), 4, self.size))
+            yield x, y, teacher
+
+    def val_xy(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validation images and labels, gathered on the device."""
+        return self.x[self.val], self.y[self.val]

@@ -1,0 +1,59 @@
+"""Evaluation and device choice: logits of a model in eval mode, accuracy, and the training device.
+
+`predict_logits` serves export and the test metrics (numpy in, numpy out); `device_accuracy` serves
+validation during training on device-resident inputs, counting correct rows on the device and reading the
+count once, so an epoch's validation does not wait on the host after every batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.distributed import SINGLE_PROCESS, DistContext
+from pipeline.errors import ParamsError
+
+
+def resolve_device(name: str, ctx: DistContext = SINGLE_PROCESS) -> torch.device:
+    """'auto' -> cuda when available, else cpu; under torchrun (`ctx.enabled`) CUDA is this rank's
+    GPU, cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    device = torch.device(name)
+    if ctx.enabled and device.type == "cuda":
+        return torch.device("cuda", ctx.local_rank)
+    return device
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    """Logits (N, C) of `model` in eval mode, in row order, float32."""
+    model.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
+        out.append(model(xb).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Fraction of rows whose argmax is the label (divided by samples, not batches)."""
+    return float((logits.argmax(axis=-1) == y).mean()) if len(y) else float("nan")
+
+
+@torch.no_grad()
+def device_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """`accuracy(predict_logits(model, x, batch_size, ...), y)` for inputs already on the model's device:
+    the same batches and argmax (first maximum on ties), the correct count summed on the device and read
+    once at the end."""
+    model.eval()
+    if len(y) == 0:
+        return float("nan")
+    correct = torch.zeros((), dtype=torch.int64, device=y.device)
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start : start + batch_size]).float()
+        correct += (logits.argmax(dim=-1) == y[start : start + batch_size]).sum()
+    return int(correct.item()) / len(y)

@@ -1,0 +1,142 @@
+"""Where a generation's training batches and validation come from: the device-resident path or the
+streaming path, chosen by `train.memory_budget_mib`.
+
+- resident (`pipeline.device_data`): train images, labels and the teacher's targets moved to the training
+  device once; batches gathered there by dataset index; validation counted on the device.
+- streaming: a DataLoader of (x, y, dataset index) items, targets looked up per batch through
+  `pipeline.reader.CachedTargets` (`loader_batches`); the path beyond the budget, and under torchrun.
+
+Both draw the same random numbers from the same generators, so on the CPU they train bit-identically.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pipeline.augment import apply_params
+from pipeline.data import IndexedDataset, PreparedData
+from pipeline.device_data import MIB, Batch, DeviceTargets, ResidentInput, ViewPolicy, pick_views, resident_bytes
+from pipeline.distributed import DistContext
+from pipeline.evaluate import accuracy, device_accuracy, predict_logits
+from pipeline.losses import Teacher
+from pipeline.params import GenParams, TrainParams
+from pipeline.reader import CachedTargets
+
+log = logging.getLogger(__name__)
+
+
+def loader_batches(
+    loader: DataLoader,
+    device: torch.device,
+    targets: CachedTargets | None = None,
+    temperature: float = 1.0,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    views: ViewPolicy | None = None,
+    epoch: int = 0,
+) -> Iterator[Batch]:
+    """The streaming path: (x, y, teacher) on `device` per batch of `loader`, whose items are (x, y,
+    dataset index). Teacher rows are looked up by the batch's dataset indices and, under a view policy,
+    the views `pick_views` chooses for `epoch` (each row's image rebuilt from that view's stored crop)."""
+    for x, y, index in loader:
+        v = pick_views(views, epoch, index.numpy()) if views is not None and targets is not None else None
+        teacher: Teacher | None = None
+        if targets is not None:
+            teacher = targets.target(index, views=v, temperature=temperature).to(device, non_blocking=True)
+        if v is not None and targets is not None:
+            x = apply_params(x, targets.aug(index, v))  # the very image the teacher's output was computed on
+        elif augment is not None:
+            x = augment(x)
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), teacher
+
+
+@dataclass
+class TrainInput:
+    """Where a run's batches and validation come from: the resident path (`pipeline.device_data`) or the
+    streaming path (DataLoader + CachedTargets)."""
+
+    batches: Callable[[int], Iterable[Batch]]  # epoch -> (x, y, teacher) batches on the device
+    validate: Callable[[nn.Module], float]  # model -> validation accuracy
+    sampler: DistributedSampler | None = None
+
+
+def _resident_input(
+    data: PreparedData,
+    recipe: TrainParams,
+    gp: GenParams,
+    device: torch.device,
+    targets: CachedTargets | None,
+    views: ViewPolicy | None,
+    gens: tuple[torch.Generator, torch.Generator | None],
+) -> TrainInput:
+    res = ResidentInput(data, device, recipe.batch_size, gens[0], gens[1])
+    dev_targets = None if targets is None else DeviceTargets(targets, device, data.fit_index(), views is not None)
+    x_val, y_val = res.val_xy()
+    return TrainInput(
+        batches=lambda epoch: res.epoch(epoch, dev_targets, gp.temperature, views),
+        validate=lambda model: device_accuracy(model, x_val, y_val, recipe.eval_batch_size),
+    )
+
+
+def _streaming_input(
+    data: PreparedData,
+    recipe: TrainParams,
+    gp: GenParams,
+    device: torch.device,
+    ctx: DistContext,
+    targets: CachedTargets | None,
+    views: ViewPolicy | None,
+    generator: torch.Generator,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+    seed: int,
+) -> TrainInput:
+    fit = IndexedDataset(data.x_train, data.y_train, data.fit_index())
+    sampler: DistributedSampler | None = None
+    if ctx.enabled:  # per-rank batch = batch_size / world_size, so the global batch matches one process
+        sampler = DistributedSampler(fit, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
+    loader = DataLoader(
+        fit,
+        batch_size=max(1, recipe.batch_size // ctx.world_size),
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=False,
+        generator=generator,
+        num_workers=recipe.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    x_val, y_val = data.x_train[data.val_index], data.y_train[data.val_index]
+    return TrainInput(
+        batches=lambda epoch: loader_batches(loader, device, targets, gp.temperature, augment, views, epoch),
+        validate=lambda model: accuracy(predict_logits(model, x_val, recipe.eval_batch_size, device), y_val),
+        sampler=sampler,
+    )
+
+
+def make_input(
+    data: PreparedData,
+    recipe: TrainParams,
+    gp: GenParams,
+    device: torch.device,
+    ctx: DistContext,
+    targets: CachedTargets | None,
+    views: ViewPolicy | None,
+    gens: tuple[torch.Generator, torch.Generator],
+    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+    seed: int,
+) -> TrainInput:
+    """Batches and validation of a run: the resident path when a single process's train data and teacher arrays fit
+    `recipe.memory_budget_mib` on `device`, else the streaming path (and always under torchrun)."""
+    need = resident_bytes(data, targets, views is not None)
+    if not ctx.enabled and need <= recipe.memory_budget_mib * MIB:
+        log.info("training input resident on %s (%.1f MiB)", device, need / MIB)
+        aug_gen = gens[1] if augment is not None else None
+        return _resident_input(data, recipe, gp, device, targets, views, (gens[0], aug_gen))
+    log.info(
+        "training input streamed (%.1f MiB over the %d MiB budget, or torchrun)", need / MIB, recipe.memory_budget_mib
+    )
+    return _streaming_input(data, recipe, gp, device, ctx, targets, views, gens[0], augment, seed)

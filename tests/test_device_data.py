@@ -1,0 +1,257 @@
+"""The device-resident training path (pipeline/device_data.py) on the CPU: the same batches, targets and
+trained weights as the streaming path (DataLoader + CachedTargets), and the fallback beyond the budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import pipeline.train as lib
+import pipeline.train_input as inputs
+from pipeline.augment import AugParams, apply_params, augment_batch, mix64
+from pipeline.checkpoint import save_checkpoint
+from pipeline.data import IndexedDataset, PreparedData, load_prepared, write_prepared
+from pipeline.device_data import DeviceTargets, ResidentInput, ViewPolicy, pick_views, resident_bytes
+from pipeline.errors import CorruptStoreError
+from pipeline.export import export_logits
+from pipeline.losses import Probs
+from pipeline.models import build_model
+from pipeline.params import ExportParams, GenParams, TrainParams
+from pipeline.reader import CachedTargets
+from pipeline.train import train_generation
+from pipeline.train_input import loader_batches
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.integers(0, 256, (50, 3, 16, 16), dtype=np.uint8),
+        "y_train": (np.arange(50) % 5).astype(np.int64),
+        "x_test": rng.integers(0, 256, (10, 3, 16, 16), dtype=np.uint8),
+        "y_test": (np.arange(10) % 5).astype(np.int64),
+    }
+    path = tmp_path_factory.mktemp("images") / "d.h5"
+    write_prepared(path, arrays, list("abcde"), "npz", 0.2, 0)
+    return load_prepared(path)
+
+
+STORES = {
+    "dense": {},
+    "dense-views": {"views": 3},
+    "topk-views": {"views": 3, "layout": "topk", "topk": 2},
+    "topk-renorm": {"layout": "topk", "topk": 3, "topk_rest": "renorm"},
+    "sampled-views": {"views": 2, "layout": "sampled", "samples": 16},
+}
+
+
+@pytest.fixture(scope="module")
+def stores(images: PreparedData, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One generation-0 store of `images` per layout in STORES, exported by the library."""
+    root = tmp_path_factory.mktemp("stores")
+    torch.manual_seed(0)
+    model = build_model("cnn3", images.input_shape, images.num_classes)
+    model.set_stats(images.channel_mean, images.channel_std)
+    meta = {
+        "arch": "cnn3",
+        "input_shape": list(images.input_shape),
+        "num_classes": images.num_classes,
+        "generation": 0,
+        "seed": 0,
+        "dataset_fingerprint": images.fingerprint,
+    }
+    save_checkpoint(root / "m.pt", model, meta)
+    out = {}
+    for name, kw in STORES.items():
+        params = ExportParams(device="cpu", chunk_rows=16, **kw)
+        export_logits(root / "m.pt", images, root / name, params, CPU)
+        out[name] = root / name
+    return out
+
+
+def _source(images: PreparedData, store: Path, verify: bool = True) -> CachedTargets:
+    return CachedTargets(store, "train", images.fingerprint, len(images.y_train), images.num_classes, verify=verify)
+
+
+def _same(a, b) -> None:
+    a, b = (x.p if isinstance(x, Probs) else x for x in (a, b))
+    assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", list(STORES))
+def test_device_targets_serve_what_cached_targets_serve(images, stores, name) -> None:
+    src = _source(images, stores[name])
+    views_n = src.attrs["views"]
+    temperature = 1.0 if "sampled" in name else 2.5
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, len(images.y_train), 40)  # any order, with repeats
+    fit = images.fit_index()
+    one_view = DeviceTargets(src, CPU, fit, all_views=False)
+    _same(
+        one_view.target(torch.from_numpy(rows), views=None, temperature=temperature),
+        src.target(rows, views=None, temperature=temperature),
+    )
+    if views_n > 1:
+        every = DeviceTargets(src, CPU, fit, all_views=True)
+        views = rng.integers(0, views_n, len(rows))
+        r, v = torch.from_numpy(rows), torch.from_numpy(views)
+        _same(every.target(r, views=v, temperature=temperature), src.target(rows, views=views, temperature=temperature))
+        got, want = every.aug(r, v), src.aug(rows, views)
+        for field in ("top", "left", "flip"):
+            assert torch.equal(getattr(got, field), getattr(want, field))
+        x = torch.from_numpy(images.x_train[rows])
+        assert torch.equal(apply_params(x, got), apply_params(x, want))
+
+
+def test_device_augmentation_equals_apply_params_on_random_params(images) -> None:
+    """The resident path applies crops and flips to device tensors; apply_params on the host gives the same
+    bytes for any parameters (tensor params on x's device: pure index arithmetic)."""
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(images.x_train[:20])
+    for pad in (0, 1, 4, 7):
+        arrays = {"top": rng.integers(0, 2 * pad + 1, 20), "left": rng.integers(0, 2 * pad + 1, 20)}
+        params = AugParams.from_numpy({**arrays, "flip": rng.random(20) < 0.5}, pad=pad, size=16)
+        on_device = AugParams(params.top.to(CPU), params.left.to(CPU), params.flip.to(CPU), pad, 16)
+        ref = torch.stack([_one(x[i], params, i) for i in range(20)])
+        assert torch.equal(apply_params(x, on_device), ref)
+
+
+def _one(img: torch.Tensor, p: AugParams, i: int) -> torch.Tensor:
+    """Reference crop + flip of one image, by slicing."""
+    padded = torch.nn.functional.pad(img, (p.pad,) * 4)
+    top, left = int(p.top[i]), int(p.left[i])
+    crop = padded[:, top : top + p.size, left : left + p.size]
+    return crop.flip(-1) if bool(p.flip[i]) else crop
+
+
+def _pair(images: PreparedData, batch_size: int, seed: int, augment: bool):
+    """A resident input and the DataLoader of the streaming path, with identically seeded generators."""
+    gens = [torch.Generator().manual_seed(seed) for _ in range(2)]
+    augs = [torch.Generator().manual_seed(seed + 1) for _ in range(2)]
+    res = ResidentInput(images, CPU, batch_size, gens[0], augs[0] if augment else None)
+    fit = IndexedDataset(images.x_train, images.y_train, images.fit_index())
+    loader = DataLoader(fit, batch_size=batch_size, shuffle=True, generator=gens[1])
+    live = (lambda x: augment_batch(x, augs[1], pad=4, size=16)) if augment else None
+    return res, loader, live
+
+
+def test_resident_epochs_visit_every_fit_row_once_in_the_loaders_seeded_order() -> None:
+    n = 23
+    x = np.arange(n, dtype=np.float32).reshape(n, 1, 1)  # each row's input is its own index
+    data = PreparedData(x, np.zeros(n, np.int64), x[:2], np.zeros(2, np.int64), np.array([3, 9]), ["a"], "fp", "t")
+    res, loader, _ = _pair(data, 5, 7, augment=False)
+    orders = []
+    for epoch in range(1, 4):
+        batches = list(res.epoch(epoch))
+        assert [len(b[0]) for b in batches] == [5, 5, 5, 5, 1]
+        order = torch.cat([b[0] for b in batches]).flatten().long()
+        assert sorted(order.tolist()) == data.fit_index().tolist()  # every fit row once, no validation row
+        assert torch.equal(order, torch.cat([xb for xb, _, _ in loader]).flatten().long())
+        orders.append(order)
+    assert not torch.equal(orders[0], orders[1])
+    again, _, _ = _pair(data, 5, 7, augment=False)
+    assert torch.equal(torch.cat([b[0] for b in again.epoch(1)]).flatten().long(), orders[0])
+
+
+@pytest.mark.parametrize("name", ["dense", "topk-views", "sampled-views"])
+def test_resident_batches_equal_streaming_batches(images, stores, name) -> None:
+    """Images (live crops, or stored views), labels and teacher targets, batch for batch, bit for bit."""
+    src = _source(images, stores[name])
+    temperature = 1.0 if "sampled" in name else 2.0
+    n_views = src.attrs["views"]
+    policies = [None] if n_views == 1 else [None, ViewPolicy("cycle", n_views, 5), ViewPolicy("random", n_views, 5)]
+    for views in policies:
+        res, loader, live = _pair(images, 8, 3, augment=True)
+        dev = DeviceTargets(src, CPU, images.fit_index(), views is not None)
+        for epoch in (1, 2):
+            got = list(res.epoch(epoch, dev, temperature, views))
+            want = list(loader_batches(loader, CPU, src, temperature, live, views, epoch))
+            assert len(got) == len(want) == 5
+            for (x1, y1, t1), (x2, y2, t2) in zip(got, want, strict=True):
+                assert torch.equal(x1, x2) and torch.equal(y1, y2)
+                _same(t1, t2)
+
+
+def test_random_views_vectorised_equal_mix64() -> None:
+    rows = np.array([0, 1, 7, 40, 2**40 + 3])
+    views = pick_views(ViewPolicy("random", 5, -3), 4, rows)
+    assert views.tolist() == [mix64(-3, 4, int(r)) % 5 for r in rows]
+    assert pick_views(ViewPolicy("cycle", 5, 0), 7, rows).tolist() == [2] * 5
+
+
+def _recipe(**kw) -> TrainParams:
+    base = {"arch": "cnn3", "epochs": 2, "batch_size": 8, "device": "cpu", "optimizer": "sgd", "lr": 0.05}
+    return TrainParams(**{**base, **kw})
+
+
+def _equal_runs(a, b) -> None:
+    assert [h.train_loss for h in a.history] == [h.train_loss for h in b.history]
+    assert [h.val_acc for h in a.history] == [h.val_acc for h in b.history]
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize(
+    "gp",
+    [
+        GenParams(loss="ce"),
+        GenParams(loss="kd", teacher=0, temperature=2.0),
+        GenParams(loss="ban", teacher=0, view_policy="random"),
+    ],
+    ids=["teacher-augmented", "kd-topk", "ban-random-views"],
+)
+def test_resident_training_is_bit_identical_to_streaming(images, stores, gp) -> None:
+    store = None if gp.loss == "ce" else stores["topk-views" if gp.loss == "kd" else "dense-views"]
+    gen = 0 if gp.loss == "ce" else 1
+    runs = [train_generation(images, _recipe(memory_budget_mib=b), gen, gp, store) for b in (4096, 0)]
+    _equal_runs(*runs)
+
+
+def test_over_budget_falls_back_to_streaming(images, stores, monkeypatch) -> None:
+    """Budget in bytes here (MIB patched to 1): the resident path needs the images, labels and the store's
+    served arrays; one byte short of that, training streams, and trains the same weights."""
+    monkeypatch.setattr(lib, "MIB", 1)
+    monkeypatch.setattr(inputs, "MIB", 1)
+    src = _source(images, stores["dense-views"])
+    need = resident_bytes(images, src, all_views=True)
+    data_only = images.x_train.nbytes + images.y_train.nbytes
+    assert need == data_only + len(images.y_train) * 3 * (images.num_classes * 2 + 3 * 2)  # fp16, int16 aug
+    built = []
+    real = inputs.ResidentInput
+
+    def spy(*a, **k):
+        built.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(inputs, "ResidentInput", spy)
+    gp = GenParams(loss="ban", teacher=0, view_policy="cycle")
+    runs = {}
+    for budget in (need, need - 1, data_only + 1, 0):
+        built.clear()
+        runs[budget] = train_generation(
+            images, _recipe(memory_budget_mib=budget, epochs=1), 1, gp, stores["dense-views"]
+        )
+        assert built == ([1] if budget == need else []), budget
+    _equal_runs(runs[need], runs[need - 1])
+
+
+def test_resident_targets_refuse_damaged_fit_rows(images, stores, tmp_path) -> None:
+    import shutil
+
+    import zarr
+
+    store = tmp_path / "s"
+    shutil.copytree(stores["dense"], store)
+    arr = zarr.open_array(str(store / "train"), mode="r+")
+    fit = images.fit_index()
+    arr[int(fit[3])] = np.nan
+    with pytest.raises(CorruptStoreError, match="'train' content differs from its marker"):  # verified by default
+        DeviceTargets(_source(images, store), CPU, fit, all_views=False)
+    with pytest.raises(CorruptStoreError, match=rf"rows \[{fit[3]}\] of 'train' are not finite"):  # trusted store
+        DeviceTargets(_source(images, store, verify=False), CPU, fit, all_views=False)
