@@ -231,7 +231,9 @@ class BlockShuffleSampler(Sampler[int]):
         return iter(positions.tolist())
 
 
-def epoch_sampler(targets: Any, rows: np.ndarray, seed: int, window: int = DEFAULT_WINDOW) -> Sampler[int] | None:
+def epoch_sampler(
+    targets: Any, rows: np.ndarray, seed: int, window: int = DEFAULT_WINDOW
+) -> BlockShuffleSampler | None:
     """The sampler a training loader needs for `targets`: a `BlockShuffleSampler` over dataset positions
     whose store rows are `rows` when `targets` streams its store (over the memory budget), else None
     (an in-memory store serves any order at the same speed: keep the loader's own shuffle)."""

@@ -27,6 +27,7 @@ from pipeline.evaluate import accuracy, device_accuracy, predict_logits
 from pipeline.losses import Teacher
 from pipeline.params import GenParams, TrainParams
 from pipeline.reader import CachedTargets
+from pipeline.stream import BlockShuffleSampler, epoch_sampler
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class TrainInput:
 
     batches: Callable[[int], Iterable[Batch]]  # epoch -> (x, y, teacher) batches on the device
     validate: Callable[[nn.Module], float]  # model -> validation accuracy
-    sampler: DistributedSampler | None = None
+    sampler: DistributedSampler | BlockShuffleSampler | None = None  # its set_epoch(epoch) is called per epoch
 
 
 def _resident_input(
@@ -96,9 +97,11 @@ def _streaming_input(
     seed: int,
 ) -> TrainInput:
     fit = IndexedDataset(data.x_train, data.y_train, data.fit_index())
-    sampler: DistributedSampler | None = None
+    sampler: DistributedSampler | BlockShuffleSampler | None = None
     if ctx.enabled:  # per-rank batch = batch_size / world_size, so the global batch matches one process
         sampler = DistributedSampler(fit, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
+    else:  # a store streamed by chunk (over its reader's budget) is read in block-shuffled order
+        sampler = epoch_sampler(targets, data.fit_index(), seed)
     loader = DataLoader(
         fit,
         batch_size=max(1, recipe.batch_size // ctx.world_size),

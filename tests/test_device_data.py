@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import pipeline.train
 import pipeline.train as lib
 import pipeline.train_input as inputs
+from pipeline import train_input
 from pipeline.augment import AugParams, apply_params, augment_batch, mix64
 from pipeline.checkpoint import save_checkpoint
 from pipeline.data import IndexedDataset, PreparedData, load_prepared, write_prepared
@@ -22,6 +24,7 @@ from pipeline.losses import Probs
 from pipeline.models import build_model
 from pipeline.params import ExportParams, GenParams, TrainParams
 from pipeline.reader import CachedTargets
+from pipeline.stream import BlockShuffleSampler
 from pipeline.train import train_generation
 from pipeline.train_input import loader_batches
 
@@ -206,11 +209,36 @@ def _equal_runs(a, b) -> None:
     ],
     ids=["teacher-augmented", "kd-topk", "ban-random-views"],
 )
-def test_resident_training_is_bit_identical_to_streaming(images, stores, gp) -> None:
+def test_resident_training_is_bit_identical_to_streaming(images, stores, gp, monkeypatch) -> None:
     store = None if gp.loss == "ce" else stores["topk-views" if gp.loss == "kd" else "dense-views"]
     gen = 0 if gp.loss == "ce" else 1
+    # Budget 0 streams the store by chunk, which reads in block-shuffled order (tested below): compare the
+    # two paths on the loader's own uniform order.
+    monkeypatch.setattr(train_input, "epoch_sampler", lambda *a, **k: None)
     runs = [train_generation(images, _recipe(memory_budget_mib=b), gen, gp, store) for b in (4096, 0)]
     _equal_runs(*runs)
+
+
+def test_streamed_store_trains_in_block_shuffled_order(images, stores, monkeypatch) -> None:
+    made = []
+    real = train_input.make_input
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(pipeline.train, "make_input", spy)
+    gp = GenParams(loss="ban", teacher=0)
+    train_generation(images, _recipe(memory_budget_mib=0), 1, gp, stores["dense"])
+    sampler = made[0].sampler
+    assert isinstance(sampler, BlockShuffleSampler)
+    for epoch in (1, 2):  # every fit row once per epoch, in another order each epoch
+        sampler.set_epoch(epoch)
+        assert sorted(sampler) == list(range(len(images.fit_index())))
+    sampler.set_epoch(1)
+    first = list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) != first
 
 
 def test_over_budget_falls_back_to_streaming(images, stores, monkeypatch) -> None:
