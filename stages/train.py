@@ -108,7 +108,10 @@ def _write_outputs(
         metrics["teacher_fitness"] = fitness
     write_json(layout.train_metrics(gen), metrics)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(asdict(result.history[0])))
+    # Wall-clock seconds stay out of this git-tracked file, so a rerun of the same recipe reproduces it exactly
+    # (they are in the progress lines and the resume state's history).
+    fields = [f for f in asdict(result.history[0]) if f != "seconds"]
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(asdict(h) for h in result.history)
     write_text(layout.train_plot(gen), buf.getvalue())

@@ -265,7 +265,7 @@ def test_full_disk_while_writing_the_checkpoint_is_a_one_line_error(exported_roo
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
-    r = _cli(root, "train", "--gen", "0", preexec=small_disk)
+    r = _cli(root, "-q", "train", "--gen", "0", preexec=small_disk)  # -q: no per-epoch progress lines
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("bancache: error: ") and "no space left on the device" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
