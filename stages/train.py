@@ -104,8 +104,8 @@ def _write_outputs(
         # Reported only; nothing is selected on it.
         "test_acc": accuracy(predict_logits(result.model, data.x_test, recipe.eval_batch_size, device), data.y_test),
     }
-    if fitness is not None:
-        metrics["teacher_fitness"] = fitness
+    if fitness is not None:  # its metrics and warnings (the report lists them); loss, rows and T are settings
+        metrics["teacher_fitness"] = {k: fitness[k] for k in ("fit_accuracy", "entropy_mean", "warnings")}
     write_json(layout.train_metrics(gen), metrics)
     buf = io.StringIO()
     # Wall-clock seconds stay out of this git-tracked file, so a rerun of the same recipe reproduces it exactly

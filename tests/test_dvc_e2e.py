@@ -33,8 +33,10 @@ def spelled_out_tiny_params() -> dict:
 
     raw = ParamsFile.load(REPO / "params.yaml").raw
     for section, values in tiny_params().items():
-        if section != "students":
+        if isinstance(values, dict) and section != "students":
             raw[section].update(values)
+        elif section != "students":  # a scalar section such as `controls: false`
+            raw[section] = values
     return raw
 
 
