@@ -112,21 +112,6 @@ def _encode(
     }
 
 
-def export_chunk(
-    model: torch.nn.Module,
-    x: np.ndarray,
-    split: str,
-    start: int,
-    params: ExportParams,
-    layout: dict[str, Any],
-    device: torch.device,
-) -> dict[str, np.ndarray]:
-    """`LogitStore.write` keywords for rows [start, start + len(x)) of `split`: every view's logits in
-    the store's layout, and each view's crop/flip when the store has augmented views."""
-    logits, aug = infer_chunk(model, x, split, start, params, layout, device)
-    return encode_chunk(logits, aug, split, start, params, layout)
-
-
 def infer_chunk(
     model: torch.nn.Module,
     x: np.ndarray,
@@ -137,7 +122,7 @@ def infer_chunk(
     device: torch.device,
 ) -> tuple[torch.Tensor, np.ndarray | None]:
     """(float32 logits (B, V, C), each view's (top, left, flip) (B, V, 3) or None) of rows
-    [start, start + len(x)) of `split`: the model's part of `export_chunk`."""
+    [start, start + len(x)) of `split`, on the caller's thread (the model's part of a chunk's export)."""
     rows = np.arange(start, start + len(x))
     recipe = layout["augmentation"]
     per_view, aug = [], []
@@ -160,7 +145,8 @@ def encode_chunk(
     params: ExportParams,
     layout: dict[str, Any],
 ) -> dict[str, np.ndarray]:
-    """`LogitStore.write` keywords from `infer_chunk`'s output: the store's part of `export_chunk`."""
+    """`LogitStore.write` keywords from `infer_chunk`'s output (every view's logits in the store's layout,
+    and each view's crop/flip when the store has augmented views), run on the writer thread."""
     g = torch.Generator().manual_seed(mix64(params.seed, SPLIT_IDS[split], start, 1 << 40))  # chunk-keyed draws
     values, sparse = _encode(logits, params, layout["slots"], g)
     out: dict[str, np.ndarray] = {"logits": values, **sparse}
