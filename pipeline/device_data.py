@@ -31,8 +31,8 @@ import torch
 from pipeline.augment import AugParams, apply_params, draw_params
 from pipeline.data import PreparedData
 from pipeline.errors import CorruptStoreError
-from pipeline.losses import Probs, Teacher
-from pipeline.reader import CachedTargets
+from pipeline.losses import Teacher
+from pipeline.reader import CachedTargets, expand_sparse
 from pipeline.store import AUG_ARRAY
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,7 @@ class DeviceTargets:
 
     def __init__(self, source: CachedTargets, device: torch.device, rows: np.ndarray, all_views: bool) -> None:
         a = source.attrs
-        self.path, self.layout, self.num_classes = source.path, a.get("layout", "dense"), a["num_classes"]
-        self.samples, self.rest = a.get("samples", 1), a.get("topk_rest", "uniform")
+        self.path, self.attrs, self.layout = source.path, a, a.get("layout", "dense")
         self.recipe = a.get("augmentation")
         self.default_view = source.view if all_views else 0  # index of the reader's view in the tensors
         views = slice(None) if all_views else slice(source.view, source.view + 1)
@@ -160,20 +159,8 @@ class DeviceTargets:
             return self._get("values", rows, views).float()
         values = self._get("values", rows, views).float()
         classes = self._get("idx", rows, views).long()
-        b, c = len(rows), self.num_classes
-        if self.layout == "sampled":
-            if temperature != 1.0:
-                raise ValueError(f"{self.path}: a sampled store estimates the teacher distribution at T = 1 only")
-            return Probs(torch.zeros(b, c, device=values.device).scatter_add_(1, classes, values) / self.samples)
-        mass = self._get("mass", rows, views).float()
-        order = classes.argsort(dim=1)  # class order, as the reader, so that k = C is the dense softmax
-        classes, values = classes.gather(1, order), values.gather(1, order)
-        kept = torch.softmax(values / temperature, dim=-1)
-        k = classes.shape[1]
-        if self.rest == "renorm" or k == c:
-            return Probs(torch.zeros(b, c, device=values.device).scatter_(1, classes, kept))
-        rest = ((1.0 - mass) / (c - k)).clamp_min(0.0)
-        return Probs(rest[:, None].expand(b, c).clone().scatter_(1, classes, kept * mass[:, None]))
+        mass = self._get("mass", rows, views).float() if self.layout == "topk" else None
+        return expand_sparse(self.path, self.attrs, values, classes, mass, temperature)
 
     def aug(self, rows: torch.Tensor, views: torch.Tensor) -> AugParams:
         """The stored crop/flip of each (row, view), on the device."""

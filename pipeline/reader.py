@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -241,25 +242,10 @@ class CachedTargets:
         idx, v = self._keys(index, views)
         values = torch.from_numpy(self._gather(self.split, idx, v).astype(np.float32))
         classes = torch.from_numpy(self._gather(f"{self.split}_idx", idx, v).astype(np.int64))
-        b, c = len(idx), a["num_classes"]
-        if layout == "sampled":
-            if temperature != 1.0:
-                raise ValueError(
-                    f"{self.path}: a sampled store estimates the teacher distribution at T = 1 only; got T = "
-                    f"{temperature}. Set the student's temperature to 1.0 or export a topk or dense store"
-                )
-            p = torch.zeros(b, c).scatter_add_(1, classes, values) / a["samples"]
-            return Probs(p)
-        mass = torch.from_numpy(self._gather(f"{self.split}_mass", idx, v).astype(np.float32))
-        order = classes.argsort(dim=1)  # class order, so that k = C reproduces the dense softmax bit for bit
-        classes, values = classes.gather(1, order), values.gather(1, order)
-        kept = torch.softmax(values / temperature, dim=-1)
-        k = classes.shape[1]
-        if a.get("topk_rest", "uniform") == "renorm" or k == c:
-            return Probs(torch.zeros(b, c).scatter_(1, classes, kept))
-        rest = ((1.0 - mass) / (c - k)).clamp_min(0.0)
-        p = rest[:, None].expand(b, c).clone().scatter_(1, classes, kept * mass[:, None])
-        return Probs(p)
+        mass = None
+        if layout == "topk":
+            mass = torch.from_numpy(self._gather(f"{self.split}_mass", idx, v).astype(np.float32))
+        return expand_sparse(self.path, a, values, classes, mass, temperature)
 
     def aug(self, index: torch.Tensor | np.ndarray, views: torch.Tensor | np.ndarray | None = None) -> AugParams:
         """The crop/flip each row's view was exported with (`pipeline.augment.apply_params` replays it)."""
@@ -273,6 +259,35 @@ class CachedTargets:
             pad=recipe["pad"],
             size=recipe["size"],
         )
+
+
+def expand_sparse(
+    path: Path,
+    attrs: dict[str, Any],
+    values: torch.Tensor,
+    classes: torch.Tensor,
+    mass: torch.Tensor | None,
+    temperature: float,
+) -> Probs:
+    """The dense (B, C) teacher distribution of a sparse store's rows (see `CachedTargets.target`), on the
+    device of `values`: float32 `values` and int64 `classes` (B, S), and for topk the kept mass (B,)."""
+    b, c = len(values), attrs["num_classes"]
+    if attrs.get("layout") == "sampled":
+        if temperature != 1.0:
+            raise ValueError(
+                f"{path}: a sampled store estimates the teacher distribution at T = 1 only; got T = "
+                f"{temperature}. Set the student's temperature to 1.0 or export a topk or dense store"
+            )
+        return Probs(torch.zeros(b, c, device=values.device).scatter_add_(1, classes, values) / attrs["samples"])
+    assert mass is not None, "a topk store keeps each row's mass"
+    order = classes.argsort(dim=1)  # class order, so that k = C reproduces the dense softmax bit for bit
+    classes, values = classes.gather(1, order), values.gather(1, order)
+    kept = torch.softmax(values / temperature, dim=-1)
+    k = classes.shape[1]
+    if attrs.get("topk_rest", "uniform") == "renorm" or k == c:
+        return Probs(torch.zeros(b, c, device=values.device).scatter_(1, classes, kept))
+    rest = ((1.0 - mass) / (c - k)).clamp_min(0.0)
+    return Probs(rest[:, None].expand(b, c).clone().scatter_(1, classes, kept * mass[:, None]))
 
 
 def _bad_rows(block: np.ndarray) -> np.ndarray:
