@@ -42,10 +42,11 @@ from _benchlib import (
 
 from pipeline.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.data import load_prepared
+from pipeline.evaluate import predict_logits
 from pipeline.export import WRITE_AHEAD, export_logits
-from pipeline.export import predict_logits as predict_logits  # wherever the export takes it from
 from pipeline.models import build_model
-from pipeline.params import ExportParams
+from pipeline.params import ExportParams, GenParams, TrainParams
+from pipeline.train import checkpoint_meta
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "mnist1d": {"arch": "cnn1d"},  # 4000 train + 1000 test rows, 10 classes
@@ -73,15 +74,7 @@ def prepare(root: Path, dataset: str) -> None:
     data = write_dataset(root, dataset, s)
     torch.manual_seed(0)
     model = build_model(s["arch"], data.input_shape, data.num_classes)  # weights do not change the cost
-    meta = {
-        "arch": s["arch"],
-        "input_shape": list(data.input_shape),
-        "num_classes": data.num_classes,
-        "generation": 0,
-        "seed": 0,
-        "dataset_fingerprint": data.fingerprint,
-        "loss": "ce",
-    }
+    meta = checkpoint_meta(data, TrainParams(arch=s["arch"], seed=0), 0, GenParams(loss="ce"), None)
     save_checkpoint(root / "model.pt", model, meta)
 
 

@@ -69,7 +69,7 @@ from pipeline.losses import generation_loss
 from pipeline.models import build_model
 from pipeline.params import ExportParams, GenParams, TrainParams
 from pipeline.reader import CachedTargets
-from pipeline.train import StepOptions, make_criterion, make_optimizer, step_options, train_one_epoch
+from pipeline.train import StepOptions, checkpoint_meta, make_criterion, make_optimizer, step_options, train_one_epoch
 from pipeline.train_input import loader_batches
 
 ARMS = ("plain", "offline", "online", "plain-stream", "offline-stream", "reference", "reference-offline")
@@ -146,15 +146,7 @@ def prepare(root: Path, dataset: str, device: torch.device, batch_size: int, arc
     loader, _ = make_loader(data, batch_size, device)
     opt = make_optimizer(teacher, TrainParams())
     train_one_epoch(teacher, loader_batches(loader, device), opt, make_criterion(GenParams(loss="ce")))
-    meta = {
-        "arch": arch,
-        "input_shape": list(data.input_shape),
-        "num_classes": data.num_classes,
-        "generation": 0,
-        "seed": 0,
-        "dataset_fingerprint": data.fingerprint,
-        "loss": "ce",
-    }
+    meta = checkpoint_meta(data, TrainParams(arch=arch, seed=0), 0, GenParams(loss="ce"), None)
     save_checkpoint(root / "teacher.pt", teacher, meta)
     export_logits(root / "teacher.pt", data, root / "cache", ExportParams(device=device.type), device)
 
