@@ -18,12 +18,12 @@ import torch
 from pipeline.data import PreparedData
 from pipeline.errors import CorruptStoreError
 from pipeline.losses import soften
-from pipeline.store import REEXPORT, LogitStore
+from pipeline.store import REEXPORT, LogitStore, bad_rows
 
 
 def _probs(store: LogitStore, start: int, stop: int) -> np.ndarray:
     block = store.read("test", start, stop)[:, 0, :]
-    bad = ~np.isfinite(block).all(axis=1)
+    bad = bad_rows(block)
     if bad.any():
         rows = (start + np.flatnonzero(bad))[:5].tolist()
         raise CorruptStoreError(

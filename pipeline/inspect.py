@@ -28,7 +28,7 @@ import numpy as np
 from pipeline.data import DatasetLabels, Labels
 from pipeline.errors import CorruptStoreError
 from pipeline.params import InspectParams
-from pipeline.store import REEXPORT, LogitStore
+from pipeline.store import REEXPORT, LogitStore, bad_rows
 
 HIST_BINS = 50  # bins of the entropy and max-probability histograms
 VIEW = 0  # the view of (N, V, C) stores that is audited: the un-augmented input
@@ -314,7 +314,7 @@ def stream_pair(store: LogitStore, ref: LogitStore, split: str, labels: Labels, 
 
 def _check_finite(store: LogitStore, split: str, start: int, block: np.ndarray) -> None:
     """Refuse rows holding NaN/Inf (a store read with verify=False, or written by other tools)."""
-    bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+    bad = bad_rows(block)
     if bad.any():
         rows = (start + np.flatnonzero(bad))[:5].tolist()
         raise CorruptStoreError(

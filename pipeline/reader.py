@@ -33,7 +33,7 @@ import torch
 from pipeline.augment import AugParams
 from pipeline.errors import CorruptStoreError
 from pipeline.losses import Probs, Teacher
-from pipeline.store import AUG_ARRAY, LogitStore
+from pipeline.store import AUG_ARRAY, LogitStore, bad_rows
 from pipeline.stream import DEFAULT_CAPACITY, DEFAULT_WINDOW, ChunkCache
 
 DEFAULT_MAX_MEMORY_BYTES = 4 * 2**30  # ImageNet-1k train logits in float16 (1.28M x 1000) take 2.4 GiB
@@ -160,7 +160,7 @@ class CachedTargets:
                     continue
                 self.check().hash_rows(name, start, np.asarray(block))  # raises after the last row if altered
                 t.values[start:stop] = block
-                t.bad[start:stop] = _bad_rows(block.reshape(-1, *block.shape[2:])).reshape(block.shape[:2])
+                t.bad[start:stop] = bad_rows(block.reshape(-1, *block.shape[2:])).reshape(block.shape[:2])
             self._tables[name] = t
         return self._tables[name]
 
@@ -184,7 +184,7 @@ class CachedTargets:
                     f"{self.path}: cannot read rows of '{self.split}' ({table.errors[unreadable.max()]}); a chunk "
                     f"is damaged, re-export the store"
                 )
-            out, bad_rows = table.values[idx, views], table.bad[idx, views]
+            out, bad = table.values[idx, views], table.bad[idx, views]
         else:
             cache = self._cache(name)
             try:
@@ -194,10 +194,10 @@ class CachedTargets:
                     f"{self.path}: cannot read rows of '{self.split}' ({type(e).__name__}: {e}); a chunk is "
                     f"damaged, re-export the store"
                 ) from e
-            bad_rows = _bad_rows(out)
-        if bad_rows.any():
+            bad = bad_rows(out)
+        if bad.any():
             raise CorruptStoreError(
-                f"{self.path}: rows {np.unique(idx[bad_rows])[:5].tolist()} of '{name}' are not finite "
+                f"{self.path}: rows {np.unique(idx[bad])[:5].tolist()} of '{name}' are not finite "
                 f"(damaged chunk?); re-export the store"
             )
         return out  # type: ignore[no-any-return]
@@ -288,11 +288,3 @@ def expand_sparse(
         return Probs(torch.zeros(b, c, device=values.device).scatter_(1, classes, kept))
     rest = ((1.0 - mass) / (c - k)).clamp_min(0.0)
     return Probs(rest[:, None].expand(b, c).clone().scatter_(1, classes, kept * mass[:, None]))
-
-
-def _bad_rows(block: np.ndarray) -> np.ndarray:
-    """Rows of `block` holding a fill value: non-finite floats, or negative integers (index, aug arrays)."""
-    flat = block.reshape(len(block), int(np.prod(block.shape[1:])))
-    if np.issubdtype(block.dtype, np.floating):
-        return np.asarray(~np.isfinite(flat).all(axis=1))
-    return np.asarray((flat < 0).any(axis=1))

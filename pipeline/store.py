@@ -206,7 +206,7 @@ class LogitStore:
             h = hashlib.sha256()
             n_bad, first = 0, -1
             for start, block in iter_blocks(arr):
-                bad = _bad_rows(block)
+                bad = bad_rows(block)
                 if bad.any() and not n_bad:
                     first = start + int(np.flatnonzero(bad)[0])
                 n_bad += int(bad.sum())
@@ -404,9 +404,9 @@ def _create_split(group: zarr.Group, split: str, shape: tuple[int, int, int], ch
         )
 
 
-def _bad_rows(block: np.ndarray) -> np.ndarray:
+def bad_rows(block: np.ndarray) -> np.ndarray:
     """Rows holding a fill value or worse: non-finite floats, negative integers (fill value -1)."""
-    flat = block.reshape(len(block), -1)
+    flat = block.reshape(len(block), int(np.prod(block.shape[1:])))  # -1 fails on an empty block
     if np.issubdtype(block.dtype, np.floating):
         return np.asarray(~np.isfinite(flat).all(axis=1))
     return np.asarray((flat < 0).any(axis=1))
