@@ -63,21 +63,27 @@ class ImageInput(nn.Module):
         return self.net(x)
 
 
+def conv_stack(input_shape: tuple[int, ...], num_classes: int, widths: tuple[int, ...]) -> nn.Module:
+    """conv-BN-ReLU-maxpool blocks of the given widths, global average pool, linear."""
+    layers: list[nn.Module] = []
+    cin = input_shape[0]
+    for cout in widths:
+        layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+        cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+
+
 @register("cnn3")
 def cnn3(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> nn.Module:
-    """A small 3-layer CNN for images (conv-BN-ReLU-maxpool x3, global average pool, linear)."""
+    """A small 3-layer CNN for images (conv-BN-ReLU-maxpool x3, widths 32-64-128)."""
+    return conv_stack(input_shape, num_classes, (width, 2 * width, 4 * width))
 
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
 
-    return nn.Sequential(
-        *block(input_shape[0], width),
-        *block(width, 2 * width),
-        *block(2 * width, 4 * width),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4 * width, num_classes),
-    )
+@register("cnn4")
+def cnn4(input_shape: tuple[int, ...], num_classes: int, width: int = 24) -> nn.Module:
+    """A 4-layer CNN (widths 24-48-96-192, 221k parameters): more capacity than cnn3, and faster on a CPU,
+    because its first, full-resolution layer is narrower. The CPU CIFAR config's network."""
+    return conv_stack(input_shape, num_classes, (width, 2 * width, 4 * width, 8 * width))
 
 
 @register("mlp")

@@ -126,3 +126,18 @@ def test_torchvision_models_by_name() -> None:
     assert n_params("tv_resnet18", 1000) == 11_689_512  # torchvision's documented resnet18 size
     with pytest.raises(ValueError, match="3-channel"):
         resolve("tv_resnet18")((1, 32, 32), 10)  # type: ignore[misc]
+
+
+def test_small_cpu_cnns_have_the_documented_layers_and_counts() -> None:
+    """cnn3 (32-64-128) and cnn4 (24-48-96-192): conv weights, BN scale and shift, then the linear layer."""
+
+    def count(widths: tuple[int, ...]) -> int:
+        convs = sum(cin * cout * 9 + 2 * cout for cin, cout in zip((3, *widths[:-1]), widths, strict=True))
+        return convs + widths[-1] * 10 + 10
+
+    for arch, widths in (("cnn3", (32, 64, 128)), ("cnn4", (24, 48, 96, 192))):
+        model = ARCHS[arch]((3, 32, 32), 10)
+        assert sum(p.numel() for p in model.parameters()) == count(widths)
+        convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert tuple(convs) == widths
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
