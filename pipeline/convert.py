@@ -26,9 +26,9 @@ def convert_store(store: LogitStore, out: str | os.PathLike[str], fmt: str) -> P
     """Write every split of `store` to an HDF5 (`h5`) or numpy (`npz`) file, chunk by chunk, atomically.
 
     Both hold every array of the store under its zarr name and dtype (`train` and `test` (N, V, C) for a
-    dense store; sparse and multi-view stores add `<split>_idx`, `<split>_mass`, `<split>_aug`) and the
-    store's attributes as a JSON string (`attributes`: an HDF5 file attribute, or a 0-d string array in the
-    npz).
+    dense store, V the split's views: `test` has 1 unless the store predates `split_views`; sparse stores add
+    `<split>_idx`, `<split>_mass`, multi-view splits `<split>_aug`) and the store's attributes as a JSON
+    string (`attributes`: an HDF5 file attribute, or a 0-d string array in the npz).
     """
     if fmt not in FORMATS:
         raise ParamsError(f"--format {fmt!r}: allowed values are {', '.join(FORMATS)}")

@@ -3,7 +3,10 @@
 The model runs in eval mode under no_grad. View 0 of every row is the un-augmented input; with
 `views` = V > 1 (uint8 images only) views 1..V-1 are crops and flips drawn per (row, view) from a seeded
 generator (`pipeline.augment.view_params`) and stored beside the logits, so the student can replay the
-exact image each cached output was computed on (FKD, Shen & Xing 2021; Beyer et al. 2022). The logits are
+exact image each cached output was computed on (FKD, Shen & Xing 2021; Beyer et al. 2022). Only the train
+split gets them: the test split is exported with view 0 alone (`TEST_VIEWS`), since nothing reads its
+augmented views (evaluation, ensembles and inspect use view 0; no student trains on test rows) and each
+would cost one more inference pass over the test rows. The logits are
 stored whole ("dense"), as their k largest entries ("topk"), or as the class counts of draws from the
 teacher distribution ("sampled", Anshumann et al. 2025). Rows go into a fresh temporary store beside the
 target; the store is validated and sealed (completion marker last), then renamed into place,
@@ -45,6 +48,7 @@ from pipeline.store import MARKER, LogitStore, index_dtype
 log = logging.getLogger(__name__)
 
 SPLIT_IDS = {"train": 0, "test": 1}  # keys of the per-(split, row, view) seeds
+TEST_VIEWS = 1  # views exported for the test split: the clean image only
 WRITE_AHEAD = 2  # inferred chunks that may wait for the writer thread (memory: 2 chunks of float32 logits)
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
@@ -55,8 +59,8 @@ def logit_shift(params: ExportParams) -> str:
 
 
 def store_layout(data: PreparedData, params: ExportParams) -> dict[str, Any]:
-    """`LogitStore.create` keywords for these params (views, layout, slots, augmentation recipe), or a
-    ParamsError naming the setting that does not fit the dataset."""
+    """`LogitStore.create` keywords for these params (views, views per split, layout, slots, augmentation
+    recipe), or a ParamsError naming the setting that does not fit the dataset."""
     images = (
         data.x_train.ndim == 4 and data.x_train.dtype == np.uint8 and data.x_train.shape[2] == data.x_train.shape[3]
     )
@@ -80,7 +84,13 @@ def store_layout(data: PreparedData, params: ExportParams) -> dict[str, Any]:
             "seeding": "mix64(seed, split_id, row, view)",
             "split_ids": SPLIT_IDS,
         }
-    return {"views": params.views, "layout": params.layout, "slots": slots, "augmentation": augmentation}
+    return {
+        "views": params.views,
+        "split_views": {"train": params.views, "test": TEST_VIEWS},
+        "layout": params.layout,
+        "slots": slots,
+        "augmentation": augmentation,
+    }
 
 
 def _encode(
@@ -122,11 +132,13 @@ def infer_chunk(
     device: torch.device,
 ) -> tuple[torch.Tensor, np.ndarray | None]:
     """(float32 logits (B, V, C), each view's (top, left, flip) (B, V, 3) or None) of rows
-    [start, start + len(x)) of `split`, on the caller's thread (the model's part of a chunk's export)."""
+    [start, start + len(x)) of `split`, V its views (`layout["split_views"]`), on the caller's thread (the
+    model's part of a chunk's export). A split with one view is inferred on the clean images as they are."""
     rows = np.arange(start, start + len(x))
-    recipe = layout["augmentation"]
+    views = layout["split_views"][split]
+    recipe = layout["augmentation"] if views > 1 else None
     per_view, aug = [], []
-    for view in range(params.views):
+    for view in range(views):
         xv = x
         if recipe is not None:
             ap = view_params(params.seed, SPLIT_IDS[split], rows, view, recipe["pad"], recipe["size"])

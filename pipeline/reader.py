@@ -16,7 +16,8 @@ found while loading (or decoding a chunk) and refused only when a batch asks for
 
 Multi-view stores (export `views` > 1) take a view per row: `rows(index, views)` and `target(index, views)`
 return that view's teacher output and `aug(index, views)` the crop/flip the teacher saw, to be replayed on
-the clean images with `pipeline.augment.apply_params`. Sparse stores (layout "topk" or "sampled") have no
+the clean images with `pipeline.augment.apply_params`. Their test split has view 0 only (stores written
+before `split_views` existed have every view there too). Sparse stores (layout "topk" or "sampled") have no
 full logits: `target` rebuilds a dense distribution (B, C) from them (see `CachedTargets.target`).
 """
 
@@ -33,7 +34,7 @@ import torch
 from pipeline.augment import AugParams
 from pipeline.errors import CorruptStoreError
 from pipeline.losses import Probs, Teacher
-from pipeline.store import AUG_ARRAY, LogitStore, bad_rows
+from pipeline.store import AUG_ARRAY, LogitStore, bad_rows, has_aug
 from pipeline.stream import DEFAULT_CAPACITY, DEFAULT_WINDOW, ChunkCache
 
 DEFAULT_MAX_MEMORY_BYTES = 4 * 2**30  # ImageNet-1k train logits in float16 (1.28M x 1000) take 2.4 GiB
@@ -249,9 +250,15 @@ class CachedTargets:
 
     def aug(self, index: torch.Tensor | np.ndarray, views: torch.Tensor | np.ndarray | None = None) -> AugParams:
         """The crop/flip each row's view was exported with (`pipeline.augment.apply_params` replays it)."""
-        recipe = self.attrs.get("augmentation")
+        a = self.attrs
+        recipe = a.get("augmentation")
         if not recipe:
             raise ValueError(f"{self.path}: this store has one clean view and no augmentation parameters")
+        if not has_aug(a, self.split):
+            raise ValueError(
+                f"{self.path}: split '{self.split}' has only its clean view 0 and no augmentation parameters "
+                f"(the export keeps augmented views for 'train' only)"
+            )
         idx, v = self._keys(index, views)
         tlf = self._gather(f"{self.split}_{AUG_ARRAY}", idx, v).astype(np.int64)
         return AugParams.from_numpy(

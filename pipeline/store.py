@@ -2,7 +2,7 @@
 
 Layout of `cache/gen-K/` (readable with plain zarr):
     zarr.json            group metadata; attributes = provenance (see `REQUIRED_ATTRS`), `layout`, `slots`,
-                         `augmentation`, `retained_mass`
+                         `augmentation`, `retained_mass`, `views` (V, of train), `split_views` (per split)
     train/               array (N, V, S), dtype float16 or float32, chunks (chunk_rows, V, S): per row and
                          view, S = C raw logits (layout "dense"), the k largest raw logits ("topk"), or
                          the counts of the sampled classes ("sampled", integer-valued)
@@ -10,7 +10,11 @@ Layout of `cache/gen-K/` (readable with plain zarr):
     train_mass/          sparse layouts only: (N, V) float32 teacher probability (T = 1) of the kept classes
     train_aug/           views > 1 only: (N, V, 3) int16 (top, left, flip) of each view's crop and flip
                          (`pipeline.augment.apply_params`); view 0 is the clean image (pad, pad, 0)
-    test/, test_*        the same for the test split
+    test/, test_*        the same for the test split with its own view count, `split_views["test"]`: the
+                         export keeps view 0 (the clean image) only, (N, 1, S) and no test_aug, since
+                         evaluation, ensembles and inspect read view 0 and no student trains on test rows.
+                         Stores without `split_views` (written before it) have V views and test_aug in
+                         every split (`views_of`, `has_aug`) and are read as before
     complete/zarr.json   the completion marker, written last, after every row was checked: an empty zarr group
                          whose attributes are the rows per split, the sha256 of each array's decoded rows (C
                          order) and `marker_sha256`, the sha256 of the rest of the marker
@@ -78,6 +82,20 @@ MARKER_KEYS = {"format", "rows", "sha256", "marker_sha256"}
 REEXPORT = "re-export the store (`bancache export-logits --gen K`)"
 
 
+def views_of(attrs: dict[str, Any], split: str) -> int:
+    """Views per row of `split`: its entry in the attribute `split_views`, else (a store written before
+    `split_views` existed, every split with the same views) the attribute `views`."""
+    return int((attrs.get("split_views") or {}).get(split, attrs["views"]))
+
+
+def has_aug(attrs: dict[str, Any], split: str) -> bool:
+    """Whether `split` has a `<split>_aug` array: the store has an augmentation recipe and the split more
+    than one view (a store without `split_views`: every split of a store with a recipe)."""
+    if not attrs.get("augmentation"):
+        return False
+    return "split_views" not in attrs or views_of(attrs, split) > 1
+
+
 def index_dtype(num_classes: int) -> str:
     return "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
 
@@ -117,22 +135,29 @@ class LogitStore:
         layout: str = "dense",
         slots: int | None = None,
         augmentation: dict[str, Any] | None = None,
+        split_views: dict[str, int] | None = None,
     ) -> LogitStore:
         """Create an empty store (no marker) with one (rows, views, slots) value array per split.
 
         `slots` is the values per row and view: num_classes for "dense" (the default), k for "topk", the
-        most distinct classes a row can draw for "sampled". Sparse layouts add `<split>_idx` and
-        `<split>_mass`; `augmentation` (the recipe of views 1..V-1) adds `<split>_aug`."""
+        most distinct classes a row can draw for "sampled". `split_views` gives a split fewer views than
+        `views` (views 0..v-1; the export gives test view 0 only). Sparse layouts add `<split>_idx` and
+        `<split>_mass`; `augmentation` (the recipe of views 1..V-1) adds `<split>_aug` to each split with
+        more than one view."""
         if layout not in LAYOUTS:
             raise ValueError(f"{path}: layout {layout!r}: allowed values are {', '.join(LAYOUTS)}")
         slots = num_classes if slots is None else slots
         if layout == "dense" and slots != num_classes:
             raise ValueError(f"{path}: a dense store holds all {num_classes} classes per row, not {slots}")
+        per_split = {split: views for split in rows} | dict(split_views or {})
+        if set(per_split) != set(rows) or not all(1 <= v <= views for v in per_split.values()):
+            raise ValueError(f"{path}: split_views {split_views}: give splits of {list(rows)} 1..{views} views each")
         attrs = {
             **attributes,
             "format": FORMAT,
             "dtype": dtype,
             "views": views,
+            "split_views": per_split,
             "num_classes": num_classes,
             "splits": dict(rows),
             "chunk_rows": chunk_rows,
@@ -143,17 +168,17 @@ class LogitStore:
         }
         group = zarr.create_group(str(path), overwrite=True, attributes=attrs)
         for split, n in rows.items():
-            _create_split(group, split, (n, views, slots), min(chunk_rows, max(n, 1)), attrs)
+            _create_split(group, split, (n, per_split[split], slots), min(chunk_rows, max(n, 1)), attrs)
         return cls(path, group)
 
     def array_names(self) -> list[str]:
         """Every array of the store: each split's values, then its sparse and augmentation arrays."""
         a = self.attrs
-        extra = (
-            *(SPARSE_ARRAYS if a.get("layout", "dense") != "dense" else ()),
-            *((AUG_ARRAY,) if a.get("augmentation") else ()),
-        )
-        names = [name for split in a["splits"] for name in (split, *(f"{split}_{e}" for e in extra))]
+        sparse = SPARSE_ARRAYS if a.get("layout", "dense") != "dense" else ()
+        names = []
+        for split in a["splits"]:
+            extra = (*sparse, *((AUG_ARRAY,) if has_aug(a, split) else ()))
+            names += [split, *(f"{split}_{e}" for e in extra)]
         return names + list(a.get("provenance") or ())  # labels, validation rows, a subset's source indices
 
     @classmethod
@@ -170,9 +195,9 @@ class LogitStore:
         mass: np.ndarray | None = None,
         aug: np.ndarray | None = None,
     ) -> None:
-        """Write rows [start, start + len(logits)) of `split`; `logits` is (B, V, S) or (B, S) for V = 1
-        (the values: logits, or counts for "sampled"). Sparse stores also take `idx` (B, V, S) and `mass`
-        (B, V); multi-view stores `aug` (B, V, 3) = (top, left, flip)."""
+        """Write rows [start, start + len(logits)) of `split`; `logits` is (B, V, S), V the split's views,
+        or (B, S) for V = 1 (the values: logits, or counts for "sampled"). Sparse stores also take `idx`
+        (B, V, S) and `mass` (B, V); multi-view splits `aug` (B, V, 3) = (top, left, flip)."""
         names = set(self.array_names())
         given = {f"{split}_idx": idx, f"{split}_mass": mass, f"{split}_{AUG_ARRAY}": aug}
         for name, value in given.items():
@@ -296,7 +321,7 @@ class LogitStore:
             )
         for split, n in a["splits"].items():
             shape = tuple(self.array(split).shape)
-            want = (n, a["views"], a.get("slots", a["num_classes"]))
+            want = (n, views_of(a, split), a.get("slots", a["num_classes"]))
             if shape != want or marker["rows"].get(split) != n:
                 raise CorruptStoreError(
                     f"{self.path}: array '{split}' has shape {shape}, attributes and marker say {want}; "
@@ -386,7 +411,7 @@ class LogitStore:
 
 
 def _create_split(group: zarr.Group, split: str, shape: tuple[int, int, int], chunk: int, attrs: dict) -> None:
-    """The arrays of one split: values (N, V, S), and `_idx`, `_mass` (sparse) and `_aug` (views) as needed."""
+    """The arrays of one split: values (N, V, S), and `_idx`, `_mass` (sparse) and `_aug` (V > 1) as needed."""
     n, views, slots = shape
     kw: dict[str, Any] = {"compressors": COMPRESSORS}
     group.create_array(split, shape=shape, chunks=(chunk, views, slots), dtype=attrs["dtype"], fill_value=np.nan, **kw)
@@ -398,7 +423,7 @@ def _create_split(group: zarr.Group, split: str, shape: tuple[int, int, int], ch
         group.create_array(
             f"{split}_mass", shape=(n, views), chunks=(chunk, views), dtype="float32", fill_value=np.nan, **kw
         )
-    if attrs["augmentation"] is not None:
+    if has_aug(attrs, split):
         group.create_array(
             f"{split}_{AUG_ARRAY}", shape=(n, views, 3), chunks=(chunk, views, 3), dtype="int16", fill_value=-1, **kw
         )

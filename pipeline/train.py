@@ -41,7 +41,7 @@ from pipeline.models import ImageInput, build_model
 from pipeline.params import GenParams, TrainParams, generation_seed, section_of
 from pipeline.reader import CachedTargets
 from pipeline.schedules import warmup_scheduler
-from pipeline.store import check_temperature
+from pipeline.store import check_temperature, has_aug, views_of
 from pipeline.train_input import make_input
 
 log = logging.getLogger(__name__)
@@ -338,7 +338,7 @@ def train_generation(
     views = (
         None
         if targets is None or gp.view_policy == "clean"
-        else ViewPolicy(gp.view_policy, targets.attrs["views"], seed)
+        else ViewPolicy(gp.view_policy, views_of(targets.attrs, targets.split), seed)
     )
     source = make_input(data, recipe, gp, device, ctx, targets, views, gens[:2], opts.augment, seed)
     net, opt = _wrap(model, recipe, ctx, device), make_optimizer(model, recipe)
@@ -394,10 +394,11 @@ def _check_targets(targets: CachedTargets, gp: GenParams, gen: int) -> None:
     """Refuse a view policy or temperature the teacher's store cannot serve."""
     a = targets.attrs
     section = section_of(gen)
-    if gp.view_policy != "clean" and not (a["views"] > 1 and a.get("augmentation")):
+    if gp.view_policy != "clean" and not (views_of(a, targets.split) > 1 and has_aug(a, targets.split)):
         raise ParamsError(
-            f"{section}.view_policy = {gp.view_policy!r}: the teacher's store {targets.path} has {a['views']} "
-            f"un-augmented view(s). Export it with export.views > 1 (image datasets) or use view_policy: clean"
+            f"{section}.view_policy = {gp.view_policy!r}: the teacher's store {targets.path} has "
+            f"{views_of(a, targets.split)} un-augmented view(s). Export it with export.views > 1 (image datasets) "
+            f"or use view_policy: clean"
         )
     check_temperature(targets.path, a.get("layout", "dense"), gp.temperature, f"{section}.temperature")
 

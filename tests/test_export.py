@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 
 import pipeline.export as export_lib
 from pipeline.augment import apply_params
@@ -80,21 +81,24 @@ def test_every_cached_view_replays_bit_for_bit(images, tmp_path: Path, monkeypat
     assert attrs["views"] == views and attrs["layout"] == "dense"
     assert attrs["augmentation"]["kind"] == "crop+flip" and attrs["augmentation"]["pad"] == 4
     assert attrs["augmentation"]["size"] == 16 and attrs["augmentation"]["seed"] == 5
-    calls = iter(fed)  # one call per (chunk, view), splits in order
+    assert attrs["split_views"] == {"train": views, "test": 1}
+    calls = iter(fed)  # one call per (chunk, view), splits in order; test has view 0 only
     model = model_from_checkpoint(load_checkpoint(ckpt))
-    for split in ("train", "test"):
+    for split, split_views in (("train", views), ("test", 1)):
         x = data.split(split)[0]
         t = _targets(out, data, split)
         stored = LogitStore.open(out).array(split)[:]
+        assert stored.shape == (len(x), split_views, 4)
         for start in range(0, len(x), chunk):
             rows = np.arange(start, min(start + chunk, len(x)))
-            for v in range(views):
+            for v in range(split_views):
                 seen = next(calls)
-                rebuilt = apply_params(torch.from_numpy(x[rows]), t.aug(rows, np.full(len(rows), v))).numpy()
-                np.testing.assert_array_equal(rebuilt, seen)  # replay is exact
+                if split == "train":
+                    rebuilt = apply_params(torch.from_numpy(x[rows]), t.aug(rows, np.full(len(rows), v))).numpy()
+                    np.testing.assert_array_equal(rebuilt, seen)  # replay is exact
                 if v == 0:
                     np.testing.assert_array_equal(seen, x[rows])  # view 0 is the clean image
-                z = real(model, rebuilt, 100, CPU)  # the stored logits are the teacher's on that image,
+                z = real(model, seen, 100, CPU)  # the stored logits are the teacher's on that image,
                 z = z - z.max(axis=-1, keepdims=True)  # float16 rows minus their max (logit_shift row_max)
                 np.testing.assert_array_equal(stored[rows, v], z.astype(np.float16))
     assert next(calls, None) is None
@@ -114,6 +118,82 @@ def test_views_depend_on_row_and_view_only(images, tmp_path: Path) -> None:
     np.testing.assert_array_equal(read["a"], read["b"])
     assert not np.array_equal(read["a"], read["c"])
     assert a["retained_mass"] == {"train": 1.0, "test": 1.0}
+
+
+@pytest.mark.parametrize("layout", [{}, {"layout": "sampled", "samples": 5}], ids=["dense", "sampled"])
+def test_test_split_is_exported_with_its_clean_view_only(images, tmp_path: Path, layout: dict) -> None:
+    """V = 4 exports the test split as V = 1 does, bit for bit (view 0 only, no test_aug); train keeps V views."""
+    data, ckpt = images
+    for views in (1, 4):
+        export_logits(
+            ckpt, data, tmp_path / f"v{views}", ExportParams(views=views, chunk_rows=8, device="cpu", **layout), CPU
+        )
+    one, four = LogitStore.open(tmp_path / "v1"), LogitStore.open(tmp_path / "v4")
+    assert four.attrs["views"] == 4 and four.attrs["split_views"] == {"train": 4, "test": 1}
+    assert one.attrs["split_views"] == {"train": 1, "test": 1}
+    names = four.array_names()
+    assert "train_aug" in names and "test_aug" not in names and not (tmp_path / "v4" / "test_aug").exists()
+    assert four.array("train").shape[:2] == (20, 4) and four.array("train_aug").shape == (20, 4, 3)
+    assert four.array("test").shape[:2] == (7, 1)
+    test_arrays = [n for n in names if n.startswith("test") and n not in ("test_labels", "test_source_index")]
+    assert test_arrays == (["test"] if not layout else ["test", "test_idx", "test_mass"])
+    for name in test_arrays:
+        a, b = four.array(name)[:], one.array(name)[:]
+        assert a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+    assert four.marker is not None and one.marker is not None
+    assert {n: four.marker["sha256"][n] for n in test_arrays} == {n: one.marker["sha256"][n] for n in test_arrays}
+    if not layout:  # dense: train view 0 is the clean image's logits as well
+        assert four.array("train")[:, :1].tobytes() == one.array("train")[:].tobytes()
+
+
+def _export_as_before_split_views(ckpt: Path, data: PreparedData, out: Path, params: ExportParams) -> None:
+    """Export as the code did before `split_views`: every view and `test_aug` in the test split too, and no
+    `split_views` attribute (the attributes are not hashed into the marker, so the store stays sealed)."""
+    real = export_lib.store_layout
+
+    def every_view_in_every_split(d: PreparedData, p: ExportParams) -> dict:
+        return {**real(d, p), "split_views": {"train": p.views, "test": p.views}}
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(export_lib, "store_layout", every_view_in_every_split)
+        export_logits(ckpt, data, out, params, CPU)
+    group = zarr.open_group(str(out), mode="r+")
+    attrs = group.attrs.asdict()
+    del attrs["split_views"]
+    group.attrs.clear()
+    group.attrs.update(attrs)
+
+
+def test_a_store_with_test_views_from_before_split_views_reads_as_before(images, tmp_path: Path) -> None:
+    """The older layout (V views and test_aug in test) opens, verifies and reads; its train arrays and its
+    test view 0 are the new export's, bit for bit, and the ensemble and inspect agree across the two."""
+    from pipeline.data import DatasetLabels
+    from pipeline.ensemble import evaluate_chain
+    from pipeline.inspect import compare_stores
+
+    data, ckpt = images
+    params = ExportParams(views=3, chunk_rows=8, dtype="float32", device="cpu")
+    _export_as_before_split_views(ckpt, data, tmp_path / "old", params)
+    export_logits(ckpt, data, tmp_path / "new", params, CPU)
+    old, new = LogitStore.open(tmp_path / "old"), LogitStore.open(tmp_path / "new")
+    assert "split_views" not in old.attrs and old.attrs["views"] == 3
+    assert old.array_names()[:4] == ["train", "train_aug", "test", "test_aug"]
+    old.verify()
+    for name in ("train", "train_aug"):
+        assert old.array(name)[:].tobytes() == new.array(name)[:].tobytes(), name
+    assert old.array("test").shape == (7, 3, 4) and old.array("test_aug").shape == (7, 3, 3)
+    assert old.array("test")[:, :1].tobytes() == new.array("test")[:].tobytes()
+    t = _targets(tmp_path / "old", data, "test")
+    rows, views = np.arange(7), np.arange(7) % 3
+    np.testing.assert_array_equal(t.rows(rows, views).numpy(), old.array("test")[:][rows, views])
+    rebuilt = apply_params(torch.from_numpy(data.x_test), t.aug(rows, views))
+    z = export_lib.predict_logits(model_from_checkpoint(load_checkpoint(ckpt)), rebuilt.numpy(), 100, CPU)
+    np.testing.assert_array_equal(t.rows(rows, views).numpy(), z)  # its test views replay as before
+    acc = evaluate_chain({0: tmp_path / "old", 1: tmp_path / "new"}, data)["accuracy"]
+    assert acc["gen0"] == acc["gen1"]
+    labels = DatasetLabels(data.y_train, data.y_test, data.class_names, data.fingerprint, data.val_index)
+    agreement = compare_stores(new, old, labels, 1.0)["test"].metrics()
+    assert agreement["agreement"] == 1.0 and agreement["kl_mean"] == 0.0
 
 
 def test_views_are_refused_for_non_image_data(prepared_root: Path, tmp_path: Path) -> None:

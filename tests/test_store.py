@@ -80,10 +80,12 @@ def sealed(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
 def layouts(draw: st.DrawFn) -> dict:
     rows = draw(st.integers(1, 40))
     cuts = draw(st.lists(st.integers(1, max(rows - 1, 1)), max_size=5, unique=True)) if rows > 1 else []
+    views = draw(st.integers(1, 3))
     return {
         "rows": rows,
         "test_rows": draw(st.integers(0, 9)),
-        "views": draw(st.integers(1, 3)),
+        "views": views,
+        "test_views": draw(st.integers(1, views)),  # the export gives test 1
         "classes": draw(st.integers(1, 6)),
         "chunk_rows": draw(st.integers(1, 16)),
         "dtype": draw(st.sampled_from(["float16", "float32"])),
@@ -98,7 +100,7 @@ def layouts(draw: st.DrawFn) -> dict:
 def test_round_trip_across_chunk_boundaries(layout: dict) -> None:
     views, classes, dtype = layout["views"], layout["classes"], layout["dtype"]
     train = logits_for(layout["rows"], views, classes, layout["seed"])
-    test = logits_for(layout["test_rows"], views, classes, layout["seed"] + 1)
+    test = logits_for(layout["test_rows"], layout["test_views"], classes, layout["seed"] + 1)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "store"
         store = LogitStore.create(
@@ -109,6 +111,7 @@ def test_round_trip_across_chunk_boundaries(layout: dict) -> None:
             dtype,
             layout["chunk_rows"],
             provenance(classes),
+            split_views={"test": layout["test_views"]},
         )
         bounds = layout["bounds"]
         for i in layout["order"]:
@@ -129,6 +132,7 @@ def test_round_trip_across_chunk_boundaries(layout: dict) -> None:
             np.testing.assert_array_equal(got, want.astype(dtype))
         attrs = opened.attrs
         assert attrs["views"] == views and attrs["num_classes"] == classes and attrs["dtype"] == dtype
+        assert attrs["split_views"] == {"train": views, "test": layout["test_views"]}
         assert attrs["class_names"] == [f"c{i}" for i in range(classes)]
         opened.verify()
 
@@ -436,6 +440,103 @@ def test_write_needs_every_array_of_the_store_and_checks_all_shapes_first(tmp_pa
     dense = LogitStore.create(tmp_path / "d", {"train": 4}, 3, 1, "float32", 4, provenance(3))
     with pytest.raises(ValueError, match="'train_aug' is not an array of this store"):
         dense.write("train", 0, np.ones((4, 3)), aug=np.zeros((4, 1, 3)))
+
+
+def two_split_store(path: Path, test_views: int, rows: tuple[int, int] = (10, 5)) -> tuple[LogitStore, dict]:
+    """A sealed topk store of 3 train views with their crops/flips and `test_views` test views, every array
+    written from `arrays[split][key]` (keys as `LogitStore.write` takes them)."""
+    rng = np.random.default_rng(1)
+    store = LogitStore.create(
+        path,
+        dict(zip(("train", "test"), rows, strict=True)),
+        5,
+        3,
+        "float32",
+        4,
+        provenance(5),
+        layout="topk",
+        slots=2,
+        augmentation=AUG,
+        split_views={"test": test_views},
+    )
+    arrays = {}
+    for split, n in zip(("train", "test"), rows, strict=True):
+        v = 3 if split == "train" else test_views
+        arrays[split] = {
+            "logits": rng.normal(0, 3, size=(n, v, 2)),
+            "idx": rng.integers(0, 5, size=(n, v, 2)).astype(np.int16),
+            "mass": rng.uniform(0, 1, size=(n, v)).astype(np.float32),
+            **({"aug": rng.integers(0, 9, size=(n, v, 3)).astype(np.int16)} if v > 1 else {}),
+        }
+        store.write(split, 0, **arrays[split])
+    store.seal()
+    return store, arrays
+
+
+def drop_split_views(path: Path) -> None:
+    """Remove the attribute `split_views`, as a store written before it existed has none (attributes are not
+    hashed into the marker, so the store stays sealed)."""
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = group.attrs.asdict()
+    del attrs["split_views"]
+    group.attrs.clear()
+    group.attrs.update(attrs)
+
+
+def test_a_split_with_one_view_has_one_view_arrays_and_no_aug(tmp_path: Path) -> None:
+    store, arrays = two_split_store(tmp_path / "s", test_views=1)
+    assert store.attrs["split_views"] == {"train": 3, "test": 1} and store.attrs["views"] == 3
+    names = ["train", "train_idx", "train_mass", "train_aug", "test", "test_idx", "test_mass"]
+    assert store.array_names() == names
+    assert not (tmp_path / "s" / "test_aug").exists()
+    shapes = {n: tuple(store.array(n).shape) for n in names}
+    assert shapes["test"] == (5, 1, 2) and shapes["test_idx"] == (5, 1, 2) and shapes["test_mass"] == (5, 1)
+    with pytest.raises(ValueError, match="'test_aug' is not an array of this store"):
+        store.write("test", 0, **arrays["test"], aug=np.zeros((5, 1, 3), np.int16))
+    opened = LogitStore.open(tmp_path / "s", fingerprint=FP, rows={"train": 10, "test": 5}, num_classes=5)
+    assert set(opened.marker["sha256"]) == set(names)
+    opened.verify()
+    np.testing.assert_array_equal(opened.array("test_idx")[:], arrays["test"]["idx"])
+    mass = arrays["test"]["mass"].astype(np.float64).mean()
+    assert opened.attrs["retained_mass"]["test"] == pytest.approx(float(mass))
+
+
+def test_a_store_from_before_split_views_has_every_view_and_aug_in_every_split(tmp_path: Path) -> None:
+    path = tmp_path / "old"
+    _, arrays = two_split_store(path, test_views=3)
+    drop_split_views(path)
+    old = LogitStore.open(path, fingerprint=FP, rows={"train": 10, "test": 5}, num_classes=5)
+    assert "split_views" not in old.attrs
+    assert old.array_names() == [
+        *("train", "train_idx", "train_mass", "train_aug"),
+        *("test", "test_idx", "test_mass", "test_aug"),
+    ]
+    old.verify()
+    for key, name in (("logits", "test"), ("idx", "test_idx"), ("mass", "test_mass"), ("aug", "test_aug")):
+        np.testing.assert_array_equal(old.array(name)[:], arrays["test"][key].astype(old.array(name).dtype))
+
+
+@pytest.mark.parametrize("split_views", [{"test": 0}, {"test": 4}, {"val": 1}])
+def test_create_refuses_impossible_split_views(tmp_path: Path, split_views: dict) -> None:
+    with pytest.raises(ValueError, match=r"split_views .*: give splits of \['train', 'test'\] 1..3 views each"):
+        LogitStore.create(
+            tmp_path / "s", {"train": 2, "test": 2}, 3, 3, "float32", 4, provenance(3), split_views=split_views
+        )
+
+
+def test_split_views_disagreeing_with_the_arrays_is_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    data = {"train": logits_for(6, 2, 3), "test": logits_for(5, 1, 3)}
+    store = LogitStore.create(path, {"train": 6, "test": 5}, 3, 2, "float32", 4, provenance(3), split_views={"test": 1})
+    for split, a in data.items():
+        store.write(split, 0, a)
+    store.seal()
+    LogitStore.open(path)
+    drop_split_views(path)  # now the attributes say test has 2 views, as in older stores
+    with pytest.raises(
+        CorruptStoreError, match=r"array 'test' has shape \(5, 1, 3\), attributes and marker say \(5, 2, 3\)"
+    ):
+        LogitStore.open(path)
 
 
 def test_only_a_sampled_store_refuses_a_temperature_other_than_1() -> None:
