@@ -11,7 +11,7 @@ gain from seed luck; Ens*k of the controls separates a born-again ensemble gain 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ import torch
 from pipeline.data import PreparedData
 from pipeline.losses import soften
 from pipeline.params import GenParams, TrainParams, generation_seed
-from pipeline.train import TrainResult, train_generation
+from pipeline.train import EpochLog, TrainResult, train_generation
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,17 @@ def control_params(recipe: TrainParams, gen: int, gp: GenParams) -> GenParams:
     return GenParams(loss="ce", teacher=None, seed=generation_seed(recipe, gen, gp), arch=gp.arch)
 
 
-def train_control(data: PreparedData, recipe: TrainParams, gen: int, gp: GenParams) -> TrainResult:
-    """Train control-`gen`: generation `gen`'s seed, initial weights and batch order, labels only."""
+def train_control(
+    data: PreparedData,
+    recipe: TrainParams,
+    gen: int,
+    gp: GenParams,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+) -> TrainResult:
+    """Train control-`gen`: generation `gen`'s seed, initial weights and batch order, labels only
+    (`on_epoch` as in `train_generation`: progress)."""
     log.info("control %d: labels only, seed %s", gen, control_params(recipe, gen, gp).seed)
-    return train_generation(data, recipe, gen, control_params(recipe, gen, gp), None)
+    return train_generation(data, recipe, gen, control_params(recipe, gen, gp), None, on_epoch=on_epoch)
 
 
 def ensemble_accuracy(logits: Sequence[np.ndarray], y: np.ndarray) -> float:

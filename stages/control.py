@@ -23,6 +23,8 @@ from pipeline.layout import Layout
 from pipeline.params import TrainParams, parse_generation, parse_section
 from pipeline.train import checkpoint_meta
 from stages.common import ParamsFile
+from stages.progress import Progress
+from stages.train import epoch_hook
 
 
 def control_dir(layout: Layout, gen: int) -> Path:
@@ -52,7 +54,8 @@ def run(params: ParamsFile, layout: Layout, gen: int) -> dict[str, Any]:
         raise ParamsError(f"--gen {gen}: params.yaml has no section students.'{gen}'; a control needs one")
     gp = parse_generation(gen, raw)
     data = load_prepared(layout.dataset)
-    result = train_control(data, recipe, gen, gp)
+    with Progress(f"control {gen}", recipe.epochs, unit="epoch") as bar:
+        result = train_control(data, recipe, gen, gp, epoch_hook(bar))
     cp = control_params(recipe, gen, gp)
     meta = {**checkpoint_meta(data, recipe, gen, cp, None), "control_of": gen}
     save_checkpoint(out / "model.pt", result.model, {**meta, "selected_epoch": result.selected_epoch})

@@ -38,7 +38,8 @@ def control_run(raw: dict[str, Any], data: PreparedData) -> dict[str, float]:
     device = resolve_device(recipe.device)
     logits = {}
     for gen in sorted(g for g in chain.gens if g >= 1):
-        model = train_control(data, recipe, gen, chain.gens[gen]).model
+        with Progress(f"control {gen}", recipe.epochs, unit="epoch") as bar:
+            model = train_control(data, recipe, gen, chain.gens[gen], train.epoch_hook(bar)).model
         logits[gen] = predict_logits(model, data.x_test, recipe.eval_batch_size, device)
     return control_columns(logits, data.y_test)
 

@@ -109,3 +109,13 @@ def test_export_inspect_and_sweep_report_progress_off_a_terminal(exported_root, 
         "sweep seed 1/1: ",
     ):
         assert needle in r.output, needle
+
+
+def test_control_off_a_terminal_prints_one_line_per_epoch(project) -> None:
+    raw = tiny_params()
+    raw["controls"] = True
+    r = _invoke(project.root, "control", "--gen", "1", raw=raw)
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("control 1 epoch")]
+    assert [ln.split()[3] for ln in lines] == ["1/2:", "2/2:"], r.output
+    assert all("val acc" in ln and "ETA" in ln for ln in lines)
