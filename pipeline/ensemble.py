@@ -16,20 +16,13 @@ import numpy as np
 import torch
 
 from pipeline.data import PreparedData
-from pipeline.errors import CorruptStoreError
 from pipeline.losses import soften
-from pipeline.store import REEXPORT, LogitStore, bad_rows
+from pipeline.store import LogitStore, require_finite
 
 
 def _probs(store: LogitStore, start: int, stop: int) -> np.ndarray:
     block = store.read("test", start, stop)[:, 0, :]
-    bad = bad_rows(block)
-    if bad.any():
-        rows = (start + np.flatnonzero(bad))[:5].tolist()
-        raise CorruptStoreError(
-            f"{store.path}: test rows {rows} are missing or not finite ({int(bad.sum())} in rows "
-            f"{start}..{stop - 1}); the ensemble would count them as wrong answers. {REEXPORT[0].upper()}{REEXPORT[1:]}"
-        )
+    require_finite(store.path, "test", start, block, "the ensemble would count them as wrong answers")
     return soften(torch.from_numpy(block.astype(np.float32))).numpy()
 
 

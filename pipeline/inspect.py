@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.data import DatasetLabels, Labels
-from pipeline.errors import CorruptStoreError
 from pipeline.params import InspectParams
-from pipeline.store import REEXPORT, LogitStore, bad_rows
+from pipeline.store import LogitStore, require_finite
 
 HIST_BINS = 50  # bins of the entropy and max-probability histograms
 VIEW = 0  # the view of (N, V, C) stores that is audited: the un-augmented input
+NEEDS_FINITE = "the audit needs finite logits"  # what non-finite rows would break (CorruptStoreError)
 
 
 # -- pure statistics on a block of logits (B, C) -------------------------------------------------------
@@ -289,7 +289,7 @@ def stream(
     """Feed `split` of `store` to `acc` one zarr chunk of rows at a time, with the matching labels (and, for
     TargetStats, which rows are in the sorted `val_index`)."""
     for start, block in store.blocks(split):
-        _check_finite(store, split, start, block)
+        require_finite(store.path, split, start, block, NEEDS_FINITE)
         stop = start + len(block)
         y = np.asarray(labels[start:stop])
         if isinstance(acc, TargetStats):
@@ -307,20 +307,9 @@ def stream_pair(store: LogitStore, ref: LogitStore, split: str, labels: Labels, 
     for start, block in store.blocks(split):
         stop = start + len(block)
         ref_block = ref.read(split, start, stop)
-        _check_finite(store, split, start, block)
-        _check_finite(ref, split, start, ref_block)
+        require_finite(store.path, split, start, block, NEEDS_FINITE)
+        require_finite(ref.path, split, start, ref_block, NEEDS_FINITE)
         acc.update(start, block[:, VIEW, :], ref_block[:, VIEW, :], np.asarray(labels[start:stop]))
-
-
-def _check_finite(store: LogitStore, split: str, start: int, block: np.ndarray) -> None:
-    """Refuse rows holding NaN/Inf (a store read with verify=False, or written by other tools)."""
-    bad = bad_rows(block)
-    if bad.any():
-        rows = (start + np.flatnonzero(bad))[:5].tolist()
-        raise CorruptStoreError(
-            f"{store.path}: rows {rows} of '{split}' are missing or not finite ({int(bad.sum())} in this chunk); "
-            f"the audit needs finite logits: {REEXPORT}"
-        )
 
 
 def open_checked(path: Path, labels: DatasetLabels, verify: bool = True) -> LogitStore:

@@ -437,6 +437,19 @@ def bad_rows(block: np.ndarray) -> np.ndarray:
     return np.asarray((flat < 0).any(axis=1))
 
 
+def require_finite(path: Path | str, split: str, start: int, block: np.ndarray, consequence: str) -> None:
+    """Refuse the rows of `block` (rows `start`.. of `split` of the store at `path`) that hold NaN/Inf or a
+    fill value: a store read with verify=False, or written by other tools. `consequence` says what reading
+    them would do."""
+    bad = bad_rows(block)
+    if bad.any():
+        rows = (start + np.flatnonzero(bad))[:5].tolist()
+        raise CorruptStoreError(
+            f"{path}: rows {rows} of '{split}' are missing or not finite ({int(bad.sum())} in rows "
+            f"{start}..{start + len(block) - 1}); {consequence}: {REEXPORT}"
+        )
+
+
 def iter_blocks(arr: zarr.Array) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (start_row, rows) one chunk of rows at a time, so memory stays at one chunk."""
     step = arr.chunks[0]
