@@ -30,17 +30,11 @@ from pipeline.api import prepare_data
 from pipeline.controls import train_control
 from pipeline.data import load_prepared
 from pipeline.evaluate import accuracy, predict_logits, resolve_device
+from pipeline.paired_table import format_diff, paired_columns
 from pipeline.params import DataParams, TrainParams, parse_chain, parse_section
-from pipeline.stats import paired
-from pipeline.train import EpochLog
 from stages.common import ParamsFile
-
-
-def fmt_paired(a: list[float], b: list[float]) -> str:
-    p = paired([100 * x for x in a], [100 * x for x in b])
-    if p.n == 1:
-        return f"{p.mean:+.2f} (1 seed)"
-    return f"{p.mean:+.2f} [{p.low:+.2f}, {p.high:+.2f}]"
+from stages.progress import Progress
+from stages.train import epoch_hook
 
 
 def main() -> None:
@@ -81,20 +75,15 @@ def main() -> None:
             raise SystemExit(f"{args.sweep}: no run for seeds {missing}; pass the sweep of the same seeds")
 
     runs: list[dict[str, Any]] = []
+    epochs_per_gen = parse_section(TrainParams, "train", raw["train"]).epochs
     for seed in seeds:
         run: dict[str, Any] = {"seed": seed}
         for gen in gens:
-            epochs = (gen + 1) * parse_section(TrainParams, "train", raw["train"]).epochs
-            recipe = parse_section(TrainParams, "train", {**raw["train"], "seed": 100 * seed, "epochs": epochs})
+            train = {**raw["train"], "seed": 100 * seed, "epochs": (gen + 1) * epochs_per_gen}
+            recipe = parse_section(TrainParams, "train", train)
             t0 = time.perf_counter()
-
-            def progress(e: EpochLog, seed: int = seed, gen: int = gen, total: int = recipe.epochs) -> None:
-                if e.epoch % 10 == 0 or e.epoch == total:
-                    print(
-                        f"seed {seed} long control {gen}: epoch {e.epoch}/{total}, val acc {e.val_acc:.4f}", flush=True
-                    )
-
-            model = train_control(data, recipe, gen, chain.gens[gen], progress).model
+            with Progress(f"seed {seed} long control {gen}", recipe.epochs, unit="epoch", lines=10) as bar:
+                model = train_control(data, recipe, gen, chain.gens[gen], epoch_hook(bar)).model
             logits = predict_logits(model, data.x_test, recipe.eval_batch_size, resolve_device(recipe.device))
             run[f"Long-control-{gen}"] = accuracy(logits, data.y_test)
             run[f"long_control_{gen}_epochs"] = recipe.epochs
@@ -105,7 +94,8 @@ def main() -> None:
             print(f"seed {seed}: {run}", flush=True)
         runs.append(run)
         write_results(
-            args.name or f"long_controls_{Path(args.params).stem}", _payload(args, raw, seeds, gens, runs, data)
+            args.name or f"long_controls_{Path(args.params).stem}",
+            _payload(args, raw, seeds, gens, runs, len(data.y_test)),
         )
 
     rows = []
@@ -113,9 +103,11 @@ def main() -> None:
         longc = [r[f"Long-control-{gen}"] for r in runs]
         row = [gen, f"{(gen + 1)}x", f"{100 * sum(longc) / len(longc):.2f}"]
         if sweep:
-            ban = [r[f"BAN-{gen}"] for r in runs]
-            ctl = [r[f"Control-{gen}"] for r in runs]
-            row += [fmt_paired(ban, longc), fmt_paired(longc, ctl)]
+            longk = f"Long-control-{gen}"
+            row += [
+                format_diff(paired_columns(runs, f"BAN-{gen}", longk)),
+                format_diff(paired_columns(runs, longk, f"Control-{gen}")),
+            ]
         rows.append(row)
     headers = ["k", "epochs", "Long-control-k %"]
     if sweep:
@@ -131,14 +123,14 @@ def _payload(
     seeds: list[int],
     gens: list[int],
     runs: list[dict[str, Any]],
-    data: Any,
+    num_test: int,
 ) -> dict[str, Any]:
     return {
         "params": args.params,
         "sweep": args.sweep,
         "seeds": seeds[: len(runs)],
         "gens": gens,
-        "num_test": len(data.y_test),
+        "num_test": num_test,
         "train": raw["train"],
         "runs": runs,
         "machine": machine_info(),

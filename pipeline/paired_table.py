@@ -28,7 +28,8 @@ def _spread(vals: Sequence[float]) -> str:
     return f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f}"
 
 
-def _diff(p: Paired | None) -> str:
+def format_diff(p: Paired | None) -> str:
+    """A paired difference in points: mean [95% t-interval], or the mean alone for one seed."""
     if p is None:
         return DASH
     if p.n == 1 or math.isnan(p.half_width):
@@ -36,7 +37,8 @@ def _diff(p: Paired | None) -> str:
     return f"{p.mean:+.2f} [{p.low:+.2f}, {p.high:+.2f}]"
 
 
-def _pair(runs: Sequence[Mapping[str, float]], a: str, b: str) -> Paired | None:
+def paired_columns(runs: Sequence[Mapping[str, float]], a: str, b: str) -> Paired | None:
+    """Column `a` minus column `b` (accuracies 0..1) in points, paired over the runs that have both."""
     both = [r for r in runs if a in r and b in r]
     if not both:
         return None
@@ -70,10 +72,10 @@ def paired_rows(runs: Sequence[Mapping[str, float]]) -> list[PairedRow]:
                 k=k,
                 ban=[r[ban] for r in runs if ban in r],
                 control=[r[ctl] for r in runs if ctl in r],
-                ban_minus_control=_pair(runs, ban, ctl),
+                ban_minus_control=paired_columns(runs, ban, ctl),
                 ens=[r[ens] for r in runs if ens in r],
                 control_ens=[r[cens] for r in runs if cens in r],
-                ens_minus_control_ens=_pair(runs, ens, cens),
+                ens_minus_control_ens=paired_columns(runs, ens, cens),
             )
         )
     return rows
@@ -96,10 +98,10 @@ def format_paired_table(runs: Sequence[Mapping[str, float]], network: str, num_t
         cells = [
             _spread(row.ban),
             _spread(row.control),
-            _diff(row.ban_minus_control),
+            format_diff(row.ban_minus_control),
             _spread(row.ens),
             _spread(row.control_ens),
-            _diff(row.ens_minus_control_ens),
+            format_diff(row.ens_minus_control_ens),
         ]
         lines.append(f"| {row.k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
