@@ -32,8 +32,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline.models import ARCHS, register  # noqa: E402
-from pipeline.store import LogitStore  # noqa: E402
+from pipeline.cache.store import LogitStore  # noqa: E402
+from pipeline.models.registry import ARCHS, register  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FINGERPRINT = "be" * 32  # dataset fingerprint of synthetic stores (no dataset behind them)
@@ -299,7 +299,7 @@ def _create_custom(
 ) -> LogitStore:
     import zarr
 
-    from pipeline.store import FORMAT
+    from pipeline.cache.store import FORMAT
 
     full = {
         **attrs,
@@ -384,7 +384,7 @@ for _name, _fn in (("bench_cnn2d", bench_cnn2d), ("bench_resnet8", bench_resnet8
 
 def write_dataset(root: Path, dataset: str, setting: dict[str, Any]):  # -> PreparedData
     """dataset.h5 under `root`: MNIST-1D (4000 train, 1000 test rows) or synthetic images per `setting`."""
-    from pipeline.data import MNIST1D_CLASSES, load_prepared, make_mnist1d, write_prepared
+    from pipeline.data.prepared import MNIST1D_CLASSES, load_prepared, make_mnist1d, write_prepared
 
     if dataset == "mnist1d":
         arrays, names = make_mnist1d(5000), MNIST1D_CLASSES

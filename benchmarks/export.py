@@ -1,7 +1,7 @@
 """Benchmark: what exporting a generation's logits to the store costs beyond the inference it needs.
 
 Arms, alternating in one process (order rotated every round), medians over --reps rounds:
-  export     pipeline.export.export_logits(checkpoint, data, fresh_out_dir, ExportParams(), device): load and
+  export     pipeline.teachers.export.export_logits(checkpoint, data, fresh_out_dir, ExportParams(), device): load and
              hash the checkpoint, infer train and test in chunks of 1024 rows while a writer thread encodes
              and writes the previous chunks to a float16 zarr store, seal it (re-read, check finiteness,
              sha256, marker), rename it into place, reopen it.
@@ -40,13 +40,13 @@ from _benchlib import (
     write_results,
 )
 
-from pipeline.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from pipeline.data import load_prepared
-from pipeline.evaluate import predict_logits
-from pipeline.export import WRITE_AHEAD, export_logits
-from pipeline.models import build_model
+from pipeline.data.prepared import load_prepared
+from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pipeline.models.predict import predict_logits
+from pipeline.models.registry import build_model
 from pipeline.params import ExportParams, GenParams, TrainParams
-from pipeline.train import checkpoint_meta
+from pipeline.teachers.export import WRITE_AHEAD, export_logits
+from pipeline.train.loop import checkpoint_meta
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "mnist1d": {"arch": "cnn1d"},  # 4000 train + 1000 test rows, 10 classes

@@ -30,9 +30,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.data import FORMAT as DATASET_FORMAT  # noqa: E402
-from pipeline.layout import Layout  # noqa: E402
-from pipeline.store import LogitStore  # noqa: E402
+from pipeline.cache.store import LogitStore  # noqa: E402
+from pipeline.core.paths import ProjectPaths  # noqa: E402
+from pipeline.data.prepared import FORMAT as DATASET_FORMAT  # noqa: E402
 
 FINGERPRINT = "00" * 32
 
@@ -44,7 +44,7 @@ def _peak_rss_mib() -> float:
 def build(root: Path, rows: int, test_rows: int, classes: int, chunk_rows: int, seed: int = 0) -> float:
     """Write cache/gen-0 and data/dataset.h5 (labels only) chunk by chunk; returns seconds taken."""
     t0 = time.perf_counter()
-    layout = Layout(root)
+    layout = ProjectPaths(root)
     names = [f"class-{i}" for i in range(classes)]
     attrs = {
         "generation": 0,
@@ -90,7 +90,7 @@ def _inspect_child(root: str, queue: mp.Queue) -> None:
 
     baseline = _peak_rss_mib()  # interpreter and imports (numpy, zarr, h5py, torch, matplotlib)
     t0 = time.perf_counter()
-    m = stage.run(ParamsFile({"inspect": {}}), Layout(Path(root)), 0)
+    m = stage.run(ParamsFile({"inspect": {}}), ProjectPaths(Path(root)), 0)
     queue.put(
         {
             "seconds": time.perf_counter() - t0,

@@ -27,11 +27,12 @@ from typing import Any
 from _benchlib import machine_info, pick_workdir, table, write_results
 
 from pipeline.api import prepare_data
-from pipeline.controls import train_control
-from pipeline.data import load_prepared
-from pipeline.evaluate import accuracy, predict_logits, resolve_device
-from pipeline.paired_table import format_diff, paired_columns
+from pipeline.core.devices import resolve_device
+from pipeline.data.prepared import load_prepared
+from pipeline.models.predict import accuracy, predict_logits
 from pipeline.params import DataParams, TrainParams, parse_chain, parse_section
+from pipeline.results.paired import format_diff, paired_columns
+from pipeline.train.controls import train_control
 from stages.common import ParamsFile
 from stages.progress import Progress
 from stages.train import epoch_hook

@@ -7,9 +7,9 @@ Arms, alternating in one process, batches of --batch rows, medians of --reps rou
 
   per-batch      the previous over-budget path: every batch is `zarr.Array.oindex[unique rows]` (zarr decodes
                  each touched chunk whole, for a few rows of it), in a uniform shuffle
-  streaming      `CachedTargets(max_memory_bytes=budget)`: whole chunks through `pipeline.stream.ChunkCache`
+  streaming      `CachedTargets(max_memory_bytes=budget)`: whole chunks through `pipeline.cache.stream.ChunkCache`
                  (40 chunks, 16 prefetched in the background), in the epoch order of
-                 `pipeline.stream.BlockShuffleSampler` (chunks shuffled, rows shuffled within blocks of 16)
+                 `pipeline.cache.stream.BlockShuffleSampler` (chunks shuffled, rows shuffled within blocks of 16)
   streaming, uniform order  the same reader in a uniform shuffle: what the block order buys
   in-memory      (stores up to 1 GiB) the split loaded whole within the default budget, numpy gathers
 
@@ -50,8 +50,8 @@ from _benchlib import (
     write_results,
 )
 
-from pipeline.reader import CachedTargets
-from pipeline.stream import DEFAULT_WINDOW, BlockShuffleSampler
+from pipeline.cache.reader import CachedTargets
+from pipeline.cache.stream import DEFAULT_WINDOW, BlockShuffleSampler
 
 SCALES = {"cifar100": (50_000, 100), "imagenet": (1_281_167, 1000)}
 CONSUMER = 3000.0  # images/s of a ResNet-50 student on one H100

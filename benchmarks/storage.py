@@ -30,8 +30,8 @@ import numpy as np
 import zarr
 from _benchlib import machine_info, pick_workdir, table, teacher_like_logits, write_results
 
-from pipeline.inspect import log_softmax
-from pipeline.store import LogitStore, iter_blocks
+from pipeline.audit.statistics import log_softmax
+from pipeline.cache.store import LogitStore, iter_blocks
 
 CHUNK_ROWS = 1024
 

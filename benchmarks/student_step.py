@@ -2,8 +2,8 @@
 and against online distillation with the teacher in memory.
 
 Arms (same architecture, data, batch size, optimizer, step options and seed; one model per arm). The
-library's training path is `pipeline.train.train_one_epoch` over batches from either input path:
-  plain            device-resident input (pipeline.device_data.ResidentInput), loss 'ce', no teacher
+library's training path is `pipeline.train.loop.train_one_epoch` over batches from either input path:
+  plain            device-resident input (pipeline.train.resident.ResidentInput), loss 'ce', no teacher
   offline          device-resident input and targets (DeviceTargets gathered by index), loss 'ban'
   online           device-resident input; the teacher model (eval mode) runs a no_grad forward per batch
   plain-stream     the streaming path (DataLoader + loader_batches), loss 'ce': the path beyond the budget
@@ -22,8 +22,8 @@ warm-up round; medians and median per-round ratios. Peak memory: one fresh subpr
 RSS high-water mark cannot be reset), running --mem-epochs epochs; peak RSS on CPU (VmHWM),
 torch.cuda.max_memory_allocated on CUDA.
 
-The teacher (generation 0) is trained for one epoch from labels, saved with pipeline.checkpoint and
-exported with pipeline.export.export_logits, exactly as `bancache export-logits` does.
+The teacher (generation 0) is trained for one epoch from labels, saved with pipeline.models.checkpoint and
+exported with pipeline.teachers.export.export_logits, exactly as `bancache export-logits` does.
 
     .venv/bin/python benchmarks/student_step.py                              # MNIST-1D, 4000 rows, cnn1d
     .venv/bin/python benchmarks/student_step.py --dataset synthetic-images   # 10000 x 3x32x32, bench_cnn2d
@@ -60,17 +60,24 @@ from _benchlib import (
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline.augment import AugParams, apply_params
-from pipeline.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from pipeline.data import IndexedDataset, PreparedData, load_prepared
-from pipeline.device_data import DeviceTargets, ResidentInput
-from pipeline.export import export_logits
+from pipeline.cache.reader import CachedTargets
+from pipeline.data.augment import AugParams, apply_params
+from pipeline.data.prepared import IndexedDataset, PreparedData, load_prepared
 from pipeline.losses import generation_loss
-from pipeline.models import build_model
+from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pipeline.models.registry import build_model
 from pipeline.params import ExportParams, GenParams, TrainParams
-from pipeline.reader import CachedTargets
-from pipeline.train import StepOptions, checkpoint_meta, make_criterion, make_optimizer, step_options, train_one_epoch
-from pipeline.train_input import loader_batches
+from pipeline.teachers.export import export_logits
+from pipeline.train.inputs import loader_batches
+from pipeline.train.loop import (
+    StepOptions,
+    checkpoint_meta,
+    make_criterion,
+    make_optimizer,
+    step_options,
+    train_one_epoch,
+)
+from pipeline.train.resident import DeviceTargets, ResidentInput
 
 ARMS = ("plain", "offline", "online", "plain-stream", "offline-stream", "reference", "reference-offline")
 SETTINGS: dict[str, dict[str, Any]] = {

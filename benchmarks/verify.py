@@ -40,9 +40,9 @@ from _benchlib import (
 from _benchlib import alternate as run_alternating
 from zarr.codecs import ZstdCodec
 
-from pipeline.data import load_prepared, write_prepared
-from pipeline.reader import CachedTargets
-from pipeline.store import LogitStore
+from pipeline.cache.reader import CachedTargets
+from pipeline.cache.store import LogitStore
+from pipeline.data.prepared import load_prepared, write_prepared
 
 
 def store_arms(root: Path, rows: int, classes: int) -> dict[str, Any]:

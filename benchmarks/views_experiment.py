@@ -30,16 +30,17 @@ import numpy as np
 import torch
 from _benchlib import dir_bytes, machine_info, pick_workdir, set_threads, table, write_results
 
-from pipeline.augment import augment_batch
-from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
-from pipeline.data import IndexedDataset, PreparedData, load_prepared, write_prepared
-from pipeline.datasets import load_dataset
-from pipeline.evaluate import accuracy, predict_logits, resolve_device
-from pipeline.export import export_logits
+from pipeline.core.devices import resolve_device
+from pipeline.data.augment import augment_batch
+from pipeline.data.prepared import IndexedDataset, PreparedData, load_prepared, write_prepared
+from pipeline.data.sources import load_dataset
 from pipeline.losses import generation_loss
-from pipeline.models import ImageInput, build_model
+from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint
+from pipeline.models.predict import accuracy, predict_logits
+from pipeline.models.registry import ImageInput, build_model
 from pipeline.params import ExportParams, GenParams, TrainParams
-from pipeline.train import (
+from pipeline.teachers.export import export_logits
+from pipeline.train.loop import (
     checkpoint_meta,
     make_optimizer,
     make_scheduler,

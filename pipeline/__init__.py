@@ -1,7 +1,7 @@
 """bancache: Born-Again Networks and knowledge distillation with an offline logit cache.
 
 The Python API (see README, "Python API"); names are imported on first use, so `import pipeline` stays
-light (pipeline.train and pipeline.export are the modules behind train_model and export_store):
+light (pipeline.train.loop and pipeline.teachers.export are the modules behind train_model and export_store):
 
     prepare_data(path, *, params=DataParams(...)) -> PreparedData
     train_model(data, *, gen, recipe=TrainParams(...), generation=GenParams(...), teacher_store=None, out=None)
@@ -22,16 +22,16 @@ _EXPORTS = {
     "train_model": "pipeline.api",
     "export_store": "pipeline.api",
     "open_targets": "pipeline.api",
-    "load_prepared": "pipeline.data",
-    "PreparedData": "pipeline.data",
-    "CachedTargets": "pipeline.reader",
-    "LogitStore": "pipeline.store",
+    "load_prepared": "pipeline.data.prepared",
+    "PreparedData": "pipeline.data.prepared",
+    "CachedTargets": "pipeline.cache.reader",
+    "LogitStore": "pipeline.cache.store",
     "DataParams": "pipeline.params",
     "TrainParams": "pipeline.params",
     "GenParams": "pipeline.params",
     "ExportParams": "pipeline.params",
-    "TrainResult": "pipeline.train",
-    "EpochLog": "pipeline.train",
+    "TrainResult": "pipeline.train.loop",
+    "EpochLog": "pipeline.train.loop",
     "ban_loss": "pipeline.losses",
     "ban_l_loss": "pipeline.losses",
     "kd_loss": "pipeline.losses",

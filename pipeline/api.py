@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.data import MNIST1D_CLASSES, PreparedData, load_prepared, make_mnist1d, write_prepared
+from pipeline.cache.reader import CachedTargets
+from pipeline.data.prepared import MNIST1D_CLASSES, PreparedData, load_prepared, make_mnist1d, write_prepared
 from pipeline.params import DataParams, ExportParams, GenParams, TrainParams, parse_generation, parse_section
-from pipeline.reader import CachedTargets
-from pipeline.train import EpochLog, TrainResult
+from pipeline.train.loop import EpochLog, TrainResult
 
 P = TypeVar("P")
 PathLike = str | os.PathLike[str]
@@ -48,7 +48,7 @@ def prepare_data(path: PathLike, *, params: DataParams | None = None) -> Prepare
     if p.dataset == "mnist1d":
         arrays, names = make_mnist1d(p.num_samples), MNIST1D_CLASSES
     else:
-        from pipeline.datasets import load_dataset
+        from pipeline.data.sources import load_dataset
 
         loaded = load_dataset(
             p.dataset, p.root, download=p.download, size=p.size, n_train=p.n_train, n_test=p.n_test, seed=p.split_seed
@@ -71,8 +71,8 @@ def train_model(
 ) -> TrainResult:
     """Train generation `gen` (0: from labels; K >= 1: from `teacher_store`, the cached logits of
     `generation.teacher`) and, with `out`, save its checkpoint there (what `export` reads)."""
-    from pipeline.store import LogitStore
-    from pipeline.train import checkpoint_meta, save_generation, train_generation
+    from pipeline.cache.store import LogitStore
+    from pipeline.train.loop import checkpoint_meta, save_generation, train_generation
 
     r = _checked(TrainParams, "train", recipe)  # params first: a bad value fails before any work
     raw = dataclasses.asdict(generation) if generation is not None else {}
@@ -97,8 +97,8 @@ def export_store(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Write the logit store `out` from a checkpoint saved by `train_model(..., out=)`; returns its attributes."""
-    from pipeline.evaluate import resolve_device
-    from pipeline.export import export_logits
+    from pipeline.core.devices import resolve_device
+    from pipeline.teachers.export import export_logits
 
     p = _checked(ExportParams, "export", params)
     return export_logits(Path(checkpoint), _data(data), Path(out), p, resolve_device(device))
@@ -110,7 +110,7 @@ def open_targets(
     """The cached targets of `split` of `store`, read by dataset row index (`rows`, `target`). With `data`,
     the store is checked against that dataset (fingerprint, rows, classes); without, its own attributes
     are trusted."""
-    from pipeline.store import LogitStore
+    from pipeline.cache.store import LogitStore
 
     if data is None:
         attrs = LogitStore.open(store).attrs

@@ -6,7 +6,7 @@ T = temperature, q_T = softmax(s / T), p_T = softmax(t / T). Every loss is avera
 not shrink as T grows; at T = 1 (the BAN paper's setting) the factor is 1.
 
 Every `teacher` argument also accepts a `Probs`: a teacher distribution given directly instead of logits,
-as sparse stores provide (top-k or sampled classes, `pipeline.reader.CachedTargets.target`). Its
+as sparse stores provide (top-k or sampled classes, `pipeline.cache.reader.CachedTargets.target`). Its
 temperature was applied when it was built, so `soften` returns it unchanged.
 """
 
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.params import LOSSES
+LOSSES = ("ce", "ban", "ban+l", "kd", "cwtm", "dkpp")
+TEACHER_LOSSES = LOSSES[1:]  # every loss but ce learns from a teacher's cached logits
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def generation_loss(
     alpha: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Dispatch on the loss name of params (`pipeline.params.LOSSES`)."""
+    """Dispatch on the loss name of params (`LOSSES`)."""
     if name == "ce":
         return ce_loss(student, labels)
     if teacher is None:

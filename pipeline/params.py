@@ -14,17 +14,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pipeline.errors import ParamsError
+from pipeline.cache.store import LAYOUTS
+from pipeline.core.errors import ParamsError
+from pipeline.losses import LOSSES, TEACHER_LOSSES
 
-LOSSES = ("ce", "ban", "ban+l", "kd", "cwtm", "dkpp")
-TEACHER_LOSSES = LOSSES[1:]  # every loss but ce learns from a teacher's cached logits
 DATASETS = ("mnist1d", "cifar10", "cifar100", "npz", "imagefolder")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant", "step", "onecycle")
 SELECTIONS = ("last", "best_val")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float16", "float32")
-LAYOUTS = ("dense", "topk", "sampled")
 VIEW_POLICIES = ("clean", "cycle", "random")
 
 T = TypeVar("T")
@@ -96,7 +95,7 @@ def _range(where: str, value: float, lo: float, hi: float | None, lo_open: bool 
 def _check_arch(where: str, arch: str) -> None:
     import torch
 
-    from pipeline.models import ARCHS, lookup
+    from pipeline.models.registry import ARCHS, lookup
 
     found = lookup(arch)
     if found is not None and arch not in ARCHS:

@@ -13,8 +13,8 @@ from typing import Any
 import click
 
 from pipeline import __version__
-from pipeline.errors import BancacheError
-from pipeline.layout import Layout
+from pipeline.core.errors import BancacheError
+from pipeline.core.paths import ProjectPaths
 from stages import progress
 from stages.common import ParamsFile
 
@@ -36,7 +36,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 class Ctx:
     def __init__(self, params: str, root: str, trust_stores: bool = False) -> None:
         self.params_path = params
-        self.layout = Layout(Path(root))
+        self.layout = ProjectPaths(Path(root))
         self.verify = not trust_stores
 
     def argv(self, *command: str) -> list[str]:
@@ -195,8 +195,8 @@ def report(obj: Ctx) -> None:
 @_user_errors
 def sweep(obj: Ctx, seeds: str, losses: str, out: str, controls: bool) -> None:
     """Run the whole chain for several seeds and write a mean +- std table (results/sweep/table.md)."""
-    from pipeline.errors import ParamsError
-    from pipeline.params import TEACHER_LOSSES
+    from pipeline.core.errors import ParamsError
+    from pipeline.losses import TEACHER_LOSSES
     from stages import sweep as stage
 
     try:

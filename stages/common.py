@@ -8,7 +8,7 @@ from typing import Any
 
 from ruamel.yaml import YAML, YAMLError
 
-from pipeline.errors import ParamsError
+from pipeline.core.errors import ParamsError
 from pipeline.params import (
     DataParams,
     ExportParams,

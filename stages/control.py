@@ -1,7 +1,7 @@
 """Stage `control` (generation K >= 1): params train, students.K and controls.
 
 With `controls: true`, trains control-K (labels only, generation K's seed, initial weights and batch
-order; `pipeline.controls`) into controls/gen-K/: model.pt, test_logits.npy (float32, test rows in order)
+order; `pipeline.train.controls`) into controls/gen-K/: model.pt, test_logits.npy (float32, test rows in order)
 and metrics.json. With `controls: false` (the default) it writes only metrics.json saying so, so that
 `dvc repro` costs nothing extra. `bancache report` reads controls/ for the paired table.
 """
@@ -13,21 +13,22 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.checkpoint import save_checkpoint
-from pipeline.controls import control_params, train_control
-from pipeline.data import load_prepared
-from pipeline.errors import ParamsError
-from pipeline.evaluate import accuracy, predict_logits, resolve_device
-from pipeline.io import atomic_path, write_json
-from pipeline.layout import Layout
+from pipeline.core.devices import resolve_device
+from pipeline.core.errors import ParamsError
+from pipeline.core.files import atomic_path, write_json
+from pipeline.core.paths import ProjectPaths
+from pipeline.data.prepared import load_prepared
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.predict import accuracy, predict_logits
 from pipeline.params import TrainParams, parse_generation, parse_section
-from pipeline.train import checkpoint_meta
+from pipeline.train.controls import control_params, train_control
+from pipeline.train.loop import checkpoint_meta
 from stages.common import ParamsFile
 from stages.progress import Progress
 from stages.train import epoch_hook
 
 
-def control_dir(layout: Layout, gen: int) -> Path:
+def control_dir(layout: ProjectPaths, gen: int) -> Path:
     return layout.root / "controls" / f"gen-{gen}"
 
 
@@ -40,7 +41,7 @@ def enabled(params: ParamsFile) -> bool:
     return value
 
 
-def run(params: ParamsFile, layout: Layout, gen: int) -> dict[str, Any]:
+def run(params: ParamsFile, layout: ProjectPaths, gen: int) -> dict[str, Any]:
     """Train control-`gen` into controls/gen-`gen`/ (or record that controls are off)."""
     out = control_dir(layout, gen)
     out.mkdir(parents=True, exist_ok=True)

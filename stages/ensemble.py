@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.data import load_prepared
-from pipeline.ensemble import evaluate_chain
-from pipeline.io import write_json
-from pipeline.layout import Layout
+from pipeline.core.files import write_json
+from pipeline.core.paths import ProjectPaths
+from pipeline.data.prepared import load_prepared
 from pipeline.params import student_keys
+from pipeline.results.ensemble import evaluate_chain
 from stages.common import ParamsFile
 
 
-def run(params: ParamsFile, layout: Layout, verify: bool = True) -> dict[str, Any]:
+def run(params: ParamsFile, layout: ProjectPaths, verify: bool = True) -> dict[str, Any]:
     gens = [0, *student_keys(params.get("students"))]
     data = load_prepared(layout.dataset, verify=verify)
     metrics = evaluate_chain({g: layout.store(g) for g in gens}, data, verify=verify)

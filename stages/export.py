@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.data import load_prepared
-from pipeline.evaluate import resolve_device
-from pipeline.export import export_logits
-from pipeline.layout import Layout
+from pipeline.core.devices import resolve_device
+from pipeline.core.paths import ProjectPaths
+from pipeline.data.prepared import load_prepared
 from pipeline.params import ExportParams, parse_section
+from pipeline.teachers.export import export_logits
 from stages.common import ParamsFile
 from stages.launch import worker_context
 from stages.progress import Progress
 
 
-def run(params: ParamsFile, layout: Layout, gen: int, verify: bool = True) -> dict[str, Any]:
+def run(params: ParamsFile, layout: ProjectPaths, gen: int, verify: bool = True) -> dict[str, Any]:
     p = parse_section(ExportParams, "export", params.get("export"))
     data = load_prepared(layout.dataset, verify=verify)
     ctx = worker_context(params)

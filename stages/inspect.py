@@ -11,16 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.convert import convert_store
-from pipeline.data import DatasetLabels, open_labels
-from pipeline.errors import ParamsError
-from pipeline.fitness import fitness_warnings, store_fitness
-from pipeline.inspect import audit_store, compare_stores, open_checked
-from pipeline.inspect_plots import metrics_only, write_comparison, write_store_audit
-from pipeline.io import write_json, write_text
-from pipeline.layout import Layout
+from pipeline.audit.files import metrics_only, write_comparison, write_store_audit
+from pipeline.audit.fitness import fitness_warnings, store_fitness
+from pipeline.audit.statistics import audit_store, compare_stores, open_checked
+from pipeline.cache.convert import convert_store
+from pipeline.cache.store import MARKER, LogitStore
+from pipeline.core.errors import ParamsError
+from pipeline.core.files import write_json, write_text
+from pipeline.core.paths import ProjectPaths
+from pipeline.data.prepared import DatasetLabels, open_labels
 from pipeline.params import InspectParams, parse_section, student_keys
-from pipeline.store import MARKER, LogitStore
 from stages.common import ParamsFile
 from stages.progress import Progress
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def run(
-    params: ParamsFile, layout: Layout, gen: int, against: int | None = None, verify: bool = True
+    params: ParamsFile, layout: ProjectPaths, gen: int, against: int | None = None, verify: bool = True
 ) -> dict[str, Any]:
     """Write the audit (or comparison) of generation `gen`; returns its metrics. `verify` False skips
     re-hashing the stores against their markers (trusted stores)."""
@@ -77,7 +77,7 @@ def add_fitness(out: Path, metrics: dict[str, Any], store: Path, labels: Dataset
 
 
 def _chain(
-    params: ParamsFile, layout: Layout, labels: DatasetLabels, temperature: float, verify: bool = True
+    params: ParamsFile, layout: ProjectPaths, labels: DatasetLabels, temperature: float, verify: bool = True
 ) -> list[dict] | None:
     """KL and agreement of every consecutive pair of generations, or None if a store is missing."""
     gens = [0, *student_keys(params.get("students"))]
@@ -101,7 +101,7 @@ def _chain(
     return rows
 
 
-def convert(layout: Layout, gen: int, fmt: str, out: str | Path, verify: bool = True) -> Path:
+def convert(layout: ProjectPaths, gen: int, fmt: str, out: str | Path, verify: bool = True) -> Path:
     """Export cache/gen-K to `out` as HDF5 (`h5`) or numpy (`npz`), checked against its marker as it is
     copied unless `verify` is False; `out` without an extension gets `.h5` / `.npz`, one with another
     extension is refused."""

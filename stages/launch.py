@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from pipeline.distributed import DistContext, context_from_env, init
+from pipeline.core.distributed import DistContext, context_from_env, init
 from pipeline.params import LaunchParams, parse_section
 from stages.common import ParamsFile
 

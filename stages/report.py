@@ -8,15 +8,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.controls import control_columns
-from pipeline.io import write_text
-from pipeline.layout import Layout
-from pipeline.paired_table import format_paired_table
-from pipeline.report import chain_columns, format_table
-from pipeline.store import LogitStore
+from pipeline.cache.store import LogitStore
+from pipeline.core.files import write_text
+from pipeline.core.paths import ProjectPaths
+from pipeline.results.paired import control_columns, format_paired_table
+from pipeline.results.tables import chain_columns, format_table
 
 
-def run(layout: Layout) -> str:
+def run(layout: ProjectPaths) -> str:
     metrics = json.loads(layout.ensemble_metrics.read_text())
     gens = sorted(int(k[3:]) for k in metrics["accuracy"] if k.startswith("gen"))
     lines = ["# bancache report", "", format_table([chain_columns(metrics)], _network(layout, gens)), ""]
@@ -39,7 +38,7 @@ def run(layout: Layout) -> str:
     return text
 
 
-def controls_section(layout: Layout, metrics: dict[str, Any], gens: list[int]) -> list[str]:
+def controls_section(layout: ProjectPaths, metrics: dict[str, Any], gens: list[int]) -> list[str]:
     """The paired table of this run (one seed) when controls/gen-K/test_logits.npy exist for its students."""
     logits = {}
     for g in gens[1:]:
@@ -54,7 +53,7 @@ def controls_section(layout: Layout, metrics: dict[str, Any], gens: list[int]) -
     return ["", format_paired_table([run], _network(layout, gens), len(y))]
 
 
-def fitness_flags(layout: Layout, gens: list[int]) -> list[str]:
+def fitness_flags(layout: ProjectPaths, gens: list[int]) -> list[str]:
     """The teacher-fitness warnings each student's training recorded (metrics/train/gen-K.json)."""
     flags = []
     for g in gens[1:]:
@@ -65,6 +64,6 @@ def fitness_flags(layout: Layout, gens: list[int]) -> list[str]:
     return ["", "## Teacher fitness flags", "", *flags] if flags else []
 
 
-def _network(layout: Layout, gens: list[int]) -> str:
+def _network(layout: ProjectPaths, gens: list[int]) -> str:
     archs = [LogitStore.open(layout.store(g)).attrs["arch"] for g in gens]
     return archs[0] if len(set(archs)) == 1 else " -> ".join(archs)

@@ -15,15 +15,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.controls import control_columns, train_control
-from pipeline.data import PreparedData, load_prepared
-from pipeline.evaluate import accuracy, predict_logits, resolve_device
-from pipeline.io import write_json, write_text
-from pipeline.layout import Layout
-from pipeline.paired_table import format_paired_table
+from pipeline.core.devices import resolve_device
+from pipeline.core.files import write_json, write_text
+from pipeline.core.paths import ProjectPaths
+from pipeline.data.prepared import PreparedData, load_prepared
+from pipeline.models.predict import accuracy, predict_logits
 from pipeline.params import TrainParams, parse_chain, parse_generation, parse_section, student_keys
-from pipeline.report import LOSS_COLUMNS, chain_columns, format_table
-from pipeline.train import train_generation
+from pipeline.results.paired import control_columns, format_paired_table
+from pipeline.results.tables import LOSS_COLUMNS, chain_columns, format_table
+from pipeline.train.controls import train_control
+from pipeline.train.loop import train_generation
 from stages import ensemble, export, prepare, train
 from stages.common import ParamsFile
 from stages.progress import Progress, note
@@ -50,7 +51,7 @@ def run_seed(
     raw = copy.deepcopy(params.raw)
     raw.setdefault("train", {})["seed"] = 100 * seed
     p = ParamsFile(raw)
-    layout = Layout(root)
+    layout = ProjectPaths(root)
     layout.dataset.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(dataset, layout.dataset)
     for gen in [0, *student_keys(raw.get("students"))]:
@@ -76,8 +77,8 @@ def run_seed(
 def run(params: ParamsFile, out: Path, seeds: list[int], losses: list[str], controls: bool = False) -> str:
     """Run every seed, write sweep.json after each and table.md (Table 2 shape, plus the paired table)."""
     out.mkdir(parents=True, exist_ok=True)
-    dataset = Layout(out).dataset
-    prepare.run(params, Layout(out))
+    dataset = ProjectPaths(out).dataset
+    prepare.run(params, ProjectPaths(out))
     num_test = len(load_prepared(dataset).y_test)
     runs: list[dict[str, Any]] = []
     with Progress("sweep", len(seeds), unit="seed") as bar:

@@ -11,16 +11,17 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from pipeline.data import PreparedData, load_prepared
-from pipeline.distributed import DistContext, barrier, context_from_env
-from pipeline.errors import ParamsError
-from pipeline.evaluate import accuracy, predict_logits, resolve_device
-from pipeline.fitness import check_teacher
-from pipeline.io import write_json, write_text
-from pipeline.layout import Layout
+from pipeline.audit.fitness import check_teacher
+from pipeline.cache.store import LogitStore
+from pipeline.core.devices import resolve_device
+from pipeline.core.distributed import DistContext, barrier, context_from_env
+from pipeline.core.errors import ParamsError
+from pipeline.core.files import write_json, write_text
+from pipeline.core.paths import ProjectPaths
+from pipeline.data.prepared import PreparedData, load_prepared
+from pipeline.models.predict import accuracy, predict_logits
 from pipeline.params import TrainParams, parse_generation, parse_section, section_of
-from pipeline.store import LogitStore
-from pipeline.train import EpochLog, TrainResult, checkpoint_meta, save_generation, train_generation
+from pipeline.train.loop import EpochLog, TrainResult, checkpoint_meta, save_generation, train_generation
 from stages.common import ParamsFile
 from stages.launch import worker_context
 from stages.progress import Progress
@@ -36,7 +37,9 @@ def epoch_hook(bar: Progress) -> Callable[[EpochLog], None]:
     return hook
 
 
-def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False, verify: bool = True) -> dict[str, Any]:
+def run(
+    params: ParamsFile, layout: ProjectPaths, gen: int, resume: bool = False, verify: bool = True
+) -> dict[str, Any]:
     """Train generation `gen`; with `resume`, continue a killed run of the same config from its last epoch;
     `verify` False skips re-hashing the dataset and the teacher's store (trusted files)."""
     recipe = parse_section(TrainParams, "train", params.get("train"))
@@ -85,7 +88,7 @@ def run(params: ParamsFile, layout: Layout, gen: int, resume: bool = False, veri
 
 
 def _write_outputs(
-    layout: Layout,
+    layout: ProjectPaths,
     gen: int,
     data: PreparedData,
     recipe: TrainParams,

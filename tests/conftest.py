@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.layout import Layout
+from pipeline.core.paths import ProjectPaths
 from stages.common import ParamsFile
 
 TINY: dict[str, Any] = {
@@ -36,16 +36,16 @@ def prepared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from stages import prepare
 
     root = tmp_path_factory.mktemp("prepared")
-    prepare.run(ParamsFile(tiny_params()), Layout(root))
+    prepare.run(ParamsFile(tiny_params()), ProjectPaths(root))
     return root
 
 
 @pytest.fixture
-def project(tmp_path: Path, prepared_root: Path) -> Layout:
+def project(tmp_path: Path, prepared_root: Path) -> ProjectPaths:
     """A fresh project root with the prepared tiny dataset copied in."""
-    layout = Layout(tmp_path)
+    layout = ProjectPaths(tmp_path)
     layout.dataset.parent.mkdir(parents=True)
-    layout.dataset.write_bytes(Layout(prepared_root).dataset.read_bytes())
+    layout.dataset.write_bytes(ProjectPaths(prepared_root).dataset.read_bytes())
     return layout
 
 
@@ -57,9 +57,9 @@ def exported_root(tmp_path_factory: pytest.TempPathFactory, prepared_root: Path)
     from stages import export, train
 
     root = tmp_path_factory.mktemp("exported")
-    layout = Layout(root)
+    layout = ProjectPaths(root)
     layout.dataset.parent.mkdir(parents=True)
-    layout.dataset.write_bytes(Layout(prepared_root).dataset.read_bytes())
+    layout.dataset.write_bytes(ProjectPaths(prepared_root).dataset.read_bytes())
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     params = ParamsFile(tiny_params())
     train.run(params, layout, 0)

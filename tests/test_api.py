@@ -28,7 +28,9 @@ def test_readme_chain_example_runs(tmp_path: Path, monkeypatch, capsys) -> None:
     assert re.search(r"generation 1: val acc 0\.\d{3}", out), out
     assert "torch.Size([3, 10]) {'loss': 'ce', 'temperature': 1.0, 'alpha': 0.5, 'teacher': None, 'seed': 0}" in out
     ckpt = pipeline.LogitStore.open(tmp_path / "cache/gen-0").attrs["checkpoint_sha256"]
-    meta = __import__("pipeline.checkpoint").checkpoint.load_checkpoint(tmp_path / "models/gen-1/model.pt")["meta"]
+    from pipeline.models.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(tmp_path / "models/gen-1/model.pt")["meta"]
     assert meta["teacher_store_checkpoint_sha256"] == ckpt and meta["temperature"] == 2.0
 
     # Then the user's own model and DataLoader against the same store: the BAN loss goes down.
@@ -59,7 +61,7 @@ def test_target_takes_views_and_temperature_by_keyword_only(exported_root: Path)
 
 
 def test_api_validates_params_like_params_yaml(tmp_path: Path) -> None:
-    from pipeline.errors import ParamsError
+    from pipeline.core.errors import ParamsError
 
     with pytest.raises(ParamsError, match="train.epochs = 0: must be >= 1"):
         pipeline.train_model(tmp_path / "none.h5", gen=0, recipe=pipeline.TrainParams(epochs=0))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.augment import (
+from pipeline.data.augment import (
     AugParams,
     apply_params,
     augment_batch,

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import cifar_models
-from pipeline.cifar_models import COMMON, DenseLayer, resolve
-from pipeline.models import ARCHS
+from pipeline.models import cifar as cifar_models
+from pipeline.models.cifar import COMMON, DenseLayer, resolve
+from pipeline.models.registry import ARCHS
 
 SHAPE = (3, 32, 32)
 

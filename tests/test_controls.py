@@ -15,13 +15,13 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-import pipeline.train
-from pipeline.controls import control_columns, control_params, train_control
-from pipeline.data import load_prepared
-from pipeline.layout import Layout
-from pipeline.paired_table import format_paired_table, paired_rows
+import pipeline.train.loop
+from pipeline.core.paths import ProjectPaths
+from pipeline.core.stats import paired, t_cdf_two_sided, t_quantile
+from pipeline.data.prepared import load_prepared
 from pipeline.params import GenParams, TrainParams, parse_generation, parse_section
-from pipeline.stats import paired, t_cdf_two_sided, t_quantile
+from pipeline.results.paired import control_columns, format_paired_table, paired_rows
+from pipeline.train.controls import control_params, train_control
 from stages import export, train
 from stages.cli import main
 from stages.common import ParamsFile
@@ -35,8 +35,8 @@ class _Spy:
 
     def __init__(self) -> None:
         self.runs: list[dict[str, Any]] = []
-        self.real = pipeline.train.train_one_epoch
-        self.real_make = pipeline.train.make_criterion
+        self.real = pipeline.train.loop.train_one_epoch
+        self.real_make = pipeline.train.loop.make_criterion
         self.new_run = False
 
     def make_criterion(self, *args, **kwargs):
@@ -65,18 +65,20 @@ def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
 
 
 @pytest.mark.parametrize("loss", ["ban", "dkpp"])
-def test_control_starts_from_ban_k_weights_and_sees_its_batch_order(project: Layout, monkeypatch, loss: str) -> None:
+def test_control_starts_from_ban_k_weights_and_sees_its_batch_order(
+    project: ProjectPaths, monkeypatch, loss: str
+) -> None:
     raw = tiny_params(students={"1": {"teacher": 0, "loss": loss}})
     params = ParamsFile(raw)
     train.run(params, project, 0)
     export.run(params, project, 0)
     spy = _Spy()
-    monkeypatch.setattr(pipeline.train, "train_one_epoch", spy)
-    monkeypatch.setattr(pipeline.train, "make_criterion", spy.make_criterion)
+    monkeypatch.setattr(pipeline.train.loop, "train_one_epoch", spy)
+    monkeypatch.setattr(pipeline.train.loop, "make_criterion", spy.make_criterion)
     data = load_prepared(project.dataset)
     recipe = parse_section(TrainParams, "train", raw["train"])
     gp = parse_generation(1, raw["students"]["1"])
-    pipeline.train.train_generation(data, recipe, 1, gp, project.store(0))
+    pipeline.train.loop.train_generation(data, recipe, 1, gp, project.store(0))
     train_control(data, recipe, 1, gp)
     train_control(data, recipe, 2, gp)  # another generation's control: a different seed
     ban, control, other = spy.runs
@@ -167,7 +169,7 @@ def test_sweep_with_controls_writes_the_paired_table(tmp_path: Path) -> None:
     assert "2 seeds, 100 test rows" in result.output
 
 
-def test_control_stage_reads_declared_params_and_report_pairs_it(project: Layout) -> None:
+def test_control_stage_reads_declared_params_and_report_pairs_it(project: ProjectPaths) -> None:
     from stages import control, ensemble, report
     from tests.test_params import _declared_params
 
@@ -194,7 +196,7 @@ def test_control_stage_reads_declared_params_and_report_pairs_it(project: Layout
 
 
 def test_controls_key_must_be_a_bool(tmp_path: Path) -> None:
-    from pipeline.errors import ParamsError
+    from pipeline.core.errors import ParamsError
 
     with pytest.raises(ParamsError, match="controls = 'yes': expected true or false"):
         ParamsFile({**tiny_params(), "controls": "yes"}).validate()

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from pipeline.datasets import Loaded, load_cifar, load_dataset, load_imagefolder, load_npz, subset
-from pipeline.errors import DatasetError
+from pipeline.core.errors import DatasetError
+from pipeline.data.sources import Loaded, load_cifar, load_dataset, load_imagefolder, load_npz, subset
 
 PER_CLASS = {"train": 2, "test": 1}  # images per class per batch file
 

@@ -10,23 +10,23 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import pipeline.train
-import pipeline.train as lib
-import pipeline.train_input as inputs
-from pipeline import train_input
-from pipeline.augment import AugParams, apply_params, augment_batch, mix64
-from pipeline.checkpoint import save_checkpoint
-from pipeline.data import IndexedDataset, PreparedData, load_prepared, write_prepared
-from pipeline.device_data import DeviceTargets, ResidentInput, ViewPolicy, pick_views, resident_bytes
-from pipeline.errors import CorruptStoreError
-from pipeline.export import export_logits
+import pipeline.train.inputs as inputs
+import pipeline.train.loop
+import pipeline.train.loop as lib
+from pipeline.cache.reader import CachedTargets
+from pipeline.cache.stream import BlockShuffleSampler
+from pipeline.core.errors import CorruptStoreError
+from pipeline.data.augment import AugParams, apply_params, augment_batch, mix64
+from pipeline.data.prepared import IndexedDataset, PreparedData, load_prepared, write_prepared
 from pipeline.losses import Probs
-from pipeline.models import build_model
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.registry import build_model
 from pipeline.params import ExportParams, GenParams, TrainParams
-from pipeline.reader import CachedTargets
-from pipeline.stream import BlockShuffleSampler
-from pipeline.train import train_generation
-from pipeline.train_input import loader_batches
+from pipeline.teachers.export import export_logits
+from pipeline.train import inputs as train_input
+from pipeline.train.inputs import loader_batches
+from pipeline.train.loop import train_generation
+from pipeline.train.resident import DeviceTargets, ResidentInput, ViewPolicy, pick_views, resident_bytes
 
 CPU = torch.device("cpu")
 
@@ -227,7 +227,7 @@ def test_streamed_store_trains_in_block_shuffled_order(images, stores, monkeypat
         made.append(real(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(pipeline.train, "make_input", spy)
+    monkeypatch.setattr(pipeline.train.loop, "make_input", spy)
     gp = GenParams(loss="ban", teacher=0)
     train_generation(images, _recipe(memory_budget_mib=0), 1, gp, stores["dense"])
     sampler = made[0].sampler

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.distributed import check_partition, partition_rows
-from pipeline.layout import Layout
+from pipeline.cache.store import LogitStore
+from pipeline.core.distributed import check_partition, partition_rows
+from pipeline.core.paths import ProjectPaths
 from pipeline.params import LaunchParams
-from pipeline.store import LogitStore
 from stages.launch import torchrun_command
 from tests.conftest import tiny_params
 
@@ -64,12 +64,12 @@ def test_two_process_export_is_bit_equal_to_single_process(exported_root: Path, 
     shutil.copytree(exported_root, root)
     _set_launch(root, 2)
     _cli(root, "export-logits", "--gen", "0")
-    single, multi = LogitStore.open(Layout(exported_root).store(0)), LogitStore.open(Layout(root).store(0))
+    single, multi = LogitStore.open(ProjectPaths(exported_root).store(0)), LogitStore.open(ProjectPaths(root).store(0))
     multi.verify()
     for split in ("train", "test"):
         np.testing.assert_array_equal(single.array(split)[:], multi.array(split)[:])
-    assert (Layout(root).store(0) / "complete/zarr.json").read_text() == (
-        Layout(exported_root).store(0) / "complete/zarr.json"
+    assert (ProjectPaths(root).store(0) / "complete/zarr.json").read_text() == (
+        ProjectPaths(exported_root).store(0) / "complete/zarr.json"
     ).read_text()
 
 
@@ -88,7 +88,7 @@ def test_two_process_training_matches_single_process(tmp_path: Path) -> None:
         _cli(root, "train", "--gen", "0")
         _cli(root, "export-logits", "--gen", "0")
         _cli(root, "train", "--gen", "1")
-        accs[nproc] = [json.loads(Layout(root).train_metrics(g).read_text())["test_acc"] for g in (0, 1)]
+        accs[nproc] = [json.loads(ProjectPaths(root).train_metrics(g).read_text())["test_acc"] for g in (0, 1)]
     # Same data, same global batch, different shards per step: equal within noise (400 test rows).
     for single, ddp in zip(accs[1], accs[2], strict=True):
         assert ddp > 0.5 and abs(single - ddp) <= 0.08, accs

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.checkpoint import load_checkpoint
+from pipeline.models.checkpoint import load_checkpoint
 from tests.conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_dvc_repro_two_generation_image_chain(tmp_path: Path) -> None:
     _run([sys.executable, "-m", "dvc", "repro"], root)
     acc = json.loads((root / "metrics/ensemble.json").read_text())["accuracy"]
     assert set(acc) == {"gen0", "gen1"}
-    from pipeline.store import LogitStore
+    from pipeline.cache.store import LogitStore
 
     attrs = LogitStore.open(root / "cache/gen-1").attrs
     assert attrs["splits"] == {"train": 45, "test": 30} and attrs["class_names"] == list(classes)

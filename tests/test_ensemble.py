@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import PreparedData
-from pipeline.ensemble import evaluate_chain
-from pipeline.store import LogitStore
+from pipeline.cache.store import LogitStore
+from pipeline.data.prepared import PreparedData
+from pipeline.results.ensemble import evaluate_chain
 
 FP = "ab" * 32
 Y = np.array([0, 0, 1, 1])

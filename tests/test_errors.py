@@ -20,8 +20,8 @@ import yaml
 import zarr
 from click.testing import CliRunner
 
-from pipeline.layout import Layout
-from pipeline.store import MARKER, LogitStore
+from pipeline.cache.store import MARKER, LogitStore
+from pipeline.core.paths import ProjectPaths
 from stages.cli import main
 from tests.conftest import tiny_params
 
@@ -45,7 +45,7 @@ def _chunk_file(store: Path) -> Path:
 
 
 def _foreign_store(root: Path, num_classes: int | None = None, fingerprint: str | None = None) -> None:
-    lay = Layout(root)
+    lay = ProjectPaths(root)
     attrs = LogitStore.open(lay.store(0)).attrs
     rows = attrs["splits"]
     c = num_classes or attrs["num_classes"]
@@ -70,13 +70,13 @@ def _edit_marker_sha(store: Path) -> None:
 
 
 def _edit_dataset(root: Path) -> None:
-    with h5py.File(Layout(root).dataset, "r+") as f:  # the fingerprint attribute is left as it was
+    with h5py.File(ProjectPaths(root).dataset, "r+") as f:  # the fingerprint attribute is left as it was
         f["x_train"][0] = f["x_train"][0] + 1.0
 
 
 def _delete_test_chunk(root: Path) -> None:
     _set(root, "students", {})  # the ensemble of generation 0 alone
-    next(p for p in sorted((Layout(root).store(0) / "test" / "c").rglob("*")) if p.is_file()).unlink()
+    next(p for p in sorted((ProjectPaths(root).store(0) / "test" / "c").rglob("*")) if p.is_file()).unlink()
 
 
 class _Payload:
@@ -160,49 +160,49 @@ CASES = [
     Case("--gen not in params", lambda r: None, ("train", "--gen", "7"), "no section students.'7'"),
     Case(
         "dataset not prepared",
-        lambda r: Layout(r).dataset.unlink(),
+        lambda r: ProjectPaths(r).dataset.unlink(),
         ("train", "--gen", "0"),
         "prepared dataset not found. Run `bancache prepare`",
     ),
     Case(
         "dataset file corrupted",
-        lambda r: Layout(r).dataset.write_bytes(b"\\x89HDF\\r\\n" + bytes(100)),
+        lambda r: ProjectPaths(r).dataset.write_bytes(b"\\x89HDF\\r\\n" + bytes(100)),
         ("train", "--gen", "0"),
         "unreadable prepared dataset",
     ),
     Case(
         "checkpoint missing",
-        lambda r: Layout(r).model(0).unlink(),
+        lambda r: ProjectPaths(r).model(0).unlink(),
         ("export-logits", "--gen", "0"),
         "checkpoint not found. Run `bancache train`",
     ),
     Case(
         "checkpoint is not a bancache checkpoint",
-        lambda r: torch.save({"w": torch.zeros(2)}, Layout(r).model(0)),
+        lambda r: torch.save({"w": torch.zeros(2)}, ProjectPaths(r).model(0)),
         ("export-logits", "--gen", "0"),
         "not a bancache checkpoint",
     ),
     Case(
         "checkpoint carries a pickle payload",
-        lambda r: torch.save({"x": _Payload()}, Layout(r).model(0)),
+        lambda r: torch.save({"x": _Payload()}, ProjectPaths(r).model(0)),
         ("export-logits", "--gen", "0"),
         "weights_only=True",
     ),
     Case(
         "checkpoint truncated",
-        lambda r: Layout(r).model(0).write_bytes(Layout(r).model(0).read_bytes()[:300]),
+        lambda r: ProjectPaths(r).model(0).write_bytes(ProjectPaths(r).model(0).read_bytes()[:300]),
         ("export-logits", "--gen", "0"),
         "not a readable checkpoint",
     ),
     Case(
         "teacher store missing",
-        lambda r: shutil.rmtree(Layout(r).store(0)),
+        lambda r: shutil.rmtree(ProjectPaths(r).store(0)),
         ("train", "--gen", "1"),
         "no logit store here. Run `bancache export-logits --gen 0` first",
     ),
     Case(
         "teacher store incomplete (export killed)",
-        lambda r: (Layout(r).store(0) / "complete/zarr.json").unlink(),
+        lambda r: (ProjectPaths(r).store(0) / "complete/zarr.json").unlink(),
         ("train", "--gen", "1"),
         "incomplete store (no complete/zarr.json)",
     ),
@@ -220,7 +220,7 @@ CASES = [
     ),
     Case(
         "teacher store with a corrupted chunk",
-        lambda r: _chunk_file(Layout(r).store(0)).write_bytes(b"junk" * 9),
+        lambda r: _chunk_file(ProjectPaths(r).store(0)).write_bytes(b"junk" * 9),
         ("train", "--gen", "1"),
         "a chunk is damaged, re-export the store",
     ),
@@ -250,13 +250,13 @@ CASES = [
     ),
     Case(
         "teacher store edited after export",
-        lambda r: _edit_rows(Layout(r).store(0), "train", slice(0, 5), 0.0),
+        lambda r: _edit_rows(ProjectPaths(r).store(0), "train", slice(0, 5), 0.0),
         ("train", "--gen", "1"),
         "'train' content differs from its marker (sha256 in complete/zarr.json)",
     ),
     Case(
         "edited sha256 in the completion marker",
-        lambda r: _edit_marker_sha(Layout(r).store(0)),
+        lambda r: _edit_marker_sha(ProjectPaths(r).store(0)),
         ("train", "--gen", "1"),
         "differs from its own marker_sha256",
     ),
@@ -268,7 +268,7 @@ CASES = [
     ),
     Case(
         "store with non-finite rows, read as trusted",
-        lambda r: _edit_rows(Layout(r).store(0), "train", slice(3, 4), float("nan")),
+        lambda r: _edit_rows(ProjectPaths(r).store(0), "train", slice(3, 4), float("nan")),
         ("--trust-stores", "inspect", "--gen", "0"),
         "rows [3] of 'train' are missing or not finite",
     ),
@@ -304,7 +304,7 @@ CASES = [
     ),
     Case(
         "teacher store metadata corrupted",
-        lambda r: (Layout(r).store(0) / "zarr.json").write_text("{"),
+        lambda r: (ProjectPaths(r).store(0) / "zarr.json").write_text("{"),
         ("train", "--gen", "1"),
         "unreadable store metadata",
     ),
@@ -343,7 +343,7 @@ def test_full_disk_during_export_via_cli(exported_root: Path, tmp_path: Path, mo
         main, ["--params", str(root / "params.yaml"), "--root", str(root), "export-logits", "--gen", "0"]
     )
     assert r.exit_code == 2 and "no space left on the device while exporting" in r.output
-    LogitStore.open(Layout(root).store(0)).verify()
+    LogitStore.open(ProjectPaths(root).store(0)).verify()
 
 
 def main_table(out: Path = Path("docs/errors.md")) -> None:
@@ -355,7 +355,7 @@ def main_table(out: Path = Path("docs/errors.md")) -> None:
 
     with tempfile.TemporaryDirectory() as d:
         base = Path(d) / "base"
-        lay = Layout(base)
+        lay = ProjectPaths(base)
         prepare.run(ParamsFile(tiny_params()), lay)
         (base / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
         train.run(ParamsFile(tiny_params()), lay, 0)

@@ -12,18 +12,18 @@ import pytest
 import torch
 import zarr
 
-import pipeline.export as export_lib
-from pipeline.augment import apply_params
-from pipeline.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from pipeline.data import PreparedData, load_prepared, write_prepared
-from pipeline.errors import ParamsError
-from pipeline.export import ChunkWriter, _encode, export_logits
-from pipeline.layout import Layout
+import pipeline.teachers.export as export_lib
+from pipeline.cache.reader import CachedTargets
+from pipeline.cache.store import MARKER, LogitStore
+from pipeline.core.errors import ParamsError
+from pipeline.core.paths import ProjectPaths
+from pipeline.data.augment import apply_params
+from pipeline.data.prepared import PreparedData, load_prepared, write_prepared
 from pipeline.losses import Probs, ban_loss, kd_loss, soften
-from pipeline.models import build_model
+from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pipeline.models.registry import build_model
 from pipeline.params import ExportParams
-from pipeline.reader import CachedTargets
-from pipeline.store import MARKER, LogitStore
+from pipeline.teachers.export import ChunkWriter, _encode, export_logits
 
 CPU = torch.device("cpu")
 
@@ -167,9 +167,9 @@ def _export_as_before_split_views(ckpt: Path, data: PreparedData, out: Path, par
 def test_a_store_with_test_views_from_before_split_views_reads_as_before(images, tmp_path: Path) -> None:
     """The older layout (V views and test_aug in test) opens, verifies and reads; its train arrays and its
     test view 0 are the new export's, bit for bit, and the ensemble and inspect agree across the two."""
-    from pipeline.data import DatasetLabels
-    from pipeline.ensemble import evaluate_chain
-    from pipeline.inspect import compare_stores
+    from pipeline.audit.statistics import compare_stores
+    from pipeline.data.prepared import DatasetLabels
+    from pipeline.results.ensemble import evaluate_chain
 
     data, ckpt = images
     params = ExportParams(views=3, chunk_rows=8, dtype="float32", device="cpu")
@@ -197,7 +197,7 @@ def test_a_store_with_test_views_from_before_split_views_reads_as_before(images,
 
 
 def test_views_are_refused_for_non_image_data(prepared_root: Path, tmp_path: Path) -> None:
-    data = load_prepared(Layout(prepared_root).dataset)
+    data = load_prepared(ProjectPaths(prepared_root).dataset)
     model = build_model("cnn1d", data.input_shape, data.num_classes)
     meta = {
         "arch": "cnn1d",
@@ -340,8 +340,8 @@ def test_sparse_export_end_to_end(images, tmp_path: Path) -> None:
 
 
 def test_ensemble_refuses_a_sparse_store(images, tmp_path: Path) -> None:
-    from pipeline.ensemble import evaluate_chain
-    from pipeline.errors import StoreError
+    from pipeline.core.errors import StoreError
+    from pipeline.results.ensemble import evaluate_chain
 
     data, ckpt = images
     export_logits(ckpt, data, tmp_path / "k", ExportParams(layout="topk", topk=2, device="cpu"), CPU)

@@ -18,10 +18,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.errors import DiskFullError, IncompleteStoreError
-from pipeline.layout import Layout
-from pipeline.store import MARKER, LogitStore
+from pipeline.cache.store import MARKER, LogitStore
+from pipeline.core.errors import DiskFullError, IncompleteStoreError
+from pipeline.core.paths import ProjectPaths
+from pipeline.models.checkpoint import load_checkpoint
 from stages import export, train
 from stages.common import ParamsFile
 from tests.conftest import tiny_params
@@ -42,7 +42,7 @@ def _stores_equal(a: Path, b: Path) -> None:
     assert (a / "complete/zarr.json").read_text() == (b / "complete/zarr.json").read_text()
 
 
-def test_resume_after_interruption_is_bit_identical(project: Layout, tmp_path: Path, monkeypatch) -> None:
+def test_resume_after_interruption_is_bit_identical(project: ProjectPaths, tmp_path: Path, monkeypatch) -> None:
     raw = tiny_params()
     raw["train"] = {**raw["train"], "epochs": 4, "select": "best_val"}
     params = ParamsFile(raw)
@@ -52,7 +52,7 @@ def test_resume_after_interruption_is_bit_identical(project: Layout, tmp_path: P
     clean = tmp_path / "clean.pt"
     shutil.copy(project.model(1), clean)
 
-    from pipeline import train as lib
+    from pipeline.train import loop as lib
 
     real = lib.train_one_epoch
     calls = {"n": 0}
@@ -73,7 +73,7 @@ def test_resume_after_interruption_is_bit_identical(project: Layout, tmp_path: P
     assert not project.train_state(1).exists()
 
 
-def test_resume_ignores_state_of_another_config(project: Layout, tmp_path: Path, monkeypatch) -> None:
+def test_resume_ignores_state_of_another_config(project: ProjectPaths, tmp_path: Path, monkeypatch) -> None:
     raw = tiny_params()
     raw["train"] = {**raw["train"], "epochs": 3}
     train.run(ParamsFile(raw), project, 0)
@@ -81,7 +81,7 @@ def test_resume_ignores_state_of_another_config(project: Layout, tmp_path: Path,
     shutil.copy(project.model(0), clean)
     other = tiny_params()
     other["train"] = {**raw["train"], "lr": 0.5}
-    from pipeline import train as lib
+    from pipeline.train import loop as lib
 
     real = lib.train_one_epoch
     calls = {"n": 0}
@@ -145,7 +145,7 @@ def _kill_at(root: Path, where: tuple[str, str], n: int, *args: str) -> int:
 
 
 @pytest.fixture
-def kill_project(project: Layout, tmp_path: Path) -> tuple[Layout, Layout]:
+def kill_project(project: ProjectPaths, tmp_path: Path) -> tuple[ProjectPaths, ProjectPaths]:
     """(victim, reference): two roots with the same data and a trained, exported generation 0."""
     raw = tiny_params()
     raw["train"] = {**raw["train"], "epochs": 6}
@@ -155,18 +155,21 @@ def kill_project(project: Layout, tmp_path: Path) -> tuple[Layout, Layout]:
     params = ParamsFile(raw)
     train.run(params, project, 0)
     export.run(params, project, 0)
-    ref = Layout(tmp_path / "ref")
+    ref = ProjectPaths(tmp_path / "ref")
     shutil.copytree(project.root, ref.root, ignore=shutil.ignore_patterns("ref"))
     return project, ref
 
 
-def test_sigkill_export_at_random_points(kill_project: tuple[Layout, Layout]) -> None:
+def test_sigkill_export_at_random_points(kill_project: tuple[ProjectPaths, ProjectPaths]) -> None:
     victim, ref = kill_project
     _run_cli(ref.root, "export-logits", "--gen", "0")  # clean reference export
     writes = -(-400 // 32) + -(-100 // 32)  # chunk writes of the tiny config (train + test)
     rng = random.Random(0)
-    points = [(("pipeline.store", "LogitStore.write"), n) for n in rng.sample(range(1, writes + 1), 3)]
-    points += [(("pipeline.store", "write_json"), 1), (("pipeline.export", "replace_dir"), 1)]  # marker, swap
+    points = [(("pipeline.cache.store", "LogitStore.write"), n) for n in rng.sample(range(1, writes + 1), 3)]
+    points += [
+        (("pipeline.cache.store", "write_json"), 1),
+        (("pipeline.teachers.export", "replace_dir"), 1),
+    ]  # marker, swap
     for where, n in points:
         assert _kill_at(victim.root, where, n, "export-logits", "--gen", "0") == -signal.SIGKILL, (where, n)
         # The target holds a complete store (the previous one), never a partial one ...
@@ -186,13 +189,13 @@ def test_sigkill_export_at_random_points(kill_project: tuple[Layout, Layout]) ->
     assert not list(victim.store(0).parent.glob(".gen-0.*"))
 
 
-def test_sigkill_training_at_random_points(kill_project: tuple[Layout, Layout]) -> None:
+def test_sigkill_training_at_random_points(kill_project: tuple[ProjectPaths, ProjectPaths]) -> None:
     victim, ref = kill_project
     _run_cli(ref.root, "train", "--gen", "1")  # clean, uninterrupted reference
     steps = 6 * -(-360 // 64)  # epochs x batches of the tiny config
     rng = random.Random(1)
-    points = [(("pipeline.train", "ban_loss"), n) for n in sorted(rng.sample(range(1, steps + 1), 4))]
-    points += [(("pipeline.checkpoint", "atomic_path"), 1)]  # while the final checkpoint is being written
+    points = [(("pipeline.train.loop", "ban_loss"), n) for n in sorted(rng.sample(range(1, steps + 1), 4))]
+    points += [(("pipeline.models.checkpoint", "atomic_path"), 1)]  # while the final checkpoint is being written
     for where, n in points:
         before = victim.model(1).read_bytes() if victim.model(1).exists() else None
         assert _kill_at(victim.root, where, n, "train", "--gen", "1", "--resume") == -signal.SIGKILL, (where, n)
@@ -204,12 +207,12 @@ def test_sigkill_training_at_random_points(kill_project: tuple[Layout, Layout]) 
     _state_dicts_equal(victim.model(1), ref.model(1))
 
 
-def test_full_disk_during_export_keeps_previous_store(project: Layout, monkeypatch) -> None:
+def test_full_disk_during_export_keeps_previous_store(project: ProjectPaths, monkeypatch) -> None:
     params = ParamsFile(tiny_params())
     train.run(params, project, 0)
     export.run(params, project, 0)
     before = LogitStore.open(project.store(0)).array("train")[:]
-    from pipeline import store as store_mod
+    from pipeline.cache import store as store_mod
 
     real_write = store_mod.LogitStore.write
     calls = {"n": 0}
@@ -227,7 +230,7 @@ def test_full_disk_during_export_keeps_previous_store(project: Layout, monkeypat
     assert not list(project.store(0).parent.glob(".gen-0.*"))
 
 
-def test_full_disk_while_saving_checkpoint_keeps_previous(project: Layout, monkeypatch) -> None:
+def test_full_disk_while_saving_checkpoint_keeps_previous(project: ProjectPaths, monkeypatch) -> None:
     params = ParamsFile(tiny_params())
     train.run(params, project, 0)
     before = project.model(0).read_bytes()
@@ -258,7 +261,7 @@ def test_full_disk_while_writing_the_checkpoint_is_a_one_line_error(exported_roo
 
     root = tmp_path / "p"
     shutil.copytree(exported_root, root)
-    before = Layout(root).model(0).read_bytes()
+    before = ProjectPaths(root).model(0).read_bytes()
     limit = len(before) // 2  # every checkpoint (and resume state) write runs out of room half-way
 
     def small_disk() -> None:  # the OS fails the write (EFBIG) as a full disk does (ENOSPC)
@@ -269,8 +272,8 @@ def test_full_disk_while_writing_the_checkpoint_is_a_one_line_error(exported_roo
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("bancache: error: ") and "no space left on the device" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert Layout(root).model(0).read_bytes() == before  # nothing lost
-    assert not [p for p in Layout(root).model_dir(0).iterdir() if p.name != "model.pt"]
+    assert ProjectPaths(root).model(0).read_bytes() == before  # nothing lost
+    assert not [p for p in ProjectPaths(root).model_dir(0).iterdir() if p.name != "model.pt"]
 
 
 def test_export_into_a_read_only_cache_dir(exported_root: Path, tmp_path: Path, monkeypatch) -> None:
@@ -280,7 +283,7 @@ def test_export_into_a_read_only_cache_dir(exported_root: Path, tmp_path: Path, 
 
     root = tmp_path / "p"
     shutil.copytree(exported_root, root)
-    cache = Layout(root).store(0).parent
+    cache = ProjectPaths(root).store(0).parent
     before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
     cache.chmod(0o555)
     if os.geteuid() == 0:  # root ignores permission bits: fail the creation as the OS does for anyone else
@@ -301,8 +304,8 @@ def test_export_into_a_read_only_cache_dir(exported_root: Path, tmp_path: Path, 
     assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == before
 
 
-def test_a_diverging_run_stops_and_writes_no_model(project: Layout) -> None:
-    from pipeline.errors import DivergedError
+def test_a_diverging_run_stops_and_writes_no_model(project: ProjectPaths) -> None:
+    from pipeline.core.errors import DivergedError
 
     raw = tiny_params()
     raw["train"]["lr"] = 1e30
@@ -313,7 +316,9 @@ def test_a_diverging_run_stops_and_writes_no_model(project: Layout) -> None:
     assert not project.train_state(0).exists()
 
 
-def test_thread_count_from_the_environment_does_not_change_the_checkpoint(project: Layout, tmp_path: Path) -> None:
+def test_thread_count_from_the_environment_does_not_change_the_checkpoint(
+    project: ProjectPaths, tmp_path: Path
+) -> None:
     roots = []
     for threads in ("1", "2"):
         root = tmp_path / f"omp{threads}"
@@ -324,26 +329,26 @@ def test_thread_count_from_the_environment_does_not_change_the_checkpoint(projec
             r = _cli(root, *command, env=env)
             assert r.returncode == 0, r.stderr
         roots.append(root)
-    a, b = (Layout(r).model(0).read_bytes() for r in roots)
+    a, b = (ProjectPaths(r).model(0).read_bytes() for r in roots)
     assert a == b
-    markers = [(Layout(r).store(0) / MARKER).read_text() for r in roots]  # sha256 of every array
+    markers = [(ProjectPaths(r).store(0) / MARKER).read_text() for r in roots]  # sha256 of every array
     assert markers[0] == markers[1]
-    assert load_checkpoint(Layout(roots[0]).model(0))["meta"]["recipe"]["threads"] == 1  # in the provenance
+    assert load_checkpoint(ProjectPaths(roots[0]).model(0))["meta"]["recipe"]["threads"] == 1  # in the provenance
 
 
 def test_float16_export_never_overflows(exported_root: Path, tmp_path: Path) -> None:
     """Logits beyond +-65504 export to float16: each row is stored minus its max (attribute logit_shift),
     which leaves every consumer's softmax, hence targets, ensembles and inspect statistics, unchanged."""
-    from pipeline.checkpoint import model_from_checkpoint, save_checkpoint
-    from pipeline.data import load_prepared, open_labels
-    from pipeline.ensemble import evaluate_chain
-    from pipeline.export import export_logits
-    from pipeline.inspect import audit_store, open_checked
+    from pipeline.audit.statistics import audit_store, open_checked
+    from pipeline.cache.reader import CachedTargets
+    from pipeline.data.prepared import load_prepared, open_labels
     from pipeline.losses import soften
+    from pipeline.models.checkpoint import model_from_checkpoint, save_checkpoint
     from pipeline.params import ExportParams, InspectParams
-    from pipeline.reader import CachedTargets
+    from pipeline.results.ensemble import evaluate_chain
+    from pipeline.teachers.export import export_logits
 
-    lay = Layout(exported_root)
+    lay = ProjectPaths(exported_root)
     ckpt = load_checkpoint(lay.model(0))
     model = model_from_checkpoint(ckpt)
     with torch.no_grad():

@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import load_prepared
-from pipeline.errors import ParamsError
-from pipeline.fitness import MIN_ENTROPY, store_fitness
-from pipeline.layout import Layout
+from pipeline.audit.fitness import MIN_ENTROPY, store_fitness
+from pipeline.cache.store import LogitStore
+from pipeline.core.errors import ParamsError
+from pipeline.core.paths import ProjectPaths
+from pipeline.data.prepared import load_prepared
 from pipeline.params import TrainParams, parse_section
-from pipeline.schedules import lr_factor
-from pipeline.store import LogitStore
-from pipeline.train import make_scheduler
+from pipeline.train.loop import make_scheduler
+from pipeline.train.schedules import lr_factor
 from stages import train
 from stages.common import ParamsFile
 from tests.conftest import tiny_params
 
 
-def _plant(layout: Layout, margin: float, wrong_fraction: float) -> None:
+def _plant(layout: ProjectPaths, margin: float, wrong_fraction: float) -> None:
     """Generation 0's store with logits margin * onehot(label), the label replaced by label + 1 on the
     first `wrong_fraction` of the fit rows."""
     data = load_prepared(layout.dataset)
@@ -47,12 +47,12 @@ def _plant(layout: Layout, margin: float, wrong_fraction: float) -> None:
     s.seal()
 
 
-def _fitness(layout: Layout, t: float = 1.0):
+def _fitness(layout: ProjectPaths, t: float = 1.0):
     d = load_prepared(layout.dataset)
     return store_fitness(layout.store(0), d.fingerprint, d.y_train, d.fit_index(), d.num_classes, t)
 
 
-def test_fitness_of_planted_teachers_by_hand(project: Layout) -> None:
+def test_fitness_of_planted_teachers_by_hand(project: ProjectPaths) -> None:
     _plant(project, margin=3.0, wrong_fraction=0.2)
     f = _fitness(project)
     assert f.fit_accuracy == pytest.approx(0.8, abs=1.0 / f.rows)
@@ -77,17 +77,17 @@ def test_fitness_of_planted_teachers_by_hand(project: Layout) -> None:
 def test_train_warns_on_unfit_teachers_and_records_fitness(project, caplog, margin, wrong, expect) -> None:
     _plant(project, margin, wrong)
     raw = tiny_params(students={"1": {"teacher": 0, "loss": "ban"}, "2": {"teacher": 0, "loss": "ban+l"}})
-    with caplog.at_level(logging.WARNING, logger="pipeline.fitness"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.audit.fitness"):
         m = train.run(ParamsFile(raw), project, 1)
-    warned = [r.getMessage() for r in caplog.records if r.name == "pipeline.fitness"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "pipeline.audit.fitness"]
     assert len(warned) == len(expect) and all(e in w for e, w in zip(expect, warned, strict=True))
     recorded = json.loads(project.train_metrics(1).read_text())["teacher_fitness"]
     assert recorded == m["teacher_fitness"] and recorded["warnings"] == warned
     assert (recorded["entropy_mean"] < MIN_ENTROPY) == (margin == 40.0)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.fitness"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.audit.fitness"):
         train.run(ParamsFile(raw), project, 2)  # ban+l learns labels too: never warned
-    assert not [r for r in caplog.records if r.name == "pipeline.fitness"]
+    assert not [r for r in caplog.records if r.name == "pipeline.audit.fitness"]
 
 
 def _lrs(p: TrainParams) -> list[float]:
@@ -130,7 +130,7 @@ def test_warmup_must_leave_epochs() -> None:
         parse_section(TrainParams, "train", {"epochs": 5, "warmup_epochs": 5})
 
 
-def test_inspect_reports_fitness_of_a_one_hot_teacher(project: Layout) -> None:
+def test_inspect_reports_fitness_of_a_one_hot_teacher(project: ProjectPaths) -> None:
     from click.testing import CliRunner
 
     from stages.cli import main

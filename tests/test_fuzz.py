@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
-from pipeline.data import load_prepared
-from pipeline.errors import BancacheError
-from pipeline.layout import Layout
-from pipeline.reader import CachedTargets
-from pipeline.store import MARKER
+from pipeline.cache.reader import CachedTargets
+from pipeline.cache.store import MARKER
+from pipeline.core.errors import BancacheError
+from pipeline.core.paths import ProjectPaths
+from pipeline.data.prepared import load_prepared
+from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint
 
 CASES_PER_FILE = 6
 
@@ -51,7 +51,7 @@ def _mutations(data: bytes, rng: random.Random):
 
 
 def _read_whole_store(root: Path) -> None:
-    lay = Layout(root)
+    lay = ProjectPaths(root)
     data = load_prepared(lay.dataset)
     for split, y in (("train", data.y_train), ("test", data.y_test)):
         t = CachedTargets(lay.store(0), split, data.fingerprint, len(y), data.num_classes)
@@ -61,7 +61,7 @@ def _read_whole_store(root: Path) -> None:
 
 def test_fuzzed_store_files_are_refused(exported_root: Path, tmp_path: Path) -> None:
     rng = random.Random(0)
-    store = Layout(exported_root).store(0)
+    store = ProjectPaths(exported_root).store(0)
     files = sorted(p.relative_to(store) for p in store.rglob("*") if p.is_file())
     assert any(str(f) == "complete/zarr.json" for f in files) and len(files) >= 6
     n = 0
@@ -72,7 +72,7 @@ def test_fuzzed_store_files_are_refused(exported_root: Path, tmp_path: Path) -> 
                 continue
             root = tmp_path / f"case{n}"
             shutil.copytree(exported_root, root)
-            (Layout(root).store(0) / rel).write_bytes(blob)
+            (ProjectPaths(root).store(0) / rel).write_bytes(blob)
             with pytest.raises(BancacheError):
                 _within(30, lambda root=root: _read_whole_store(root))
             shutil.rmtree(root)
@@ -82,7 +82,7 @@ def test_fuzzed_store_files_are_refused(exported_root: Path, tmp_path: Path) -> 
 
 def test_fuzzed_checkpoints_are_refused(exported_root: Path, tmp_path: Path) -> None:
     rng = random.Random(1)
-    original = Layout(exported_root).model(0).read_bytes()
+    original = ProjectPaths(exported_root).model(0).read_bytes()
     for i, (kind, blob) in enumerate(_mutations(original, rng)):
         path = tmp_path / f"{i}-{kind}.pt"
         path.write_bytes(blob)
@@ -108,7 +108,7 @@ class _SilentLoad(Exception):
 
 def test_fuzzed_datasets_are_refused(exported_root: Path, tmp_path: Path) -> None:
     rng = random.Random(2)
-    original = Layout(exported_root).dataset.read_bytes()
+    original = ProjectPaths(exported_root).dataset.read_bytes()
     for i, (kind, blob) in enumerate(_mutations(original[:4096], rng)):
         if kind == "bitflip":
             continue  # HDF5 carries no checksum of raw data; the fingerprint check downstream catches it
@@ -125,14 +125,14 @@ FLIPS = 240  # 200 in chunk files, 40 in the completion marker
 
 def _consumers(root: Path, data, verify: bool = True) -> dict:
     """What train, inspect, ensemble and convert make of the store, through their library calls."""
-    from pipeline.convert import convert_store
-    from pipeline.data import open_labels
-    from pipeline.ensemble import evaluate_chain
-    from pipeline.inspect import audit_store, open_checked
+    from pipeline.audit.statistics import audit_store, open_checked
+    from pipeline.cache.convert import convert_store
+    from pipeline.cache.store import LogitStore
+    from pipeline.data.prepared import open_labels
     from pipeline.params import InspectParams
-    from pipeline.store import LogitStore
+    from pipeline.results.ensemble import evaluate_chain
 
-    lay = Layout(root)
+    lay = ProjectPaths(root)
     out: dict = {}
 
     def attempt(name: str, fn) -> None:
@@ -167,8 +167,8 @@ def test_single_bit_flips_are_never_silently_accepted(exported_root: Path, tmp_p
     flip in a file a consumer never reads must leave its result exactly as it was)."""
     root = tmp_path / "p"
     shutil.copytree(exported_root, root)
-    store = Layout(root).store(0)
-    data = load_prepared(Layout(root).dataset)
+    store = ProjectPaths(root).store(0)
+    data = load_prepared(ProjectPaths(root).dataset)
     clean = _consumers(root, data)
     assert not [v for v in clean.values() if isinstance(v, Exception)], clean
     chunks = sorted(p for split in ("train", "test") for p in (store / split / "c").rglob("*") if p.is_file())

@@ -1,5 +1,6 @@
-"""The shape of the house (STYLE.md): functions of the library and the stages fit on a screen, and the
-library's modules import each other without a circle. Read from the source with `ast`; nothing is run."""
+"""The shape of the house: functions of the library and the stages fit on a screen, the library's modules
+import each other without a circle, and each part of `pipeline/` (README "Layout", listed from the bottom
+up) imports only parts listed below it. Read from the source with `ast`; nothing is run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,20 @@ MAX_FUNCTION_LINES = 60  # from `def` to the last line of the body, decorators e
 
 
 def _modules(folder: str) -> list[Path]:
-    return sorted((ROOT / folder).glob("*.py"))
+    """Every module under `folder`, subpackages included."""
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    """`pipeline/cache/store.py` -> `cache.store`; a package's `__init__.py` -> the package (`cache`)."""
+    rel = path.relative_to(ROOT / "pipeline").with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def part_of(module: str) -> str:
+    """The part a module belongs to: its subpackage (`cache`), or itself for a top-level module (`params`)."""
+    return module.split(".")[0]
 
 
 def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
@@ -30,18 +44,22 @@ def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
 
 
 def pipeline_imports(path: Path) -> set[str]:
-    """The `pipeline` modules that `path` imports, at any depth of the file (lazy imports count too)."""
+    """The `pipeline` modules (`cache.store`, `params`) that `path` imports, at any depth of the file (lazy
+    imports count too); `from pipeline.cache import store` names `cache.store`."""
     tree = ast.parse(path.read_text(), filename=str(path))
+    known = {module_name(m) for m in _modules("pipeline")}
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")}
+            found |= {a.name.removeprefix("pipeline.") for a in node.names if a.name.startswith("pipeline.")}
         elif isinstance(node, ast.ImportFrom) and node.module:
             if node.module.startswith("pipeline."):
-                found.add(node.module.split(".")[1])
+                base = node.module.removeprefix("pipeline.")
+                found |= ({f"{base}.{a.name}" for a in node.names} & known) or {base}
             elif node.module == "pipeline":
-                found |= {a.name for a in node.names}
-    return found - {path.stem}
+                found |= {a.name for a in node.names if a.name != "__version__"}
+    own = module_name(path) if path.is_relative_to(ROOT / "pipeline") else None
+    return found - {own}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -79,14 +97,56 @@ def test_find_cycle_and_long_functions_see_what_they_should(tmp_path: Path) -> N
 @pytest.mark.parametrize("folder", ["pipeline", "stages"])
 def test_no_function_over_sixty_lines(folder: str) -> None:
     found = [f for path in _modules(folder) for f in long_functions(path)]
-    assert not found, "split these functions (STYLE.md: about 60 lines):\n" + "\n".join(found)
+    assert not found, "split these functions (about 60 lines each):\n" + "\n".join(found)
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Library module -> the library modules it imports (the package `pipeline` itself left out: its
+    `__init__` resolves the public API's names on first use)."""
+    return {module_name(p): pipeline_imports(p) for p in _modules("pipeline") if module_name(p)}
 
 
 def test_no_import_circle_among_pipeline_modules() -> None:
-    graph = {path.stem: pipeline_imports(path) for path in _modules("pipeline")}
-    assert "models" in graph["checkpoint"]  # the parser sees the library's imports
+    graph = module_graph()
+    assert "models.registry" in graph["models.checkpoint"]  # the parser sees the library's imports
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def readme_parts() -> list[tuple[str, list[str]]]:
+    """README "Layout": the parts of `pipeline/` from the bottom up, each with the modules listed under it."""
+    block = (ROOT / "README.md").read_text().split("\n## Layout\n", 1)[1].split("```\n", 2)[1]
+    parts: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if line.startswith("  ") and not line.startswith("   ") and words[0].endswith(("/", ".py")):
+            parts.append((words[0].removesuffix("/").removesuffix(".py"), []))
+        elif line.startswith("    ") and not line.startswith("     ") and words[0].endswith(".py") and parts:
+            parts[-1][1].append(words[0].removesuffix(".py"))
+    return parts
+
+
+def test_readme_layout_lists_every_module_and_no_part_imports_one_above_it() -> None:
+    parts = readme_parts()
+    order = [name for name, _ in parts]
+    listed = {f"{name}.{m}" for name, mods in parts for m in mods} | {name for name, mods in parts if not mods}
+    packages = {module_name(p) for p in _modules("pipeline") if p.name == "__init__.py"}
+    modules = set(module_graph()) - packages
+    assert modules <= listed, f"README Layout misses {sorted(modules - listed)}"
+    assert {part_of(m) for m in modules} == set(order), "README Layout lists a part that is not in pipeline/"
+    for module, imports in module_graph().items():
+        for imported in imports:
+            a, b = part_of(module), part_of(imported)
+            assert order.index(b) <= order.index(a), f"{module} (part {a}) imports {imported}, a part above it"
+
+
+def test_results_never_import_training() -> None:
+    graph = module_graph()
+    results = [m for m in graph if part_of(m) == "results"]
+    assert results
+    assert not [(m, i) for m in results for i in graph[m] if part_of(i) in ("train", "teachers")]
 
 
 def test_ci_runs_the_readme_test_command_with_every_gate() -> None:
@@ -95,16 +155,3 @@ def test_ci_runs_the_readme_test_command_with_every_gate() -> None:
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()
     for gate in ("ruff check", "ruff format --check", "mypy pipeline", "pytest"):
         assert f"&& {gate}" in command, gate
-
-
-def test_readme_layout_lists_every_library_module_below_what_it_imports() -> None:
-    readme = (ROOT / "README.md").read_text()
-    layout = readme.split("\n## Layout\n", 1)[1]
-    listed = [
-        line.split()[0][: -len(".py")] for line in layout.splitlines() if line.startswith("  ") and ".py " in line
-    ]
-    modules = {path.stem for path in _modules("pipeline")} - {"__init__"}
-    assert modules <= set(listed), f"README Layout misses {sorted(modules - set(listed))}"
-    for name in modules:
-        above = set(listed[: listed.index(name)])
-        assert pipeline_imports(ROOT / "pipeline" / f"{name}.py") <= above, f"{name} imports a module listed below it"

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from pipeline.data import IndexedDataset, PreparedData, load_prepared, write_prepared
-from pipeline.evaluate import predict_logits
-from pipeline.models import ImageInput, build_model
+from pipeline.data.prepared import IndexedDataset, PreparedData, load_prepared, write_prepared
+from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pipeline.models.predict import predict_logits
+from pipeline.models.registry import ImageInput, build_model
 from pipeline.params import GenParams, TrainParams
-from pipeline.train import StepOptions, make_criterion, step_options, train_generation, train_one_epoch
-from pipeline.train_input import loader_batches
+from pipeline.train.inputs import loader_batches
+from pipeline.train.loop import StepOptions, make_criterion, step_options, train_generation, train_one_epoch
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_image_model_normalises_uint8_and_checkpoint_keeps_stats(images: Prepare
 
 def test_training_augments_but_evaluation_does_not(images: PreparedData, monkeypatch) -> None:
     seen = []
-    import pipeline.train as lib
+    import pipeline.train.loop as lib
 
     real = lib.augment_batch
 
@@ -83,7 +83,7 @@ def test_training_augments_but_evaluation_does_not(images: PreparedData, monkeyp
 
 
 def test_cuda_step_options_are_derived_from_params(images: PreparedData, monkeypatch) -> None:
-    monkeypatch.setattr("pipeline.train._bf16_ok", lambda: True)
+    monkeypatch.setattr("pipeline.train.loop._bf16_ok", lambda: True)
     gen = torch.Generator().manual_seed(0)
     cuda = torch.device("cuda")
     opts = step_options(TrainParams(arch="cnn3"), images, cuda, gen)
@@ -114,9 +114,9 @@ def test_autocast_and_channels_last_step_runs_on_cpu(images: PreparedData) -> No
 @pytest.fixture
 def viewed(images: PreparedData, tmp_path, monkeypatch) -> tuple[PreparedData, object, list[np.ndarray]]:
     """A 3-view teacher store of `images`, and the train images the teacher saw, per view (spied at export)."""
-    import pipeline.export as export_lib
-    from pipeline.export import export_logits
+    import pipeline.teachers.export as export_lib
     from pipeline.params import ExportParams
+    from pipeline.teachers.export import export_logits
 
     torch.manual_seed(0)
     model = build_model("cnn3", images.input_shape, 4)
@@ -140,9 +140,9 @@ def viewed(images: PreparedData, tmp_path, monkeypatch) -> tuple[PreparedData, o
 
 
 def _spy_student(monkeypatch) -> dict[str, list]:
-    import pipeline.train as lib
-    import pipeline.train_input as inputs
-    from pipeline.reader import CachedTargets
+    import pipeline.train.inputs as inputs
+    import pipeline.train.loop as lib
+    from pipeline.cache.reader import CachedTargets
 
     seen: dict[str, list] = {"target": [], "image": [], "live": []}
     real_target, real_apply = CachedTargets.target, inputs.apply_params
@@ -222,9 +222,9 @@ def test_clean_student_keeps_live_augmentation_and_view_0(viewed, monkeypatch) -
 
 
 def test_view_policy_needs_a_multi_view_store(images, tmp_path) -> None:
-    from pipeline.errors import ParamsError
-    from pipeline.export import export_logits
+    from pipeline.core.errors import ParamsError
     from pipeline.params import ExportParams
+    from pipeline.teachers.export import export_logits
 
     model = build_model("cnn3", images.input_shape, 4)
     meta = {

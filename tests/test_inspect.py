@@ -15,12 +15,12 @@ import zarr
 from click.testing import CliRunner
 from matplotlib.image import imread
 
-import pipeline.inspect as ins
-from pipeline.convert import convert_store
-from pipeline.data import DatasetLabels, load_prepared
-from pipeline.errors import ParamsError, StoreError
+import pipeline.audit.statistics as ins
+from pipeline.cache.convert import convert_store
+from pipeline.cache.store import LogitStore
+from pipeline.core.errors import ParamsError, StoreError
+from pipeline.data.prepared import DatasetLabels, load_prepared
 from pipeline.params import InspectParams, parse_section
-from pipeline.store import LogitStore
 from stages.cli import main
 from stages.common import ParamsFile
 from tests.conftest import tiny_params

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.errors import ParamsError
+from pipeline.core.errors import ParamsError
 from pipeline.params import (
     ExportParams,
     GenParams,

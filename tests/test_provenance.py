@@ -13,18 +13,18 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline.data import load_prepared, write_prepared
-from pipeline.datasets import Loaded, subset
-from pipeline.export import write_provenance
-from pipeline.layout import Layout
-from pipeline.store import LEGACY_MARKER, MARKER, LogitStore
+from pipeline.cache.store import LEGACY_MARKER, MARKER, LogitStore
+from pipeline.core.paths import ProjectPaths
+from pipeline.data.prepared import load_prepared, write_prepared
+from pipeline.data.sources import Loaded, subset
+from pipeline.teachers.export import write_provenance
 from stages import export, train
 from stages.cli import main
 from stages.common import ParamsFile
 from tests.conftest import tiny_params
 
 
-def test_student_store_records_how_it_was_trained_and_its_data(project: Layout) -> None:
+def test_student_store_records_how_it_was_trained_and_its_data(project: ProjectPaths) -> None:
     raw = tiny_params(students={"1": {"teacher": 0, "loss": "ban", "temperature": 2.0, "seed": 7}})
     params = ParamsFile(raw)
     for gen in (0, 1):
@@ -67,7 +67,7 @@ def test_subset_store_keeps_original_indices(tmp_path: Path) -> None:
 def test_plain_zarr_opens_the_store_without_a_warning(exported_root: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        group = zarr.open_group(str(Layout(exported_root).store(0)), mode="r")
+        group = zarr.open_group(str(ProjectPaths(exported_root).store(0)), mode="r")
         members = dict(group.members())
     assert {"train", "test", "train_labels", "val_index"} <= set(members)
     assert members["complete"].attrs["rows"] == {"train": 400, "test": 100}  # the marker, as a zarr group
@@ -75,7 +75,7 @@ def test_plain_zarr_opens_the_store_without_a_warning(exported_root: Path) -> No
 
 def test_store_with_the_old_marker_file_is_still_read(exported_root: Path, tmp_path: Path) -> None:
     path = tmp_path / "old"
-    shutil.copytree(Layout(exported_root).store(0), path)
+    shutil.copytree(ProjectPaths(exported_root).store(0), path)
     marker = json.loads((path / MARKER).read_text())["attributes"]
     shutil.rmtree(path / "complete")
     (path / LEGACY_MARKER).write_text(json.dumps(marker))

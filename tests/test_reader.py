@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.data import IndexedDataset
-from pipeline.errors import CorruptStoreError, ForeignStoreError, IncompleteStoreError, StoreNotFoundError
-from pipeline.reader import CachedTargets
-from pipeline.store import MARKER, LogitStore
+from pipeline.cache.reader import CachedTargets
+from pipeline.cache.store import MARKER, LogitStore
+from pipeline.core.errors import CorruptStoreError, ForeignStoreError, IncompleteStoreError, StoreNotFoundError
+from pipeline.data.prepared import IndexedDataset
 
 
 @pytest.fixture(autouse=True, params=["in-memory", "streaming"])

@@ -3,7 +3,7 @@ sample standard deviations and error mode, against hand-written expected text.""
 
 from __future__ import annotations
 
-from pipeline.report import chain_columns, format_table
+from pipeline.results.tables import chain_columns, format_table
 
 
 def test_chain_columns_names_generations_and_student_ensembles() -> None:

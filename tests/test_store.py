@@ -13,7 +13,8 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import (
+from pipeline.cache.store import COMPRESSORS, MARKER, LogitStore, _marker_digest, check_temperature
+from pipeline.core.errors import (
     CorruptStoreError,
     ForeignStoreError,
     IncompleteStoreError,
@@ -21,8 +22,7 @@ from pipeline.errors import (
     StoreError,
     StoreNotFoundError,
 )
-from pipeline.io import atomic_path
-from pipeline.store import COMPRESSORS, MARKER, LogitStore, _marker_digest, check_temperature
+from pipeline.core.files import atomic_path
 
 FP = "ab" * 32  # dataset fingerprint (sha256 hex)
 

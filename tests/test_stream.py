@@ -1,4 +1,4 @@
-"""pipeline.stream: the chunk cache returns exactly the rows asked for within its bound, the block-shuffled
+"""pipeline.cache.stream: the chunk cache returns exactly the rows asked for within its bound, the block-shuffled
 epoch order visits every row once, and CachedTargets streams a store over its memory budget through it."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from pipeline.data import IndexedDataset
-from pipeline.errors import CorruptStoreError
-from pipeline.reader import CachedTargets
-from pipeline.stream import BlockShuffleSampler, ChunkCache, block_shuffle, epoch_sampler
+from pipeline.cache.reader import CachedTargets
+from pipeline.cache.stream import BlockShuffleSampler, ChunkCache, block_shuffle, epoch_sampler
+from pipeline.core.errors import CorruptStoreError
+from pipeline.data.prepared import IndexedDataset
 from tests.test_reader import FP, table, write_store
 
 N, V, C, CHUNK = 103, 2, 3, 8  # 13 chunks, the last one partial (rows 96-102)

@@ -7,8 +7,8 @@ import json
 import statistics
 from pathlib import Path
 
-from pipeline.layout import Layout
-from pipeline.store import LogitStore
+from pipeline.cache.store import LogitStore
+from pipeline.core.paths import ProjectPaths
 from stages import sweep
 from stages.common import ParamsFile
 from tests.conftest import tiny_params
@@ -28,7 +28,7 @@ def test_sweep_runs_each_seed_in_its_own_root_and_tabulates_them(tmp_path: Path)
     assert result["seeds"] == [0, 1]
     runs = result["runs"]
     for seed, run in zip([0, 1], runs, strict=True):
-        layout = Layout(out / f"seed-{seed}")
+        layout = ProjectPaths(out / f"seed-{seed}")
         assert [LogitStore.open(layout.store(g)).attrs["seed"] for g in (0, 1)] == [100 * seed + g for g in (0, 1)]
         chain = json.loads(layout.ensemble_metrics.read_text())["accuracy"]
         assert run["Teacher"] == chain["gen0"] and run["BAN-1"] == chain["gen1"]

@@ -8,22 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.checkpoint
-import pipeline.models
-from pipeline.checkpoint import load_checkpoint
-from pipeline.layout import Layout
-from pipeline.store import LogitStore
+import pipeline.models.checkpoint
+import pipeline.models.registry
+from pipeline.cache.store import LogitStore
+from pipeline.core.paths import ProjectPaths
+from pipeline.models.checkpoint import load_checkpoint
 from stages import export, train
 from stages.common import ParamsFile
 from tests.conftest import tiny_params
 
 
-def _teacher(project: Layout, params: ParamsFile) -> None:
+def _teacher(project: ProjectPaths, params: ParamsFile) -> None:
     train.run(params, project, 0)
     export.run(params, project, 0)
 
 
-def test_student_trains_with_teacher_checkpoint_destroyed(project: Layout) -> None:
+def test_student_trains_with_teacher_checkpoint_destroyed(project: ProjectPaths) -> None:
     params = ParamsFile(tiny_params())
     _teacher(project, params)
     # Corrupt, then delete, generation 0's model: the student must not need it.
@@ -42,11 +42,11 @@ def test_student_trains_with_teacher_checkpoint_destroyed(project: Layout) -> No
     )
 
 
-def test_student_builds_exactly_one_model_and_loads_no_checkpoint(project: Layout, monkeypatch) -> None:
+def test_student_builds_exactly_one_model_and_loads_no_checkpoint(project: ProjectPaths, monkeypatch) -> None:
     params = ParamsFile(tiny_params())
     _teacher(project, params)
     built = []
-    real_build = pipeline.models.build_model
+    real_build = pipeline.models.registry.build_model
 
     def counting_build(*args, **kwargs):
         built.append(args[0])
@@ -55,15 +55,15 @@ def test_student_builds_exactly_one_model_and_loads_no_checkpoint(project: Layou
     def no_load(*args, **kwargs):
         raise AssertionError("a student must not load any checkpoint")
 
-    monkeypatch.setattr("pipeline.train.build_model", counting_build)
-    monkeypatch.setattr(pipeline.checkpoint, "load_checkpoint", no_load)
+    monkeypatch.setattr("pipeline.train.loop.build_model", counting_build)
+    monkeypatch.setattr(pipeline.models.checkpoint, "load_checkpoint", no_load)
     monkeypatch.setattr(torch, "load", no_load)
     train.run(params, project, 1)
     assert built == ["cnn1d"]
 
 
 @pytest.mark.parametrize("budget", [0, 4096], ids=["streaming", "resident"])
-def test_student_targets_follow_dataset_index_under_shuffling(project: Layout, monkeypatch, budget: int) -> None:
+def test_student_targets_follow_dataset_index_under_shuffling(project: ProjectPaths, monkeypatch, budget: int) -> None:
     """Every batch's teacher rows are the stored rows of that batch's dataset indices, and the criterion
     gets exactly them: on the streaming path (budget 0) and on the device-resident path."""
     raw = tiny_params()
@@ -71,9 +71,9 @@ def test_student_targets_follow_dataset_index_under_shuffling(project: Layout, m
     params = ParamsFile(raw)
     _teacher(project, params)
     stored = np.asarray(LogitStore.open(project.store(0)).array("train")[:, 0, :], dtype=np.float32)
-    from pipeline import train as lib
-    from pipeline.device_data import DeviceTargets
-    from pipeline.reader import CachedTargets
+    from pipeline.cache.reader import CachedTargets
+    from pipeline.train import loop as lib
+    from pipeline.train.resident import DeviceTargets
 
     cls = CachedTargets if budget == 0 else DeviceTargets
     batches, seen = [], []
@@ -116,7 +116,7 @@ def test_student_targets_follow_dataset_index_under_shuffling(project: Layout, m
     assert not np.array_equal(batches[0][0].numpy(), np.sort(batches[0][0].numpy()))
 
 
-def test_training_is_deterministic_on_cpu(project: Layout, tmp_path) -> None:
+def test_training_is_deterministic_on_cpu(project: ProjectPaths, tmp_path) -> None:
     params = ParamsFile(tiny_params())
     train.run(params, project, 0)
     first = load_checkpoint(project.model(0))["state_dict"]
@@ -126,7 +126,7 @@ def test_training_is_deterministic_on_cpu(project: Layout, tmp_path) -> None:
         torch.testing.assert_close(first[k], second[k], rtol=0, atol=0)
 
 
-def test_students_get_new_seeds_and_metrics_are_written(project: Layout) -> None:
+def test_students_get_new_seeds_and_metrics_are_written(project: ProjectPaths) -> None:
     params = ParamsFile(tiny_params())
     _teacher(project, params)
     train.run(params, project, 1)
@@ -143,14 +143,14 @@ def test_students_get_new_seeds_and_metrics_are_written(project: Layout) -> None
     assert rows[0].startswith("epoch,") and len(rows) == 1 + 2
 
 
-def test_student_refuses_a_missing_teacher_store(project: Layout) -> None:
-    from pipeline.errors import StoreNotFoundError
+def test_student_refuses_a_missing_teacher_store(project: ProjectPaths) -> None:
+    from pipeline.core.errors import StoreNotFoundError
 
     with pytest.raises(StoreNotFoundError, match="export-logits"):
         train.run(ParamsFile(tiny_params()), project, 1)
 
 
-def test_best_val_selection_uses_validation_not_test(project: Layout) -> None:
+def test_best_val_selection_uses_validation_not_test(project: ProjectPaths) -> None:
     raw = tiny_params()
     raw["train"] = {**raw["train"], "select": "best_val", "epochs": 3}
     m = train.run(ParamsFile(raw), project, 0)

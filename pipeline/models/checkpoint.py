@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import CheckpointError
-from pipeline.io import atomic_path
-from pipeline.models import build_model
+from pipeline.core.errors import CheckpointError
+from pipeline.core.files import atomic_path
+from pipeline.models.registry import build_model
 
 FORMAT = "bancache-checkpoint-v1"
 REQUIRED_META = ("arch", "input_shape", "num_classes", "generation", "seed", "dataset_fingerprint")

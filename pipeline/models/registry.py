@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pipeline.cifar_models import Builder, common_builders, resolve
+from pipeline.models.cifar import Builder, common_builders, resolve
 
 ARCHS: dict[str, Builder] = common_builders()  # the CIFAR and torchvision names; this module adds its own
 

@@ -1,10 +1,10 @@
 """Where a generation's training batches and validation come from: the device-resident path or the
 streaming path, chosen by `train.memory_budget_mib`.
 
-- resident (`pipeline.device_data`): train images, labels and the teacher's targets moved to the training
+- resident (`pipeline.train.resident`): train images, labels and the teacher's targets moved to the training
   device once; batches gathered there by dataset index; validation counted on the device.
 - streaming: a DataLoader of (x, y, dataset index) items, targets looked up per batch through
-  `pipeline.reader.CachedTargets` (`loader_batches`); the path beyond the budget, and under torchrun.
+  `pipeline.cache.reader.CachedTargets` (`loader_batches`); the path beyond the budget, and under torchrun.
 
 Both draw the same random numbers from the same generators, so on the CPU they train bit-identically.
 """
@@ -19,15 +19,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pipeline.augment import apply_params
-from pipeline.data import IndexedDataset, PreparedData
-from pipeline.device_data import MIB, Batch, DeviceTargets, ResidentInput, ViewPolicy, pick_views, resident_bytes
-from pipeline.distributed import DistContext
-from pipeline.evaluate import accuracy, device_accuracy, predict_logits
+from pipeline.cache.reader import CachedTargets
+from pipeline.cache.stream import BlockShuffleSampler, epoch_sampler
+from pipeline.core.distributed import DistContext
+from pipeline.data.augment import apply_params
+from pipeline.data.prepared import IndexedDataset, PreparedData
 from pipeline.losses import Teacher
+from pipeline.models.predict import accuracy, device_accuracy, predict_logits
 from pipeline.params import GenParams, TrainParams
-from pipeline.reader import CachedTargets
-from pipeline.stream import BlockShuffleSampler, epoch_sampler
+from pipeline.train.resident import MIB, Batch, DeviceTargets, ResidentInput, ViewPolicy, pick_views, resident_bytes
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def loader_batches(
 
 @dataclass
 class TrainInput:
-    """Where a run's batches and validation come from: the resident path (`pipeline.device_data`) or the
+    """Where a run's batches and validation come from: the resident path (`pipeline.train.resident`) or the
     streaming path (DataLoader + CachedTargets)."""
 
     batches: Callable[[int], Iterable[Batch]]  # epoch -> (x, y, teacher) batches on the device

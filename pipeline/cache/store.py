@@ -1,6 +1,6 @@
 """The logit store: a zarr v3 group of raw teacher logits, one array per split, and a completion marker.
 
-Layout of `cache/gen-K/` (readable with plain zarr):
+The arrays of `cache/gen-K/` (readable with plain zarr):
     zarr.json            group metadata; attributes = provenance (see `REQUIRED_ATTRS`), `layout`, `slots`,
                          `augmentation`, `retained_mass`, `views` (V, of train), `split_views` (per split)
     train/               array (N, V, S), dtype float16 or float32, chunks (chunk_rows, V, S): per row and
@@ -9,7 +9,7 @@ Layout of `cache/gen-K/` (readable with plain zarr):
     train_idx/           sparse layouts only: (N, V, S) int16/int32 class index of each value
     train_mass/          sparse layouts only: (N, V) float32 teacher probability (T = 1) of the kept classes
     train_aug/           views > 1 only: (N, V, 3) int16 (top, left, flip) of each view's crop and flip
-                         (`pipeline.augment.apply_params`); view 0 is the clean image (pad, pad, 0)
+                         (`pipeline.data.augment.apply_params`); view 0 is the clean image (pad, pad, 0)
     test/, test_*        the same for the test split with its own view count, `split_views["test"]`: the
                          export keeps view 0 (the clean image) only, (N, 1, S) and no test_aug, since
                          evaluation, ensembles and inspect read view 0 and no student trains on test rows.
@@ -45,7 +45,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from pipeline.errors import (
+from pipeline.core.errors import (
     CorruptStoreError,
     ForeignStoreError,
     IncompleteStoreError,
@@ -53,10 +53,10 @@ from pipeline.errors import (
     StoreError,
     StoreNotFoundError,
 )
-from pipeline.io import write_json
-from pipeline.params import LAYOUTS
+from pipeline.core.files import write_json
 
 FORMAT = "bancache-logits-v1"
+LAYOUTS = ("dense", "topk", "sampled")
 # The completion marker is the metadata of an empty zarr group `complete` whose attributes hold the rows and
 # hashes, so plain zarr lists it as a group (a bare JSON file in the store made zarr warn "not recognized").
 MARKER = "complete/zarr.json"

@@ -8,7 +8,7 @@ must see the very view the teacher's cached outputs were computed on, Beyer et a
 `apply_params` of offsets (top, left) and flip f equals torchvision's
 `horizontal_flip(crop(pad(x, pad), top, left, size, size))` if f else the same without the flip.
 
-Augmentation works on uint8 pixels; normalisation is the model's first step (`pipeline.models.ImageInput`,
+Augmentation works on uint8 pixels; normalisation is the model's first step (`pipeline.models.registry.ImageInput`,
 with the train images' `channel_stats` kept in the checkpoint), so training and export cannot differ.
 """
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DiskFullError
+from pipeline.core.errors import DiskFullError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -2,7 +2,7 @@
 
 The model runs in eval mode under no_grad. View 0 of every row is the un-augmented input; with
 `views` = V > 1 (uint8 images only) views 1..V-1 are crops and flips drawn per (row, view) from a seeded
-generator (`pipeline.augment.view_params`) and stored beside the logits, so the student can replay the
+generator (`pipeline.data.augment.view_params`) and stored beside the logits, so the student can replay the
 exact image each cached output was computed on (FKD, Shen & Xing 2021; Beyer et al. 2022). Only the train
 split gets them: the test split is exported with view 0 alone (`TEST_VIEWS`), since nothing reads its
 augmented views (evaluation, ensembles and inspect use view 0; no student trains on test rows) and each
@@ -35,15 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.augment import PAD, apply_params, mix64, view_params
-from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
-from pipeline.data import PreparedData
-from pipeline.distributed import SINGLE_PROCESS, DistContext, barrier, broadcast, partition_rows
-from pipeline.errors import CheckpointError, DiskFullError, NotWritableError, ParamsError
-from pipeline.evaluate import predict_logits
-from pipeline.io import replace_dir, sha256_file
+from pipeline.cache.store import MARKER, LogitStore, index_dtype
+from pipeline.core.distributed import SINGLE_PROCESS, DistContext, barrier, broadcast, partition_rows
+from pipeline.core.errors import CheckpointError, DiskFullError, NotWritableError, ParamsError
+from pipeline.core.files import replace_dir, sha256_file
+from pipeline.data.augment import PAD, apply_params, mix64, view_params
+from pipeline.data.prepared import PreparedData
+from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint
+from pipeline.models.predict import predict_logits
 from pipeline.params import ExportParams
-from pipeline.store import MARKER, LogitStore, index_dtype
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def _write_rows(
 
 
 def _attributes(checkpoint: Path, meta: dict[str, Any], data: PreparedData, params: ExportParams) -> dict[str, Any]:
-    """The store's provenance attributes (`pipeline.store.REQUIRED_ATTRS` and the layout's extras)."""
+    """The store's provenance attributes (`pipeline.cache.store.REQUIRED_ATTRS` and the layout's extras)."""
     return {
         "generation": meta["generation"],
         "arch": meta["arch"],

@@ -18,8 +18,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.inspect import VIEW, Agreement, Calibration, TargetStats
-from pipeline.io import atomic_path, write_json, write_text
+from pipeline.audit.statistics import VIEW, Agreement, Calibration, TargetStats
+from pipeline.core.files import atomic_path, write_json, write_text
 from pipeline.params import InspectParams
 
 SUMMARY_NOISY_ROWS = 10  # likely-noisy samples shown in summary.md (noisy.csv lists up to max_listed)

@@ -3,16 +3,16 @@
 When the train images, labels and the teacher store's train split fit `train.memory_budget_mib`, they are
 moved to the training device once (`ResidentInput`, `DeviceTargets`) and every batch is gathered there by
 dataset index: no DataLoader, no per-batch host-to-device copy, no host synchronisation inside an epoch.
-Beyond the budget, training takes the streaming path (DataLoader + `pipeline.reader.CachedTargets`).
+Beyond the budget, training takes the streaming path (DataLoader + `pipeline.cache.reader.CachedTargets`).
 
 The resident path draws its randomness exactly as the streaming path does, so on the CPU both train
 bit-identically (tests/test_device_data.py):
 
 - the epoch's order: what a DataLoader with `shuffle=True` draws from the shuffling generator
   (`epoch_order`: its workers' base seed, then RandomSampler's permutations);
-- crops and flips: `pipeline.augment.draw_params` per batch, in batch order, from the augmentation
+- crops and flips: `pipeline.data.augment.draw_params` per batch, in batch order, from the augmentation
   generator, drawn for the whole epoch on the host before it starts (`epoch_aug`) and applied on the device
-  with `pipeline.augment.apply_params`;
+  with `pipeline.data.augment.apply_params`;
 - stored views (view policy cycle / random): `pick_views`, the view `mix64(seed, epoch, row) % V`, vectorised.
 
 The targets are those `CachedTargets.target` serves for the same (row, view): raw logits (float32) of a
@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.augment import AugParams, apply_params, draw_params
-from pipeline.data import PreparedData
-from pipeline.errors import CorruptStoreError
+from pipeline.cache.reader import CachedTargets, expand_sparse
+from pipeline.cache.store import AUG_ARRAY
+from pipeline.core.errors import CorruptStoreError
+from pipeline.data.augment import AugParams, apply_params, draw_params
+from pipeline.data.prepared import PreparedData
 from pipeline.losses import Teacher
-from pipeline.reader import CachedTargets, expand_sparse
-from pipeline.store import AUG_ARRAY
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class ViewPolicy:
 
 
 def mix64_rows(seed: int, epoch: int, rows: np.ndarray) -> np.ndarray:
-    """`pipeline.augment.mix64(seed, epoch, r)` for every r in `rows`, as uint64 (numpy wraps mod 2^64)."""
+    """`pipeline.data.augment.mix64(seed, epoch, r)` for every r in `rows`, as uint64 (numpy wraps mod 2^64)."""
     h = np.full(rows.shape, 0x9E3779B97F4A7C15, dtype=np.uint64)
     for key in (np.uint64(seed & _MASK64), np.uint64(epoch & _MASK64), rows.astype(np.int64).astype(np.uint64)):
         h = h ^ key

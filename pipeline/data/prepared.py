@@ -1,7 +1,7 @@
 """Prepared datasets: one HDF5 file holding train/test arrays, labels, class names, the validation split
 and a fingerprint that every later artifact records.
 
-Layout of the file (all at the root):
+The file (all at the root):
     x_train (N, ...), y_train (N,) int64, x_test (M, ...), y_test (M,) int64: float32 signals (MNIST-1D,
     (N, 1, 40)) or uint8 images (N, C, H, W), with channel_mean / channel_std attributes for images,
     val_index (V,) int64 (rows of the train arrays held out for checkpoint selection),
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.errors import DatasetError
-from pipeline.io import atomic_path
+from pipeline.core.errors import DatasetError
+from pipeline.core.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def write_prepared(
             f.attrs["num_classes"] = n_classes
             f.attrs["fingerprint"] = fp
             if arrays["x_train"].dtype == np.uint8 and arrays["x_train"].ndim == 4:
-                from pipeline.augment import channel_stats
+                from pipeline.data.augment import channel_stats
 
                 mean, std = channel_stats(arrays["x_train"])
                 f.attrs["channel_mean"] = json.dumps(list(mean))

@@ -1,13 +1,13 @@
 """Training one generation: from labels (generation 0) or from a teacher's cached logits (K >= 1).
 
 A student never builds, loads or even opens its teacher's checkpoint: its targets come only from the
-teacher's logit store, read by dataset index (`pipeline.reader.CachedTargets`). With a multi-view store and
+teacher's logit store, read by dataset index (`pipeline.cache.reader.CachedTargets`). With a multi-view store and
 view_policy "cycle" or "random", each sample trains on one stored view: its image is rebuilt from the
 stored crop/flip (no fresh augmentation) and its target is that view's teacher output.
 
 Two input paths feed the same `train_one_epoch`: when the train data and the teacher's targets fit
 `train.memory_budget_mib`, they live on the training device and batches are gathered there
-(`pipeline.device_data`); otherwise a DataLoader streams them (`pipeline.train_input`). Both draw the same
+(`pipeline.train.resident`); otherwise a DataLoader streams them (`pipeline.train.inputs`). Both draw the same
 random numbers, so on the CPU they train bit-identically.
 """
 
@@ -29,20 +29,20 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.augment import augment_batch
-from pipeline.checkpoint import save_atomic, save_checkpoint
-from pipeline.data import PreparedData
-from pipeline.device_data import MIB, Batch, ViewPolicy
-from pipeline.distributed import SINGLE_PROCESS, DistContext
-from pipeline.errors import DivergedError, ParamsError
-from pipeline.evaluate import resolve_device
+from pipeline.cache.reader import CachedTargets
+from pipeline.cache.store import check_temperature, has_aug, views_of
+from pipeline.core.devices import resolve_device
+from pipeline.core.distributed import SINGLE_PROCESS, DistContext
+from pipeline.core.errors import DivergedError, ParamsError
+from pipeline.data.augment import augment_batch
+from pipeline.data.prepared import PreparedData
 from pipeline.losses import Teacher, ban_l_loss, ban_loss, ce_loss, cwtm_loss, dkpp_loss, kd_loss
-from pipeline.models import ImageInput, build_model
+from pipeline.models.checkpoint import save_atomic, save_checkpoint
+from pipeline.models.registry import ImageInput, build_model
 from pipeline.params import GenParams, TrainParams, generation_seed, section_of
-from pipeline.reader import CachedTargets
-from pipeline.schedules import warmup_scheduler
-from pipeline.store import check_temperature, has_aug, views_of
-from pipeline.train_input import make_input
+from pipeline.train.inputs import make_input
+from pipeline.train.resident import MIB, Batch, ViewPolicy
+from pipeline.train.schedules import warmup_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
 
 def make_scheduler(opt: torch.optim.Optimizer, p: TrainParams) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-epoch schedule: cosine to 0, constant, or step (x0.2 at 50% and 75% of the epochs); with
-    warmup_epochs or one-cycle, `pipeline.schedules.warmup_scheduler`."""
+    warmup_epochs or one-cycle, `pipeline.train.schedules.warmup_scheduler`."""
     if p.schedule == "onecycle" or p.warmup_epochs > 0:
         return warmup_scheduler(opt, p)
     if p.schedule == "cosine":

@@ -5,7 +5,7 @@ its accuracy there, and the mean entropy of p_T = softmax(z / T) at the student'
 A label-free student (`ban`, `dkpp`) copies the teacher's argmax: a teacher below 99% on the rows it was
 fit to hands its errors on as targets. A teacher whose p_T is one-hot (entropy near 0) carries no dark
 knowledge: its student is a label-trained network with the teacher's mistakes, and any gain over the
-teacher is seed luck (compare with the controls, `pipeline.controls`).
+teacher is seed luck (compare with the controls, `pipeline.train.controls`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data import PreparedData
+from pipeline.cache.reader import CachedTargets
+from pipeline.data.prepared import PreparedData
 from pipeline.losses import soften
-from pipeline.reader import CachedTargets
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """CIFAR architectures of the Born-Again Networks paper and its baselines, plus torchvision models by name.
 
-Every builder takes `(input_shape=(C, H, W), num_classes)` like the rest of `pipeline.models`. Names:
+Every builder takes `(input_shape=(C, H, W), num_classes)` like the rest of `pipeline.models.registry`. Names:
 
 - `resnet{d}`, d = 6n + 2 (resnet20/56/110): He et al. 2016, "Deep Residual Learning", CIFAR section 4.2.
   Three stages of basic blocks with 16/32/64 channels, post-activation, **option A** shortcuts (identity,
@@ -22,7 +22,7 @@ Every builder takes `(input_shape=(C, H, W), num_classes)` like the rest of `pip
 - `tv_{name}`: any torchvision classification model (`torchvision.models.list_models`), built with
   `weights=None` and `num_classes` (ImageNet stems: they expect 3 channels and downsample 32x32 inputs hard).
 
-Parametric names are parsed by `resolve`; `pipeline.models` registers the common ones (`COMMON`) in
+Parametric names are parsed by `resolve`; `pipeline.models.registry` registers the common ones (`COMMON`) in
 `ARCHS`. All forward passes use `flatten`, never `view`, so channels_last inputs and models work.
 """
 
@@ -296,7 +296,7 @@ COMMON = (
 
 
 def common_builders() -> dict[str, Builder]:
-    """Builders of the COMMON names, for the registry of `pipeline.models`."""
+    """Builders of the COMMON names, for the registry of `pipeline.models.registry`."""
     found: dict[str, Builder] = {}
     for name in COMMON:
         if name.startswith("tv_"):  # no torchvision.models import until one is built

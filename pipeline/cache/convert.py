@@ -13,9 +13,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.errors import ParamsError
-from pipeline.io import atomic_path
-from pipeline.store import LEGACY_MARKER, LogitStore
+from pipeline.cache.store import LEGACY_MARKER, LogitStore
+from pipeline.core.errors import ParamsError
+from pipeline.core.files import atomic_path
 
 log = logging.getLogger(__name__)
 

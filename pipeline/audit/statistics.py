@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data import DatasetLabels, Labels
+from pipeline.cache.store import LogitStore, require_finite
+from pipeline.data.prepared import DatasetLabels, Labels
 from pipeline.params import InspectParams
-from pipeline.store import LogitStore, require_finite
 
 HIST_BINS = 50  # bins of the entropy and max-probability histograms
 VIEW = 0  # the view of (N, V, C) stores that is audited: the un-augmented input

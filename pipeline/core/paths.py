@@ -7,7 +7,9 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
-class Layout:
+class ProjectPaths:
+    """The paths of one project root; every stage reads and writes only these."""
+
     root: Path = Path(".")
 
     @property

@@ -7,16 +7,16 @@ workers (each opens its own handle).
 
 A split's arrays are read into memory whole on first use when they fit `max_memory_bytes`, and each batch
 is then a numpy gather. Arrays over the budget are streamed by whole chunks through a bounded cache with
-background prefetch (`pipeline.stream.ChunkCache`: at most `cache_chunks` decoded chunks per array), since
+background prefetch (`pipeline.cache.stream.ChunkCache`: at most `cache_chunks` decoded chunks per array), since
 a shuffled read through zarr decompresses a whole chunk per requested row (benchmarks/reader.py). Either
 path returns exactly the rows asked for, in any order; the streaming path is fast only when the epoch
-order follows chunk blocks: train with `pipeline.stream.epoch_sampler(targets, rows, seed)` (a
+order follows chunk blocks: train with `pipeline.cache.stream.epoch_sampler(targets, rows, seed)` (a
 `BlockShuffleSampler` when `targets.streaming`, else None for the loader's own shuffle). Damaged rows are
 found while loading (or decoding a chunk) and refused only when a batch asks for them.
 
 Multi-view stores (export `views` > 1) take a view per row: `rows(index, views)` and `target(index, views)`
 return that view's teacher output and `aug(index, views)` the crop/flip the teacher saw, to be replayed on
-the clean images with `pipeline.augment.apply_params`. Their test split has view 0 only (stores written
+the clean images with `pipeline.data.augment.apply_params`. Their test split has view 0 only (stores written
 before `split_views` existed have every view there too). Sparse stores (layout "topk" or "sampled") have no
 full logits: `target` rebuilds a dense distribution (B, C) from them (see `CachedTargets.target`).
 """
@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.augment import AugParams
-from pipeline.errors import CorruptStoreError
+from pipeline.cache.store import AUG_ARRAY, LogitStore, bad_rows, has_aug
+from pipeline.cache.stream import DEFAULT_CAPACITY, DEFAULT_WINDOW, ChunkCache
+from pipeline.core.errors import CorruptStoreError
+from pipeline.data.augment import AugParams
 from pipeline.losses import Probs, Teacher
-from pipeline.store import AUG_ARRAY, LogitStore, bad_rows, has_aug
-from pipeline.stream import DEFAULT_CAPACITY, DEFAULT_WINDOW, ChunkCache
 
 DEFAULT_MAX_MEMORY_BYTES = 4 * 2**30  # ImageNet-1k train logits in float16 (1.28M x 1000) take 2.4 GiB
 
@@ -115,7 +115,7 @@ class CachedTargets:
 
     def schedule(self, chunks: list[int]) -> None:
         """Tell every streamed array the order in which the coming batches first touch chunks (an epoch's
-        `pipeline.stream.block_shuffle` order), so background prefetch decodes them ahead."""
+        `pipeline.cache.stream.block_shuffle` order), so background prefetch decodes them ahead."""
         self._schedule = list(chunks)
         for cache in self._caches.values():
             cache.schedule(self._schedule)
@@ -249,7 +249,7 @@ class CachedTargets:
         return expand_sparse(self.path, a, values, classes, mass, temperature)
 
     def aug(self, index: torch.Tensor | np.ndarray, views: torch.Tensor | np.ndarray | None = None) -> AugParams:
-        """The crop/flip each row's view was exported with (`pipeline.augment.apply_params` replays it)."""
+        """The crop/flip each row's view was exported with (`pipeline.data.augment.apply_params` replays it)."""
         a = self.attrs
         recipe = a.get("augmentation")
         if not recipe:

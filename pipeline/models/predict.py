@@ -1,4 +1,4 @@
-"""Evaluation and device choice: logits of a model in eval mode, accuracy, and the training device.
+"""Evaluation: logits of a model in eval mode and accuracy.
 
 `predict_logits` serves export and the test metrics (numpy in, numpy out); `device_accuracy` serves
 validation during training on device-resident inputs, counting correct rows on the device and reading the
@@ -10,22 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-
-from pipeline.distributed import SINGLE_PROCESS, DistContext
-from pipeline.errors import ParamsError
-
-
-def resolve_device(name: str, ctx: DistContext = SINGLE_PROCESS) -> torch.device:
-    """'auto' -> cuda when available, else cpu; under torchrun (`ctx.enabled`) CUDA is this rank's
-    GPU, cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    device = torch.device(name)
-    if ctx.enabled and device.type == "cuda":
-        return torch.device("cuda", ctx.local_rank)
-    return device
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """The paired table: teacher, BAN-k, control-k, BAN-k minus control-k (paired mean and 95% t-interval over
 seeds), Ens*k and the controls' Ens*k, with the number of seeds and test rows stated.
 
-Each run is one seed's columns (accuracy, 0..1): Teacher, BAN-k, Ens*k (`pipeline.report.chain_columns`)
-and Control-k, Control Ens*k (`pipeline.controls.control_columns`).
+Each run is one seed's columns (accuracy, 0..1): Teacher, BAN-k, Ens*k (`pipeline.results.tables.chain_columns`)
+and Control-k, Control Ens*k (`control_columns` below).
 """
 
 from __future__ import annotations
@@ -12,10 +12,31 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from pipeline.controls import CONTROL_ENS_PREFIX, CONTROL_PREFIX
-from pipeline.stats import Paired, paired
+import numpy as np
+import torch
+
+from pipeline.core.stats import Paired, paired
+from pipeline.losses import soften
 
 DASH = "—"
+CONTROL_PREFIX = "Control-"
+CONTROL_ENS_PREFIX = "Control Ens*"
+
+
+def ensemble_accuracy(logits: Sequence[np.ndarray], y: np.ndarray) -> float:
+    """Accuracy of the argmax of the mean softmax of `logits` (each (N, C)): Ens*k of those models."""
+    probs = [soften(torch.from_numpy(np.asarray(z, dtype=np.float32))).numpy() for z in logits]
+    mean = sum(probs) / len(probs)
+    return float((np.asarray(mean).argmax(-1) == y).mean())
+
+
+def control_columns(test_logits: Mapping[int, np.ndarray], y: np.ndarray) -> dict[str, float]:
+    """Columns Control-k (accuracy of each control) and Control Ens*k (k >= 2, controls 1..k)."""
+    gens = sorted(test_logits)
+    cols = {f"{CONTROL_PREFIX}{g}": float((test_logits[g].argmax(-1) == y).mean()) for g in gens}
+    for k in range(2, len(gens) + 1):
+        cols[f"{CONTROL_ENS_PREFIX}{k}"] = ensemble_accuracy([test_logits[g] for g in gens[:k]], y)
+    return cols
 
 
 def _spread(vals: Sequence[float]) -> str:

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data import PreparedData
+from pipeline.cache.store import LogitStore, require_finite
+from pipeline.data.prepared import PreparedData
 from pipeline.losses import soften
-from pipeline.store import LogitStore, require_finite
 
 
 def _probs(store: LogitStore, start: int, stop: int) -> np.ndarray:

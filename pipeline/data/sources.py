@@ -1,8 +1,8 @@
-"""Image datasets read from disk into the arrays `pipeline.data.write_prepared` stores.
+"""Image datasets read from disk into the arrays `pipeline.data.prepared.write_prepared` stores.
 
 Every loader returns a `Loaded` pair: `arrays` = {x_train, y_train, x_test, y_test} and `class_names`.
 Images are **uint8 NCHW** (N, C, H, W) in 0..255, four times smaller than float32 on disk; the model
-normalises them on the fly (`pipeline.models.ImageInput`), in training and export alike. Labels are int64
+normalises them on the fly (`pipeline.models.registry.ImageInput`), in training and export alike. Labels are int64
 class indices into `class_names`.
 
 Sources:
@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.errors import DatasetError
+from pipeline.core.errors import DatasetError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""`bancache inspect`: statistics of a store, teacher fitness, and the files they are written to."""

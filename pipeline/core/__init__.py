@@ -1,0 +1,1 @@
+"""Foundation: errors, atomic files, project paths, statistics, torch.distributed helpers. Imports no other part."""

@@ -1,0 +1,1 @@
+"""Architectures (one registry), checkpoints, and inference (predict_logits, accuracy)."""

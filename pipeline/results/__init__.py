@@ -1,0 +1,1 @@
+"""Ensembles of generations, the report's tables, the paired table of controls."""

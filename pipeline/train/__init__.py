@@ -1,0 +1,1 @@
+"""Training one generation: the loop, its two input paths, schedules, controls."""
