@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from pipeline.cache.reader import CachedTargets
 from pipeline.data.prepared import MNIST1D_CLASSES, PreparedData, load_prepared, make_mnist1d, write_prepared
+from pipeline.losses import loss_spec
 from pipeline.params import DataParams, ExportParams, GenParams, TrainParams, parse_generation, parse_section
 from pipeline.train.loop import EpochLog, TrainResult
 
@@ -79,9 +80,10 @@ def train_model(
     gp = parse_generation(gen, raw)
     d = _data(data)
     store = Path(teacher_store) if teacher_store is not None else None
-    if gp.loss != "ce" and store is None:
+    needs_teacher = loss_spec(gp.loss).needs_teacher
+    if needs_teacher and store is None:
         raise ValueError(f"generation {gen}: loss {gp.loss!r} learns from a teacher: pass teacher_store=")
-    result = train_generation(d, r, gen, gp, store if gp.loss != "ce" else None, on_epoch=on_epoch)
+    result = train_generation(d, r, gen, gp, store if needs_teacher else None, on_epoch=on_epoch)
     if out is not None:
         sha = LogitStore.open(store, fingerprint=d.fingerprint).attrs["checkpoint_sha256"] if store else None
         save_generation(Path(out), result, checkpoint_meta(d, r, gen, gp, sha))

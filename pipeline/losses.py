@@ -8,17 +8,22 @@ not shrink as T grows; at T = 1 (the BAN paper's setting) the factor is 1.
 Every `teacher` argument also accepts a `Probs`: a teacher distribution given directly instead of logits,
 as sparse stores provide (top-k or sampled classes, `pipeline.cache.reader.CachedTargets.target`). Its
 temperature was applied when it was built, so `soften` returns it unchanged.
+
+Each loss is declared once, as a `LossSpec` in the registry `LOSSES` (`register_loss`): params validates
+loss names against it, training builds its criterion from it, fitness asks it which losses are label-free
+and the tables take their loss columns from it. Nothing else lists the losses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("ce", "ban", "ban+l", "kd", "cwtm", "dkpp")
-TEACHER_LOSSES = LOSSES[1:]  # every loss but ce learns from a teacher's cached logits
+from pipeline.core.errors import ParamsError
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,155 @@ def dkpp_loss(
     return temperature**2 * soft_cross_entropy(student, target, temperature)
 
 
+# ---------------------------------------------------------------- the registry
+
+# The bound form every loss is called in: fn(student, teacher, labels, temperature, alpha, generator).
+# `teacher` is None only for a loss that needs none; `generator` draws DKPP's permutations.
+LossFn = Callable[
+    [torch.Tensor, Teacher | None, torch.Tensor, float, float, torch.Generator | None],
+    torch.Tensor,
+]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One loss, declared once: everything params, training, fitness and the tables need to know of it.
+
+    `label_free`: no label term, the teacher's targets are all the student sees (fitness warns about a
+    poor teacher). `column`: the Table 2 column of a first student trained with it (None for a loss that
+    needs no teacher: generation 0 is the table's Teacher column). `params`: the generation keys (GenParams
+    fields) the loss reads; it ignores the others.
+    """
+
+    name: str
+    fn: LossFn
+    needs_teacher: bool
+    label_free: bool
+    column: str | None
+    params: tuple[str, ...] = ()
+
+    def __call__(
+        self,
+        student: torch.Tensor,
+        teacher: Teacher | None,
+        labels: torch.Tensor,
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The loss of one batch; a teacher loss refuses a missing teacher before computing anything."""
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"loss {self.name!r} needs teacher logits")
+        return self.fn(student, teacher, labels, temperature, alpha, generator)
+
+
+LOSSES: dict[str, LossSpec] = {}  # in declaration order: params' messages list the names in it
+
+
+def register_loss(spec: LossSpec) -> LossSpec:
+    """Add `spec` to the registry; params, training, fitness, the sweep and the tables then know it.
+    A name or column already taken is refused: two declarations of one loss would disagree somewhere."""
+    if spec.name in LOSSES:
+        raise ValueError(f"loss {spec.name!r} is already registered; pick another name")
+    if spec.needs_teacher != (spec.column is not None):
+        raise ValueError(f"loss {spec.name!r}: a teacher loss names its table column, a label loss names none")
+    if spec.column is not None and spec.column in loss_columns().values():
+        raise ValueError(f"loss {spec.name!r}: column {spec.column!r} is already another loss's")
+    LOSSES[spec.name] = spec
+    return spec
+
+
+def loss_spec(name: str) -> LossSpec:
+    """The registered loss `name`; an unknown name is refused with the list of known ones."""
+    if name not in LOSSES:
+        raise ParamsError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+def teacher_losses() -> tuple[str, ...]:
+    """The losses that learn from a teacher's cached logits (a student's), in declaration order."""
+    return tuple(n for n, s in LOSSES.items() if s.needs_teacher)
+
+
+def label_losses() -> tuple[str, ...]:
+    """The losses that need no teacher (generation 0's and the controls'), in declaration order."""
+    return tuple(n for n, s in LOSSES.items() if not s.needs_teacher)
+
+
+def label_free_losses() -> tuple[str, ...]:
+    """The losses with no label term, in declaration order."""
+    return tuple(n for n, s in LOSSES.items() if s.label_free)
+
+
+def loss_columns() -> dict[str, str]:
+    """Loss name -> its Table 2 column, for every loss that has one."""
+    return {n: s.column for n, s in LOSSES.items() if s.column is not None}
+
+
+def _given(teacher: Teacher | None) -> Teacher:
+    """`teacher` as the teacher losses take it: `LossSpec.__call__` has refused None already."""
+    return cast(Teacher, teacher)
+
+
+# The six losses, in the order params' messages list them; each lambda calls its pure function above with
+# exactly the arguments that function takes.
+register_loss(
+    LossSpec(
+        "ce", lambda s, _t, y, _temp, _alpha, _g: ce_loss(s, y), needs_teacher=False, label_free=False, column=None
+    )
+)
+register_loss(
+    LossSpec(
+        "ban",
+        lambda s, t, _y, temp, _alpha, _g: ban_loss(s, _given(t), temp),
+        needs_teacher=True,
+        label_free=True,
+        column="BAN",
+        params=("temperature",),
+    )
+)
+register_loss(
+    LossSpec(
+        "ban+l",
+        lambda s, t, y, temp, _alpha, _g: ban_l_loss(s, _given(t), y, temp),
+        needs_teacher=True,
+        label_free=False,
+        column="BAN+L",
+        params=("temperature",),
+    )
+)
+register_loss(
+    LossSpec(
+        "kd",
+        lambda s, t, y, temp, alpha, _g: kd_loss(s, _given(t), y, temp, alpha),
+        needs_teacher=True,
+        label_free=False,
+        column="KD",
+        params=("temperature", "alpha"),
+    )
+)
+register_loss(
+    LossSpec(
+        "cwtm",
+        lambda s, t, y, temp, _alpha, _g: cwtm_loss(s, _given(t), y, temp),
+        needs_teacher=True,
+        label_free=False,
+        column="CWTM",
+        params=("temperature",),
+    )
+)
+register_loss(
+    LossSpec(
+        "dkpp",
+        lambda s, t, _y, temp, _alpha, g: dkpp_loss(s, _given(t), temp, g),
+        needs_teacher=True,
+        label_free=True,
+        column="DKPP",
+        params=("temperature",),
+    )
+)
+
+
 def generation_loss(
     name: str,
     student: torch.Tensor,
@@ -124,19 +278,5 @@ def generation_loss(
     alpha: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Dispatch on the loss name of params (`LOSSES`)."""
-    if name == "ce":
-        return ce_loss(student, labels)
-    if teacher is None:
-        raise ValueError(f"loss {name!r} needs teacher logits")
-    if name == "ban":
-        return ban_loss(student, teacher, temperature)
-    if name == "ban+l":
-        return ban_l_loss(student, teacher, labels, temperature)
-    if name == "kd":
-        return kd_loss(student, teacher, labels, temperature, alpha)
-    if name == "cwtm":
-        return cwtm_loss(student, teacher, labels, temperature)
-    if name == "dkpp":
-        return dkpp_loss(student, teacher, temperature, generator)
-    raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
+    """The loss `name` of the registry on one batch (what a training step computes, without a model)."""
+    return loss_spec(name)(student, teacher, labels, temperature, alpha, generator)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from pipeline.cache.store import LAYOUTS
 from pipeline.core.errors import ParamsError
-from pipeline.losses import LOSSES, TEACHER_LOSSES
+from pipeline.losses import LOSSES, label_losses, loss_spec, teacher_losses
 
 DATASETS = ("mnist1d", "cifar10", "cifar100", "npz", "imagefolder")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -206,7 +206,7 @@ class GenParams:
     view_policy: str = "clean"
 
     def check(self, section: str) -> None:
-        _one_of(f"{section}.loss", self.loss, LOSSES)
+        _one_of(f"{section}.loss", self.loss, tuple(LOSSES))
         _one_of(f"{section}.view_policy", self.view_policy, VIEW_POLICIES)
         _range(f"{section}.temperature", self.temperature, 0.0, None, lo_open=True)
         _range(f"{section}.alpha", self.alpha, 0.0, 1.0)
@@ -296,9 +296,10 @@ def parse_generation(gen: int, raw: Any) -> GenParams:
     """Validate one generation's section: `gen0`, or `students.K` for K >= 1."""
     if gen == 0:
         gp = parse_section(GenParams, "gen0", {"loss": "ce", **(raw or {})})
-        if gp.loss != "ce" or gp.teacher is not None:
+        if loss_spec(gp.loss).needs_teacher or gp.teacher is not None:
+            must = " or ".join(repr(n) for n in label_losses())
             raise ParamsError(
-                f"gen0: generation 0 trains from labels: loss must be 'ce' and teacher unset "
+                f"gen0: generation 0 trains from labels: loss must be {must} and teacher unset "
                 f"(got loss={gp.loss!r}, teacher={gp.teacher!r})"
             )
         return gp
@@ -308,8 +309,8 @@ def parse_generation(gen: int, raw: Any) -> GenParams:
         raise ParamsError(f"{section}.teacher: unset. Name the generation whose logits generation {gen} learns from")
     if not 0 <= gp.teacher < gen:
         raise ParamsError(f"{section}.teacher = {gp.teacher}: a teacher must be an earlier generation (0..{gen - 1})")
-    if gp.loss == "ce":
-        raise ParamsError(f"{section}.loss = 'ce' ignores the teacher: use one of {', '.join(TEACHER_LOSSES)}")
+    if not loss_spec(gp.loss).needs_teacher:
+        raise ParamsError(f"{section}.loss = {gp.loss!r} ignores the teacher: use one of {', '.join(teacher_losses())}")
     return gp
 
 

@@ -196,7 +196,7 @@ def report(obj: Ctx) -> None:
 def sweep(obj: Ctx, seeds: str, losses: str, out: str, controls: bool) -> None:
     """Run the whole chain for several seeds and write a mean +- std table (results/sweep/table.md)."""
     from pipeline.core.errors import ParamsError
-    from pipeline.losses import TEACHER_LOSSES
+    from pipeline.losses import teacher_losses
     from stages import sweep as stage
 
     try:
@@ -204,9 +204,9 @@ def sweep(obj: Ctx, seeds: str, losses: str, out: str, controls: bool) -> None:
     except ValueError:
         raise ParamsError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
     loss_list = [s.strip() for s in losses.split(",") if s.strip()]
-    bad = [s for s in loss_list if s not in TEACHER_LOSSES]
+    bad = [s for s in loss_list if s not in teacher_losses()]
     if bad:
-        raise ParamsError(f"--losses: unknown {bad}; choose from {', '.join(TEACHER_LOSSES)}")
+        raise ParamsError(f"--losses: unknown {bad}; choose from {', '.join(teacher_losses())}")
     click.echo(stage.run(obj.params(), Path(out), seed_list, loss_list, controls=controls))
 
 

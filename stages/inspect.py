@@ -20,6 +20,7 @@ from pipeline.core.errors import ParamsError
 from pipeline.core.files import write_json, write_text
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import DatasetLabels, open_labels
+from pipeline.losses import label_free_losses
 from pipeline.params import InspectParams, parse_section, student_keys
 from stages.common import ParamsFile
 from stages.progress import Progress
@@ -61,7 +62,8 @@ def add_fitness(out: Path, metrics: dict[str, Any], store: Path, labels: Dataset
     f = store_fitness(store, labels.fingerprint, y, fit, len(labels.class_names), t)
     metrics = {**metrics, "fitness": f.as_dict()}
     write_json(out / "metrics.json", metrics_only(metrics))
-    notes = [f"- {w}" for w in fitness_warnings(f, "ban")] or ["- fit for a label-free (ban, dkpp) student"]
+    label_free = ", ".join(label_free_losses())
+    notes = [f"- {w}" for w in fitness_warnings(f, "ban")] or [f"- fit for a label-free ({label_free}) student"]
     lines = [
         "",
         "## Teacher fitness",

@@ -19,10 +19,11 @@ from pipeline.core.devices import resolve_device
 from pipeline.core.files import write_json, write_text
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import PreparedData, load_prepared
+from pipeline.losses import loss_columns
 from pipeline.models.predict import accuracy, predict_logits
 from pipeline.params import TrainParams, parse_chain, parse_generation, parse_section, student_keys
 from pipeline.results.paired import control_columns, format_paired_table
-from pipeline.results.tables import LOSS_COLUMNS, chain_columns, format_table
+from pipeline.results.tables import chain_columns, format_table
 from pipeline.train.controls import train_control
 from pipeline.train.loop import train_generation
 from stages import ensemble, export, prepare, train
@@ -67,7 +68,7 @@ def run_seed(
         with Progress(f"seed {seed} gen 1 ({loss})", recipe.epochs, unit="epoch") as bar:
             model = train_generation(data, recipe, 1, gp, layout.store(0), on_epoch=train.epoch_hook(bar)).model
         logits = predict_logits(model, data.x_test, recipe.eval_batch_size, resolve_device(recipe.device))
-        cols[LOSS_COLUMNS[loss]] = accuracy(logits, data.y_test)
+        cols[loss_columns()[loss]] = accuracy(logits, data.y_test)
     if controls:
         cols.update(control_run(raw, data))
     log.info("seed %d: %s", seed, cols)

@@ -21,11 +21,10 @@ import torch
 
 from pipeline.cache.reader import CachedTargets
 from pipeline.data.prepared import PreparedData
-from pipeline.losses import soften
+from pipeline.losses import loss_spec, soften
 
 log = logging.getLogger(__name__)
 
-LABEL_FREE = ("ban", "dkpp")  # losses with no label term: the teacher's targets are all the student sees
 MIN_FIT_ACCURACY = 0.99
 MIN_ENTROPY = 0.05  # nats; a softmax with max prob 0.995 over 10 classes has about 0.04
 
@@ -68,7 +67,7 @@ def store_fitness(
 
 def fitness_warnings(f: Fitness, loss: str, teacher: int | None = None) -> list[str]:
     """Why a student with `loss` should not trust this teacher: empty when it fits or the loss uses labels."""
-    if loss not in LABEL_FREE:
+    if not loss_spec(loss).label_free:  # a label term corrects the teacher's errors
         return []
     who = "the teacher" if teacher is None else f"teacher generation {teacher}"
     out = []

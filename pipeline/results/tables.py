@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-LOSS_COLUMNS = {"ban": "BAN", "ban+l": "BAN+L", "cwtm": "CWTM", "dkpp": "DKPP", "kd": "KD"}
+from pipeline.losses import loss_columns
 
 
 def chain_columns(ensemble: Mapping[str, Any]) -> dict[str, float]:
@@ -23,11 +23,14 @@ def chain_columns(ensemble: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _order(columns: Iterable[str]) -> list[str]:
+    """Teacher, the loss columns (the registry's, by name: BAN, BAN+L, CWTM, DKPP, KD), BAN-k, Ens*k, the rest."""
+    losses = set(loss_columns().values())
+
     def key(c: str) -> tuple[int, int, str]:
         if c == "Teacher":
             return (0, 0, c)
-        if c in LOSS_COLUMNS.values():
-            return (1, list(LOSS_COLUMNS.values()).index(c), c)
+        if c in losses:
+            return (1, 0, c)
         if c.startswith("BAN-"):
             return (2, int(c[4:]), c)
         if c.startswith("Ens*"):

@@ -36,13 +36,13 @@ from pipeline.core.distributed import SINGLE_PROCESS, DistContext
 from pipeline.core.errors import DivergedError, ParamsError
 from pipeline.data.augment import augment_batch
 from pipeline.data.prepared import PreparedData
-from pipeline.losses import Teacher, ban_l_loss, ban_loss, ce_loss, cwtm_loss, dkpp_loss, kd_loss
+from pipeline.losses import Teacher, loss_spec
 from pipeline.models.checkpoint import save_atomic, save_checkpoint
 from pipeline.models.registry import ImageInput, build_model
 from pipeline.params import GenParams, TrainParams, generation_seed, section_of
 from pipeline.train.inputs import make_input
+from pipeline.train.optim import make_optimizer, make_scheduler
 from pipeline.train.resident import MIB, Batch, ViewPolicy
-from pipeline.train.schedules import warmup_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -62,28 +62,6 @@ def seed_everything(seed: int, deterministic: bool, device: torch.device | None 
     elif device is not None and device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return torch.Generator().manual_seed(seed)
-
-
-def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
-    if p.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.nesterov, weight_decay=p.weight_decay
-        )
-    if p.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-
-
-def make_scheduler(opt: torch.optim.Optimizer, p: TrainParams) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: cosine to 0, constant, or step (x0.2 at 50% and 75% of the epochs); with
-    warmup_epochs or one-cycle, `pipeline.train.schedules.warmup_scheduler`."""
-    if p.schedule == "onecycle" or p.warmup_epochs > 0:
-        return warmup_scheduler(opt, p)
-    if p.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs)
-    if p.schedule == "step":
-        return torch.optim.lr_scheduler.MultiStepLR(opt, [p.epochs // 2, (3 * p.epochs) // 4], gamma=0.2)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
 @dataclass
@@ -139,26 +117,14 @@ Criterion = Callable[[torch.Tensor, Teacher | None, torch.Tensor], torch.Tensor]
 
 
 def make_criterion(gp: GenParams, generator: torch.Generator | None = None) -> Criterion:
-    """The generation's loss bound to its params once: criterion(student_logits, teacher, labels).
-    `generator` draws DKPP's permutations."""
-    t, alpha = gp.temperature, gp.alpha
+    """The generation's registered loss (`pipeline.losses.LOSSES`) bound to its params once:
+    criterion(student_logits, teacher, labels). `generator` draws DKPP's permutations."""
+    spec, t, alpha = loss_spec(gp.loss), gp.temperature, gp.alpha
 
-    def need(teacher: Teacher | None) -> Teacher:
-        if teacher is None:
-            raise ValueError(f"loss {gp.loss!r} needs teacher logits")
-        return teacher
+    def criterion(s: torch.Tensor, teacher: Teacher | None, y: torch.Tensor) -> torch.Tensor:
+        return spec(s, teacher, y, t, alpha, generator)
 
-    bound: dict[str, Criterion] = {
-        "ce": lambda s, _teacher, y: ce_loss(s, y),
-        "ban": lambda s, teacher, _y: ban_loss(s, need(teacher), t),
-        "ban+l": lambda s, teacher, y: ban_l_loss(s, need(teacher), y, t),
-        "kd": lambda s, teacher, y: kd_loss(s, need(teacher), y, t, alpha),
-        "cwtm": lambda s, teacher, y: cwtm_loss(s, need(teacher), y, t),
-        "dkpp": lambda s, teacher, _y: dkpp_loss(s, need(teacher), t, generator),
-    }
-    if gp.loss not in bound:
-        raise ValueError(f"unknown loss {gp.loss!r}; known: {', '.join(bound)}")
-    return bound[gp.loss]
+    return criterion
 
 
 def train_one_epoch(
@@ -240,7 +206,7 @@ def _load_state(path: Path, key: str) -> dict[str, Any] | None:
 def _open_targets(
     data: PreparedData, recipe: TrainParams, gen: int, gp: GenParams, teacher_store: Path | None, verify: bool
 ) -> CachedTargets | None:
-    if gp.loss == "ce":
+    if not loss_spec(gp.loss).needs_teacher:
         return None
     if teacher_store is None:
         raise ValueError(f"generation {gen}: loss {gp.loss!r} needs a teacher store")

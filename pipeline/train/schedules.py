@@ -1,6 +1,6 @@
 """Learning-rate schedules with warmup, and one-cycle: per-epoch multipliers of train.lr.
 
-`make_scheduler` in pipeline.train.loop keeps torch's own schedulers for cosine, step and constant without
+`make_scheduler` in pipeline.train.optim keeps torch's own schedulers for cosine, step and constant without
 warmup (bit-identical to earlier runs); with `warmup_epochs` > 0 or `schedule: onecycle` it uses
 `lr_factor` below through a LambdaLR. Epoch e (0-based: the e-th call of sched.step() has happened)
 trains at lr * lr_factor(e).
