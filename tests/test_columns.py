@@ -67,12 +67,12 @@ def test_an_unknown_or_non_canonical_string_is_refused_with_the_known_forms(text
         parse_column(text, where="metrics/ensemble.json")
     message = str(info.value)
     assert repr(text) in message and "metrics/ensemble.json" in message
-    assert "gen<g>" in message and "Control Ens*<k>" in message and "\n" not in message
+    assert "gen{g}" in message and "Control Ens*{k}" in message and "\n" not in message
 
 
 def test_a_loss_column_needs_the_loss_registry_and_names_the_loss() -> None:
     assert parse_column("BAN+L", LOSS_COLUMNS) == LossVariant("ban+l", "BAN+L")
-    with pytest.raises(ResultsError, match=r"loss columns \(BAN, BAN\+L, CWTM, DKPP, KD\)"):
+    with pytest.raises(ResultsError, match=r"loss columns: BAN, BAN\+L, CWTM, DKPP, KD\."):
         parse_column("XYZ", LOSS_COLUMNS)
 
 

@@ -129,8 +129,8 @@ _FORMS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Column]]] = [
     (re.compile(r"Control Ens\*(\d+)"), lambda m: ControlEnsemble(int(m[1]))),
 ]
 KNOWN_FORMS = (
-    "gen<g>, ens<k>, ens<k>+teacher (metrics/ensemble.json); "
-    "Teacher, BAN-<g>, Ens*<k>, Ens*<k>+teacher, Control-<k>, Control Ens*<k> (a sweep's runs)"
+    "gen{g}, ens{k}, ens{k}+teacher in metrics/ensemble.json; Teacher, BAN-{g}, Ens*{k}, Ens*{k}+teacher, "
+    "Control-{k}, Control Ens*{k} in a sweep's runs (numbers without leading zeros; gen0 is the Teacher)"
 )
 
 
@@ -149,8 +149,8 @@ def parse_column(text: str, losses: Mapping[str, str] | None = None, where: str 
             return LossVariant(name, label)
     loss_labels = ", ".join(sorted((losses or {}).values())) or "none expected here"
     raise ResultsError(
-        f"{where} names an unknown result column {text!r}; known columns: {KNOWN_FORMS} "
-        f"(g >= 0, k >= 1) and the loss columns ({loss_labels}). Re-run the stage that wrote it with this version."
+        f"{where} names an unknown result column {text!r}; known columns: {KNOWN_FORMS}; loss columns: "
+        f"{loss_labels}. Correct the key or re-run the stage that wrote the file with this version"
     )
 
 
