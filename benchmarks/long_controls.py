@@ -29,8 +29,10 @@ from _benchlib import machine_info, pick_workdir, table, write_results
 from pipeline.api import prepare_data
 from pipeline.core.devices import resolve_device
 from pipeline.data.prepared import load_prepared
+from pipeline.losses import loss_columns
 from pipeline.models.predict import accuracy, predict_logits
 from pipeline.params import DataParams, TrainParams, parse_chain, parse_section
+from pipeline.results.columns import Column, Control, Generation, parse_columns
 from pipeline.results.paired import format_diff, paired_columns
 from pipeline.train.controls import train_control
 from stages.common import ParamsFile
@@ -67,10 +69,11 @@ def main() -> None:
         prepare_data(dataset, params=parse_section(DataParams, "data", raw.get("data")))
     data = load_prepared(dataset)
 
-    sweep: dict[int, dict[str, float]] = {}
+    sweep: dict[int, dict[Column, float]] = {}
     if args.sweep:
         record = json.loads(Path(args.sweep).read_text())
-        sweep = dict(zip(record["seeds"], record["runs"], strict=True))
+        runs_read = [parse_columns(r, loss_columns(), where=args.sweep) for r in record["runs"]]
+        sweep = dict(zip(record["seeds"], runs_read, strict=True))
         missing = [s for s in seeds if s not in sweep]
         if missing:
             raise SystemExit(f"{args.sweep}: no run for seeds {missing}; pass the sweep of the same seeds")
@@ -90,8 +93,8 @@ def main() -> None:
             run[f"long_control_{gen}_epochs"] = recipe.epochs
             run[f"long_control_{gen}_seconds"] = round(time.perf_counter() - t0, 1)
             if seed in sweep:
-                for col in (f"BAN-{gen}", f"Control-{gen}"):
-                    run[col] = sweep[seed][col]
+                for col in (Generation(gen), Control(gen)):
+                    run[col.label] = sweep[seed][col]
             print(f"seed {seed}: {run}", flush=True)
         runs.append(run)
         write_results(
@@ -106,8 +109,8 @@ def main() -> None:
         if sweep:
             longk = f"Long-control-{gen}"
             row += [
-                format_diff(paired_columns(runs, f"BAN-{gen}", longk)),
-                format_diff(paired_columns(runs, longk, f"Control-{gen}")),
+                format_diff(paired_columns(runs, Generation(gen).label, longk)),
+                format_diff(paired_columns(runs, longk, Control(gen).label)),
             ]
         rows.append(row)
     headers = ["k", "epochs", "Long-control-k %"]

@@ -11,27 +11,29 @@ import numpy as np
 from pipeline.cache.store import LogitStore
 from pipeline.core.files import write_text
 from pipeline.core.paths import ProjectPaths
+from pipeline.results.columns import Ensemble, Generation
 from pipeline.results.paired import control_columns, format_paired_table
-from pipeline.results.tables import chain_columns, format_table
+from pipeline.results.tables import chain_accuracy, chain_columns, format_table
 
 
 def run(layout: ProjectPaths) -> str:
     metrics = json.loads(layout.ensemble_metrics.read_text())
-    gens = sorted(int(k[3:]) for k in metrics["accuracy"] if k.startswith("gen"))
+    accuracy = chain_accuracy(metrics, where=str(layout.ensemble_metrics))
+    gens = sorted(c.g for c in accuracy if isinstance(c, Generation))
     lines = ["# bancache report", "", format_table([chain_columns(metrics)], _network(layout, gens)), ""]
     lines += ["| generation | arch | loss | teacher | seed | test acc % |", "|---|---|---|---|---|---|"]
     for g in gens:
         a = LogitStore.open(layout.store(g)).attrs
-        acc = 100 * metrics["accuracy"][f"gen{g}"]
+        acc = 100 * accuracy[Generation(g)]
         lines.append(f"| {g} | {a['arch']} | {a['loss']} | {a['teacher']} | {a['seed']} | {acc:.2f} |")
     lines += [
         "",
         "Ens*k averages the softmax outputs of generations 1..k; '+teacher' rows also average generation 0:",
         "",
     ]
-    for name, acc in metrics["accuracy"].items():
-        if name.startswith("ens"):
-            lines.append(f"- {name} (generations {metrics['members'][name]}): {100 * acc:.2f}%")
+    for column, acc in accuracy.items():
+        if isinstance(column, Ensemble):
+            lines.append(f"- {column.key} (generations {metrics['members'][column.key]}): {100 * acc:.2f}%")
     lines += controls_section(layout, metrics, gens) + fitness_flags(layout, gens)
     text = "\n".join(lines) + "\n"
     write_text(layout.report, text)

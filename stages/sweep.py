@@ -22,6 +22,7 @@ from pipeline.data.prepared import PreparedData, load_prepared
 from pipeline.losses import loss_columns
 from pipeline.models.predict import accuracy, predict_logits
 from pipeline.params import TrainParams, parse_chain, parse_generation, parse_section, student_keys
+from pipeline.results.columns import Column, LossVariant, is_control, labelled
 from pipeline.results.paired import control_columns, format_paired_table
 from pipeline.results.tables import chain_columns, format_table
 from pipeline.train.controls import train_control
@@ -33,7 +34,7 @@ from stages.progress import Progress, note
 log = logging.getLogger(__name__)
 
 
-def control_run(raw: dict[str, Any], data: PreparedData) -> dict[str, float]:
+def control_run(raw: dict[str, Any], data: PreparedData) -> dict[Column, float]:
     """Control-K of every student generation K of this seed's params, and the controls' Ens*k."""
     recipe = parse_section(TrainParams, "train", raw["train"])
     chain = parse_chain(raw.get("gen0"), raw.get("students"))
@@ -48,7 +49,7 @@ def control_run(raw: dict[str, Any], data: PreparedData) -> dict[str, float]:
 
 def run_seed(
     params: ParamsFile, root: Path, seed: int, dataset: Path, losses: list[str], controls: bool = False
-) -> dict[str, float]:
+) -> dict[Column, float]:
     raw = copy.deepcopy(params.raw)
     raw.setdefault("train", {})["seed"] = 100 * seed
     p = ParamsFile(raw)
@@ -68,10 +69,10 @@ def run_seed(
         with Progress(f"seed {seed} gen 1 ({loss})", recipe.epochs, unit="epoch") as bar:
             model = train_generation(data, recipe, 1, gp, layout.store(0), on_epoch=train.epoch_hook(bar)).model
         logits = predict_logits(model, data.x_test, recipe.eval_batch_size, resolve_device(recipe.device))
-        cols[loss_columns()[loss]] = accuracy(logits, data.y_test)
+        cols[LossVariant(loss, loss_columns()[loss])] = accuracy(logits, data.y_test)
     if controls:
         cols.update(control_run(raw, data))
-    log.info("seed %d: %s", seed, cols)
+    log.info("seed %d: %s", seed, labelled(cols))
     return cols
 
 
@@ -81,11 +82,12 @@ def run(params: ParamsFile, out: Path, seeds: list[int], losses: list[str], cont
     dataset = ProjectPaths(out).dataset
     prepare.run(params, ProjectPaths(out))
     num_test = len(load_prepared(dataset).y_test)
-    runs: list[dict[str, Any]] = []
+    runs: list[dict[Column, float]] = []
     with Progress("sweep", len(seeds), unit="seed") as bar:
         for seed in seeds:
             runs.append(run_seed(params, out / f"seed-{seed}", seed, dataset, losses, controls))
-            record = {"seeds": seeds[: len(runs)], "num_test": num_test, "controls": controls, "runs": runs}
+            saved = [labelled(r) for r in runs]  # a sweep's JSON keys each run by its columns' labels
+            record = {"seeds": seeds[: len(runs)], "num_test": num_test, "controls": controls, "runs": saved}
             write_json(out / "sweep.json", record)
             bar.update()
     arch = parse_section(TrainParams, "train", params.raw.get("train")).arch
@@ -94,9 +96,9 @@ def run(params: ParamsFile, out: Path, seeds: list[int], losses: list[str], cont
     return table
 
 
-def format_tables(runs: list[dict[str, Any]], arch: str, num_test: int, controls: bool) -> str:
+def format_tables(runs: list[dict[Column, float]], arch: str, num_test: int, controls: bool) -> str:
     """The paper's Table 2 shape (chain and loss columns) and, with controls, the paired table."""
-    chain_only = [{c: v for c, v in r.items() if not c.startswith("Control")} for r in runs]
+    chain_only = [{c: v for c, v in r.items() if not is_control(c)} for r in runs]
     parts = [f"Table 2 shape ({num_test} test rows):", "", format_table(chain_only, arch)]
     if controls:
         parts += ["", format_paired_table(runs, arch, num_test)]

@@ -20,6 +20,7 @@ from pipeline.core.paths import ProjectPaths
 from pipeline.core.stats import paired, t_cdf_two_sided, t_quantile
 from pipeline.data.prepared import load_prepared
 from pipeline.params import GenParams, TrainParams, parse_generation, parse_section
+from pipeline.results.columns import Column, Control, ControlEnsemble, Ensemble, Generation
 from pipeline.results.paired import control_columns, format_paired_table, paired_rows
 from pipeline.train.controls import control_params, train_control
 from stages import export, train
@@ -118,12 +119,13 @@ def test_paired_mean_and_interval_by_hand() -> None:
         paired([1.0, 2.0], [1.0])
 
 
-def _runs() -> list[dict[str, float]]:
+def _runs() -> list[dict[Column, float]]:
     # BAN-1 - Control-1 = +1, +2, +3 points; Ens*2 - Control Ens*2 = 0, 0, +3.
+    cols = [Generation(0), Generation(1), Generation(2), Ensemble(2), Control(1), ControlEnsemble(2)]
     return [
-        {"Teacher": 0.90, "BAN-1": 0.91, "BAN-2": 0.92, "Ens*2": 0.93, "Control-1": 0.90, "Control Ens*2": 0.93},
-        {"Teacher": 0.80, "BAN-1": 0.82, "BAN-2": 0.80, "Ens*2": 0.85, "Control-1": 0.80, "Control Ens*2": 0.85},
-        {"Teacher": 0.70, "BAN-1": 0.73, "BAN-2": 0.70, "Ens*2": 0.75, "Control-1": 0.70, "Control Ens*2": 0.72},
+        dict(zip(cols, [0.90, 0.91, 0.92, 0.93, 0.90, 0.93], strict=True)),
+        dict(zip(cols, [0.80, 0.82, 0.80, 0.85, 0.80, 0.85], strict=True)),
+        dict(zip(cols, [0.70, 0.73, 0.70, 0.75, 0.70, 0.72], strict=True)),
     ]
 
 
@@ -149,7 +151,7 @@ def test_control_columns_ensemble_by_hand() -> None:
     b = np.log(np.array([[0.3, 0.7], [0.1, 0.9], [0.1, 0.9]], np.float32))
     cols = control_columns({1: a, 2: b}, y)
     # mean probs: [0.45, 0.55], [0.35, 0.65], [0.15, 0.85] -> 1, 1, 1: 2 of 3 right
-    assert cols == {"Control-1": pytest.approx(2 / 3), "Control-2": pytest.approx(2 / 3), "Control Ens*2": 2 / 3}
+    assert cols == {Control(1): pytest.approx(2 / 3), Control(2): pytest.approx(2 / 3), ControlEnsemble(2): 2 / 3}
 
 
 def test_sweep_with_controls_writes_the_paired_table(tmp_path: Path) -> None:

@@ -79,6 +79,12 @@ def _delete_test_chunk(root: Path) -> None:
     next(p for p in sorted((ProjectPaths(root).store(0) / "test" / "c").rglob("*")) if p.is_file()).unlink()
 
 
+def _unknown_metrics_column(root: Path) -> None:
+    path = ProjectPaths(root).ensemble_metrics
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"accuracy": {"gen0": 0.5, "gen1x": 0.5}, "members": {"gen0": [0], "gen1x": [1]}}))
+
+
 class _Payload:
     def __reduce__(self):
         return (print, ("this would run on load",))
@@ -307,6 +313,12 @@ CASES = [
         lambda r: (ProjectPaths(r).store(0) / "zarr.json").write_text("{"),
         ("train", "--gen", "1"),
         "unreadable store metadata",
+    ),
+    Case(
+        "unknown column in the ensemble metrics",
+        _unknown_metrics_column,
+        ("report",),
+        "names an unknown result column 'gen1x'; known columns: gen{g}, ens{k}",
     ),
 ]
 

@@ -17,11 +17,12 @@ from click.testing import CliRunner
 
 from pipeline import losses
 from pipeline.audit.fitness import Fitness, fitness_warnings
-from pipeline.core.errors import ParamsError
+from pipeline.core.errors import ParamsError, ResultsError
 from pipeline.core.paths import ProjectPaths
-from pipeline.losses import LOSSES, LossSpec, ban_loss, loss_spec, register_loss
+from pipeline.losses import LOSSES, LossSpec, ban_loss, loss_columns, loss_spec, register_loss
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.params import OPTIMIZERS, SCHEDULES, GenParams, TrainParams, parse_generation, parse_section
+from pipeline.results.columns import parse_columns
 from pipeline.results.tables import format_table
 from pipeline.train.loop import make_criterion
 from pipeline.train.optim import OPTIMIZER_BUILDERS, SCHEDULE_BUILDERS, make_optimizer, make_scheduler
@@ -73,15 +74,16 @@ def test_a_registered_loss_is_known_everywhere_else(toy) -> None:
     poor = Fitness(fit_accuracy=0.5, entropy_mean=1.0, temperature=1.0, rows=10)
     assert fitness_warnings(poor, "toy") and not fitness_warnings(poor, "kd")
     # The table orders it with the loss columns (before BAN-k), not with the unknown columns at the end.
-    head = format_table([{"Teacher": 0.5, "BAN-1": 0.5, "TOY": 0.5, "Ens*2": 0.5}], "net").splitlines()[0]
+    run = parse_columns({"Teacher": 0.5, "BAN-1": 0.5, "TOY": 0.5, "Ens*2": 0.5}, loss_columns())
+    head = format_table([run], "net").splitlines()[0]
     assert head.index("TOY") < head.index("BAN-1")
     r = CliRunner().invoke(main, ["sweep", "--losses", "bogus"])
     assert r.exit_code == 2 and "choose from ban, ban+l, kd, cwtm, dkpp, toy" in r.output
 
 
-def test_an_unregistered_column_sorts_last() -> None:
-    head = format_table([{"Teacher": 0.5, "BAN-1": 0.5, "TOY": 0.5, "Ens*2": 0.5}], "net").splitlines()[0]
-    assert head.index("Ens*2") < head.index("TOY")
+def test_an_unregistered_loss_column_is_refused() -> None:
+    with pytest.raises(ResultsError, match="unknown result column 'TOY'"):
+        parse_columns({"Teacher": 0.5, "TOY": 0.5}, loss_columns())
 
 
 def test_a_duplicate_name_or_column_is_refused(toy) -> None:

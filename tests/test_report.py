@@ -3,25 +3,41 @@ sample standard deviations and error mode, against hand-written expected text.""
 
 from __future__ import annotations
 
+from pipeline.results.columns import Column, Control, Ensemble, Generation, LossVariant
 from pipeline.results.tables import chain_columns, format_table
+
+TEACHER, BAN1, BAN2, ENS2, ENS3 = Generation(0), Generation(1), Generation(2), Ensemble(2), Ensemble(3)
 
 
 def test_chain_columns_names_generations_and_student_ensembles() -> None:
-    metrics = {"accuracy": {"gen0": 0.9, "gen1": 0.91, "gen2": 0.92, "ens2": 0.93, "ens2+teacher": 0.94}}
-    assert chain_columns(metrics) == {"Teacher": 0.9, "BAN-1": 0.91, "BAN-2": 0.92, "Ens*2": 0.93}
+    metrics = {"accuracy": {"gen0": 0.9, "gen1": 0.91, "gen10": 0.8, "gen2": 0.92, "ens2": 0.93, "ens2+teacher": 0.94}}
+    cols = chain_columns(metrics)
+    assert cols == {TEACHER: 0.9, BAN1: 0.91, BAN2: 0.92, Generation(10): 0.8, ENS2: 0.93}
+    assert list(cols) == [TEACHER, BAN1, BAN2, Generation(10), ENS2]  # by number, as sweep.json keeps them
+    assert [c.label for c in cols] == ["Teacher", "BAN-1", "BAN-2", "BAN-10", "Ens*2"]
 
 
 def test_one_run_in_paper_column_order() -> None:
-    run = {"Ens*2": 0.9312, "BAN-2": 0.925, "DKPP": 0.8, "BAN-1": 0.92, "BAN": 0.91, "Teacher": 0.9, "extra": 0.5}
+    ban, dkpp = LossVariant("ban", "BAN"), LossVariant("dkpp", "DKPP")
+    run: dict[Column, float] = {
+        ENS2: 0.9312,
+        Generation(10): 0.5,
+        BAN2: 0.925,
+        dkpp: 0.8,
+        BAN1: 0.92,
+        ban: 0.91,
+        TEACHER: 0.9,
+        Control(1): 0.4,
+    }
     assert format_table([run], "wrn28_2").splitlines() == [
-        "| Network (test accuracy %, 1 seed) | Teacher | BAN | DKPP | BAN-1 | BAN-2 | Ens*2 | extra |",
-        "|---|---|---|---|---|---|---|---|",
-        "| wrn28_2 | 90.00 | 91.00 | 80.00 | 92.00 | 92.50 | 93.12 | 50.00 |",
+        "| Network (test accuracy %, 1 seed) | Teacher | BAN | DKPP | BAN-1 | BAN-2 | BAN-10 | Ens*2 | Control-1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+        "| wrn28_2 | 90.00 | 91.00 | 80.00 | 92.00 | 92.50 | 50.00 | 93.12 | 40.00 |",
     ]
 
 
 def test_several_runs_give_mean_and_sample_std_of_the_runs_that_have_the_column() -> None:
-    runs = [{"Teacher": 0.90, "BAN-1": 0.95}, {"Teacher": 0.92}, {"Teacher": 0.94}]
+    runs: list[dict[Column, float]] = [{TEACHER: 0.90, BAN1: 0.95}, {TEACHER: 0.92}, {TEACHER: 0.94}]
     # Teacher: 90, 92, 94 -> mean 92, sample std sqrt(((-2)^2 + 0 + 2^2) / 2) = 2; BAN-1: one value, no std.
     assert format_table(runs, "cnn1d").splitlines() == [
         "| Network (test accuracy %, 3 seeds) | Teacher | BAN-1 |",
@@ -31,7 +47,7 @@ def test_several_runs_give_mean_and_sample_std_of_the_runs_that_have_the_column(
 
 
 def test_error_mode_reports_one_minus_accuracy() -> None:
-    runs = [{"Teacher": 0.75, "Ens*3": 0.8}, {"Teacher": 0.65, "Ens*3": 0.8}]
+    runs: list[dict[Column, float]] = [{TEACHER: 0.75, ENS3: 0.8}, {TEACHER: 0.65, ENS3: 0.8}]
     # errors: Teacher 25, 35 -> mean 30, std sqrt((25 + 25) / 1) = 7.07; Ens*3 20, 20 -> std 0.
     assert format_table(runs, "resnet20", error=True).splitlines() == [
         "| Network (test error %, 2 seeds) | Teacher | Ens*3 |",

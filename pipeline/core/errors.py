@@ -19,6 +19,10 @@ class DatasetError(BancacheError, ValueError):
     """A prepared dataset file is missing, malformed or not what a stage expects."""
 
 
+class ResultsError(BancacheError, ValueError):
+    """A results file (metrics/ensemble.json, a sweep's JSON) names a column this version does not know."""
+
+
 class CheckpointError(BancacheError, ValueError):
     """A checkpoint is missing, not a bancache checkpoint, or does not load with weights_only=True."""
 

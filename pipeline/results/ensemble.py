@@ -9,6 +9,7 @@ marker's sha256 as they are read (unless `verify=False`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,28 @@ import torch
 from pipeline.cache.store import LogitStore, require_finite
 from pipeline.data.prepared import PreparedData
 from pipeline.losses import soften
+from pipeline.results.columns import Column, Ensemble, Generation
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """softmax(z) of (N, C) logits in float32 on the host, as a numpy array."""
+    return soften(torch.from_numpy(np.asarray(logits, dtype=np.float32))).numpy()
+
+
+def mean_probs(probs: Sequence[np.ndarray]) -> np.ndarray:
+    """(1/k) sum_i p_i of k members' (N, C) probabilities: summed in member order in their dtype (float32),
+    then divided once. Ens*k of the chain and of the controls both take their argmax from this, so the two
+    agree bit for bit on the same logits (argmax ties included)."""
+    total = np.zeros_like(probs[0])
+    for p in probs:
+        total += p
+    return total / len(probs)
 
 
 def _probs(store: LogitStore, start: int, stop: int) -> np.ndarray:
     block = store.read("test", start, stop)[:, 0, :]
     require_finite(store.path, "test", start, block, "the ensemble would count them as wrong answers")
-    return soften(torch.from_numpy(block.astype(np.float32))).numpy()
+    return softmax(block.astype(np.float32))
 
 
 def evaluate_chain(stores: dict[int, Path], data: PreparedData, verify: bool = True) -> dict[str, Any]:
@@ -38,26 +55,24 @@ def evaluate_chain(stores: dict[int, Path], data: PreparedData, verify: bool = T
         s.require_dense(f"the ensemble of generation {g}")
     gens = sorted(opened)
     students = [g for g in gens if g >= 1]
-    groups: dict[str, list[int]] = {f"gen{g}": [g] for g in gens}
+    groups: dict[Column, list[int]] = {Generation(g): [g] for g in gens}
     for k in range(2, len(students) + 1):
-        groups[f"ens{k}"] = students[:k]
+        groups[Ensemble(k)] = students[:k]
         if 0 in opened:
-            groups[f"ens{k}+teacher"] = [0, *students[:k]]
+            groups[Ensemble(k, with_teacher=True)] = [0, *students[:k]]
     correct = dict.fromkeys(groups, 0)
     y = data.y_test
     step = min(s.array("test").chunks[0] for s in opened.values()) if opened else 1
     for start in range(0, len(y), step):
         stop = min(start + step, len(y))
         probs = {g: _probs(s, start, stop) for g, s in opened.items()}
-        for name, members in groups.items():
-            total = np.zeros_like(probs[members[0]])
-            for g in members:
-                total += probs[g]
-            mean = total / len(members)
-            correct[name] += int((mean.argmax(-1) == y[start:stop]).sum())
+        for column, members in groups.items():
+            mean = mean_probs([probs[g] for g in members])
+            correct[column] += int((mean.argmax(-1) == y[start:stop]).sum())
     n = len(y)
+    # The metrics file's form: the columns' keys (gen1, ens2, ens2+teacher), read back by parse_column.
     return {
         "num_test": n,
-        "accuracy": {name: correct[name] / n for name in groups},
-        "members": groups,
+        "accuracy": {column.key: correct[column] / n for column in groups},
+        "members": {column.key: members for column, members in groups.items()},
     }

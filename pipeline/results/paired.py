@@ -1,8 +1,8 @@
 """The paired table: teacher, BAN-k, control-k, BAN-k minus control-k (paired mean and 95% t-interval over
 seeds), Ens*k and the controls' Ens*k, with the number of seeds and test rows stated.
 
-Each run is one seed's columns (accuracy, 0..1): Teacher, BAN-k, Ens*k (`pipeline.results.tables.chain_columns`)
-and Control-k, Control Ens*k (`control_columns` below).
+Each run is one seed's columns (accuracy, 0..1; `pipeline.results.columns`): Teacher, BAN-k, Ens*k
+(`pipeline.results.tables.chain_columns`) and Control-k, Control Ens*k (`control_columns` below).
 """
 
 from __future__ import annotations
@@ -11,31 +11,32 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
-import torch
 
 from pipeline.core.stats import Paired, paired
-from pipeline.losses import soften
+from pipeline.results.columns import Column, Control, ControlEnsemble, Ensemble, Generation
+from pipeline.results.ensemble import mean_probs, softmax
 
 DASH = "—"
-CONTROL_PREFIX = "Control-"
-CONTROL_ENS_PREFIX = "Control Ens*"
+TEACHER = Generation(0)
+K = TypeVar("K")
 
 
 def ensemble_accuracy(logits: Sequence[np.ndarray], y: np.ndarray) -> float:
-    """Accuracy of the argmax of the mean softmax of `logits` (each (N, C)): Ens*k of those models."""
-    probs = [soften(torch.from_numpy(np.asarray(z, dtype=np.float32))).numpy() for z in logits]
-    mean = sum(probs) / len(probs)
+    """Accuracy of the argmax of the mean softmax of `logits` (each (N, C)): Ens*k of those models, by the
+    chain's own `mean_probs`."""
+    mean = mean_probs([softmax(z) for z in logits])
     return float((np.asarray(mean).argmax(-1) == y).mean())
 
 
-def control_columns(test_logits: Mapping[int, np.ndarray], y: np.ndarray) -> dict[str, float]:
+def control_columns(test_logits: Mapping[int, np.ndarray], y: np.ndarray) -> dict[Column, float]:
     """Columns Control-k (accuracy of each control) and Control Ens*k (k >= 2, controls 1..k)."""
     gens = sorted(test_logits)
-    cols = {f"{CONTROL_PREFIX}{g}": float((test_logits[g].argmax(-1) == y).mean()) for g in gens}
+    cols: dict[Column, float] = {Control(g): float((test_logits[g].argmax(-1) == y).mean()) for g in gens}
     for k in range(2, len(gens) + 1):
-        cols[f"{CONTROL_ENS_PREFIX}{k}"] = ensemble_accuracy([test_logits[g] for g in gens[:k]], y)
+        cols[ControlEnsemble(k)] = ensemble_accuracy([test_logits[g] for g in gens[:k]], y)
     return cols
 
 
@@ -58,16 +59,18 @@ def format_diff(p: Paired | None) -> str:
     return f"{p.mean:+.2f} [{p.low:+.2f}, {p.high:+.2f}]"
 
 
-def paired_columns(runs: Sequence[Mapping[str, float]], a: str, b: str) -> Paired | None:
-    """Column `a` minus column `b` (accuracies 0..1) in points, paired over the runs that have both."""
+def paired_columns(runs: Sequence[Mapping[K, float]], a: K, b: K) -> Paired | None:
+    """Column `a` minus column `b` (accuracies 0..1) in points, paired over the runs that have both (any
+    key type: the columns of `pipeline.results.columns`, or a benchmark's own names)."""
     both = [r for r in runs if a in r and b in r]
     if not both:
         return None
     return paired([100.0 * r[a] for r in both], [100.0 * r[b] for r in both])
 
 
-def student_generations(runs: Sequence[Mapping[str, float]]) -> list[int]:
-    return sorted({int(c[4:]) for r in runs for c in r if c.startswith("BAN-") and c[4:].isdigit()})
+def student_generations(runs: Sequence[Mapping[Column, float]]) -> list[int]:
+    """The student generations (BAN-k, k >= 1) that any of the runs has."""
+    return sorted({c.g for r in runs for c in r if isinstance(c, Generation) and c.g >= 1})
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,11 @@ class PairedRow:
     ens_minus_control_ens: Paired | None
 
 
-def paired_rows(runs: Sequence[Mapping[str, float]]) -> list[PairedRow]:
+def paired_rows(runs: Sequence[Mapping[Column, float]]) -> list[PairedRow]:
     """One row per student generation k: the columns' values over seeds and the paired summaries."""
     rows = []
     for k in student_generations(runs):
-        ban, ctl, ens, cens = f"BAN-{k}", f"{CONTROL_PREFIX}{k}", f"Ens*{k}", f"{CONTROL_ENS_PREFIX}{k}"
+        ban, ctl, ens, cens = Generation(k), Control(k), Ensemble(k), ControlEnsemble(k)
         rows.append(
             PairedRow(
                 k=k,
@@ -102,7 +105,7 @@ def paired_rows(runs: Sequence[Mapping[str, float]]) -> list[PairedRow]:
     return rows
 
 
-def format_paired_table(runs: Sequence[Mapping[str, float]], network: str, num_test: int | None) -> str:
+def format_paired_table(runs: Sequence[Mapping[Column, float]], network: str, num_test: int | None) -> str:
     """Markdown: the paired table for `network` over `runs` (one per seed), with seeds and test rows stated."""
     n = len(runs)
     rows_note = f"{num_test} test rows" if num_test is not None else "test rows unknown"
@@ -113,7 +116,7 @@ def format_paired_table(runs: Sequence[Mapping[str, float]], network: str, num_t
         "",
         "| k | BAN-k | Control-k | BAN-k − Control-k | Ens*k | Control Ens*k | Ens*k − Control Ens*k |",
         "|---|---|---|---|---|---|---|",
-        f"| Teacher | {_spread([r['Teacher'] for r in runs if 'Teacher' in r])} | | | | | |",
+        f"| Teacher | {_spread([r[TEACHER] for r in runs if TEACHER in r])} | | | | | |",
     ]
     for row in paired_rows(runs):
         cells = [

@@ -7,40 +7,32 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pipeline.losses import loss_columns
+from pipeline.results.columns import Column, Ensemble, Generation, parse_columns
 
 
-def chain_columns(ensemble: Mapping[str, Any]) -> dict[str, float]:
-    """Map one run's ensemble metrics to the table's columns: Teacher, BAN-k, Ens*k (accuracy, 0..1)."""
-    acc = ensemble["accuracy"]
-    cols: dict[str, float] = {}
-    gens = sorted(int(k[3:]) for k in acc if k.startswith("gen"))
-    for g in gens:
-        cols["Teacher" if g == 0 else f"BAN-{g}"] = acc[f"gen{g}"]
-    for k in sorted(int(n[3:]) for n in acc if n.startswith("ens") and n[3:].isdigit()):
-        cols[f"Ens*{k}"] = acc[f"ens{k}"]
-    return cols
+def chain_accuracy(ensemble: Mapping[str, Any], where: str = "metrics/ensemble.json") -> dict[Column, float]:
+    """Every accuracy of one run's ensemble metrics (its `accuracy` keys read back into columns), in order."""
+    return parse_columns(ensemble["accuracy"], where=where)
 
 
-def _order(columns: Iterable[str]) -> list[str]:
-    """Teacher, the loss columns (the registry's, by name: BAN, BAN+L, CWTM, DKPP, KD), BAN-k, Ens*k, the rest."""
-    losses = set(loss_columns().values())
-
-    def key(c: str) -> tuple[int, int, str]:
-        if c == "Teacher":
-            return (0, 0, c)
-        if c in losses:
-            return (1, 0, c)
-        if c.startswith("BAN-"):
-            return (2, int(c[4:]), c)
-        if c.startswith("Ens*"):
-            return (3, int(c[4:]), c)
-        return (4, 0, c)
-
-    return sorted(columns, key=key)
+def chain_columns(ensemble: Mapping[str, Any]) -> dict[Column, float]:
+    """Map one run's ensemble metrics to the table's columns: Teacher, BAN-k, Ens*k (accuracy, 0..1); the
+    '+teacher' ensembles are not Table 2 columns."""
+    acc = chain_accuracy(ensemble)
+    gens = sorted((c for c in acc if isinstance(c, Generation)), key=lambda c: c.g)
+    ens = sorted((c for c in acc if isinstance(c, Ensemble) and not c.with_teacher), key=lambda c: c.k)
+    table: list[Column] = [*gens, *ens]
+    return {c: acc[c] for c in table}
 
 
-def format_table(runs: Sequence[Mapping[str, float]], network: str, error: bool = False) -> str:
+def _order(columns: Iterable[Column]) -> list[Column]:
+    """Table 2's order: each column's own sort key (Teacher, the loss columns by name: BAN, BAN+L, CWTM,
+    DKPP, KD, then BAN-k, Ens*k, the rest)."""
+
+    return sorted(columns, key=lambda column: column.sort_key)
+
+
+def format_table(runs: Sequence[Mapping[Column, float]], network: str, error: bool = False) -> str:
     """Markdown table, one row for `network`: each column's mean (+- sample std if >1 run), in %."""
     columns = _order({c for r in runs for c in r})
     cells = []
@@ -51,6 +43,7 @@ def format_table(runs: Sequence[Mapping[str, float]], network: str, error: bool 
         else:
             cells.append(f"{vals[0]:.2f}")
     what = "test error" if error else "test accuracy"
-    head = f"| Network ({what} %, {len(runs)} seed{'s' if len(runs) != 1 else ''}) | " + " | ".join(columns) + " |"
+    labels = " | ".join(c.label for c in columns)
+    head = f"| Network ({what} %, {len(runs)} seed{'s' if len(runs) != 1 else ''}) | " + labels + " |"
     sep = "|---" * (len(columns) + 1) + "|"
     return "\n".join([head, sep, f"| {network} | " + " | ".join(cells) + " |"])
