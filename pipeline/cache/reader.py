@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache.formats import StoreFormat
+from pipeline.cache.formats import StoreFormat, format_of
 from pipeline.cache.store import AUG_ARRAY, LogitStore, bad_rows, has_aug
 from pipeline.cache.stream import DEFAULT_CAPACITY, DEFAULT_WINDOW, ChunkCache
 from pipeline.core.errors import CorruptStoreError
@@ -242,7 +242,8 @@ class CachedTargets:
         - sampled, counts n_c of S classes drawn from p_1 (Anshumann et al. 2025): p = n / S, an unbiased
           estimate of p_1. It has no temperature: T != 1 raises ValueError.
         """
-        a, fmt = self.attrs, self.format
+        a = self.attrs
+        fmt = format_of(a, self.path)  # from the attributes read once per batch
         idx, v = self._keys(index, views)
         values = torch.from_numpy(self._gather(self.split, idx, v))
         arrays = {name: torch.from_numpy(self._gather(f"{self.split}_{name}", idx, v)) for name in fmt.read}
