@@ -60,6 +60,7 @@ from _benchlib import (
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pipeline.cache.device import DeviceTargets
 from pipeline.cache.reader import CachedTargets
 from pipeline.data.augment import AugParams, apply_params
 from pipeline.data.prepared import IndexedDataset, PreparedData, load_prepared
@@ -77,7 +78,7 @@ from pipeline.train.loop import (
     step_options,
     train_one_epoch,
 )
-from pipeline.train.resident import DeviceTargets, ResidentInput
+from pipeline.train.resident import ResidentInput
 
 ARMS = ("plain", "offline", "online", "plain-stream", "offline-stream", "reference", "reference-offline")
 SETTINGS: dict[str, dict[str, Any]] = {

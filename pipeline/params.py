@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pipeline.cache.store import LAYOUTS
+from pipeline.cache.formats import LAYOUTS
 from pipeline.core.errors import ParamsError
 from pipeline.losses import LOSSES, label_losses, loss_spec, teacher_losses
 
@@ -232,7 +232,7 @@ class ExportParams:
     def check(self, section: str) -> None:
         _one_of(f"{section}.dtype", self.dtype, DTYPES)
         _one_of(f"{section}.device", self.device, DEVICES)
-        _one_of(f"{section}.layout", self.layout, LAYOUTS)
+        _one_of(f"{section}.layout", self.layout, tuple(LAYOUTS))  # the store formats' registry
         _one_of(f"{section}.topk_rest", self.topk_rest, ("uniform", "renorm"))
         _range(f"{section}.chunk_rows", self.chunk_rows, 1, None)
         _range(f"{section}.batch_size", self.batch_size, 1, None)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 import pipeline.train.inputs as inputs
 import pipeline.train.loop
 import pipeline.train.loop as lib
+from pipeline.cache.device import DeviceTargets, resident_bytes
 from pipeline.cache.reader import CachedTargets
 from pipeline.cache.stream import BlockShuffleSampler
 from pipeline.core.errors import CorruptStoreError
@@ -26,7 +27,7 @@ from pipeline.teachers.export import export_logits
 from pipeline.train import inputs as train_input
 from pipeline.train.inputs import loader_batches
 from pipeline.train.loop import train_generation
-from pipeline.train.resident import DeviceTargets, ResidentInput, ViewPolicy, pick_views, resident_bytes
+from pipeline.train.resident import ResidentInput, ViewPolicy, pick_views
 
 CPU = torch.device("cpu")
 

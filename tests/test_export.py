@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 
 import pipeline.teachers.export as export_lib
+from pipeline.cache.formats import LAYOUTS
 from pipeline.cache.reader import CachedTargets
 from pipeline.cache.store import MARKER, LogitStore
 from pipeline.core.errors import ParamsError
@@ -23,7 +23,7 @@ from pipeline.losses import Probs, ban_loss, kd_loss, soften
 from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.models.registry import build_model
 from pipeline.params import ExportParams
-from pipeline.teachers.export import ChunkWriter, _encode, export_logits
+from pipeline.teachers.export import ChunkWriter, export_logits, format_options
 
 CPU = torch.device("cpu")
 
@@ -146,56 +146,6 @@ def test_test_split_is_exported_with_its_clean_view_only(images, tmp_path: Path,
         assert four.array("train")[:, :1].tobytes() == one.array("train")[:].tobytes()
 
 
-def _export_as_before_split_views(ckpt: Path, data: PreparedData, out: Path, params: ExportParams) -> None:
-    """Export as the code did before `split_views`: every view and `test_aug` in the test split too, and no
-    `split_views` attribute (the attributes are not hashed into the marker, so the store stays sealed)."""
-    real = export_lib.store_layout
-
-    def every_view_in_every_split(d: PreparedData, p: ExportParams) -> dict:
-        return {**real(d, p), "split_views": {"train": p.views, "test": p.views}}
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(export_lib, "store_layout", every_view_in_every_split)
-        export_logits(ckpt, data, out, params, CPU)
-    group = zarr.open_group(str(out), mode="r+")
-    attrs = group.attrs.asdict()
-    del attrs["split_views"]
-    group.attrs.clear()
-    group.attrs.update(attrs)
-
-
-def test_a_store_with_test_views_from_before_split_views_reads_as_before(images, tmp_path: Path) -> None:
-    """The older layout (V views and test_aug in test) opens, verifies and reads; its train arrays and its
-    test view 0 are the new export's, bit for bit, and the ensemble and inspect agree across the two."""
-    from pipeline.audit.statistics import compare_stores
-    from pipeline.data.prepared import DatasetLabels
-    from pipeline.results.ensemble import evaluate_chain
-
-    data, ckpt = images
-    params = ExportParams(views=3, chunk_rows=8, dtype="float32", device="cpu")
-    _export_as_before_split_views(ckpt, data, tmp_path / "old", params)
-    export_logits(ckpt, data, tmp_path / "new", params, CPU)
-    old, new = LogitStore.open(tmp_path / "old"), LogitStore.open(tmp_path / "new")
-    assert "split_views" not in old.attrs and old.attrs["views"] == 3
-    assert old.array_names()[:4] == ["train", "train_aug", "test", "test_aug"]
-    old.verify()
-    for name in ("train", "train_aug"):
-        assert old.array(name)[:].tobytes() == new.array(name)[:].tobytes(), name
-    assert old.array("test").shape == (7, 3, 4) and old.array("test_aug").shape == (7, 3, 3)
-    assert old.array("test")[:, :1].tobytes() == new.array("test")[:].tobytes()
-    t = _targets(tmp_path / "old", data, "test")
-    rows, views = np.arange(7), np.arange(7) % 3
-    np.testing.assert_array_equal(t.rows(rows, views).numpy(), old.array("test")[:][rows, views])
-    rebuilt = apply_params(torch.from_numpy(data.x_test), t.aug(rows, views))
-    z = export_lib.predict_logits(model_from_checkpoint(load_checkpoint(ckpt)), rebuilt.numpy(), 100, CPU)
-    np.testing.assert_array_equal(t.rows(rows, views).numpy(), z)  # its test views replay as before
-    acc = evaluate_chain({0: tmp_path / "old", 1: tmp_path / "new"}, data)["accuracy"]
-    assert acc["gen0"] == acc["gen1"]
-    labels = DatasetLabels(data.y_train, data.y_test, data.class_names, data.fingerprint, data.val_index)
-    agreement = compare_stores(new, old, labels, 1.0)["test"].metrics()
-    assert agreement["agreement"] == 1.0 and agreement["kl_mean"] == 0.0
-
-
 def test_views_are_refused_for_non_image_data(prepared_root: Path, tmp_path: Path) -> None:
     data = load_prepared(ProjectPaths(prepared_root).dataset)
     model = build_model("cnn1d", data.input_shape, data.num_classes)
@@ -226,8 +176,10 @@ def test_topk_larger_than_the_class_count_is_refused(images, tmp_path: Path) -> 
 def _store_from_logits(path: Path, logits: np.ndarray, params: ExportParams, seed: int = 0) -> CachedTargets:
     """A sealed train-only store of hand-made float32 logits (N, C), encoded as `params` says."""
     n, c = logits.shape
-    slots = {"dense": c, "topk": params.topk, "sampled": min(params.samples, c)}[params.layout]
-    values, sparse = _encode(torch.from_numpy(logits[:, None, :]), params, slots, torch.Generator().manual_seed(seed))
+    fmt, options = LAYOUTS[params.layout], format_options(params)
+    slots = fmt.slots(c, options)
+    g = torch.Generator().manual_seed(seed)
+    values, sparse = fmt.encode(torch.from_numpy(logits[:, None, :]), params.dtype, slots, options, g)
     attrs = {
         "generation": 0,
         "arch": "x",

@@ -13,7 +13,8 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cache.store import LEGACY_MARKER, MARKER, LogitStore
+from pipeline.cache.store import MARKER, LogitStore
+from pipeline.core.errors import IncompleteStoreError
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import load_prepared, write_prepared
 from pipeline.data.sources import Loaded, subset
@@ -73,13 +74,15 @@ def test_plain_zarr_opens_the_store_without_a_warning(exported_root: Path) -> No
     assert members["complete"].attrs["rows"] == {"train": 400, "test": 100}  # the marker, as a zarr group
 
 
-def test_store_with_the_old_marker_file_is_still_read(exported_root: Path, tmp_path: Path) -> None:
+def test_store_with_a_bare_marker_file_is_refused(exported_root: Path, tmp_path: Path) -> None:
+    """A marker file `COMPLETE.json` instead of the `complete` group: no released version wrote one."""
     path = tmp_path / "old"
     shutil.copytree(ProjectPaths(exported_root).store(0), path)
     marker = json.loads((path / MARKER).read_text())["attributes"]
     shutil.rmtree(path / "complete")
-    (path / LEGACY_MARKER).write_text(json.dumps(marker))
-    LogitStore.open(path).verify()
+    (path / "COMPLETE.json").write_text(json.dumps(marker))
+    with pytest.raises(IncompleteStoreError, match=r"incomplete store \(no complete/zarr.json\)"):
+        LogitStore.open(path)
 
 
 @pytest.mark.parametrize(("out", "fmt", "written"), [("g0b", "npz", "g0b.npz"), ("g0b", "h5", "g0b.h5")])

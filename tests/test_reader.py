@@ -351,20 +351,18 @@ def test_aug_reads_each_rows_stored_view(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ap.flip.numpy(), (index + v) % 2 == 1)
 
 
-@pytest.mark.parametrize("before_split_views", [False, True], ids=["test-view-0", "before-split-views"])
-def test_the_test_split_reads_its_views(tmp_path: Path, before_split_views: bool) -> None:
-    """An export's test split has view 0 only; a store written before `split_views` has every view and its
-    crops/flips there too, and reads them as before. Either way the default view is view 0."""
-    from tests.test_store import drop_split_views, two_split_store
+@pytest.mark.parametrize("test_views", [1, 3], ids=["test-view-0", "test-views"])
+def test_the_test_split_reads_its_views(tmp_path: Path, test_views: int) -> None:
+    """An export's test split has view 0 only; a store whose `split_views` give test every view has its
+    crops/flips there too. Either way the default view is view 0."""
+    from tests.test_store import two_split_store
 
     path = tmp_path / "s"
-    _, arrays = two_split_store(path, test_views=3 if before_split_views else 1, rows=(11, 7))
-    if before_split_views:
-        drop_split_views(path)
+    _, arrays = two_split_store(path, test_views=test_views, rows=(11, 7))
     t = CachedTargets(path, "test", FP, 7, 5)
     index = np.array([6, 0, 3, 3])
     np.testing.assert_array_equal(t.rows(index).numpy(), arrays["test"]["logits"][index, 0].astype(np.float32))
-    if before_split_views:
+    if test_views > 1:
         v = np.array([2, 1, 0, 2])
         np.testing.assert_array_equal(t.rows(index, v).numpy(), arrays["test"]["logits"][index, v].astype(np.float32))
         np.testing.assert_array_equal(t.aug(index, v).top.numpy(), arrays["test"]["aug"][index, v, 0])

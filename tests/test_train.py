@@ -71,9 +71,9 @@ def test_student_targets_follow_dataset_index_under_shuffling(project: ProjectPa
     params = ParamsFile(raw)
     _teacher(project, params)
     stored = np.asarray(LogitStore.open(project.store(0)).array("train")[:, 0, :], dtype=np.float32)
+    from pipeline.cache.device import DeviceTargets
     from pipeline.cache.reader import CachedTargets
     from pipeline.train import loop as lib
-    from pipeline.train.resident import DeviceTargets
 
     cls = CachedTargets if budget == 0 else DeviceTargets
     batches, seen = [], []

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 import zipfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from pipeline.cache.store import LEGACY_MARKER, LogitStore
+from pipeline.cache.store import LogitStore
 from pipeline.core.errors import ParamsError
 from pipeline.core.files import atomic_path
 
@@ -26,9 +25,9 @@ def convert_store(store: LogitStore, out: str | os.PathLike[str], fmt: str) -> P
     """Write every split of `store` to an HDF5 (`h5`) or numpy (`npz`) file, chunk by chunk, atomically.
 
     Both hold every array of the store under its zarr name and dtype (`train` and `test` (N, V, C) for a
-    dense store, V the split's views: `test` has 1 unless the store predates `split_views`; sparse stores add
-    `<split>_idx`, `<split>_mass`, multi-view splits `<split>_aug`) and the store's attributes as a JSON
-    string (`attributes`: an HDF5 file attribute, or a 0-d string array in the npz).
+    dense store, V the split's views: `test` has 1; sparse stores add `<split>_idx`, `<split>_mass`,
+    multi-view splits `<split>_aug`) and the store's attributes as a JSON string (`attributes`: an HDF5
+    file attribute, or a 0-d string array in the npz).
     """
     if fmt not in FORMATS:
         raise ParamsError(f"--format {fmt!r}: allowed values are {', '.join(FORMATS)}")
@@ -44,9 +43,7 @@ def convert_store(store: LogitStore, out: str | os.PathLike[str], fmt: str) -> P
 
 def _array_names(store: LogitStore) -> list[str]:
     """Every array in the store's group, listed or not in its attributes."""
-    with warnings.catch_warnings():  # zarr warns about an older store's COMPLETE.json, a file it does not know
-        warnings.filterwarnings("ignore", message=f"Object at {LEGACY_MARKER} is not recognized")
-        return sorted(store.group.array_keys())
+    return sorted(store.group.array_keys())
 
 
 def _write_h5(store: LogitStore, path: Path, attrs: str) -> None:

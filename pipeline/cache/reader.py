@@ -16,9 +16,9 @@ found while loading (or decoding a chunk) and refused only when a batch asks for
 
 Multi-view stores (export `views` > 1) take a view per row: `rows(index, views)` and `target(index, views)`
 return that view's teacher output and `aug(index, views)` the crop/flip the teacher saw, to be replayed on
-the clean images with `pipeline.data.augment.apply_params`. Their test split has view 0 only (stores written
-before `split_views` existed have every view there too). Sparse stores (layout "topk" or "sampled") have no
-full logits: `target` rebuilds a dense distribution (B, C) from them (see `CachedTargets.target`).
+the clean images with `pipeline.data.augment.apply_params`. Their test split has view 0 only. Sparse stores
+(layout "topk" or "sampled") have no full logits: `target` has the store's format (`pipeline.cache.formats`)
+rebuild a dense distribution (B, C) from them (see `CachedTargets.target`).
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.cache.formats import StoreFormat, format_of
 from pipeline.cache.store import AUG_ARRAY, LogitStore, bad_rows, has_aug
 from pipeline.cache.stream import DEFAULT_CAPACITY, DEFAULT_WINDOW, ChunkCache
 from pipeline.core.errors import CorruptStoreError
 from pipeline.data.augment import AugParams
-from pipeline.losses import Probs, Teacher
+from pipeline.losses import Teacher
 
 DEFAULT_MAX_MEMORY_BYTES = 4 * 2**30  # ImageNet-1k train logits in float16 (1.28M x 1000) take 2.4 GiB
 
@@ -94,6 +94,11 @@ class CachedTargets:
     @property
     def attrs(self) -> dict:
         return self.check().attrs
+
+    @property
+    def format(self) -> StoreFormat:
+        """The store's format (`pipeline.cache.formats`)."""
+        return self.check().format
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -227,7 +232,8 @@ class CachedTargets:
         views: torch.Tensor | np.ndarray | None = None,
         temperature: float = 1.0,
     ) -> Teacher:
-        """The teacher target of rows `index` for the losses: raw logits (B, C) of a dense store (the loss
+        """The teacher target of rows `index` for the losses, as the store's format expands its rows
+        (`pipeline.cache.formats`, `StoreFormat.expand`): raw logits (B, C) of a dense store (the loss
         softens them), else a `Probs` distribution p_T (B, C) rebuilt from the sparse layout:
 
         - topk, k kept logits z_K with kept mass m (teacher probability at T = 1): the kept classes get
@@ -237,21 +243,16 @@ class CachedTargets:
           estimate of p_1. It has no temperature: T != 1 raises ValueError.
         """
         a = self.attrs
-        layout = a.get("layout", "dense")
-        if layout == "dense":
-            return self.rows(index) if views is None else self.rows(index, views)
+        fmt = format_of(a, self.path)  # from the attributes read once per batch
         idx, v = self._keys(index, views)
-        values = torch.from_numpy(self._gather(self.split, idx, v).astype(np.float32))
-        classes = torch.from_numpy(self._gather(f"{self.split}_idx", idx, v).astype(np.int64))
-        mass = None
-        if layout == "topk":
-            mass = torch.from_numpy(self._gather(f"{self.split}_mass", idx, v).astype(np.float32))
-        return expand_sparse(self.path, a, values, classes, mass, temperature)
+        values = torch.from_numpy(self._gather(self.split, idx, v))
+        arrays = {name: torch.from_numpy(self._gather(f"{self.split}_{name}", idx, v)) for name in fmt.read}
+        return fmt.expand(self.path, a, values, arrays, temperature)
 
     def aug(self, index: torch.Tensor | np.ndarray, views: torch.Tensor | np.ndarray | None = None) -> AugParams:
         """The crop/flip each row's view was exported with (`pipeline.data.augment.apply_params` replays it)."""
         a = self.attrs
-        recipe = a.get("augmentation")
+        recipe = a["augmentation"]
         if not recipe:
             raise ValueError(f"{self.path}: this store has one clean view and no augmentation parameters")
         if not has_aug(a, self.split):
@@ -266,32 +267,3 @@ class CachedTargets:
             pad=recipe["pad"],
             size=recipe["size"],
         )
-
-
-def expand_sparse(
-    path: Path,
-    attrs: dict[str, Any],
-    values: torch.Tensor,
-    classes: torch.Tensor,
-    mass: torch.Tensor | None,
-    temperature: float,
-) -> Probs:
-    """The dense (B, C) teacher distribution of a sparse store's rows (see `CachedTargets.target`), on the
-    device of `values`: float32 `values` and int64 `classes` (B, S), and for topk the kept mass (B,)."""
-    b, c = len(values), attrs["num_classes"]
-    if attrs.get("layout") == "sampled":
-        if temperature != 1.0:
-            raise ValueError(
-                f"{path}: a sampled store estimates the teacher distribution at T = 1 only; got T = "
-                f"{temperature}. Set the student's temperature to 1.0 or export a topk or dense store"
-            )
-        return Probs(torch.zeros(b, c, device=values.device).scatter_add_(1, classes, values) / attrs["samples"])
-    assert mass is not None, "a topk store keeps each row's mass"
-    order = classes.argsort(dim=1)  # class order, so that k = C reproduces the dense softmax bit for bit
-    classes, values = classes.gather(1, order), values.gather(1, order)
-    kept = torch.softmax(values / temperature, dim=-1)
-    k = classes.shape[1]
-    if attrs.get("topk_rest", "uniform") == "renorm" or k == c:
-        return Probs(torch.zeros(b, c, device=values.device).scatter_(1, classes, kept))
-    rest = ((1.0 - mass) / (c - k)).clamp_min(0.0)
-    return Probs(rest[:, None].expand(b, c).clone().scatter_(1, classes, kept * mass[:, None]))

@@ -1,20 +1,20 @@
 """The logit store: a zarr v3 group of raw teacher logits, one array per split, and a completion marker.
 
 The arrays of `cache/gen-K/` (readable with plain zarr):
-    zarr.json            group metadata; attributes = provenance (see `REQUIRED_ATTRS`), `layout`, `slots`,
-                         `augmentation`, `retained_mass`, `views` (V, of train), `split_views` (per split)
+    zarr.json            group metadata; attributes = provenance (see `REQUIRED_ATTRS`), `layout` (the store
+                         format, `pipeline.cache.formats`), `slots`, `augmentation`, `retained_mass`, `views`
+                         (V, of train), `split_views` (per split)
     train/               array (N, V, S), dtype float16 or float32, chunks (chunk_rows, V, S): per row and
                          view, S = C raw logits (layout "dense"), the k largest raw logits ("topk"), or
                          the counts of the sampled classes ("sampled", integer-valued)
     train_idx/           sparse layouts only: (N, V, S) int16/int32 class index of each value
     train_mass/          sparse layouts only: (N, V) float32 teacher probability (T = 1) of the kept classes
+                         (the arrays beside the values are the format's `extra_arrays`)
     train_aug/           views > 1 only: (N, V, 3) int16 (top, left, flip) of each view's crop and flip
                          (`pipeline.data.augment.apply_params`); view 0 is the clean image (pad, pad, 0)
     test/, test_*        the same for the test split with its own view count, `split_views["test"]`: the
                          export keeps view 0 (the clean image) only, (N, 1, S) and no test_aug, since
-                         evaluation, ensembles and inspect read view 0 and no student trains on test rows.
-                         Stores without `split_views` (written before it) have V views and test_aug in
-                         every split (`views_of`, `has_aug`) and are read as before
+                         evaluation, ensembles and inspect read view 0 and no student trains on test rows
     complete/zarr.json   the completion marker, written last, after every row was checked: an empty zarr group
                          whose attributes are the rows per split, the sha256 of each array's decoded rows (C
                          order) and `marker_sha256`, the sha256 of the rest of the marker
@@ -45,6 +45,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from pipeline.cache.formats import LAYOUTS, StoreFormat, format_of
 from pipeline.core.errors import (
     CorruptStoreError,
     ForeignStoreError,
@@ -56,11 +57,9 @@ from pipeline.core.errors import (
 from pipeline.core.files import write_json
 
 FORMAT = "bancache-logits-v1"
-LAYOUTS = ("dense", "topk", "sampled")
 # The completion marker is the metadata of an empty zarr group `complete` whose attributes hold the rows and
 # hashes, so plain zarr lists it as a group (a bare JSON file in the store made zarr warn "not recognized").
 MARKER = "complete/zarr.json"
-LEGACY_MARKER = "COMPLETE.json"  # stores written before 0.2: still read
 REQUIRED_ATTRS = (
     "format",
     "generation",
@@ -73,8 +72,12 @@ REQUIRED_ATTRS = (
     "dtype",
     "views",
     "splits",
+    "num_classes",
+    "split_views",
+    "layout",
+    "slots",
+    "augmentation",
 )
-SPARSE_ARRAYS = ("idx", "mass")  # suffixes of the arrays a sparse layout adds per split
 AUG_ARRAY = "aug"  # suffix of the (N, V, 3) crop/flip array of a multi-view store
 # zstd level 0 is zarr's default; checksum=True adds zstd's 4-byte content checksum to every chunk
 COMPRESSORS = (ZstdCodec(level=0, checksum=True),)
@@ -83,30 +86,25 @@ REEXPORT = "re-export the store (`bancache export-logits --gen K`)"
 
 
 def views_of(attrs: dict[str, Any], split: str) -> int:
-    """Views per row of `split`: its entry in the attribute `split_views`, else (a store written before
-    `split_views` existed, every split with the same views) the attribute `views`."""
-    return int((attrs.get("split_views") or {}).get(split, attrs["views"]))
+    """Views per row of `split` (the attribute `split_views`)."""
+    return int(attrs["split_views"][split])
 
 
 def has_aug(attrs: dict[str, Any], split: str) -> bool:
     """Whether `split` has a `<split>_aug` array: the store has an augmentation recipe and the split more
-    than one view (a store without `split_views`: every split of a store with a recipe)."""
-    if not attrs.get("augmentation"):
-        return False
-    return "split_views" not in attrs or views_of(attrs, split) > 1
+    than one view."""
+    return bool(attrs["augmentation"]) and views_of(attrs, split) > 1
 
 
-def index_dtype(num_classes: int) -> str:
-    return "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
-
-
-def check_temperature(path: str | os.PathLike[str], layout: str, temperature: float, key: str) -> None:
-    """Refuse a temperature the store's layout cannot serve: sampled class counts estimate the teacher
-    distribution at T = 1 only (Anshumann et al. 2025); `key` names the setting at fault."""
-    if layout == "sampled" and temperature != 1.0:
+def check_temperature(path: str | os.PathLike[str], layout: str | StoreFormat, temperature: float, key: str) -> None:
+    """Refuse a temperature the store's format cannot serve (sampled class counts estimate the teacher
+    distribution at T = 1 only, Anshumann et al. 2025); `key` names the setting at fault."""
+    fmt = LAYOUTS[layout] if isinstance(layout, str) else layout
+    if fmt.t1_only is not None and temperature != 1.0:
+        others = " or ".join(name for name, f in LAYOUTS.items() if f.t1_only is None)
         raise ParamsError(
-            f"{key} = {temperature}: the teacher's store {path} holds sampled targets, an estimate of the teacher "
-            f"distribution at T = 1 only. Use temperature: 1.0 or a dense or topk store"
+            f"{key} = {temperature}: the teacher's store {path} holds {fmt.name} targets, {fmt.t1_only}. "
+            f"Use temperature: 1.0 or a {others} store"
         )
 
 
@@ -132,23 +130,25 @@ class LogitStore:
         dtype: str,
         chunk_rows: int,
         attributes: dict[str, Any],
-        layout: str = "dense",
+        layout: str | StoreFormat = "dense",
         slots: int | None = None,
         augmentation: dict[str, Any] | None = None,
         split_views: dict[str, int] | None = None,
     ) -> LogitStore:
         """Create an empty store (no marker) with one (rows, views, slots) value array per split.
 
-        `slots` is the values per row and view: num_classes for "dense" (the default), k for "topk", the
+        `layout` is the store format (`pipeline.cache.formats`: an object, or its name in `LAYOUTS`) and
+        `slots` the values per row and view: num_classes for "dense" (the default), k for "topk", the
         most distinct classes a row can draw for "sampled". `split_views` gives a split fewer views than
-        `views` (views 0..v-1; the export gives test view 0 only). Sparse layouts add `<split>_idx` and
-        `<split>_mass`; `augmentation` (the recipe of views 1..V-1) adds `<split>_aug` to each split with
-        more than one view."""
-        if layout not in LAYOUTS:
+        `views` (views 0..v-1; the export gives test view 0 only). The format adds its extra arrays (sparse
+        ones `<split>_idx` and `<split>_mass`); `augmentation` (the recipe of views 1..V-1) adds
+        `<split>_aug` to each split with more than one view."""
+        fmt = layout if isinstance(layout, StoreFormat) else LAYOUTS.get(layout)
+        if fmt is None:
             raise ValueError(f"{path}: layout {layout!r}: allowed values are {', '.join(LAYOUTS)}")
         slots = num_classes if slots is None else slots
-        if layout == "dense" and slots != num_classes:
-            raise ValueError(f"{path}: a dense store holds all {num_classes} classes per row, not {slots}")
+        if fmt.full_logits and slots != num_classes:
+            raise ValueError(f"{path}: a {fmt.name} store holds all {num_classes} classes per row, not {slots}")
         per_split = {split: views for split in rows} | dict(split_views or {})
         if set(per_split) != set(rows) or not all(1 <= v <= views for v in per_split.values()):
             raise ValueError(f"{path}: split_views {split_views}: give splits of {list(rows)} 1..{views} views each")
@@ -161,23 +161,28 @@ class LogitStore:
             "num_classes": num_classes,
             "splits": dict(rows),
             "chunk_rows": chunk_rows,
-            "layout": layout,
+            "layout": fmt.name,
             "slots": slots,
             "augmentation": augmentation,
             "retained_mass": None,
         }
         group = zarr.create_group(str(path), overwrite=True, attributes=attrs)
         for split, n in rows.items():
-            _create_split(group, split, (n, per_split[split], slots), min(chunk_rows, max(n, 1)), attrs)
+            _create_split(group, split, (n, per_split[split], slots), min(chunk_rows, max(n, 1)), attrs, fmt)
         return cls(path, group)
 
+    @property
+    def format(self) -> StoreFormat:
+        """The store's format (attribute `layout`); one this version does not know is refused."""
+        return format_of(self.attrs, self.path)
+
     def array_names(self) -> list[str]:
-        """Every array of the store: each split's values, then its sparse and augmentation arrays."""
+        """Every array of the store: each split's values, then its format's and augmentation arrays."""
         a = self.attrs
-        sparse = SPARSE_ARRAYS if a.get("layout", "dense") != "dense" else ()
+        extra_arrays = [e.suffix for e in self.format.extra_arrays(a["num_classes"])]
         names = []
         for split in a["splits"]:
-            extra = (*sparse, *((AUG_ARRAY,) if has_aug(a, split) else ()))
+            extra = (*extra_arrays, *((AUG_ARRAY,) if has_aug(a, split) else ()))
             names += [split, *(f"{split}_{e}" for e in extra)]
         return names + list(a.get("provenance") or ())  # labels, validation rows, a subset's source indices
 
@@ -252,8 +257,8 @@ class LogitStore:
 
     def _retained_mass(self) -> dict[str, float]:
         """Per split, the mean over rows and views of the teacher probability (T = 1) the store keeps:
-        1.0 for dense stores."""
-        if self.attrs.get("layout", "dense") == "dense":
+        1.0 for a format with full logits, else the mean of its `mass` array."""
+        if self.format.full_logits:
             return {split: 1.0 for split in self.attrs["splits"]}
         out = {}
         for split in self.attrs["splits"]:
@@ -286,9 +291,15 @@ class LogitStore:
             attrs: dict[str, Any] = group.attrs.asdict()
         except Exception as e:  # zarr raises many types for damaged metadata
             raise CorruptStoreError(f"{p}: unreadable store metadata ({e}); re-export it") from e
+        if attrs.get("format") != FORMAT:
+            raise CorruptStoreError(f"{p}: not a bancache logit store (format {attrs.get('format')!r}); re-export it")
         missing = [k for k in REQUIRED_ATTRS if k not in attrs]
-        if attrs.get("format") != FORMAT or missing:
-            raise CorruptStoreError(f"{p}: not a bancache logit store (missing attributes {missing}); re-export it")
+        if missing:
+            raise CorruptStoreError(
+                f"{p}: not a store this version wrote (missing attributes {missing}); re-export it with this "
+                f"version (`bancache export-logits --gen K`)"
+            )
+        format_of(attrs, p)  # an unknown layout is refused before anything reads the arrays
         store = cls(p, group, marker if verify else None)
         store._check_marker(marker)
         if fingerprint is not None and attrs["dataset_fingerprint"] != fingerprint:
@@ -321,7 +332,7 @@ class LogitStore:
             )
         for split, n in a["splits"].items():
             shape = tuple(self.array(split).shape)
-            want = (n, views_of(a, split), a.get("slots", a["num_classes"]))
+            want = (n, views_of(a, split), a["slots"])
             if shape != want or marker["rows"].get(split) != n:
                 raise CorruptStoreError(
                     f"{self.path}: array '{split}' has shape {shape}, attributes and marker say {want}; "
@@ -335,11 +346,12 @@ class LogitStore:
     def require_dense(self, needed_by: str) -> None:
         """Refuse a sparse store where all C logits of each row are needed: its values are not C logits, and
         reading them as such would be silently wrong."""
-        layout = self.attrs.get("layout", "dense")
-        if layout != "dense":
+        fmt = self.format
+        if not fmt.full_logits:
+            full = " or ".join(name for name, f in LAYOUTS.items() if f.full_logits)
             raise StoreError(
-                f"{self.path}: layout {layout!r} keeps only part of each row's logits, and {needed_by} needs all "
-                f"of them. Export it with export.layout: dense"
+                f"{self.path}: layout {fmt.name!r} keeps only part of each row's logits, and {needed_by} needs all "
+                f"of them. Export it with export.layout: {full}"
             )
 
     def array(self, split: str) -> zarr.Array:
@@ -410,18 +422,22 @@ class LogitStore:
             yield start, self.read(name, start, start + arr.chunks[0])
 
 
-def _create_split(group: zarr.Group, split: str, shape: tuple[int, int, int], chunk: int, attrs: dict) -> None:
-    """The arrays of one split: values (N, V, S), and `_idx`, `_mass` (sparse) and `_aug` (V > 1) as needed."""
+def _create_split(
+    group: zarr.Group, split: str, shape: tuple[int, int, int], chunk: int, attrs: dict, fmt: StoreFormat
+) -> None:
+    """The arrays of one split: values (N, V, S), the format's extra arrays and `_aug` (V > 1) as needed."""
     n, views, slots = shape
     kw: dict[str, Any] = {"compressors": COMPRESSORS}
     group.create_array(split, shape=shape, chunks=(chunk, views, slots), dtype=attrs["dtype"], fill_value=np.nan, **kw)
-    if attrs["layout"] != "dense":
-        idx_dtype = index_dtype(attrs["num_classes"])
+    for extra in fmt.extra_arrays(attrs["num_classes"]):
+        per_row = (views, slots) if extra.per_slot else (views,)
         group.create_array(
-            f"{split}_idx", shape=shape, chunks=(chunk, views, slots), dtype=idx_dtype, fill_value=-1, **kw
-        )
-        group.create_array(
-            f"{split}_mass", shape=(n, views), chunks=(chunk, views), dtype="float32", fill_value=np.nan, **kw
+            f"{split}_{extra.suffix}",
+            shape=(n, *per_row),
+            chunks=(chunk, *per_row),
+            dtype=extra.dtype,
+            fill_value=extra.fill_value,
+            **kw,
         )
     if has_aug(attrs, split):
         group.create_array(
@@ -470,8 +486,6 @@ def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
 
 def _read_marker(p: Path) -> dict[str, Any]:
     mp = p / MARKER
-    if not mp.exists() and (p / LEGACY_MARKER).exists():
-        mp = p / LEGACY_MARKER
     if not mp.exists():
         raise IncompleteStoreError(
             f"{p}: incomplete store (no {MARKER}): its export was interrupted or failed validation. "
@@ -479,20 +493,21 @@ def _read_marker(p: Path) -> dict[str, Any]:
         )
     try:
         marker = json.loads(mp.read_text())
-        if mp.name == "zarr.json":
-            keys = {"zarr_format", "node_type", "attributes"}
-            if set(marker) != keys or marker["zarr_format"] != 3 or marker["node_type"] != "group":
-                raise ValueError("not a zarr v3 group's metadata")
-            marker = marker["attributes"]
+        keys = {"zarr_format", "node_type", "attributes"}
+        if set(marker) != keys or marker["zarr_format"] != 3 or marker["node_type"] != "group":
+            raise ValueError("not a zarr v3 group's metadata")
+        marker = marker["attributes"]
         if marker.get("format") != FORMAT:
             raise ValueError("wrong format")
         if not isinstance(marker.get("rows"), dict) or not isinstance(marker.get("sha256"), dict):
             raise ValueError("no rows or sha256 table")
         if set(marker) - MARKER_KEYS:
             raise ValueError(f"unknown entries {sorted(set(marker) - MARKER_KEYS)}")
+        if MARKER_KEYS - set(marker):
+            raise ValueError(f"missing entries {sorted(MARKER_KEYS - set(marker))}")
     except (ValueError, AttributeError, KeyError, TypeError) as e:
         raise StoreError(f"{mp}: damaged completion marker ({e}); rerun `bancache export-logits`") from e
-    if "marker_sha256" in marker and marker["marker_sha256"] != _marker_digest(marker):
+    if marker["marker_sha256"] != _marker_digest(marker):
         raise CorruptStoreError(
             f"{mp}: damaged completion marker (its content differs from its own marker_sha256: it was edited or "
             f"damaged after export); {REEXPORT}"
@@ -501,7 +516,6 @@ def _read_marker(p: Path) -> dict[str, Any]:
 
 
 def _marker_digest(marker: dict[str, Any]) -> str:
-    """sha256 of the marker without its `marker_sha256` entry, in its canonical JSON form. Markers written
-    before it existed have none and are checked through the array hashes alone."""
+    """sha256 of the marker without its `marker_sha256` entry, in its canonical JSON form."""
     body = {k: v for k, v in marker.items() if k != "marker_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

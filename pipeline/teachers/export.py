@@ -8,7 +8,9 @@ split gets them: the test split is exported with view 0 alone (`TEST_VIEWS`), si
 augmented views (evaluation, ensembles and inspect use view 0; no student trains on test rows) and each
 would cost one more inference pass over the test rows. The logits are
 stored whole ("dense"), as their k largest entries ("topk"), or as the class counts of draws from the
-teacher distribution ("sampled", Anshumann et al. 2025). Rows go into a fresh temporary store beside the
+teacher distribution ("sampled", Anshumann et al. 2025): the store format `export.layout` names
+(`pipeline.cache.formats`) encodes them, and `store_spec` gathers what the store holds (format, slots,
+views per split, augmentation recipe) into one `StoreSpec`. Rows go into a fresh temporary store beside the
 target; the store is validated and sealed (completion marker last), then renamed into place,
 so the target path only ever holds a complete store or its previous content.
 
@@ -35,7 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache.store import MARKER, LogitStore, index_dtype
+from pipeline.cache.formats import LAYOUTS, FormatOptions, StoreSpec
+from pipeline.cache.store import MARKER, LogitStore
 from pipeline.core.distributed import SINGLE_PROCESS, DistContext, barrier, broadcast, partition_rows
 from pipeline.core.errors import CheckpointError, DiskFullError, NotWritableError, ParamsError
 from pipeline.core.files import replace_dir, sha256_file
@@ -50,17 +53,22 @@ log = logging.getLogger(__name__)
 SPLIT_IDS = {"train": 0, "test": 1}  # keys of the per-(split, row, view) seeds
 TEST_VIEWS = 1  # views exported for the test split: the clean image only
 WRITE_AHEAD = 2  # inferred chunks that may wait for the writer thread (memory: 2 chunks of float32 logits)
-FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def format_options(params: ExportParams) -> FormatOptions:
+    """The export settings the store formats read, as plain values (the cache part knows no params)."""
+    return FormatOptions(topk=params.topk, topk_rest=params.topk_rest, samples=params.samples)
 
 
 def logit_shift(params: ExportParams) -> str:
-    """What was subtracted from each stored row of logits: "row_max" (float16 dense/topk) or "none"."""
-    return "row_max" if params.dtype == "float16" and params.layout != "sampled" else "none"
+    """What was subtracted from each stored row of logits: "row_max" (float16 values that are logits:
+    dense, topk) or "none"."""
+    return "row_max" if params.dtype == "float16" and LAYOUTS[params.layout].logit_values else "none"
 
 
-def store_layout(data: PreparedData, params: ExportParams) -> dict[str, Any]:
-    """`LogitStore.create` keywords for these params (views, views per split, layout, slots, augmentation
-    recipe), or a ParamsError naming the setting that does not fit the dataset."""
+def store_spec(data: PreparedData, params: ExportParams) -> StoreSpec:
+    """What the store of these params holds (format, slots, views, views per split, augmentation recipe),
+    or a ParamsError naming the setting that does not fit the dataset."""
     images = (
         data.x_train.ndim == 4 and data.x_train.dtype == np.uint8 and data.x_train.shape[2] == data.x_train.shape[3]
     )
@@ -69,10 +77,8 @@ def store_layout(data: PreparedData, params: ExportParams) -> dict[str, Any]:
             f"export.views = {params.views}: augmented views need square uint8 images (N, C, H, H); dataset "
             f"{data.name!r} has {data.x_train.dtype} inputs of shape {data.x_train.shape[1:]}. Set export.views: 1"
         )
-    c = data.num_classes
-    if params.layout == "topk" and params.topk > c:
-        raise ParamsError(f"export.topk = {params.topk}: the dataset has only {c} classes; use 1..{c}")
-    slots = {"dense": c, "topk": params.topk, "sampled": min(params.samples, c)}[params.layout]
+    fmt = LAYOUTS[params.layout]
+    slots = fmt.slots(data.num_classes, format_options(params))
     augmentation = None
     if params.views > 1:
         augmentation = {
@@ -84,42 +90,13 @@ def store_layout(data: PreparedData, params: ExportParams) -> dict[str, Any]:
             "seeding": "mix64(seed, split_id, row, view)",
             "split_ids": SPLIT_IDS,
         }
-    return {
-        "views": params.views,
-        "split_views": {"train": params.views, "test": TEST_VIEWS},
-        "layout": params.layout,
-        "slots": slots,
-        "augmentation": augmentation,
-    }
-
-
-def _encode(
-    logits: torch.Tensor, params: ExportParams, slots: int, generator: torch.Generator
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(values, sparse arrays) of float32 logits (B, V, C) in the store's layout. float16 logits are
-    stored shifted by each (row, view)'s max (`logit_shift` "row_max"): softmax(z - max z) = softmax(z), and
-    z - max z lies in [-65504, 0] (clamped below; exp(-65504 / T) is 0 in float32 for any T <= 700), so
-    no finite logit overflows float16."""
-    if params.dtype == "float16" and params.layout != "sampled":
-        logits = (logits - logits.amax(dim=-1, keepdim=True)).clamp_min(-FLOAT16_MAX)
-    if params.layout == "dense":
-        return logits.numpy(), {}
-    b, v, c = logits.shape
-    p = torch.softmax(logits.double(), dim=-1).reshape(b * v, c)  # T = 1
-    if params.layout == "topk":
-        values, idx = logits.reshape(b * v, c).topk(slots, dim=-1)
-    else:  # sampled: class counts of `samples` draws with replacement, the most drawn classes first
-        draws = torch.multinomial(p, params.samples, replacement=True, generator=generator)
-        counts = torch.zeros(b * v, c, dtype=torch.float64).scatter_add_(
-            1, draws, torch.ones_like(draws, dtype=torch.float64)
-        )
-        values, idx = counts.topk(slots, dim=-1)  # at most `slots` distinct classes are drawn
-    mass = (p.gather(1, idx) * (values > 0 if params.layout == "sampled" else 1)).sum(dim=-1)
-    dtype = index_dtype(c)
-    return values.reshape(b, v, slots).numpy(), {
-        "idx": idx.reshape(b, v, slots).numpy().astype(dtype),
-        "mass": mass.reshape(b, v).numpy().astype(np.float32),
-    }
+    return StoreSpec(
+        format=fmt,
+        slots=slots,
+        views=params.views,
+        split_views={"train": params.views, "test": TEST_VIEWS},
+        augmentation=augmentation,
+    )
 
 
 def infer_chunk(
@@ -128,15 +105,15 @@ def infer_chunk(
     split: str,
     start: int,
     params: ExportParams,
-    layout: dict[str, Any],
+    spec: StoreSpec,
     device: torch.device,
 ) -> tuple[torch.Tensor, np.ndarray | None]:
     """(float32 logits (B, V, C), each view's (top, left, flip) (B, V, 3) or None) of rows
-    [start, start + len(x)) of `split`, V its views (`layout["split_views"]`), on the caller's thread (the
+    [start, start + len(x)) of `split`, V its views (`spec.split_views`), on the caller's thread (the
     model's part of a chunk's export). A split with one view is inferred on the clean images as they are."""
     rows = np.arange(start, start + len(x))
-    views = layout["split_views"][split]
-    recipe = layout["augmentation"] if views > 1 else None
+    views = spec.split_views[split]
+    recipe = spec.augmentation if views > 1 else None
     per_view, aug = [], []
     for view in range(views):
         xv = x
@@ -155,13 +132,13 @@ def encode_chunk(
     split: str,
     start: int,
     params: ExportParams,
-    layout: dict[str, Any],
+    spec: StoreSpec,
 ) -> dict[str, np.ndarray]:
-    """`LogitStore.write` keywords from `infer_chunk`'s output (every view's logits in the store's layout,
-    and each view's crop/flip when the store has augmented views), run on the writer thread."""
+    """`LogitStore.write` keywords from `infer_chunk`'s output (every view's logits encoded by the store's
+    format, and each view's crop/flip when the store has augmented views), run on the writer thread."""
     g = torch.Generator().manual_seed(mix64(params.seed, SPLIT_IDS[split], start, 1 << 40))  # chunk-keyed draws
-    values, sparse = _encode(logits, params, layout["slots"], g)
-    out: dict[str, np.ndarray] = {"logits": values, **sparse}
+    values, extra = spec.format.encode(logits, params.dtype, spec.slots, format_options(params), g)
+    out: dict[str, np.ndarray] = {"logits": values, **extra}
     if aug is not None:
         out["aug"] = aug.astype(np.int16)  # (B, V, 3)
     return out
@@ -232,7 +209,7 @@ def _write_rows(
     model: torch.nn.Module,
     data: PreparedData,
     params: ExportParams,
-    layout: dict[str, Any],
+    spec: StoreSpec,
     device: torch.device,
     ctx: DistContext,
     write_ahead: int,
@@ -247,10 +224,10 @@ def _write_rows(
             # One whole chunk at a time, each written once, by one rank.
             for start in range(begin, end, params.chunk_rows):
                 chunk = x[start : min(start + params.chunk_rows, end)]
-                logits, aug = infer_chunk(model, chunk, split, start, params, layout, device)
+                logits, aug = infer_chunk(model, chunk, split, start, params, spec, device)
 
                 def job(split: str = split, start: int = start, logits: torch.Tensor = logits, aug: Any = aug) -> None:
-                    store.write(split, start, **encode_chunk(logits, aug, split, start, params, layout))
+                    store.write(split, start, **encode_chunk(logits, aug, split, start, params, spec))
 
                 writer.submit(job)
                 if on_rows is not None:
@@ -258,7 +235,7 @@ def _write_rows(
 
 
 def _attributes(checkpoint: Path, meta: dict[str, Any], data: PreparedData, params: ExportParams) -> dict[str, Any]:
-    """The store's provenance attributes (`pipeline.cache.store.REQUIRED_ATTRS` and the layout's extras)."""
+    """The store's provenance attributes (`pipeline.cache.store.REQUIRED_ATTRS` and the format's extras)."""
     return {
         "generation": meta["generation"],
         "arch": meta["arch"],
@@ -274,8 +251,7 @@ def _attributes(checkpoint: Path, meta: dict[str, Any], data: PreparedData, para
         "logit_shift": logit_shift(params),  # softmax, hence every target and statistic, is unaffected
         # how the generation that produced these logits was trained (`temperature` above is the stored T = 1)
         "trained_with": {k: meta.get(k) for k in ("loss", "temperature", "alpha", "teacher", "seed")},
-        **({"topk_rest": params.topk_rest} if params.layout == "topk" else {}),
-        **({"samples": params.samples} if params.layout == "sampled" else {}),
+        **LAYOUTS[params.layout].attributes(format_options(params)),
     }
 
 
@@ -321,12 +297,22 @@ def _write_error(e: OSError, out: Path) -> OSError:
 
 
 def _create_store(
-    tmp: Path, data: PreparedData, params: ExportParams, attributes: dict[str, Any], layout: dict[str, Any]
+    tmp: Path, data: PreparedData, params: ExportParams, attributes: dict[str, Any], spec: StoreSpec
 ) -> LogitStore:
     """The empty store at `tmp` with its attributes and provenance arrays (rank 0 only)."""
     rows = {"train": len(data.y_train), "test": len(data.y_test)}
     store = LogitStore.create(
-        tmp, rows, data.num_classes, dtype=params.dtype, chunk_rows=params.chunk_rows, attributes=attributes, **layout
+        tmp,
+        rows,
+        data.num_classes,
+        spec.views,
+        params.dtype,
+        params.chunk_rows,
+        attributes,
+        layout=spec.format,
+        slots=spec.slots,
+        augmentation=spec.augmentation,
+        split_views=spec.split_views,
     )
     write_provenance(store, data)
     return store
@@ -348,16 +334,16 @@ def export_logits(
     first and seals it after a barrier. `write_ahead` = 0 writes each chunk before inferring the next;
     `on_rows(n)` is called after each chunk this process infers (progress display)."""
     model, meta = _load_model(checkpoint, data, device)
-    layout = store_layout(data, params)
+    spec = store_spec(data, params)
     attributes = _attributes(checkpoint, meta, data, params)
     tmp = _temporary_path(out, ctx)
     try:
         if ctx.is_main:  # rank 0 alone creates the store and its attributes
-            store = _create_store(tmp, data, params, attributes, layout)
+            store = _create_store(tmp, data, params, attributes, spec)
         barrier(ctx)
         if not ctx.is_main:
             store = LogitStore.attach(tmp)
-        _write_rows(store, model, data, params, layout, device, ctx, write_ahead, on_rows)
+        _write_rows(store, model, data, params, spec, device, ctx, write_ahead, on_rows)
         barrier(ctx)
         if ctx.is_main:  # validation and the marker come after every rank's rows
             marker = store.seal()

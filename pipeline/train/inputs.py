@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from pipeline.cache.device import DeviceTargets, resident_bytes
 from pipeline.cache.reader import CachedTargets
 from pipeline.cache.stream import BlockShuffleSampler, epoch_sampler
 from pipeline.core.distributed import DistContext
@@ -27,7 +28,7 @@ from pipeline.data.prepared import IndexedDataset, PreparedData
 from pipeline.losses import Teacher
 from pipeline.models.predict import accuracy, device_accuracy, predict_logits
 from pipeline.params import GenParams, TrainParams
-from pipeline.train.resident import MIB, Batch, DeviceTargets, ResidentInput, ViewPolicy, pick_views, resident_bytes
+from pipeline.train.resident import MIB, Batch, ResidentInput, ViewPolicy, pick_views
 
 log = logging.getLogger(__name__)
 

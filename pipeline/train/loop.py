@@ -366,7 +366,7 @@ def _check_targets(targets: CachedTargets, gp: GenParams, gen: int) -> None:
             f"{views_of(a, targets.split)} un-augmented view(s). Export it with export.views > 1 (image datasets) "
             f"or use view_policy: clean"
         )
-    check_temperature(targets.path, a.get("layout", "dense"), gp.temperature, f"{section}.temperature")
+    check_temperature(targets.path, targets.format, gp.temperature, f"{section}.temperature")
 
 
 def checkpoint_meta(

@@ -28,9 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.cache.reader import CachedTargets, expand_sparse
-from pipeline.cache.store import AUG_ARRAY
-from pipeline.core.errors import CorruptStoreError
+from pipeline.cache.device import DeviceTargets, to_device
 from pipeline.data.augment import AugParams, apply_params, draw_params
 from pipeline.data.prepared import PreparedData
 from pipeline.losses import Teacher
@@ -88,85 +86,6 @@ def epoch_aug(n: int, batch_size: int, generator: torch.Generator, pad: int, siz
         return torch.zeros((0, 3), dtype=torch.int64)
     columns = [torch.cat([p.top for p in parts]), torch.cat([p.left for p in parts])]
     return torch.stack([*columns, torch.cat([p.flip for p in parts]).long()], dim=1)
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor -> device without blocking the host (pinned staging on CUDA)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def _arrays(attrs: dict, split: str, all_views: bool) -> list[str]:
-    layout = attrs.get("layout", "dense")
-    names = [split, *([f"{split}_idx"] if layout != "dense" else []), *([f"{split}_mass"] if layout == "topk" else [])]
-    return names + ([f"{split}_{AUG_ARRAY}"] if all_views else [])
-
-
-def resident_bytes(data: PreparedData, source: CachedTargets | None, all_views: bool) -> int:
-    """Device bytes the resident path needs: train images and labels, and the teacher arrays it serves
-    (every view under a view policy, else one)."""
-    total = data.x_train.nbytes + data.y_train.nbytes
-    if source is not None:
-        store = source.check()
-        for name in _arrays(source.attrs, source.split, all_views):
-            arr = store.array(name)
-            total += int(np.prod(arr.shape)) * arr.dtype.itemsize // (1 if all_views else arr.shape[1])
-    return total
-
-
-class DeviceTargets:
-    """One split of a teacher store in device memory, served by (row, view) as `CachedTargets.target`.
-
-    Built from a `CachedTargets` (its validated store and in-memory tables); damaged rows among `rows`
-    (the rows training will ask for) are refused here, once, as the streaming reader refuses a batch."""
-
-    def __init__(self, source: CachedTargets, device: torch.device, rows: np.ndarray, all_views: bool) -> None:
-        a = source.attrs
-        self.path, self.attrs, self.layout = source.path, a, a.get("layout", "dense")
-        self.recipe = a.get("augmentation")
-        self.default_view = source.view if all_views else 0  # index of the reader's view in the tensors
-        views = slice(None) if all_views else slice(source.view, source.view + 1)
-        self.tensors: dict[str, torch.Tensor] = {}
-        for name in _arrays(a, source.split, all_views):
-            table = source._table(name)  # noqa: SLF001  (the reader's loaded, damage-checked array)
-            if table is None:
-                raise ValueError(f"{source.path}: array {name!r} is over the reader's memory budget")
-            if (table.unreadable[rows] >= 0).any():
-                err = table.errors[table.unreadable[rows].max()]
-                raise CorruptStoreError(
-                    f"{source.path}: cannot read rows of '{source.split}' ({err}); a chunk is damaged, "
-                    "re-export the store"
-                )
-            bad = table.bad[rows][:, views].any(axis=1)
-            if bad.any():
-                raise CorruptStoreError(
-                    f"{source.path}: rows {np.unique(rows[bad])[:5].tolist()} of '{name}' are not finite "
-                    f"(damaged chunk?); re-export the store"
-                )
-            self.tensors[name.removeprefix(source.split).lstrip("_") or "values"] = to_device(
-                torch.from_numpy(np.ascontiguousarray(table.values[:, views])), device
-            )
-
-    def _get(self, name: str, rows: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
-        t = self.tensors[name]
-        return t[rows, self.default_view] if views is None else t[rows, views]
-
-    def target(self, rows: torch.Tensor, *, views: torch.Tensor | None, temperature: float) -> Teacher:
-        """Teacher target of dataset rows `rows` (device int64), each at its view in `views` (None: the
-        reader's default view); the same values as `CachedTargets.target` (see its docstring)."""
-        if self.layout == "dense":
-            return self._get("values", rows, views).float()
-        values = self._get("values", rows, views).float()
-        classes = self._get("idx", rows, views).long()
-        mass = self._get("mass", rows, views).float() if self.layout == "topk" else None
-        return expand_sparse(self.path, self.attrs, values, classes, mass, temperature)
-
-    def aug(self, rows: torch.Tensor, views: torch.Tensor) -> AugParams:
-        """The stored crop/flip of each (row, view), on the device."""
-        assert self.recipe, "aug() needs a multi-view store with augmentation parameters"
-        tlf = self._get(AUG_ARRAY, rows, views).long()
-        return AugParams(tlf[:, 0], tlf[:, 1], tlf[:, 2].bool(), self.recipe["pad"], self.recipe["size"])
 
 
 class ResidentInput:
