@@ -60,15 +60,15 @@ def test_image_model_normalises_uint8_and_checkpoint_keeps_stats(images: Prepare
 
 def test_training_augments_but_evaluation_does_not(images: PreparedData, monkeypatch) -> None:
     seen = []
-    import pipeline.train.loop as lib
+    import pipeline.train.inputs as inputs
 
-    real = lib.augment_batch
+    real = inputs.apply_params
 
-    def spy(x, gen, pad, size):
+    def spy(x, params):
         seen.append(x.shape)
-        return real(x, gen, pad=pad, size=size)
+        return real(x, params)
 
-    monkeypatch.setattr(lib, "augment_batch", spy)
+    monkeypatch.setattr(inputs, "apply_params", spy)
     recipe = TrainParams(
         arch="cnn3", epochs=1, batch_size=10, device="cpu", optimizer="sgd", lr=0.01, memory_budget_mib=0
     )
@@ -141,11 +141,10 @@ def viewed(images: PreparedData, tmp_path, monkeypatch) -> tuple[PreparedData, o
 
 def _spy_student(monkeypatch) -> dict[str, list]:
     import pipeline.train.inputs as inputs
-    import pipeline.train.loop as lib
     from pipeline.cache.reader import CachedTargets
 
     seen: dict[str, list] = {"target": [], "image": [], "live": []}
-    real_target, real_apply = CachedTargets.target, inputs.apply_params
+    real_target, real_apply, real_aug = CachedTargets.target, inputs.apply_params, inputs.epoch_aug
 
     def target(self, index, *, views=None, temperature=1.0):
         out = real_target(self, index, views=views, temperature=temperature)
@@ -159,7 +158,7 @@ def _spy_student(monkeypatch) -> dict[str, list]:
 
     monkeypatch.setattr(CachedTargets, "target", target)
     monkeypatch.setattr(inputs, "apply_params", apply)
-    monkeypatch.setattr(lib, "augment_batch", lambda *a, **k: seen["live"].append(1) or a[0])
+    monkeypatch.setattr(inputs, "epoch_aug", lambda *a, **k: seen["live"].append(1) or real_aug(*a, **k))
     return seen
 
 
