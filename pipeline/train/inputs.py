@@ -13,7 +13,7 @@ Both take each epoch's order, crops and flips and stored views from the same fun
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 
 import torch
@@ -66,9 +66,9 @@ def loader_batches(
 def _loader_aug(loader: DataLoader, augment: LiveAugment) -> torch.Tensor:
     """The epoch's crop/flip table for `loader`'s batches: `len(loader.sampler)` items (this rank's share
     under DistributedSampler) in batches of `loader.batch_size`, the last one shorter (drop_last False)."""
-    if loader.batch_size is None or loader.drop_last:
-        raise ValueError("loader_batches: live augmentation needs a loader with a batch_size and drop_last False")
-    return epoch_aug(len(loader.sampler), loader.batch_size, augment.generator, augment.size)  # type: ignore[arg-type]
+    if loader.batch_size is None or loader.drop_last or not isinstance(loader.sampler, Sized):
+        raise ValueError("loader_batches: live augmentation needs a sized sampler, a batch_size and drop_last False")
+    return epoch_aug(len(loader.sampler), loader.batch_size, augment.generator, augment.size)
 
 
 @dataclass
