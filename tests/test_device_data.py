@@ -210,7 +210,7 @@ def test_resident_batches_equal_streaming_batches(images, stores, name) -> None:
                 _same(t1, t2)
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # the steps are spied, not run
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # the steps are spied, not run
 @pytest.mark.parametrize("budget", [4096, 0], ids=["resident", "streaming"])
 def test_training_sees_epoch_order_and_epoch_aug_of_fresh_generators(images, budget, monkeypatch) -> None:
     """What train_generation feeds the steps, on either path, over 2 epochs: the fit rows in the order
