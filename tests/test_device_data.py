@@ -1,5 +1,6 @@
-"""The device-resident training path (pipeline/device_data.py) on the CPU: the same batches, targets and
-trained weights as the streaming path (DataLoader + CachedTargets), and the fallback beyond the budget."""
+"""The device-resident training path (pipeline/train/resident.py) on the CPU: the same batches, targets and
+trained weights as the streaming path (DataLoader + CachedTargets), both taking each epoch's order and crops
+from pipeline/train/epochs.py, and the fallback beyond the budget."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 import pipeline.train.inputs as inputs
 import pipeline.train.loop
@@ -16,18 +16,18 @@ import pipeline.train.loop as lib
 from pipeline.cache.device import DeviceTargets, resident_bytes
 from pipeline.cache.reader import CachedTargets
 from pipeline.cache.stream import BlockShuffleSampler
+from pipeline.core.distributed import SINGLE_PROCESS
 from pipeline.core.errors import CorruptStoreError
-from pipeline.data.augment import AugParams, apply_params, augment_batch, mix64
-from pipeline.data.prepared import IndexedDataset, PreparedData, load_prepared, write_prepared
+from pipeline.data.augment import AugParams, apply_params, mix64
+from pipeline.data.prepared import PreparedData, load_prepared, write_prepared
 from pipeline.losses import Probs
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.registry import build_model
 from pipeline.params import ExportParams, GenParams, TrainParams
 from pipeline.teachers.export import export_logits
 from pipeline.train import inputs as train_input
-from pipeline.train.inputs import loader_batches
+from pipeline.train.epochs import LiveAugment, ViewPolicy, batch_aug, epoch_aug, epoch_order, pick_views
 from pipeline.train.loop import train_generation
-from pipeline.train.resident import ResidentInput, ViewPolicy, pick_views
 
 CPU = torch.device("cpu")
 
@@ -134,33 +134,63 @@ def _one(img: torch.Tensor, p: AugParams, i: int) -> torch.Tensor:
     return crop.flip(-1) if bool(p.flip[i]) else crop
 
 
-def _pair(images: PreparedData, batch_size: int, seed: int, augment: bool):
-    """A resident input and the DataLoader of the streaming path, with identically seeded generators."""
-    gens = [torch.Generator().manual_seed(seed) for _ in range(2)]
-    augs = [torch.Generator().manual_seed(seed + 1) for _ in range(2)]
-    res = ResidentInput(images, CPU, batch_size, gens[0], augs[0] if augment else None)
-    fit = IndexedDataset(images.x_train, images.y_train, images.fit_index())
-    loader = DataLoader(fit, batch_size=batch_size, shuffle=True, generator=gens[1])
-    live = (lambda x: augment_batch(x, augs[1], pad=4, size=16)) if augment else None
-    return res, loader, live
+def _pair(
+    data: PreparedData,
+    batch_size: int,
+    seed: int,
+    augment: bool,
+    targets: CachedTargets | None = None,
+    views: ViewPolicy | None = None,
+    temperature: float = 1.0,
+):
+    """The resident and the streaming input of `make_input` (budget 4096 MiB, then 0) for the same data,
+    targets, view policy and temperature, each with its own identically seeded (shuffle, crop) generators."""
+    out = []
+    for budget in (4096, 0):
+        gens = (torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1))
+        live = LiveAugment(gens[1], data.x_train.shape[-1]) if augment else None
+        recipe, gp = _recipe(batch_size=batch_size, memory_budget_mib=budget), GenParams(temperature=temperature)
+        out.append(inputs.make_input(data, recipe, gp, CPU, SINGLE_PROCESS, targets, views, gens, live, seed))
+    return out
 
 
-def test_resident_epochs_visit_every_fit_row_once_in_the_loaders_seeded_order() -> None:
-    n = 23
+def _tiny(n: int) -> PreparedData:
     x = np.arange(n, dtype=np.float32).reshape(n, 1, 1)  # each row's input is its own index
-    data = PreparedData(x, np.zeros(n, np.int64), x[:2], np.zeros(2, np.int64), np.array([3, 9]), ["a"], "fp", "t")
-    res, loader, _ = _pair(data, 5, 7, augment=False)
+    return PreparedData(x, np.zeros(n, np.int64), x[:2], np.zeros(2, np.int64), np.array([3, 9]), ["a"], "fp", "t")
+
+
+def test_both_paths_visit_every_fit_row_once_in_epoch_order() -> None:
+    data = _tiny(23)
+    res, stream = _pair(data, 5, 7, augment=False)
+    fresh = torch.Generator().manual_seed(7)
     orders = []
     for epoch in range(1, 4):
-        batches = list(res.epoch(epoch))
-        assert [len(b[0]) for b in batches] == [5, 5, 5, 5, 1]
-        order = torch.cat([b[0] for b in batches]).flatten().long()
-        assert sorted(order.tolist()) == data.fit_index().tolist()  # every fit row once, no validation row
-        assert torch.equal(order, torch.cat([xb for xb, _, _ in loader]).flatten().long())
-        orders.append(order)
+        got = [list(res.batches(epoch)), list(stream.batches(epoch))]
+        want = torch.from_numpy(data.fit_index())[epoch_order(len(data.fit_index()), fresh)]
+        for batches in got:
+            assert [len(b[0]) for b in batches] == [5, 5, 5, 5, 1]
+            order = torch.cat([b[0] for b in batches]).flatten().long()
+            assert sorted(order.tolist()) == data.fit_index().tolist()  # every fit row once, no validation row
+            assert torch.equal(order, want)  # bancache's epoch order, drawn from the shuffling generator
+        orders.append(want)
     assert not torch.equal(orders[0], orders[1])
-    again, _, _ = _pair(data, 5, 7, augment=False)
-    assert torch.equal(torch.cat([b[0] for b in again.epoch(1)]).flatten().long(), orders[0])
+
+
+def test_streaming_loader_draws_only_the_epoch_order() -> None:
+    """The streaming loader's shuffling generator advances exactly as `epoch_order` advances a twin, and the
+    loader takes nothing from torch's global RNG (its workers' seeds come from a generator of its own)."""
+    data = _tiny(23)
+    gens = (torch.Generator().manual_seed(7), torch.Generator().manual_seed(8))
+    stream = inputs.make_input(
+        data, _recipe(batch_size=5, memory_budget_mib=0), GenParams(), CPU, SINGLE_PROCESS, None, None, gens, None, 7
+    )
+    twin = torch.Generator().manual_seed(7)
+    for epoch in (1, 2):
+        global_rng = torch.get_rng_state()
+        list(stream.batches(epoch))
+        epoch_order(len(data.fit_index()), twin)
+        assert torch.equal(gens[0].get_state(), twin.get_state())
+        assert torch.equal(torch.get_rng_state(), global_rng)
 
 
 @pytest.mark.parametrize("name", ["dense", "topk-views", "sampled-views"])
@@ -171,15 +201,36 @@ def test_resident_batches_equal_streaming_batches(images, stores, name) -> None:
     n_views = src.attrs["views"]
     policies = [None] if n_views == 1 else [None, ViewPolicy("cycle", n_views, 5), ViewPolicy("random", n_views, 5)]
     for views in policies:
-        res, loader, live = _pair(images, 8, 3, augment=True)
-        dev = DeviceTargets(src, CPU, images.fit_index(), views is not None)
+        res, stream = _pair(images, 8, 3, True, src, views, temperature)
         for epoch in (1, 2):
-            got = list(res.epoch(epoch, dev, temperature, views))
-            want = list(loader_batches(loader, CPU, src, temperature, live, views, epoch))
+            got, want = list(res.batches(epoch)), list(stream.batches(epoch))
             assert len(got) == len(want) == 5
             for (x1, y1, t1), (x2, y2, t2) in zip(got, want, strict=True):
                 assert torch.equal(x1, x2) and torch.equal(y1, y2)
                 _same(t1, t2)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # the steps are spied, not run
+@pytest.mark.parametrize("budget", [4096, 0], ids=["resident", "streaming"])
+def test_training_sees_epoch_order_and_epoch_aug_of_fresh_generators(images, budget, monkeypatch) -> None:
+    """What train_generation feeds the steps, on either path, over 2 epochs: the fit rows in the order
+    `epoch_order` draws from a fresh generator seeded like the run's shuffling one, each cropped and flipped
+    as `epoch_aug` draws from a fresh twin of the crop generator."""
+    seen: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    monkeypatch.setattr(lib, "train_one_epoch", lambda _net, batches, *_a: seen.append([b[:2] for b in batches]) or 0.0)
+    recipe = _recipe(memory_budget_mib=budget, seed=11)
+    train_generation(images, recipe, 0, GenParams(loss="ce"), None)
+    shuffle, crops, _ = lib._generators(11, recipe, CPU)
+    fit, bs = torch.from_numpy(images.fit_index()), recipe.batch_size
+    assert len(seen) == recipe.epochs == 2
+    for batches in seen:
+        rows = fit[epoch_order(len(fit), shuffle)]
+        table = epoch_aug(len(fit), bs, crops, 16)
+        assert len(batches) == 5
+        for b, (x, y) in enumerate(batches):
+            r = rows[b * bs : (b + 1) * bs]
+            want = apply_params(torch.from_numpy(images.x_train)[r], batch_aug(table[b * bs : (b + 1) * bs], 16))
+            assert torch.equal(x, want) and torch.equal(y, torch.from_numpy(images.y_train)[r])
 
 
 def test_random_views_vectorised_equal_mix64() -> None:

@@ -60,15 +60,15 @@ def test_image_model_normalises_uint8_and_checkpoint_keeps_stats(images: Prepare
 
 def test_training_augments_but_evaluation_does_not(images: PreparedData, monkeypatch) -> None:
     seen = []
-    import pipeline.train.loop as lib
+    import pipeline.train.inputs as inputs
 
-    real = lib.augment_batch
+    real = inputs.apply_params
 
-    def spy(x, gen, pad, size):
+    def spy(x, params):
         seen.append(x.shape)
-        return real(x, gen, pad=pad, size=size)
+        return real(x, params)
 
-    monkeypatch.setattr(lib, "augment_batch", spy)
+    monkeypatch.setattr(inputs, "apply_params", spy)
     recipe = TrainParams(
         arch="cnn3", epochs=1, batch_size=10, device="cpu", optimizer="sgd", lr=0.01, memory_budget_mib=0
     )
@@ -141,11 +141,10 @@ def viewed(images: PreparedData, tmp_path, monkeypatch) -> tuple[PreparedData, o
 
 def _spy_student(monkeypatch) -> dict[str, list]:
     import pipeline.train.inputs as inputs
-    import pipeline.train.loop as lib
     from pipeline.cache.reader import CachedTargets
 
     seen: dict[str, list] = {"target": [], "image": [], "live": []}
-    real_target, real_apply = CachedTargets.target, inputs.apply_params
+    real_target, real_apply, real_aug = CachedTargets.target, inputs.apply_params, inputs.epoch_aug
 
     def target(self, index, *, views=None, temperature=1.0):
         out = real_target(self, index, views=views, temperature=temperature)
@@ -159,7 +158,7 @@ def _spy_student(monkeypatch) -> dict[str, list]:
 
     monkeypatch.setattr(CachedTargets, "target", target)
     monkeypatch.setattr(inputs, "apply_params", apply)
-    monkeypatch.setattr(lib, "augment_batch", lambda *a, **k: seen["live"].append(1) or a[0])
+    monkeypatch.setattr(inputs, "epoch_aug", lambda *a, **k: seen["live"].append(1) or real_aug(*a, **k))
     return seen
 
 
@@ -215,7 +214,7 @@ def test_clean_student_keeps_live_augmentation_and_view_0(viewed, monkeypatch) -
         arch="cnn3", epochs=1, batch_size=10, device="cpu", optimizer="sgd", lr=0.01, memory_budget_mib=0
     )
     train_generation(data, recipe, 1, GenParams(loss="ban", teacher=0), store)
-    assert len(seen["live"]) == 3 and not seen["image"]
+    assert len(seen["live"]) == 1 and len(seen["image"]) == 3  # one epoch's fresh crops, applied per batch
     index, views, target = seen["target"][0]
     assert views is None
     np.testing.assert_array_equal(target.numpy(), zarr_array(store, "train")[index, 0])

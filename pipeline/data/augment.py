@@ -20,6 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.seeds import mix64 as mix64  # re-exported for its importers (teachers.export)
+from pipeline.data.seeds import mix64_array
+
 PAD = 4  # pixels of zero padding on each side before the random crop
 SIZE = 32  # crop side in pixels (CIFAR images are 32 x 32)
 
@@ -104,21 +107,6 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = PAD, s
     return apply_params(x, draw_params(len(x), generator, pad, size))
 
 
-_MASK64 = (1 << 64) - 1
-
-
-def mix64(*keys: int) -> int:
-    """A 63-bit seed from integer keys (splitmix64 finaliser folded over the keys): stable across runs,
-    processes and platforms, unlike `hash()`."""
-    h = 0x9E3779B97F4A7C15
-    for k in keys:
-        h = (h ^ (int(k) & _MASK64)) & _MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 31
-    return h >> 1
-
-
 def identity_params(n: int, pad: int = PAD, size: int = SIZE) -> AugParams:
     """`n` views that rebuild the un-augmented images: crop at (pad, pad) of the padded image, no flip."""
     full = torch.full((n,), pad, dtype=torch.int64)
@@ -131,9 +119,8 @@ def view_params(seed: int, split_id: int, rows: np.ndarray, view: int, pad: int 
     so a (row, view) pair gets the same view whichever process, chunk or batch exports it."""
     if view == 0:
         return identity_params(len(rows), pad, size)
-    drawn = [
-        draw_params(1, torch.Generator().manual_seed(mix64(seed, split_id, int(r), view)), pad, size) for r in rows
-    ]
+    seeds = mix64_array(seed, split_id, np.asarray(rows), view).tolist()  # all rows' mix64 at once
+    drawn = [draw_params(1, torch.Generator().manual_seed(s), pad, size) for s in seeds]
     if not drawn:
         return draw_params(0, torch.Generator(), pad, size)
     return AugParams(

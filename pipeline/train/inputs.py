@@ -6,18 +6,19 @@ streaming path, chosen by `train.memory_budget_mib`.
 - streaming: a DataLoader of (x, y, dataset index) items, targets looked up per batch through
   `pipeline.cache.reader.CachedTargets` (`loader_batches`); the path beyond the budget, and under torchrun.
 
-Both draw the same random numbers from the same generators, so on the CPU they train bit-identically.
+Both take each epoch's order, crops and flips and stored views from the same functions
+(`pipeline.train.epochs`), so on the CPU they train bit-identically.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from pipeline.cache.device import DeviceTargets, resident_bytes
 from pipeline.cache.reader import CachedTargets
@@ -28,7 +29,8 @@ from pipeline.data.prepared import IndexedDataset, PreparedData
 from pipeline.losses import Teacher
 from pipeline.models.predict import accuracy, device_accuracy, predict_logits
 from pipeline.params import GenParams, TrainParams
-from pipeline.train.resident import MIB, Batch, ResidentInput, ViewPolicy, pick_views
+from pipeline.train.epochs import EpochOrderSampler, LiveAugment, ViewPolicy, batch_aug, epoch_aug, pick_views
+from pipeline.train.resident import MIB, Batch, ResidentInput
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +40,17 @@ def loader_batches(
     device: torch.device,
     targets: CachedTargets | None = None,
     temperature: float = 1.0,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    augment: LiveAugment | None = None,
     views: ViewPolicy | None = None,
     epoch: int = 0,
 ) -> Iterator[Batch]:
     """The streaming path: (x, y, teacher) on `device` per batch of `loader`, whose items are (x, y,
     dataset index). Teacher rows are looked up by the batch's dataset indices and, under a view policy,
-    the views `pick_views` chooses for `epoch` (each row's image rebuilt from that view's stored crop)."""
+    the views `pick_views` chooses for `epoch` (each row's image rebuilt from that view's stored crop);
+    else, with `augment`, each batch gets its slice of the epoch's `epoch_aug` table."""
+    stored_views = views is not None and targets is not None
+    aug = None if augment is None or stored_views else _loader_aug(loader, augment)
+    done = 0  # items of the epoch so far: this batch's rows of the crop/flip table start here
     for x, y, index in loader:
         v = pick_views(views, epoch, index.numpy()) if views is not None and targets is not None else None
         teacher: Teacher | None = None
@@ -52,9 +58,18 @@ def loader_batches(
             teacher = targets.target(index, views=v, temperature=temperature).to(device, non_blocking=True)
         if v is not None and targets is not None:
             x = apply_params(x, targets.aug(index, v))  # the very image the teacher's output was computed on
-        elif augment is not None:
-            x = augment(x)
+        elif aug is not None and augment is not None:
+            x = apply_params(x, batch_aug(aug[done : done + len(x)], augment.size))
+        done += len(x)
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), teacher
+
+
+def _loader_aug(loader: DataLoader, augment: LiveAugment) -> torch.Tensor:
+    """The epoch's crop/flip table for `loader`'s batches: `len(loader.sampler)` items (this rank's share
+    under DistributedSampler) in batches of `loader.batch_size`, the last one shorter (drop_last False)."""
+    if loader.batch_size is None or loader.drop_last or not isinstance(loader.sampler, Sized):
+        raise ValueError("loader_batches: live augmentation needs a sized sampler, a batch_size and drop_last False")
+    return epoch_aug(len(loader.sampler), loader.batch_size, augment.generator, augment.size)
 
 
 @dataclass
@@ -85,6 +100,19 @@ def _resident_input(
     )
 
 
+def _sampler(
+    fit: IndexedDataset, ctx: DistContext, targets: CachedTargets | None, seed: int, generator: torch.Generator
+) -> Sampler[int]:
+    """The streaming loader's order: `epoch_order` from the shuffling generator (`EpochOrderSampler`, the
+    resident path's very order); under torchrun a DistributedSampler (per-rank batch = batch_size /
+    world_size, so the global batch matches one process); a store streamed by chunk (over its reader's
+    budget) is read in block-shuffled order."""
+    if ctx.enabled:
+        return DistributedSampler(fit, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
+    chunked = epoch_sampler(targets, fit.rows, seed)
+    return EpochOrderSampler(len(fit), generator) if chunked is None else chunked
+
+
 def _streaming_input(
     data: PreparedData,
     recipe: TrainParams,
@@ -94,22 +122,18 @@ def _streaming_input(
     targets: CachedTargets | None,
     views: ViewPolicy | None,
     generator: torch.Generator,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+    augment: LiveAugment | None,
     seed: int,
 ) -> TrainInput:
     fit = IndexedDataset(data.x_train, data.y_train, data.fit_index())
-    sampler: DistributedSampler | BlockShuffleSampler | None = None
-    if ctx.enabled:  # per-rank batch = batch_size / world_size, so the global batch matches one process
-        sampler = DistributedSampler(fit, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
-    else:  # a store streamed by chunk (over its reader's budget) is read in block-shuffled order
-        sampler = epoch_sampler(targets, data.fit_index(), seed)
+    sampler = _sampler(fit, ctx, targets, seed, generator)
     loader = DataLoader(
         fit,
         batch_size=max(1, recipe.batch_size // ctx.world_size),
-        shuffle=sampler is None,
+        shuffle=False,
         sampler=sampler,
         drop_last=False,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),  # the loader's own: its workers' base seeds, nothing else
         num_workers=recipe.num_workers,
         pin_memory=device.type == "cuda",
     )
@@ -117,7 +141,7 @@ def _streaming_input(
     return TrainInput(
         batches=lambda epoch: loader_batches(loader, device, targets, gp.temperature, augment, views, epoch),
         validate=lambda model: accuracy(predict_logits(model, x_val, recipe.eval_batch_size, device), y_val),
-        sampler=sampler,
+        sampler=sampler if isinstance(sampler, DistributedSampler | BlockShuffleSampler) else None,
     )
 
 
@@ -130,7 +154,7 @@ def make_input(
     targets: CachedTargets | None,
     views: ViewPolicy | None,
     gens: tuple[torch.Generator, torch.Generator],
-    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+    augment: LiveAugment | None,
     seed: int,
 ) -> TrainInput:
     """Batches and validation of a run: the resident path when a single process's train data and teacher arrays fit

@@ -34,15 +34,15 @@ from pipeline.cache.store import check_temperature, has_aug, views_of
 from pipeline.core.devices import resolve_device
 from pipeline.core.distributed import SINGLE_PROCESS, DistContext
 from pipeline.core.errors import DivergedError, ParamsError
-from pipeline.data.augment import augment_batch
 from pipeline.data.prepared import PreparedData
 from pipeline.losses import Teacher, loss_spec
 from pipeline.models.checkpoint import save_atomic, save_checkpoint
 from pipeline.models.registry import ImageInput, build_model
 from pipeline.params import GenParams, TrainParams, generation_seed, section_of
+from pipeline.train.epochs import LiveAugment, ViewPolicy
 from pipeline.train.inputs import make_input
 from pipeline.train.optim import make_optimizer, make_scheduler
-from pipeline.train.resident import MIB, Batch, ViewPolicy
+from pipeline.train.resident import MIB, Batch
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,9 @@ class TrainResult:
 
 @dataclass
 class StepOptions:
-    """Per-step input handling: live augmentation (streaming path), autocast dtype and memory format (CUDA)."""
+    """Per-step input handling: live augmentation (either input path), autocast dtype and memory format (CUDA)."""
 
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    augment: LiveAugment | None = None
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
 
@@ -102,8 +102,7 @@ def step_options(
     images = data.x_train.ndim == 4 and data.x_train.dtype == np.uint8
     opts = StepOptions()
     if images and recipe.augment:
-        size = data.x_train.shape[-1]
-        opts.augment = lambda x: augment_batch(x, aug_gen, pad=4, size=size)
+        opts.augment = LiveAugment(aug_gen, data.x_train.shape[-1])  # padding augment.PAD (pipeline.train.epochs)
     if device.type == "cuda":
         if recipe.amp in ("auto", "bf16"):
             opts.amp_dtype = torch.bfloat16 if _bf16_ok() else torch.float16
