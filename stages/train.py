@@ -12,7 +12,6 @@ from dataclasses import asdict
 from typing import Any
 
 from pipeline.audit.fitness import check_teacher
-from pipeline.cache.store import LogitStore
 from pipeline.core.devices import resolve_device
 from pipeline.core.distributed import DistContext, barrier, context_from_env
 from pipeline.core.errors import ParamsError
@@ -21,7 +20,14 @@ from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import PreparedData, load_prepared
 from pipeline.models.predict import accuracy, predict_logits
 from pipeline.params import TrainParams, parse_generation, parse_section, section_of
-from pipeline.train.loop import EpochLog, TrainResult, checkpoint_meta, save_generation, train_generation
+from pipeline.train.loop import (
+    EpochLog,
+    TrainResult,
+    checkpoint_meta,
+    open_teacher,
+    save_generation,
+    train_generation,
+)
 from stages.common import ParamsFile
 from stages.launch import worker_context
 from stages.progress import Progress
@@ -52,12 +58,13 @@ def run(
     gp = parse_generation(gen, raw)
     data = load_prepared(layout.dataset, verify=verify)
     teacher_store = layout.store(gp.teacher) if gp.teacher is not None else None
-    teacher_sha = None
-    if teacher_store is not None:
-        teacher_sha = LogitStore.open(teacher_store, fingerprint=data.fingerprint).attrs["checkpoint_sha256"]
+    # One open of the teacher's store per run, within the memory budget and verified unless trusted: its
+    # checkpoint hash, the fitness check and the training all read this one reader.
+    targets = open_teacher(data, recipe, teacher_store, verify) if teacher_store is not None else None
+    teacher_sha = targets.attrs["checkpoint_sha256"] if targets is not None else None
     fitness = None
-    if teacher_store is not None and gp.teacher is not None and context_from_env(os.environ).is_main:
-        fitness = check_teacher(data, teacher_store, gp.loss, gp.temperature, gp.teacher)
+    if targets is not None and gp.teacher is not None and context_from_env(os.environ).is_main:
+        fitness = check_teacher(data, targets, gp.loss, gp.temperature, gp.teacher)
     meta = checkpoint_meta(data, recipe, gen, gp, teacher_sha)
     key = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
     state = layout.train_state(gen)
@@ -76,6 +83,7 @@ def run(
             ctx=ctx,
             verify=verify,
             on_epoch=epoch_hook(bar),
+            targets=targets,
         )
     if not ctx.is_main:  # rank 0 alone writes the generation's outputs
         barrier(ctx)
