@@ -80,7 +80,7 @@ def main(ctx: click.Context, params: str, root: str, verbose: int, quiet: int, t
     """bancache: Born-Again Networks with an offline logit cache."""
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=logging.ERROR if quiet else level, format="%(asctime)s %(name)s %(message)s")
-    progress.QUIET = bool(quiet)
+    ctx.with_resource(progress.quiet_output(bool(quiet)))  # for this invocation only
     ctx.obj = Ctx(params, root, trust_stores)
 
 

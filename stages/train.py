@@ -18,7 +18,7 @@ from pipeline.core.errors import ParamsError
 from pipeline.core.files import write_json, write_text
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import PreparedData, load_prepared
-from pipeline.models.predict import accuracy, predict_logits
+from pipeline.models.predict import predict_accuracy
 from pipeline.params import TrainParams, parse_generation, parse_section, section_of
 from pipeline.train.loop import (
     EpochLog,
@@ -113,7 +113,7 @@ def _write_outputs(
         "final_train_loss": last.train_loss,
         "final_val_acc": last.val_acc,
         # Reported only; nothing is selected on it.
-        "test_acc": accuracy(predict_logits(result.model, data.x_test, recipe.eval_batch_size, device), data.y_test),
+        "test_acc": predict_accuracy(result.model, data.x_test, data.y_test, recipe.eval_batch_size, device)[1],
     }
     if fitness is not None:  # its metrics and warnings (the report lists them); loss, rows and T are settings
         metrics["teacher_fitness"] = {k: fitness[k] for k in ("fit_accuracy", "entropy_mean", "warnings")}

@@ -75,7 +75,6 @@ def test_progress_eta_is_the_mean_step_time_times_the_steps_left(monkeypatch, ca
 
     clock = iter([0.0, 2.0, 6.0])  # start, after step 1 (2 s), after step 2 (4 s)
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
-    monkeypatch.setattr(progress, "QUIET", False)
     bar = progress.Progress("gen 3", 10, unit="epoch")
     bar.update(loss=1.5)
     bar.update(loss=1.25)
