@@ -341,11 +341,9 @@ def train_generation(
     saved by an interrupted run with the same `state_key` is resumed: on CPU in deterministic mode the
     result is bit-identical to an uninterrupted run. Under torchrun (`ctx.enabled`) the model is wrapped
     in DistributedDataParallel and each rank trains its DistributedSampler shard; rank 0 saves the state.
-    `verify` False skips hashing the teacher's store; `on_epoch` gets each epoch's log (progress display);
-    `targets` is the teacher's reader when the caller opened it already (`open_teacher`).
+    `verify` False: the teacher's store is not hashed; `targets`: its reader, if open; `on_epoch`: each epoch's log.
     """
-    seed = generation_seed(recipe, gen, gp)
-    device = resolve_device(recipe.device, ctx)
+    seed, device = generation_seed(recipe, gen, gp), resolve_device(recipe.device, ctx)
     gens = _generators(seed, recipe, device)
     targets = _open_targets(data, recipe, gen, gp, teacher_store, verify, targets)
     model = _build_model(data, recipe, gp, device)
