@@ -67,6 +67,9 @@ def test_train_off_a_terminal_prints_one_line_per_epoch(project) -> None:
     assert [re.fullmatch(pattern, ln).group(1) for ln in lines] == ["1", "2"], r.output  # type: ignore[union-attr]
     quiet = _invoke(project.root, "train", "--gen", "0", "-q")
     assert quiet.exit_code == 0 and "epoch" not in quiet.output
+    from stages.progress import Progress
+
+    assert not Progress("after -q", 1).quiet  # -q held for its own invocation only, not as a module flag
     _invoke(project.root, "validate")  # back to the default (not quiet) for later tests
 
 
