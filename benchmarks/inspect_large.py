@@ -85,7 +85,7 @@ def build(root: Path, rows: int, test_rows: int, classes: int, chunk_rows: int, 
 
 
 def _inspect_child(root: str, queue: mp.Queue) -> None:
-    from stages import inspect as stage
+    from stages import audit as stage
     from stages.common import ParamsFile
 
     baseline = _peak_rss_mib()  # interpreter and imports (numpy, zarr, h5py, torch, matplotlib)

@@ -80,7 +80,7 @@ def main(ctx: click.Context, params: str, root: str, verbose: int, quiet: int, t
     """bancache: Born-Again Networks with an offline logit cache."""
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=logging.ERROR if quiet else level, format="%(asctime)s %(name)s %(message)s")
-    progress.QUIET = bool(quiet)
+    ctx.with_resource(progress.quiet_output(bool(quiet)))  # for this invocation only
     ctx.obj = Ctx(params, root, trust_stores)
 
 
@@ -218,7 +218,7 @@ def sweep(obj: Ctx, seeds: str, losses: str, out: str, controls: bool) -> None:
 def inspect(obj: Ctx, gen: int, against: int | None) -> None:
     """Audit cache/gen-GEN into inspect/gen-GEN/ (params: inspect); with --against J, compare it with
     cache/gen-J into inspect/gen-GEN-vs-J/."""
-    from stages import inspect as stage
+    from stages import audit as stage
 
     m = stage.run(obj.params(), obj.layout, gen, against, verify=obj.verify)
     out = obj.layout.inspect(gen, against)
@@ -249,9 +249,9 @@ def inspect(obj: Ctx, gen: int, against: int | None) -> None:
 @_user_errors
 def convert(obj: Ctx, gen: int, fmt: str, out: str) -> None:
     """Export cache/gen-GEN (every split, with its attributes) to an HDF5 or .npz file."""
-    from stages import inspect as stage
+    from stages import convert as stage
 
-    click.echo(f"wrote {stage.convert(obj.layout, gen, fmt, out, verify=obj.verify)}")
+    click.echo(f"wrote {stage.run(obj.layout, gen, fmt, out, verify=obj.verify)}")
 
 
 if __name__ == "__main__":  # torchrun workers run `python -m stages.cli ...`

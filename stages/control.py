@@ -8,7 +8,6 @@ and metrics.json. With `controls: false` (the default) it writes only metrics.js
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,17 +18,13 @@ from pipeline.core.files import atomic_path, write_json
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import load_prepared
 from pipeline.models.checkpoint import save_checkpoint
-from pipeline.models.predict import accuracy, predict_logits
+from pipeline.models.predict import predict_accuracy
 from pipeline.params import TrainParams, parse_generation, parse_section
 from pipeline.train.controls import control_params, train_control
 from pipeline.train.loop import checkpoint_meta
 from stages.common import ParamsFile
 from stages.progress import Progress
 from stages.train import epoch_hook
-
-
-def control_dir(layout: ProjectPaths, gen: int) -> Path:
-    return layout.root / "controls" / f"gen-{gen}"
 
 
 def enabled(params: ParamsFile) -> bool:
@@ -43,11 +38,10 @@ def enabled(params: ParamsFile) -> bool:
 
 def run(params: ParamsFile, layout: ProjectPaths, gen: int) -> dict[str, Any]:
     """Train control-`gen` into controls/gen-`gen`/ (or record that controls are off)."""
-    out = control_dir(layout, gen)
-    out.mkdir(parents=True, exist_ok=True)
+    layout.control_dir(gen).mkdir(parents=True, exist_ok=True)
     if not enabled(params):
         metrics: dict[str, Any] = {"generation": gen, "skipped": True, "why": "controls: false in params"}
-        write_json(out / "metrics.json", metrics)
+        write_json(layout.control_metrics(gen), metrics)
         return metrics
     recipe = parse_section(TrainParams, "train", params.get("train"))
     raw = params.get(f"students.{gen}")
@@ -59,10 +53,11 @@ def run(params: ParamsFile, layout: ProjectPaths, gen: int) -> dict[str, Any]:
         result = train_control(data, recipe, gen, gp, epoch_hook(bar))
     cp = control_params(recipe, gen, gp)
     meta = {**checkpoint_meta(data, recipe, gen, cp, None), "control_of": gen}
-    save_checkpoint(out / "model.pt", result.model, {**meta, "selected_epoch": result.selected_epoch})
-    logits = predict_logits(result.model, data.x_test, recipe.eval_batch_size, resolve_device(recipe.device))
-    with atomic_path(out / "test_logits.npy") as tmp, open(tmp, "wb") as f:
+    save_checkpoint(layout.control_model(gen), result.model, {**meta, "selected_epoch": result.selected_epoch})
+    device = resolve_device(recipe.device)
+    logits, test_acc = predict_accuracy(result.model, data.x_test, data.y_test, recipe.eval_batch_size, device)
+    with atomic_path(layout.control_logits(gen)) as tmp, open(tmp, "wb") as f:
         np.save(f, logits.astype(np.float32))
-    metrics = {"generation": gen, "seed": cp.seed, "loss": "ce", "test_acc": accuracy(logits, data.y_test)}
-    write_json(out / "metrics.json", metrics)
+    metrics = {"generation": gen, "seed": cp.seed, "loss": "ce", "test_acc": test_acc}
+    write_json(layout.control_metrics(gen), metrics)
     return metrics

@@ -6,13 +6,27 @@ step, e.g. `gen 1 epoch 3/60: loss 0.4123, val acc 0.8120, 1.2 s, ETA 1m10s`. `b
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
-QUIET = False  # set by `bancache -q`
+_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("bancache_quiet", default=False)
+
+
+@contextlib.contextmanager
+def quiet_output(quiet: bool) -> Iterator[None]:
+    """Silence every Progress and note for one invocation (`bancache -q`), restored when it ends: a
+    context variable, not a module flag, so one CLI call cannot leave the next one quiet."""
+    token = _QUIET.set(quiet)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
 
 
 def _stream() -> TextIO:
@@ -46,7 +60,7 @@ class Progress:
         self.label, self.total, self.unit, self.done = label, total, unit, initial
         self.lines = lines  # line mode: at most this many lines (at each 1/lines of the total); None: every step
         self.printed = 0
-        self.quiet = QUIET or not enabled  # e.g. torchrun workers other than rank 0
+        self.quiet = _QUIET.get() or not enabled  # e.g. torchrun workers other than rank 0
         self.stream = _stream()
         self.t_start = self.t_last = time.perf_counter()
         self.steps = 0
@@ -91,5 +105,5 @@ class Progress:
 
 def note(message: str) -> None:
     """One status line (a sweep's current step), unless quiet."""
-    if not QUIET:
+    if not _QUIET.get():
         (tqdm.write if _stream().isatty() else print)(message, file=_stream())

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import h5py
 import numpy as np
 
 from pipeline.cache.store import LogitStore
 from pipeline.core.files import write_text
 from pipeline.core.paths import ProjectPaths
+from pipeline.data.prepared import open_labels
 from pipeline.results.columns import Ensemble, Generation
 from pipeline.results.paired import control_columns, format_paired_table
 from pipeline.results.tables import chain_accuracy, chain_columns, format_table
@@ -44,13 +44,13 @@ def controls_section(layout: ProjectPaths, metrics: dict[str, Any], gens: list[i
     """The paired table of this run (one seed) when controls/gen-K/test_logits.npy exist for its students."""
     logits = {}
     for g in gens[1:]:
-        path = layout.root / "controls" / f"gen-{g}" / "test_logits.npy"
+        path = layout.control_logits(g)
         if path.exists():
             logits[g] = np.load(path)
     if not logits:
         return []
-    with h5py.File(layout.dataset, "r") as f:
-        y = np.asarray(f["y_test"][:])
+    with open_labels(layout.dataset) as labels:
+        y = np.asarray(labels.test[:])
     run = {**chain_columns(metrics), **control_columns(logits, y)}
     return ["", format_paired_table([run], _network(layout, gens), len(y))]
 

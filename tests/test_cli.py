@@ -67,6 +67,9 @@ def test_train_off_a_terminal_prints_one_line_per_epoch(project) -> None:
     assert [re.fullmatch(pattern, ln).group(1) for ln in lines] == ["1", "2"], r.output  # type: ignore[union-attr]
     quiet = _invoke(project.root, "train", "--gen", "0", "-q")
     assert quiet.exit_code == 0 and "epoch" not in quiet.output
+    from stages.progress import Progress
+
+    assert not Progress("after -q", 1).quiet  # -q held for its own invocation only, not as a module flag
     _invoke(project.root, "validate")  # back to the default (not quiet) for later tests
 
 
@@ -75,7 +78,6 @@ def test_progress_eta_is_the_mean_step_time_times_the_steps_left(monkeypatch, ca
 
     clock = iter([0.0, 2.0, 6.0])  # start, after step 1 (2 s), after step 2 (4 s)
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
-    monkeypatch.setattr(progress, "QUIET", False)
     bar = progress.Progress("gen 3", 10, unit="epoch")
     bar.update(loss=1.5)
     bar.update(loss=1.25)

@@ -178,7 +178,7 @@ def test_control_stage_reads_declared_params_and_report_pairs_it(project: Projec
     raw = tiny_params(students={"1": {"teacher": 0, "loss": "ban"}})
     off = ParamsFile(raw)
     assert control.run(off, project, 1)["skipped"] is True
-    assert not (control.control_dir(project, 1) / "model.pt").exists()
+    assert not (project.control_dir(1) / "model.pt").exists()
     for gen in (0, 1):
         train.run(ParamsFile(raw), project, gen)
         export.run(ParamsFile(raw), project, gen)
@@ -186,7 +186,7 @@ def test_control_stage_reads_declared_params_and_report_pairs_it(project: Projec
     on = ParamsFile({**raw, "controls": True})
     m = control.run(on, project, 1)
     assert on.used <= _declared_params()["control@1"] and "controls" in on.used
-    logits = np.load(control.control_dir(project, 1) / "test_logits.npy")
+    logits = np.load(project.control_dir(1) / "test_logits.npy")
     y = load_prepared(project.dataset).y_test
     assert m["test_acc"] == pytest.approx(float((logits.argmax(-1) == y).mean())) and m["seed"] == 1
     text = report.run(project)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from pipeline.audit.fitness import MIN_ENTROPY, store_fitness
 from pipeline.cache.store import LogitStore
-from pipeline.core.errors import ParamsError
+from pipeline.core.errors import CorruptStoreError, ParamsError
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import load_prepared
 from pipeline.params import TrainParams, parse_section
@@ -146,3 +148,66 @@ def test_inspect_reports_fitness_of_a_one_hot_teacher(project: ProjectPaths) -> 
     assert f"{100 * m['fit_accuracy']:.2f}% on its own fit rows" in r.output
     summary = (project.root / "inspect/gen-0/summary.md").read_text()
     assert "## Teacher fitness" in summary and "own fit rows" in summary and "no dark knowledge" in summary
+
+
+def _alter_a_row(layout: ProjectPaths) -> None:
+    """Change train row 0 of generation 0's store to finite, well-formed logits (its classes rolled by one):
+    it decodes and passes every check but the content hash against the marker."""
+    arr = zarr.open_array(str(layout.store(0) / "train"), mode="r+")
+    arr[0] = np.roll(arr[0], 1, axis=-1)
+
+
+def test_trust_stores_and_the_memory_budget_reach_the_fitness_check_through_one_open(
+    project: ProjectPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.audit.fitness as fitness_mod
+
+    _plant(project, margin=3.0, wrong_fraction=0.1)
+    _alter_a_row(project)
+    seen: list[int] = []  # max_memory_bytes of the reader the fitness check reads, then whether it streamed
+    streamed: list[bool] = []
+    real_fitness = fitness_mod.teacher_fitness
+
+    def spy_fitness(targets, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(targets.max_memory_bytes)
+        f = real_fitness(targets, *args, **kwargs)
+        streamed.append(targets.streaming)
+        return f
+
+    opens: list[Path] = []
+    real_open = LogitStore.open.__func__  # type: ignore[attr-defined]
+
+    def spy_open(cls, path, **kwargs):  # type: ignore[no-untyped-def]
+        opens.append(Path(path))
+        return real_open(cls, path, **kwargs)
+
+    monkeypatch.setattr(fitness_mod, "teacher_fitness", spy_fitness)
+    monkeypatch.setattr(LogitStore, "open", classmethod(spy_open))
+    raw = tiny_params(train={**tiny_params()["train"], "memory_budget_mib": 0, "epochs": 1})
+    with pytest.raises(CorruptStoreError, match="content differs from its marker"):
+        train.run(ParamsFile(raw), project, 1)  # verified (the default): the hash finds the altered row
+    assert seen == [0] and streamed == []  # the budget (0: stream by chunk) reached the fitness check: it raised
+    seen.clear()
+    opens.clear()
+    m = train.run(ParamsFile(raw), project, 1, verify=False)  # --trust-stores: nothing hashes the store
+    assert seen == [0] and streamed == [True]
+    assert opens.count(project.store(0)) == 1  # one open of the teacher's store: sha, fitness and training
+    assert m["teacher_fitness"]["fit_accuracy"] == pytest.approx(0.9, abs=0.01)
+
+
+def test_trust_stores_reaches_the_fitness_in_inspect(project: ProjectPaths) -> None:
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    _plant(project, margin=3.0, wrong_fraction=0.1)
+    _alter_a_row(project)
+    params = project.root / "params.yaml"
+    params.write_text(json.dumps(tiny_params()))  # JSON is YAML
+    args = ["--params", str(params), "--root", str(project.root)]
+    r = CliRunner().invoke(main, [*args, "inspect", "--gen", "0"])
+    assert r.exit_code == 2 and "content differs from its marker" in r.output, r.output
+    r = CliRunner().invoke(main, [*args, "--trust-stores", "inspect", "--gen", "0"])
+    assert r.exit_code == 0, r.output  # neither the statistics nor the fitness re-hashed the store
+    m = json.loads((project.root / "inspect/gen-0/metrics.json").read_text())["fitness"]
+    assert m["fit_accuracy"] == pytest.approx(0.9, abs=0.01)

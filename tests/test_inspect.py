@@ -365,7 +365,7 @@ def test_cli_inspect_compare_convert(project) -> None:
     assert header == "class," + ",".join(str(i) for i in range(10))
 
     # The stage reads only the params section its dvc.yaml stage declares.
-    from stages import inspect as stage
+    from stages import audit as stage
 
     p = ParamsFile(tiny_params())
     stage.run(p, project, 1)

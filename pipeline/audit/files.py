@@ -18,8 +18,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipeline.audit.fitness import Fitness, fitness_warnings
 from pipeline.audit.statistics import VIEW, Agreement, Calibration, TargetStats
 from pipeline.core.files import atomic_path, write_json, write_text
+from pipeline.losses import label_free_losses
 from pipeline.params import InspectParams
 
 SUMMARY_NOISY_ROWS = 10  # likely-noisy samples shown in summary.md (noisy.csv lists up to max_listed)
@@ -84,8 +86,10 @@ def write_store_audit(
     stats: TargetStats,
     calib: Calibration,
     params: InspectParams,
+    fitness: Fitness | None = None,
 ) -> dict[str, Any]:
-    """Write metrics.json, the CSVs, figures/*.png and summary.md of one store into `out`; returns metrics."""
+    """Write metrics.json, the CSVs, figures/*.png and summary.md of one store into `out`; returns metrics.
+    `fitness` (the store as a teacher) joins metrics.json and ends summary.md, each file written once."""
     metrics = _finite(
         {
             "generation": gen,
@@ -95,11 +99,33 @@ def write_store_audit(
             "test": calib.metrics(),
         }
     )
+    summary_metrics = metrics
+    if fitness is not None:
+        metrics = {**metrics, "fitness": fitness.as_dict()}
     write_json(out / "metrics.json", metrics_only(metrics))
     sim, noisy = _write_audit_csvs(out, class_names, stats, calib)
     _write_audit_figures(out / "figures", f"generation {gen}, T = {params.temperature:g}", class_names, stats, calib)
-    write_text(out / "summary.md", _store_summary(gen, attrs, metrics, sim, class_names, noisy, params))
+    summary = _store_summary(gen, attrs, summary_metrics, sim, class_names, noisy, params)
+    if fitness is not None:
+        summary += _fitness_section(fitness, params.temperature)
+    write_text(out / "summary.md", summary)
     return metrics
+
+
+def _fitness_section(f: Fitness, t: float) -> str:
+    """summary.md's teacher-fitness section: judged for a label-free (ban) student, the strictest reader."""
+    label_free = ", ".join(label_free_losses())
+    notes = [f"- {w}" for w in fitness_warnings(f, "ban")] or [f"- fit for a label-free ({label_free}) student"]
+    lines = [
+        "",
+        "## Teacher fitness",
+        "",
+        f"Accuracy on its own fit rows (train minus validation, {f.rows} rows): {100 * f.fit_accuracy:.2f}%; "
+        f"mean entropy of p_T at T = {t:g}: {f.entropy_mean:.4f} nats.",
+        "",
+        *notes,
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _write_audit_csvs(

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache.reader import CachedTargets
+from pipeline.cache.reader import DEFAULT_MAX_MEMORY_BYTES, CachedTargets
 from pipeline.data.prepared import PreparedData
 from pipeline.losses import loss_spec, soften
 
@@ -58,10 +58,20 @@ def teacher_fitness(
 
 
 def store_fitness(
-    store: Path, fingerprint: str, y_train: np.ndarray, fit_index: np.ndarray, num_classes: int, temperature: float
+    store: Path,
+    fingerprint: str,
+    y_train: np.ndarray,
+    fit_index: np.ndarray,
+    num_classes: int,
+    temperature: float,
+    verify: bool = True,
+    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
 ) -> Fitness:
-    """`teacher_fitness` of the logit store at `store` (any layout)."""
-    targets = CachedTargets(store, "train", fingerprint, len(y_train), num_classes)
+    """`teacher_fitness` of the logit store at `store` (any layout), opened with the caller's `verify` (False:
+    a trusted store, not re-hashed) and memory budget, so that --trust-stores and the budget reach it."""
+    targets = CachedTargets(
+        store, "train", fingerprint, len(y_train), num_classes, max_memory_bytes=max_memory_bytes, verify=verify
+    )
     return teacher_fitness(targets, y_train, fit_index, temperature)
 
 
@@ -87,10 +97,14 @@ def fitness_warnings(f: Fitness, loss: str, teacher: int | None = None) -> list[
     return out
 
 
-def check_teacher(data: PreparedData, store: Path, loss: str, temperature: float, teacher: int) -> dict[str, Any]:
+def check_teacher(
+    data: PreparedData, targets: CachedTargets, loss: str, temperature: float, teacher: int
+) -> dict[str, Any]:
     """Fitness of the teacher store a student is about to learn from, with its warnings logged at WARNING
-    (shown by `bancache train`); returns both for the student's metrics and the report."""
-    f = store_fitness(store, data.fingerprint, data.y_train, data.fit_index(), data.num_classes, temperature)
+    (shown by `bancache train`); returns both for the student's metrics and the report. `targets` is the
+    student's own reader of the store (train split), so the store is opened, budgeted and verified once:
+    the arrays this loads (and hashes) are the ones training then reads."""
+    f = teacher_fitness(targets, data.y_train, data.fit_index(), temperature)
     warnings = fitness_warnings(f, loss, teacher)
     for w in warnings:
         log.warning("%s", w)

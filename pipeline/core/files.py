@@ -16,8 +16,19 @@ from typing import Any
 
 from pipeline.core.errors import DiskFullError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS shows it (Linux /proc), else set and put
+    back at once. Read when a file is written, not at import: importing this module has no side effect."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -31,7 +42,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result gets the mode a plain open() would
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the result gets the mode a plain open() would
     try:
         yield tmp
         with open(tmp, "rb+") as f:

@@ -40,6 +40,20 @@ class ProjectPaths:
         name = f"gen-{gen}" if against is None else f"gen-{gen}-vs-{against}"
         return self.root / "inspect" / name
 
+    def control_dir(self, gen: int) -> Path:
+        """Folder of control-K (labels only, generation K's seed, weights and batch order)."""
+        return self.root / "controls" / f"gen-{gen}"
+
+    def control_model(self, gen: int) -> Path:
+        return self.control_dir(gen) / "model.pt"
+
+    def control_logits(self, gen: int) -> Path:
+        """Control-K's test logits (float32, test rows in order): the report pairs them with BAN-K."""
+        return self.control_dir(gen) / "test_logits.npy"
+
+    def control_metrics(self, gen: int) -> Path:
+        return self.control_dir(gen) / "metrics.json"
+
     @property
     def ensemble_metrics(self) -> Path:
         return self.root / "metrics" / "ensemble.json"

@@ -28,6 +28,15 @@ def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(axis=-1) == y).mean()) if len(y) else float("nan")
 
 
+def predict_accuracy(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int, device: torch.device
+) -> tuple[np.ndarray, float]:
+    """Logits of `model` on rows `x` (`predict_logits`) and their accuracy against `y`: "predict the test
+    set, then accuracy", written once for training, the controls and the sweep."""
+    logits = predict_logits(model, x, batch_size, device)
+    return logits, accuracy(logits, y)
+
+
 @torch.no_grad()
 def device_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
     """`accuracy(predict_logits(model, x, batch_size, ...), y)` for inputs already on the model's device:

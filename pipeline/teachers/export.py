@@ -274,10 +274,15 @@ def _load_model(checkpoint: Path, data: PreparedData, device: torch.device) -> t
             f"{checkpoint}: trained on another dataset (fingerprint {meta['dataset_fingerprint'][:12]}..., "
             f"prepared data is {data.fingerprint[:12]}...). Retrain this generation on the prepared data"
         )
-    recipe = meta.get("recipe") or {}
-    if recipe.get("deterministic") and recipe.get("threads"):  # the thread count the generation trained with
-        torch.set_num_threads(recipe["threads"])
     return model_from_checkpoint(ckpt, checkpoint).to(device), meta
+
+
+def _use_recipe_threads(meta: dict[str, Any]) -> None:
+    """Run on the thread count the generation trained with (deterministic recipes): CPU float sums depend
+    on it. Called by export_logits itself, so that loading a model changes no process-wide setting."""
+    recipe = meta.get("recipe") or {}
+    if recipe.get("deterministic") and recipe.get("threads"):
+        torch.set_num_threads(recipe["threads"])
 
 
 def _write_error(e: OSError, out: Path) -> OSError:
@@ -334,6 +339,7 @@ def export_logits(
     first and seals it after a barrier. `write_ahead` = 0 writes each chunk before inferring the next;
     `on_rows(n)` is called after each chunk this process infers (progress display)."""
     model, meta = _load_model(checkpoint, data, device)
+    _use_recipe_threads(meta)
     spec = store_spec(data, params)
     attributes = _attributes(checkpoint, meta, data, params)
     tmp = _temporary_path(out, ctx)

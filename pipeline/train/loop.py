@@ -202,15 +202,11 @@ def _load_state(path: Path, key: str) -> dict[str, Any] | None:
     return state  # type: ignore[no-any-return]
 
 
-def _open_targets(
-    data: PreparedData, recipe: TrainParams, gen: int, gp: GenParams, teacher_store: Path | None, verify: bool
-) -> CachedTargets | None:
-    if not loss_spec(gp.loss).needs_teacher:
-        return None
-    if teacher_store is None:
-        raise ValueError(f"generation {gen}: loss {gp.loss!r} needs a teacher store")
-    targets = CachedTargets(
-        teacher_store,
+def open_teacher(data: PreparedData, recipe: TrainParams, store: Path, verify: bool) -> CachedTargets:
+    """The reader of a teacher store's train split within train.memory_budget_mib; `verify` False skips
+    hashing it (a trusted store)."""
+    return CachedTargets(
+        store,
         "train",
         data.fingerprint,
         len(data.y_train),
@@ -218,6 +214,25 @@ def _open_targets(
         max_memory_bytes=recipe.memory_budget_mib * MIB,
         verify=verify,
     )
+
+
+def _open_targets(
+    data: PreparedData,
+    recipe: TrainParams,
+    gen: int,
+    gp: GenParams,
+    teacher_store: Path | None,
+    verify: bool,
+    targets: CachedTargets | None = None,
+) -> CachedTargets | None:
+    """The teacher's reader: `targets` when the caller already opened it (one open per store per run),
+    else opened here."""
+    if not loss_spec(gp.loss).needs_teacher:
+        return None
+    if targets is None:
+        if teacher_store is None:
+            raise ValueError(f"generation {gen}: loss {gp.loss!r} needs a teacher store")
+        targets = open_teacher(data, recipe, teacher_store, verify)
     _check_targets(targets, gp, gen)
     return targets
 
@@ -283,6 +298,7 @@ def train_generation(
     ctx: DistContext = SINGLE_PROCESS,
     verify: bool = True,
     on_epoch: Callable[[EpochLog], None] | None = None,
+    targets: CachedTargets | None = None,
 ) -> TrainResult:
     """Train generation `gen` from scratch with seed recipe.seed + gen (or gp.seed).
 
@@ -290,12 +306,11 @@ def train_generation(
     saved by an interrupted run with the same `state_key` is resumed: on CPU in deterministic mode the
     result is bit-identical to an uninterrupted run. Under torchrun (`ctx.enabled`) the model is wrapped
     in DistributedDataParallel and each rank trains its DistributedSampler shard; rank 0 saves the state.
-    `verify` False skips hashing the teacher's store; `on_epoch` gets each epoch's log (progress display).
+    `verify` False: the teacher's store is not hashed; `targets`: its reader, if open; `on_epoch`: each epoch's log.
     """
-    seed = generation_seed(recipe, gen, gp)
-    device = resolve_device(recipe.device, ctx)
+    seed, device = generation_seed(recipe, gen, gp), resolve_device(recipe.device, ctx)
     gens = _generators(seed, recipe, device)
-    targets = _open_targets(data, recipe, gen, gp, teacher_store, verify)
+    targets = _open_targets(data, recipe, gen, gp, teacher_store, verify, targets)
     model = _build_model(data, recipe, gp, device)
     opts = step_options(recipe, data, device, gens[1])  # gens[1]: crops and flips, apart from shuffling
     if opts.channels_last:

@@ -1,7 +1,7 @@
 """Stage `inspect` (generation K): params inspect. Audits cache/gen-K into inspect/gen-K/; with `against`
 J, compares it with cache/gen-J into inspect/gen-K-vs-J/ (and, when every store of the chain exists, each
-consecutive pair of generations, which also reads params students). `convert` exports a store to HDF5 or
-npz and reads no params."""
+consecutive pair of generations, which also reads params students). Named `audit` so that it does not
+shadow the standard library's `inspect`; the command stays `bancache inspect`."""
 
 from __future__ import annotations
 
@@ -11,16 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.audit.files import metrics_only, write_comparison, write_store_audit
-from pipeline.audit.fitness import fitness_warnings, store_fitness
+from pipeline.audit.files import write_comparison, write_store_audit
+from pipeline.audit.fitness import Fitness, store_fitness
 from pipeline.audit.statistics import audit_store, compare_stores, open_checked
-from pipeline.cache.convert import convert_store
-from pipeline.cache.store import MARKER, LogitStore
-from pipeline.core.errors import ParamsError
-from pipeline.core.files import write_json, write_text
+from pipeline.cache.store import MARKER
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import DatasetLabels, open_labels
-from pipeline.losses import label_free_losses
 from pipeline.params import InspectParams, parse_section, student_keys
 from stages.common import ParamsFile
 from stages.progress import Progress
@@ -40,10 +36,11 @@ def run(
         store = open_checked(layout.store(gen), labels, verify)
         if against is None:
             stats, calib = audit_store(store, labels, p)
-            bar.update()  # the statistics (reads the store), then the files and figures
-            metrics = write_store_audit(out, gen, store.attrs, labels.class_names, stats, calib, p)
+            bar.update()  # the statistics (reads the store), then the fitness, files and figures
+            fitness = teacher_fitness_of(layout.store(gen), labels, p.temperature, verify)
+            metrics = write_store_audit(out, gen, store.attrs, labels.class_names, stats, calib, p, fitness)
             bar.update()
-            return add_fitness(out, metrics, layout.store(gen), labels, p.temperature)
+            return metrics
         ref = open_checked(layout.store(against), labels, verify)
         pair = compare_stores(store, ref, labels, p.temperature)
         bar.update()
@@ -54,28 +51,12 @@ def run(
         return metrics
 
 
-def add_fitness(out: Path, metrics: dict[str, Any], store: Path, labels: DatasetLabels, t: float) -> dict[str, Any]:
-    """Add the teacher fitness (accuracy on its own fit rows, mean entropy at inspect.temperature, which
-    should be the students' temperature) to metrics.json and summary.md."""
+def teacher_fitness_of(store: Path, labels: DatasetLabels, t: float, verify: bool = True) -> Fitness:
+    """The store's teacher fitness (accuracy on its own fit rows, mean entropy at inspect.temperature, which
+    should be the students' temperature); `verify` False (--trust-stores) skips hashing the store."""
     y = np.asarray(labels.train[:])
     fit = np.setdiff1d(np.arange(len(y)), labels.val_index if labels.val_index is not None else [])
-    f = store_fitness(store, labels.fingerprint, y, fit, len(labels.class_names), t)
-    metrics = {**metrics, "fitness": f.as_dict()}
-    write_json(out / "metrics.json", metrics_only(metrics))
-    label_free = ", ".join(label_free_losses())
-    notes = [f"- {w}" for w in fitness_warnings(f, "ban")] or [f"- fit for a label-free ({label_free}) student"]
-    lines = [
-        "",
-        "## Teacher fitness",
-        "",
-        f"Accuracy on its own fit rows (train minus validation, {f.rows} rows): {100 * f.fit_accuracy:.2f}%; "
-        f"mean entropy of p_T at T = {t:g}: {f.entropy_mean:.4f} nats.",
-        "",
-        *notes,
-    ]
-    summary = out / "summary.md"
-    write_text(summary, summary.read_text() + "\n".join(lines) + "\n")
-    return metrics
+    return store_fitness(store, labels.fingerprint, y, fit, len(labels.class_names), t, verify=verify)
 
 
 def _chain(
@@ -101,21 +82,3 @@ def _chain(
             row[f"kl_{split}"], row[f"agreement_{split}"] = m["kl_mean"], m["agreement"]
         rows.append(row)
     return rows
-
-
-def convert(layout: ProjectPaths, gen: int, fmt: str, out: str | Path, verify: bool = True) -> Path:
-    """Export cache/gen-K to `out` as HDF5 (`h5`) or numpy (`npz`), checked against its marker as it is
-    copied unless `verify` is False; `out` without an extension gets `.h5` / `.npz`, one with another
-    extension is refused."""
-    target = Path(out)
-    if target.suffix == "":
-        target = target.with_name(f"{target.name}.{fmt}")
-    elif target.suffix.lower() not in CONVERT_SUFFIXES[fmt]:
-        raise ParamsError(
-            f"--out {out}: the extension {target.suffix!r} does not match --format {fmt}; "
-            f"use {target.with_suffix('.' + fmt)} or --format {'npz' if fmt == 'h5' else 'h5'}"
-        )
-    return convert_store(LogitStore.open(layout.store(gen), verify=verify), target, fmt)
-
-
-CONVERT_SUFFIXES = {"h5": (".h5", ".hdf5"), "npz": (".npz",)}
