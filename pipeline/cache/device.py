@@ -56,7 +56,7 @@ class DeviceTargets:
     def __init__(self, source: CachedTargets, device: torch.device, rows: np.ndarray, all_views: bool) -> None:
         a = source.attrs
         self.path, self.attrs, self.format = source.path, a, source.format
-        self.recipe = a["augmentation"]
+        self.augmentation = a["augmentation"]
         self.default_view = source.view if all_views else 0  # index of the reader's view in the tensors
         views = slice(None) if all_views else slice(source.view, source.view + 1)
         self.tensors: dict[str, torch.Tensor] = {}
@@ -93,6 +93,6 @@ class DeviceTargets:
 
     def aug(self, rows: torch.Tensor, views: torch.Tensor) -> AugParams:
         """The stored crop/flip of each (row, view), on the device."""
-        assert self.recipe, "aug() needs a multi-view store with augmentation parameters"
+        assert self.augmentation, "aug() needs a multi-view store with augmentation parameters"
         tlf = self._get(AUG_ARRAY, rows, views).long()
-        return AugParams(tlf[:, 0], tlf[:, 1], tlf[:, 2].bool(), self.recipe["pad"], self.recipe["size"])
+        return AugParams(tlf[:, 0], tlf[:, 1], tlf[:, 2].bool(), self.augmentation["pad"], self.augmentation["size"])

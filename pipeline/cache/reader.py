@@ -252,8 +252,8 @@ class CachedTargets:
     def aug(self, index: torch.Tensor | np.ndarray, views: torch.Tensor | np.ndarray | None = None) -> AugParams:
         """The crop/flip each row's view was exported with (`pipeline.data.augment.apply_params` replays it)."""
         a = self.attrs
-        recipe = a["augmentation"]
-        if not recipe:
+        augmentation = a["augmentation"]
+        if not augmentation:
             raise ValueError(f"{self.path}: this store has one clean view and no augmentation parameters")
         if not has_aug(a, self.split):
             raise ValueError(
@@ -264,6 +264,6 @@ class CachedTargets:
         tlf = self._gather(f"{self.split}_{AUG_ARRAY}", idx, v).astype(np.int64)
         return AugParams.from_numpy(
             {"top": tlf[:, 0], "left": tlf[:, 1], "flip": tlf[:, 2].astype(bool)},
-            pad=recipe["pad"],
-            size=recipe["size"],
+            pad=augmentation["pad"],
+            size=augmentation["size"],
         )

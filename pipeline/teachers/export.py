@@ -113,17 +113,17 @@ def infer_chunk(
     model's part of a chunk's export). A split with one view is inferred on the clean images as they are."""
     rows = np.arange(start, start + len(x))
     views = spec.split_views[split]
-    recipe = spec.augmentation if views > 1 else None
+    augmentation = spec.augmentation if views > 1 else None
     per_view, aug = [], []
     for view in range(views):
         xv = x
-        if recipe is not None:
-            ap = view_params(params.seed, SPLIT_IDS[split], rows, view, recipe["pad"], recipe["size"])
+        if augmentation is not None:
+            ap = view_params(params.seed, SPLIT_IDS[split], rows, view, augmentation["pad"], augmentation["size"])
             xv = apply_params(torch.from_numpy(np.ascontiguousarray(x)), ap).numpy()
             aug.append(np.stack([ap.top.numpy(), ap.left.numpy(), ap.flip.numpy()], axis=1))
         per_view.append(predict_logits(model, xv, params.batch_size, device))
     logits = torch.from_numpy(np.stack(per_view, axis=1))  # (B, V, C) float32
-    return logits, (np.stack(aug, axis=1) if recipe is not None else None)
+    return logits, (np.stack(aug, axis=1) if augmentation is not None else None)
 
 
 def encode_chunk(
