@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -40,16 +42,42 @@ def spelled_out_tiny_params() -> dict:
     return raw
 
 
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
+def _new_repo(root: Path, raw: dict) -> Path:
+    """A git + DVC repo at `root` holding the project's dvc.yaml and `raw` as params.yaml."""
     if shutil.which("git") is None:
         pytest.skip("git not installed")
-    root = tmp_path / "repo"
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    (root / "params.yaml").write_text(yaml.safe_dump(spelled_out_tiny_params(), sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     _run(["git", "init", "-q"], root)
     _run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    return root
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One clean `dvc repro` of the spelled-out tiny params (3 students): its repo (read-only: copy it to
+    change anything), the repro's log and its wall time."""
+
+    root: Path
+    log: str
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
+    """The full chain, run once for the module: the tests that read a clean run share it."""
+    root = _new_repo(tmp_path_factory.mktemp("chain") / "repo", spelled_out_tiny_params())
+    t0 = time.perf_counter()
+    log = _run([sys.executable, "-m", "dvc", "repro"], root)
+    return Chain(root, log, time.perf_counter() - t0)
+
+
+@pytest.fixture
+def repo(chain: Chain, tmp_path: Path) -> Path:
+    """A copy of the clean chain's repo (outputs, dvc.lock and DVC cache included) that a test may change."""
+    root = tmp_path / "repo"
+    shutil.copytree(chain.root, root, symlinks=True)
     return root
 
 
@@ -58,8 +86,8 @@ def _stages_to_run(repo: Path) -> set[str]:
     return set(json.loads(out[out.index("{") :]))
 
 
-def test_dvc_repro_runs_the_chain_then_nothing(repo: Path) -> None:
-    log = _run([sys.executable, "-m", "dvc", "repro"], repo)
+def test_dvc_repro_runs_the_chain_then_nothing(chain: Chain, repo: Path) -> None:
+    log = chain.log
     for stage in ("prepare", "teacher", "export_teacher", "train@1", "export@3", "ensemble", "report", "compare@3"):
         assert f"Running stage '{stage}'" in log
     acc = json.loads((repo / "metrics/ensemble.json").read_text())["accuracy"]
@@ -100,25 +128,14 @@ def test_dvc_repro_runs_the_chain_then_nothing(repo: Path) -> None:
     assert _stages_to_run(clone) == set()
 
 
-def _fresh_repo(root: Path) -> Path:
-    root.mkdir()
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    _run(["git", "init", "-q"], root)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], root)
-    return root
-
-
-def test_killed_dvc_repro_then_repro_equals_clean_run(tmp_path: Path) -> None:
+def test_killed_dvc_repro_then_repro_equals_clean_run(chain: Chain, tmp_path: Path) -> None:
+    """The victim runs the clean chain's params from scratch, is killed in the students' stages, and a
+    rerun ends identical to the clean chain."""
     import random
     import signal
-    import time
 
-    clean = _fresh_repo(tmp_path / "clean")
-    t0 = time.perf_counter()
-    _run([sys.executable, "-m", "dvc", "repro"], clean)
-    total = time.perf_counter() - t0
-    victim = _fresh_repo(tmp_path / "victim")
+    clean, total = chain.root, chain.seconds
+    victim = _new_repo(tmp_path / "victim", spelled_out_tiny_params())
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.setdefault("OMP_NUM_THREADS", "1")  # as `_run` ran the clean chain: same threads, same floats
     proc = subprocess.Popen(
@@ -166,17 +183,12 @@ def test_dvc_repro_two_generation_image_chain(tmp_path: Path) -> None:
         x = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
         x[..., 0] = np.where(y[:, None, None] == 0, 255, x[..., 0])  # a learnable cue for class 0
         np.savez(raw_dir / f"{split}.npz", x=x, y=y.astype(np.int64), classes=classes)
-    root = tmp_path / "repo"
-    root.mkdir()
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     raw = tiny_params()
     raw["data"] = {"dataset": "npz", "root": str(raw_dir), "n_train": 45, "val_fraction": 0.2}
     raw["train"].update({"arch": "cnn3", "epochs": 2, "batch_size": 16})
     raw["students"] = {"1": {"teacher": 0, "loss": "ban"}}
     raw["controls"] = True  # dvc repro also trains control-1 and the report pairs it with BAN-1
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    _run(["git", "init", "-q"], root)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    root = _new_repo(tmp_path / "repo", raw)
     _run([sys.executable, "-m", "dvc", "repro"], root)
     acc = json.loads((root / "metrics/ensemble.json").read_text())["accuracy"]
     assert set(acc) == {"gen0", "gen1"}

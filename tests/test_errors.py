@@ -5,10 +5,12 @@ Each case is one row of docs/errors.md; regenerate that table with `python -m te
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import yaml
 import zarr
 from click.testing import CliRunner
 
+import pipeline.models.checkpoint
 from pipeline.cache.store import MARKER, LogitStore
 from pipeline.core.paths import ProjectPaths
 from stages.cli import main
@@ -90,12 +93,76 @@ class _Payload:
         return (print, ("this would run on load",))
 
 
+def _no_space(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@contextlib.contextmanager
+def _full_disk_in_export(_root: Path) -> Iterator[None]:
+    """Every write into the store runs out of room, as on a full disk."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LogitStore, "write", _no_space)
+        yield
+
+
+class _FullDiskFile:
+    """A file opened on a full disk: it opens, and every write fails with ENOSPC as the OS's would."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+
+    def __enter__(self) -> _FullDiskFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+    def write(self, data) -> int:
+        _no_space()
+        return 0
+
+
+@contextlib.contextmanager
+def _full_disk_for_checkpoints(_root: Path) -> Iterator[None]:
+    """The checkpoint and resume-state writes (`save_atomic`'s own open) run out of room; nothing else."""
+    real_open = open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return _FullDiskFile(f) if "w" in mode else f
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline.models.checkpoint, "open", full_open, raising=False)
+        yield
+
+
+@contextlib.contextmanager
+def _read_only_cache(root: Path) -> Iterator[None]:
+    """cache/ without write permission; root ignores permission bits, so there the store's creation fails
+    as the OS fails it for anyone else (as in tests/test_faults.py::test_export_into_a_read_only_cache_dir)."""
+
+    def denied(path, *_args, **_kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    cache = ProjectPaths(root).store(0).parent
+    cache.chmod(0o555)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            if os.geteuid() == 0:
+                mp.setattr(LogitStore, "create", denied)
+            yield
+    finally:
+        cache.chmod(0o755)
+
+
 @dataclass
 class Case:
     what: str
     setup: Callable[[Path], None]
     args: tuple[str, ...]
     expect: str
+    # A fault of the machine (full disk, no permission) held while the command runs: the real error path
+    fault: Callable[[Path], contextlib.AbstractContextManager[None]] = lambda _root: contextlib.nullcontext()
 
 
 CASES = [
@@ -320,12 +387,34 @@ CASES = [
         ("report",),
         "names an unknown result column 'gen1x'; known columns: gen{g}, ens{k}",
     ),
+    Case(
+        "disk full during export",
+        lambda r: None,
+        ("-q", "export-logits", "--gen", "0"),  # -q: the error is the only line (no progress line before it)
+        "no space left on the device while exporting",
+        _full_disk_in_export,
+    ),
+    Case(
+        "disk full while writing a checkpoint or resume state",
+        lambda r: None,
+        ("-q", "train", "--gen", "0"),
+        ".bancache/state/gen-0.pt: no space left on the device while writing it (No space left on device)",
+        _full_disk_for_checkpoints,
+    ),
+    Case(
+        "export into a read-only cache directory",
+        lambda r: None,
+        ("-q", "export-logits", "--gen", "0"),
+        "cannot write the store there (Permission denied); make the directory writable (chmod u+w)",
+        _read_only_cache,
+    ),
 ]
 
 
 def run_case(case: Case, root: Path):
     case.setup(root)
-    return CliRunner().invoke(main, ["--params", str(root / "params.yaml"), "--root", str(root), *case.args])
+    with case.fault(root):
+        return CliRunner().invoke(main, ["--params", str(root / "params.yaml"), "--root", str(root), *case.args])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
@@ -334,28 +423,14 @@ def test_bad_input_gets_a_clear_error(case: Case, exported_root: Path, tmp_path:
         pytest.skip("a GPU is visible")
     root = tmp_path / "p"
     shutil.copytree(exported_root, root)
-    before = {p: p.read_bytes() for p in (root / "cache").rglob("*") if p.is_file()} if case.args[0] != "train" else {}
+    command = next(a for a in case.args if not a.startswith("-"))  # the subcommand, after the global options
+    before = {p: p.read_bytes() for p in (root / "cache").rglob("*") if p.is_file()} if command != "train" else {}
     r = run_case(case, root)
     assert r.exit_code == 2, r.output
     assert case.expect in r.output
     assert r.output.startswith("bancache: error: ") and "Traceback" not in r.output
-    if case.args[0] == "export-logits":  # a refused export leaves the existing store as it was
+    if command == "export-logits":  # a refused export leaves the existing store as it was
         assert {p: p.read_bytes() for p in (root / "cache").rglob("*") if p.is_file()} == before
-
-
-def test_full_disk_during_export_via_cli(exported_root: Path, tmp_path: Path, monkeypatch) -> None:
-    root = tmp_path / "p"
-    shutil.copytree(exported_root, root)
-
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(LogitStore, "write", full)
-    r = CliRunner().invoke(
-        main, ["--params", str(root / "params.yaml"), "--root", str(root), "export-logits", "--gen", "0"]
-    )
-    assert r.exit_code == 2 and "no space left on the device while exporting" in r.output
-    LogitStore.open(ProjectPaths(root).store(0)).verify()
 
 
 def main_table(out: Path = Path("docs/errors.md")) -> None:
@@ -378,21 +453,6 @@ def main_table(out: Path = Path("docs/errors.md")) -> None:
             shutil.copytree(base, root)
             msg = run_case(case, root).output.strip().replace("|", "\\|").replace("\n", " ")
             rows.append(f"| {case.what} | `bancache {' '.join(case.args)}` | {msg} |")
-        rows.append(
-            "| disk full during export | `bancache export-logits --gen 0` | bancache: error: cache/gen-0: no "
-            "space left on the device while exporting; free space under cache and rerun `bancache "
-            "export-logits`. The previous store at cache/gen-0, if any, is untouched |"
-        )
-        rows.append(  # tests/test_faults.py::test_full_disk_while_writing_the_checkpoint_is_a_one_line_error
-            "| disk full while writing a checkpoint or resume state | `bancache train --gen 0` | bancache: error: "
-            ".bancache/state/gen-0.pt: no space left on the device while writing it (No space left on device); "
-            "free space under .bancache/state and rerun (the previous gen-0.pt, if any, is untouched) |"
-        )
-        rows.append(  # tests/test_faults.py::test_export_into_a_read_only_cache_dir
-            "| export into a read-only cache directory | `bancache export-logits --gen 0` | bancache: error: cache: "
-            "cannot write the store there (Permission denied); make the directory writable (chmod u+w) or run "
-            "from a project root you can write to. The previous store at cache/gen-0, if any, is untouched |"
-        )
     head = (
         "# Errors a user can hit\n\nEvery row is a test in `tests/test_errors.py` (regenerate with "
         "`python -m tests.test_errors`). Paths are shown relative to a temporary project.\n\n"

@@ -150,9 +150,29 @@ def test_student_refuses_a_missing_teacher_store(project: ProjectPaths) -> None:
         train.run(ParamsFile(tiny_params()), project, 1)
 
 
-def test_best_val_selection_uses_validation_not_test(project: ProjectPaths) -> None:
+def test_best_val_selection_uses_validation_not_test(project: ProjectPaths, monkeypatch) -> None:
+    """select: best_val keeps the weights of the epoch with the highest validation accuracy: at lr 0.05 the
+    tiny run's best epoch (3 of 4) is not its last, so a run that ignored `select` would keep other weights."""
+    from pipeline.train import loop as lib
+
     raw = tiny_params()
-    raw["train"] = {**raw["train"], "select": "best_val", "epochs": 3}
+    raw["train"] = {**raw["train"], "select": "best_val", "epochs": 4, "lr": 0.05}
+    after_epoch = []  # the model's weights after each epoch (validation does not change them)
+    real_epoch = lib.train_one_epoch
+
+    def epoch_spy(model, *args, **kw):
+        loss = real_epoch(model, *args, **kw)
+        after_epoch.append({k: v.clone() for k, v in model.state_dict().items()})
+        return loss
+
+    monkeypatch.setattr(lib, "train_one_epoch", epoch_spy)
     m = train.run(ParamsFile(raw), project, 0)
-    assert 1 <= m["selected_epoch"] <= 3
-    assert load_checkpoint(project.model(0))["meta"]["selected_epoch"] == m["selected_epoch"]
+    val = [float(row.split(",")[2]) for row in project.train_plot(0).read_text().splitlines()[1:]]
+    best = 1 + val.index(max(val))  # the first epoch reaching the highest validation accuracy
+    assert len(val) == len(after_epoch) == 4 and best != 4, f"the test needs a best epoch before the last: {val}"
+    assert m["selected_epoch"] == best
+    ckpt = load_checkpoint(project.model(0))
+    assert ckpt["meta"]["selected_epoch"] == best
+    for k, v in ckpt["state_dict"].items():
+        torch.testing.assert_close(v, after_epoch[best - 1][k], rtol=0, atol=0)
+    assert any(not torch.equal(v, after_epoch[-1][k]) for k, v in ckpt["state_dict"].items())
