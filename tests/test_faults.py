@@ -194,7 +194,7 @@ def test_sigkill_training_at_random_points(kill_project: tuple[ProjectPaths, Pro
     _run_cli(ref.root, "train", "--gen", "1")  # clean, uninterrupted reference
     steps = 6 * -(-360 // 64)  # epochs x batches of the tiny config
     rng = random.Random(1)
-    points = [(("pipeline.train.loop", "ban_loss"), n) for n in sorted(rng.sample(range(1, steps + 1), 4))]
+    points = [(("pipeline.losses", "ban_loss"), n) for n in sorted(rng.sample(range(1, steps + 1), 4))]
     points += [(("pipeline.models.checkpoint", "atomic_path"), 1)]  # while the final checkpoint is being written
     for where, n in points:
         before = victim.model(1).read_bytes() if victim.model(1).exists() else None
