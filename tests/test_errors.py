@@ -265,7 +265,7 @@ CASES = [
         "checkpoint truncated",
         lambda r: ProjectPaths(r).model(0).write_bytes(ProjectPaths(r).model(0).read_bytes()[:300]),
         ("export-logits", "--gen", "0"),
-        "not a readable checkpoint",
+        "truncated or not a bancache checkpoint",
     ),
     Case(
         "teacher store missing",
