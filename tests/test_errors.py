@@ -188,6 +188,13 @@ CASES = [
         "train.warmup_epochs = 2: must be below epochs (2)",
     ),
     Case(
+        "a torchvision model's own name as arch",
+        lambda r: _set(r, "train.arch", "resnet18"),
+        ("validate",),
+        "depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got 18. For torchvision's resnet18, write "
+        "'tv_resnet18'",
+    ),
+    Case(
         "temperature <= 0",
         lambda r: _set(r, "students.1.temperature", 0),
         ("train", "--gen", "1"),
