@@ -188,13 +188,6 @@ CASES = [
         "train.warmup_epochs = 2: must be below epochs (2)",
     ),
     Case(
-        "a torchvision model's own name as arch",
-        lambda r: _set(r, "train.arch", "resnet18"),
-        ("validate",),
-        "depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got 18. For torchvision's resnet18, write "
-        "'tv_resnet18'",
-    ),
-    Case(
         "temperature <= 0",
         lambda r: _set(r, "students.1.temperature", 0),
         ("train", "--gen", "1"),
@@ -414,6 +407,13 @@ CASES = [
         ("-q", "export-logits", "--gen", "0"),
         "cannot write the store there (Permission denied); make the directory writable (chmod u+w)",
         _read_only_cache,
+    ),
+    Case(
+        "a torchvision model's own name as arch",
+        lambda r: _set(r, "train.arch", "resnet18"),
+        ("validate",),
+        "depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got 18. For torchvision's resnet18, write "
+        "'tv_resnet18'",
     ),
 ]
 

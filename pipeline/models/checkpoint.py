@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: checkpoint not found. Run `bancache train` for this generation first")
+    if not zipfile.is_zipfile(p):  # torch.save's archive ends with its directory: a cut file has none
+        raise CheckpointError(
+            f"{p}: truncated or not a bancache checkpoint (not a complete zip archive, {p.stat().st_size} bytes); "
+            "retrain or restore it"
+        )
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
