@@ -6,7 +6,8 @@ light (pipeline.train.loop and pipeline.teachers.export are the modules behind t
     prepare_data(path, *, params=DataParams(...)) -> PreparedData
     train_model(data, *, gen, recipe=TrainParams(...), generation=GenParams(...), teacher_store=None, out=None)
     export_store(checkpoint, data, out, *, params=ExportParams(...), device="auto") -> store attributes
-    open_targets(store, split="train", *, data=None, view=0) -> CachedTargets (.rows, .target)
+    open_targets(store, split="train", *, data=None, view=0) -> CachedTargets (len, .rows, .target)
+    load_model(checkpoint) -> the trained nn.Module (eval mode); load_checkpoint(path) -> its dict and meta
     load_prepared(path), LogitStore, losses: ban_loss, kd_loss, generation_loss, ...
 """
 
@@ -22,6 +23,9 @@ _EXPORTS = {
     "train_model": "pipeline.api",
     "export_store": "pipeline.api",
     "open_targets": "pipeline.api",
+    "load_model": "pipeline.api",
+    "load_checkpoint": "pipeline.models.checkpoint",
+    "model_from_checkpoint": "pipeline.models.checkpoint",
     "load_prepared": "pipeline.data.prepared",
     "PreparedData": "pipeline.data.prepared",
     "CachedTargets": "pipeline.cache.reader",

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from pipeline.cache.reader import CachedTargets
 from pipeline.data.prepared import MNIST1D_CLASSES, PreparedData, load_prepared, make_mnist1d, write_prepared
 from pipeline.losses import loss_spec
@@ -104,6 +106,15 @@ def export_store(
 
     p = _checked(ExportParams, "export", params)
     return export_logits(Path(checkpoint), _data(data), Path(out), p, resolve_device(device))
+
+
+def load_model(checkpoint: PathLike) -> torch.nn.Module:
+    """The network saved by `train_model(..., out=)` (or `bancache train`), rebuilt from the architecture its
+    checkpoint records, with its weights, in eval mode. A missing, truncated or foreign file raises
+    `CheckpointError`; `load_checkpoint(path)["meta"]` gives the provenance (arch, generation, seed, ...)."""
+    from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint
+
+    return model_from_checkpoint(load_checkpoint(checkpoint), checkpoint).eval()
 
 
 def open_targets(

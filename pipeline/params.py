@@ -1,18 +1,21 @@
 """Typed, validated params: one frozen dataclass per params.yaml section.
 
 Validation happens on load, before any work starts: an unknown key, a wrong type or an out-of-range value
-raises `ParamsError` naming the key, the value and what is allowed.
+raises `ParamsError` naming the key, the value and what is allowed. The dataclasses check themselves when
+constructed (`__post_init__`), so `TrainParams(lr="fast")` in a script fails there, naming `train.lr`, and
+not later inside training; `dataclasses.replace` builds a new object and so checks it too.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from pipeline.cache.formats import LAYOUTS
 from pipeline.core.errors import ParamsError
@@ -27,6 +30,10 @@ DTYPES = ("float16", "float32")
 VIEW_POLICIES = ("clean", "cycle", "random")
 
 T = TypeVar("T")
+
+# The params section being parsed (`students.2`), named in the messages of the object built meanwhile; an
+# object constructed directly names its class's SECTION instead.
+_SECTION: contextvars.ContextVar[str | None] = contextvars.ContextVar("bancache_params_section", default=None)
 
 
 def _type_name(tp: Any) -> str:
@@ -71,12 +78,39 @@ def parse_section(cls: type[T], section: str, raw: Any) -> T:
     unknown = sorted(set(raw) - set(names))
     if unknown:
         raise ParamsError(f"{section}.{unknown[0]}: unknown key. Allowed keys in '{section}': {', '.join(names)}")
-    values = {k: _check_type(f"{section}.{k}", v, hints[k]) for k, v in raw.items()}
-    obj = cls(**values)
-    check = getattr(obj, "check", None)
-    if check is not None:
-        check(section)
-    return obj
+    values = {k: _check_type(f"{section}.{k}", v, hints[k]) for k, v in raw.items()}  # in the file's order
+    token = _SECTION.set(section)
+    try:
+        return cls(**values)  # __post_init__ checks the whole object once, naming `section`
+    finally:
+        _SECTION.reset(token)
+
+
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """The resolved type of each field of dataclass `cls` (resolved once per class)."""
+    if cls not in _FIELD_TYPES:
+        hints = typing.get_type_hints(cls)
+        _FIELD_TYPES[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return _FIELD_TYPES[cls]
+
+
+class Checked:
+    """Base of the section dataclasses: every field's type (int -> float coerced) and the section's
+    `check` run on construction, so no object of an invalid section exists, whoever builds it."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        section = _SECTION.get() or self.SECTION
+        for name, tp in _field_types(type(self)).items():
+            object.__setattr__(self, name, _check_type(f"{section}.{name}", getattr(self, name), tp))
+        self.check(section)
+
+    def check(self, section: str) -> None:
+        """Range and choice checks of the section, messages naming `section`; none by default."""
 
 
 def _one_of(where: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -95,7 +129,11 @@ def _range(where: str, value: float, lo: float, hi: float | None, lo_open: bool 
 def _check_arch(where: str, arch: str) -> None:
     import torch
 
-    from pipeline.models.registry import ARCHS, lookup
+    from pipeline.models.registry import ARCHS, lookup, torchvision_alias
+
+    def hint() -> str:  # only on the error path: it imports torchvision.models
+        alias = torchvision_alias(arch)
+        return f". For torchvision's {arch}, write {alias!r}" if alias else ""
 
     found = lookup(arch)
     if found is not None and arch not in ARCHS:
@@ -103,17 +141,19 @@ def _check_arch(where: str, arch: str) -> None:
             with torch.device("meta"):
                 found((3, 32, 32), 10)
         except ValueError as e:
-            raise ParamsError(f"{where} = {arch!r}: {e}") from None
+            raise ParamsError(f"{where} = {arch!r}: {e}{hint()}") from None
     if found is None:
         raise ParamsError(
-            f"{where} = {arch!r}: unknown architecture. Registered: {', '.join(sorted(ARCHS))}; "
+            f"{where} = {arch!r}: unknown architecture{hint()}. Registered: {', '.join(sorted(ARCHS))}; "
             f"parametric: resnet{{d}}, preresnet{{d}}, wrn{{d}}_{{k}}[_drop{{p}}], densenet_bc{{d}}_{{k}}, tv_{{name}}"
         )
 
 
 @dataclass(frozen=True)
-class DataParams:
+class DataParams(Checked):
     """Section `data`: which dataset `prepare` writes, and the validation split carved from train."""
+
+    SECTION = "data"
 
     dataset: str = "mnist1d"
     num_samples: int = 5000  # MNIST-1D train + test rows (its default); 80% go to train
@@ -134,9 +174,11 @@ class DataParams:
 
 
 @dataclass(frozen=True)
-class TrainParams:
+class TrainParams(Checked):
     """Section `train`: the recipe every generation shares (the paper gives each student the
     teacher's schedule)."""
+
+    SECTION = "train"
 
     arch: str = "cnn1d"
     epochs: int = 60
@@ -192,8 +234,10 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
-class GenParams:
+class GenParams(Checked):
     """Sections `gen0` and `students.K`: what generation K learns from and how."""
+
+    SECTION = "students.K"
 
     loss: str = "ban"
     teacher: int | None = None  # generation whose cached logits are the targets
@@ -215,8 +259,10 @@ class GenParams:
 
 
 @dataclass(frozen=True)
-class ExportParams:
+class ExportParams(Checked):
     """Section `export`: how logits are written to the store."""
+
+    SECTION = "export"
 
     dtype: str = "float16"
     chunk_rows: int = 1024  # rows per zarr chunk along N
@@ -243,8 +289,10 @@ class ExportParams:
 
 
 @dataclass(frozen=True)
-class LaunchParams:
+class LaunchParams(Checked):
     """Section `launch`: how `train` and `export-logits` run: one process, or torchrun workers."""
+
+    SECTION = "launch"
 
     nproc_per_node: int = 1  # > 1: the command re-launches itself under torchrun with this many workers
     nnodes: int = 1  # > 1: multi-node; every node runs the same command and meets at rdzv_endpoint
@@ -260,8 +308,10 @@ class LaunchParams:
 
 
 @dataclass(frozen=True)
-class InspectParams:
+class InspectParams(Checked):
     """Section `inspect`: how `bancache inspect` reads a store."""
+
+    SECTION = "inspect"
 
     temperature: float = 1.0  # softening of the raw logits before every statistic
     ece_bins: int = 15  # equal-width confidence bins of the ECE and the reliability diagram

@@ -34,8 +34,9 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Ctx:
-    def __init__(self, params: str, root: str, trust_stores: bool = False) -> None:
-        self.params_path = params
+    def __init__(self, params: str | None, root: str, trust_stores: bool = False) -> None:
+        # Without --params the project's own file: ROOT/params.yaml ("params.yaml" for the default root)
+        self.params_path = params if params is not None else str(Path(root) / "params.yaml")
         self.layout = ProjectPaths(Path(root))
         self.verify = not trust_stores
 
@@ -51,23 +52,58 @@ class Ctx:
 
 
 VERBOSITY = {"-v": 1, "--verbose": 1, "-vv": 2, "-vvv": 3, "-q": -1, "--quiet": -1}
+GLOBAL_FLAGS = {*VERBOSITY, "--trust-stores"}
+GLOBAL_VALUES = ("--params", "--root")  # options of the group that take a value
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """`args` with the group's own options moved in front, wherever they were given (`bancache validate
+    --params x`, `bancache train --gen 1 -v`): no subcommand has an option of these names, so each can only
+    mean the group's. Everything after `--` stays where it is."""
+    end = args.index("--") if "--" in args else len(args)
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < end:
+        a = args[i]
+        if a in GLOBAL_FLAGS or a.startswith(tuple(f"{o}=" for o in GLOBAL_VALUES)):
+            front.append(a)
+        elif a in GLOBAL_VALUES and i + 1 < end:
+            front += args[i : i + 2]
+            i += 1
+        else:
+            rest.append(a)
+        i += 1
+    return front + rest + args[end:]
 
 
 class Group(click.Group):
-    """A click group that also accepts the global -v/-q after the subcommand (`bancache train --gen 1 -v`)."""
+    """A click group whose options (--params, --root, --trust-stores, -v/-q) also work after the subcommand."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        end = args.index("--") if "--" in args else len(args)
-        flags = [a for a in args[:end] if a in VERBOSITY]
-        rest = [a for a in args[:end] if a not in VERBOSITY] + args[end:]
-        return super().parse_args(ctx, flags + rest)
+        return super().parse_args(ctx, hoist_global_options(args))
+
+
+class ConsoleFormatter(logging.Formatter):
+    """`warning: <message>` (and `error:`) for what a user must read, as the CLI's own `bancache: error:`
+    lines; the time and logger name only on the -v/-vv detail lines, where they help to follow a run."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {record.getMessage()}"
+        return super().format(record)
 
 
 @click.group(cls=Group)
 @click.version_option(__version__, "--version", prog_name="bancache")
-@click.option("--params", default="params.yaml", show_default=True, help="params file")
+@click.option("--params", default=None, help="params file  [default: ROOT/params.yaml]")
 @click.option("--root", default=".", show_default=True, help="project root holding data/, models/, cache/")
-@click.option("-v", "--verbose", count=True, help="more log lines (-vv: debug); also after the subcommand")
+@click.option(
+    "-v", "--verbose", count=True, help="more log lines (-vv: debug); these options also go after the subcommand"
+)
 @click.option("-q", "--quiet", count=True, help="no progress bar or per-epoch lines, warnings and errors only")
 @click.option(
     "--trust-stores",
@@ -76,10 +112,12 @@ class Group(click.Group):
     "(files you trust; saves the verification cost measured in benchmarks/verify.py)",
 )
 @click.pass_context
-def main(ctx: click.Context, params: str, root: str, verbose: int, quiet: int, trust_stores: bool) -> None:
+def main(ctx: click.Context, params: str | None, root: str, verbose: int, quiet: int, trust_stores: bool) -> None:
     """bancache: Born-Again Networks with an offline logit cache."""
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=logging.ERROR if quiet else level, format="%(asctime)s %(name)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(ConsoleFormatter())
+    logging.basicConfig(level=logging.ERROR if quiet else level, handlers=[handler])
     ctx.with_resource(progress.quiet_output(bool(quiet)))  # for this invocation only
     ctx.obj = Ctx(params, root, trust_stores)
 
@@ -171,10 +209,11 @@ def ensemble(obj: Ctx) -> None:
 @click.pass_obj
 @_user_errors
 def report(obj: Ctx) -> None:
-    """Write reports/report.md, a table in the shape of the BAN paper's Table 2."""
+    """Write reports/report.md, a table in the shape of the BAN paper's Table 2 (printed: where, and its
+    headline numbers)."""
     from stages import report as stage
 
-    click.echo(stage.run(obj.layout))
+    click.echo(stage.headline(obj.layout, stage.run(obj.layout)))
 
 
 @main.command()

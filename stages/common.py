@@ -39,7 +39,10 @@ class ParamsFile:
     def load(cls, path: str | os.PathLike[str]) -> ParamsFile:
         p = Path(path)
         if not p.exists():
-            raise ParamsError(f"{p}: params file not found. Run bancache from the project root or pass --params")
+            raise ParamsError(
+                f"{p}: params file not found. Run bancache from the project root, or pass --root PROJECT "
+                "or --params FILE"
+            )
         try:
             raw = load_yaml(p.read_text()) or {}
         except YAMLError as e:

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.audit.fitness import split_warning
 from pipeline.cache.store import LogitStore
 from pipeline.core.files import write_text
 from pipeline.core.paths import ProjectPaths
@@ -40,6 +41,19 @@ def run(layout: ProjectPaths) -> str:
     return text
 
 
+def headline(layout: ProjectPaths, text: str) -> str:
+    """One line for the console (the report itself is in the file): where it is, the teacher, the last
+    student and the last Ens*k of its table, and how many teacher-fitness flags it holds."""
+    columns = chain_columns(json.loads(layout.ensemble_metrics.read_text()))
+    gens = [c for c in columns if isinstance(c, Generation)]
+    ens = [c for c in columns if isinstance(c, Ensemble)]
+    picks = [gens[0]] + gens[1:][-1:] + ens[-1:]
+    numbers = ", ".join(f"{c.label} {100 * columns[c]:.2f}" for c in picks)
+    _, _, flagged = text.partition("## Teacher fitness flags")
+    flags = sum(line.startswith("- **generation") for line in flagged.splitlines())
+    return f"wrote {layout.report}: test acc % {numbers}" + (f"; {flags} teacher-fitness flags" if flags else "")
+
+
 def controls_section(layout: ProjectPaths, metrics: dict[str, Any], gens: list[int]) -> list[str]:
     """The paired table of this run (one seed) when controls/gen-K/test_logits.npy exist for its students."""
     logits = {}
@@ -56,13 +70,20 @@ def controls_section(layout: ProjectPaths, metrics: dict[str, Any], gens: list[i
 
 
 def fitness_flags(layout: ProjectPaths, gens: list[int]) -> list[str]:
-    """The teacher-fitness warnings each student's training recorded (metrics/train/gen-K.json)."""
-    flags = []
+    """The teacher-fitness warnings each student's training recorded (metrics/train/gen-K.json), each
+    advice in full once: a chain of near one-hot teachers gets the same advice for every student, and
+    repeating it buried the numbers that differ, so later students give their finding and point back."""
+    flags, first = [], {}  # advice -> the generation it was given in full for
     for g in gens[1:]:
         path = layout.train_metrics(g)
         fitness = json.loads(path.read_text()).get("teacher_fitness") if path.exists() else None
         for w in (fitness or {}).get("warnings", []):
-            flags.append(f"- **generation {g}**: {w}")
+            finding, advice = split_warning(w)
+            if advice in first:
+                flags.append(f"- **generation {g}**: {finding}; the same advice as for generation {first[advice]}")
+            else:
+                first[advice] = g
+                flags.append(f"- **generation {g}**: {w}")
     return ["", "## Teacher fitness flags", "", *flags] if flags else []
 
 

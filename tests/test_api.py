@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import pipeline
 
@@ -57,7 +58,101 @@ def test_target_takes_views_and_temperature_by_keyword_only(exported_root: Path)
     targets = pipeline.open_targets(exported_root / "cache/gen-0", "train")
     with pytest.raises(TypeError):
         targets.target([0, 1], 1.0)  # would have read 1.0 as the views
-    assert targets.target([0, 1], temperature=2.0).shape == (2, 10)
+    assert targets.target([0, 1], temperature=2.0).p.shape == (2, 10)
+
+
+def test_target_is_p_at_its_temperature_for_every_layout(exported_root: Path, tmp_path: Path) -> None:
+    """One meaning per call: target() is p_T for a dense store too (it returned raw logits whatever T),
+    equal to what the losses make of the raw logits; a top-k store with every class gives the same p_T."""
+    from pipeline.losses import Probs, ban_loss, soften
+
+    dense = pipeline.open_targets(exported_root / "cache/gen-0", "train")
+    pipeline.export_store(
+        exported_root / "models/gen-0/model.pt",
+        exported_root / "data/dataset.h5",
+        tmp_path / "topk",
+        params=pipeline.ExportParams(layout="topk", topk=10, dtype="float16", device="cpu"),
+        device="cpu",
+    )
+    full = pipeline.open_targets(tmp_path / "topk", "train")
+    index = np.array([7, 0, 3, 3])
+    logits = dense.rows(index)
+    student = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    for temperature in (1.0, 2.0, 4.0):
+        p = dense.target(index, temperature=temperature)
+        assert isinstance(p, Probs) and torch.equal(p.p, torch.softmax(logits / temperature, dim=-1))
+        assert torch.equal(ban_loss(student, p, temperature), ban_loss(student, logits, temperature))
+        assert torch.equal(full.target(index, temperature=temperature).p, soften(logits, temperature))
+    assert not torch.equal(dense.target(index, temperature=1.0).p, dense.target(index, temperature=4.0).p)
+
+
+def test_len_of_cached_targets_is_its_split(exported_root: Path) -> None:
+    data = pipeline.load_prepared(exported_root / "data/dataset.h5")
+    for split, (_, y) in (("train", (data.x_train, data.y_train)), ("test", (data.x_test, data.y_test))):
+        assert len(pipeline.open_targets(exported_root / "cache/gen-0", split, data=data)) == len(y)
+    assert len(data.y_train) != len(data.y_test)  # so the two lengths tell the splits apart
+
+
+def test_params_dataclasses_validate_when_constructed() -> None:
+    import dataclasses
+
+    from pipeline.core.errors import ParamsError
+
+    with pytest.raises(ParamsError, match=r"^train\.lr = 'fast': expected float$"):
+        pipeline.TrainParams(lr="fast")
+    with pytest.raises(ParamsError, match=r"^train\.lr = -1\.0: must be > 0\.0$"):
+        pipeline.TrainParams(lr=-1.0)
+    with pytest.raises(ParamsError, match=r"^export\.layout = 'zip'"):
+        pipeline.ExportParams(layout="zip")
+    with pytest.raises(ParamsError, match=r"^data\.val_fraction = 0\.95"):
+        pipeline.DataParams(val_fraction=0.95)
+    with pytest.raises(ParamsError, match=r"^train\.epochs = 0"):
+        dataclasses.replace(pipeline.TrainParams(), epochs=0)
+    assert pipeline.TrainParams(lr=1).lr == 1.0 and isinstance(pipeline.TrainParams(lr=1).lr, float)
+    assert dataclasses.replace(pipeline.TrainParams(), epochs=3).epochs == 3
+    control = pipeline.GenParams(loss="ce", teacher=None, seed=5)  # what control_params builds
+    assert (control.loss, control.teacher) == ("ce", None)
+
+
+def test_load_model_rebuilds_the_trained_network(exported_root: Path, tmp_path: Path) -> None:
+    from pipeline.core.errors import CheckpointError
+
+    path = exported_root / "models/gen-0/model.pt"
+    model = pipeline.load_model(path)
+    assert not model.training
+    data = pipeline.load_prepared(exported_root / "data/dataset.h5")
+    x = torch.as_tensor(data.x_test[:50]).float()
+    with torch.no_grad():
+        got = model(x)
+    stored = pipeline.open_targets(exported_root / "cache/gen-0", "test").rows(np.arange(50))
+    # the store holds this model's logits in float16, shifted by each row's max (export's `logit_shift`)
+    torch.testing.assert_close(got - got.max(1, keepdim=True).values, stored, atol=2e-2, rtol=1e-3)
+    meta = pipeline.load_checkpoint(path)["meta"]
+    assert meta["arch"] == "cnn1d" and meta["generation"] == 0
+    assert (
+        pipeline.model_from_checkpoint(pipeline.load_checkpoint(path)).state_dict().keys() == model.state_dict().keys()
+    )
+    raw = path.read_bytes()
+    for cut in (0, 1, 300, len(raw) // 2, len(raw) - 1):
+        bad = tmp_path / f"cut-{cut}.pt"
+        bad.write_bytes(raw[:cut])
+        with pytest.raises(
+            CheckpointError, match=r"truncated or not a bancache checkpoint \(.+\); retrain or restore it"
+        ):
+            pipeline.load_model(bad)
+
+
+def test_readme_own_architecture_example_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    from pipeline.models import registry
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(registry, "ARCHS", dict(registry.ARCHS))  # the example's name stays in this test
+    exec(compile(readme_example("your own architecture"), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "Linear(in_features=40, out_features=256" in out, out
+    assert pipeline.LogitStore.open(tmp_path / "cache/gen-0").attrs["arch"] == "wide_mlp"
+    model = pipeline.load_model(tmp_path / "models/gen-0/model.pt")
+    assert [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)] == [256, 10]
 
 
 def test_api_validates_params_like_params_yaml(tmp_path: Path) -> None:

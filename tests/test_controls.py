@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import pipeline.train.loop
 from pipeline.core.paths import ProjectPaths
-from pipeline.core.stats import paired, t_cdf_two_sided, t_quantile
+from pipeline.core.stats import paired, t_quantile
 from pipeline.data.prepared import load_prepared
 from pipeline.params import GenParams, TrainParams, parse_generation, parse_section
 from pipeline.results.columns import Column, Control, ControlEnsemble, Ensemble, Generation
@@ -102,8 +102,11 @@ def test_t_quantile_matches_printed_tables() -> None:
     # Two-sided 95% (upper 0.975) quantiles from standard t tables.
     for df, t in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (8, 2.3060), (30, 2.0423)]:
         assert t_quantile(0.95, df) == pytest.approx(t, abs=5e-4)
-    assert t_cdf_two_sided(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| <= 1) = 2 atan(1) / pi
-    assert t_cdf_two_sided(math.sqrt(2.0), 2) == pytest.approx(1 / math.sqrt(2.0) * 1.0)  # t / sqrt(2 + t^2)
+    # Closed forms: Cauchy (df 1) t = tan(pi * level / 2); df 2: t = sqrt(2) * level / sqrt(1 - level^2).
+    assert t_quantile(0.5, 1) == pytest.approx(1.0)
+    assert t_quantile(0.9, 2) == pytest.approx(math.sqrt(2.0) * 0.9 / math.sqrt(1 - 0.81))
+    with pytest.raises(ValueError, match="degree of freedom"):
+        t_quantile(0.95, 0)
 
 
 def test_paired_mean_and_interval_by_hand() -> None:

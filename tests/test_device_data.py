@@ -98,14 +98,16 @@ def test_device_targets_serve_what_cached_targets_serve(images, stores, name) ->
     fit = images.fit_index()
     one_view = DeviceTargets(src, CPU, fit, all_views=False)
     _same(
-        one_view.target(torch.from_numpy(rows), views=None, temperature=temperature),
-        src.target(rows, views=None, temperature=temperature),
+        one_view.teacher(torch.from_numpy(rows), views=None, temperature=temperature),
+        src.teacher(rows, views=None, temperature=temperature),
     )
     if views_n > 1:
         every = DeviceTargets(src, CPU, fit, all_views=True)
         views = rng.integers(0, views_n, len(rows))
         r, v = torch.from_numpy(rows), torch.from_numpy(views)
-        _same(every.target(r, views=v, temperature=temperature), src.target(rows, views=views, temperature=temperature))
+        _same(
+            every.teacher(r, views=v, temperature=temperature), src.teacher(rows, views=views, temperature=temperature)
+        )
         got, want = every.aug(r, v), src.aug(rows, views)
         for field in ("top", "left", "flip"):
             assert torch.equal(getattr(got, field), getattr(want, field))

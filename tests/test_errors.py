@@ -265,7 +265,7 @@ CASES = [
         "checkpoint truncated",
         lambda r: ProjectPaths(r).model(0).write_bytes(ProjectPaths(r).model(0).read_bytes()[:300]),
         ("export-logits", "--gen", "0"),
-        "not a readable checkpoint",
+        "truncated or not a bancache checkpoint",
     ),
     Case(
         "teacher store missing",
@@ -407,6 +407,13 @@ CASES = [
         ("-q", "export-logits", "--gen", "0"),
         "cannot write the store there (Permission denied); make the directory writable (chmod u+w)",
         _read_only_cache,
+    ),
+    Case(
+        "a torchvision model's own name as arch",
+        lambda r: _set(r, "train.arch", "resnet18"),
+        ("validate",),
+        "depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got 18. For torchvision's resnet18, write "
+        "'tv_resnet18'",
     ),
 ]
 

@@ -235,8 +235,9 @@ def test_topk_with_every_class_gives_the_dense_loss_exactly(tmp_path: Path, dtyp
     dense = _store_from_logits(tmp_path / "d", logits, ExportParams(dtype=dtype, chunk_rows=8))
     full = _store_from_logits(tmp_path / "t", logits, ExportParams(layout="topk", topk=7, dtype=dtype, chunk_rows=8))
     index = np.array([32, 0, 5, 5, 17, 8])
-    t_dense, t_full = dense.target(index, temperature=temperature), full.target(index, temperature=temperature)
-    assert isinstance(t_full, Probs) and not isinstance(t_dense, Probs)
+    t_dense, t_full = dense.teacher(index, temperature=temperature), full.teacher(index, temperature=temperature)
+    assert isinstance(t_full, Probs) and not isinstance(t_dense, Probs)  # training reads a dense store's logits
+    assert torch.equal(dense.target(index, temperature=temperature).p, full.target(index, temperature=temperature).p)
     student = torch.randn(6, 7, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 1, 2, 3, 4, 5])
     assert torch.equal(soften(t_dense, temperature), soften(t_full, temperature))

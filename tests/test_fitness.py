@@ -12,7 +12,7 @@ import pytest
 import torch
 import zarr
 
-from pipeline.audit.fitness import MIN_ENTROPY, store_fitness
+from pipeline.audit.fitness import MIN_ENTROPY, split_warning, store_fitness
 from pipeline.cache.store import LogitStore
 from pipeline.core.errors import CorruptStoreError, ParamsError
 from pipeline.core.paths import ProjectPaths
@@ -84,12 +84,50 @@ def test_train_warns_on_unfit_teachers_and_records_fitness(project, caplog, marg
     warned = [r.getMessage() for r in caplog.records if r.name == "pipeline.audit.fitness"]
     assert len(warned) == len(expect) and all(e in w for e, w in zip(expect, warned, strict=True))
     recorded = json.loads(project.train_metrics(1).read_text())["teacher_fitness"]
-    assert recorded == m["teacher_fitness"] and recorded["warnings"] == warned
+    assert recorded == m["teacher_fitness"] and len(recorded["warnings"]) == len(warned)
+    for short, full in zip(warned, recorded["warnings"], strict=True):  # the console's line, the record's advice
+        finding, advice = split_warning(full)
+        assert short.startswith(finding + ": ") and len(short) < 140 and advice not in short
+        assert "Train the teacher longer" in advice or "Raise the student's temperature" in advice
     assert (recorded["entropy_mean"] < MIN_ENTROPY) == (margin == 40.0)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pipeline.audit.fitness"):
         train.run(ParamsFile(raw), project, 2)  # ban+l learns labels too: never warned
     assert not [r for r in caplog.records if r.name == "pipeline.audit.fitness"]
+
+
+def test_cli_prints_each_fitness_warning_as_one_warning_line(project) -> None:
+    """Through the real command (its own logging set-up, which pytest's log capture would mask in-process):
+    one `warning:` line per warning, no timestamp or logger name, the full advice left to the metrics."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    _plant(project, 3.0, 0.2)  # under-fitted teacher: one warning
+    raw = tiny_params(students={"1": {"teacher": 0, "loss": "ban"}})
+    (project.root / "params.yaml").write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "stages.cli", "--root", str(project.root), "train", "--gen", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=False)
+    assert r.returncode == 0, r.stderr
+    warned = [ln for ln in r.stderr.splitlines() if "own fit rows" in ln]
+    assert len(warned) == 1 and warned[0].startswith("warning: teacher generation 0 is 80."), r.stderr
+    assert "Train the teacher longer" not in r.stderr and "pipeline.audit" not in r.stderr
+    full = json.loads(project.train_metrics(1).read_text())["teacher_fitness"]["warnings"]
+    assert len(full) == 1 and "Train the teacher longer" in full[0]
+
+
+def test_console_formatter_gives_warnings_a_level_word_and_detail_lines_a_time() -> None:
+    from stages.cli import ConsoleFormatter
+
+    def record(level: int) -> logging.LogRecord:
+        return logging.LogRecord("pipeline.audit.fitness", level, __file__, 1, "teacher %s", ("unfit",), None)
+
+    fmt = ConsoleFormatter()
+    assert fmt.format(record(logging.WARNING)) == "warning: teacher unfit"
+    assert fmt.format(record(logging.ERROR)) == "error: teacher unfit"
+    info = fmt.format(record(logging.INFO))
+    assert info.endswith(" pipeline.audit.fitness teacher unfit") and info[:4].isdigit()  # -v: time and source
 
 
 def _lrs(p: TrainParams) -> list[float]:

@@ -125,14 +125,14 @@ def test_a_fourth_format_goes_through_export_store_and_both_readers(images, argm
     rows, views = np.array([23, 0, 7, 7, 12]), np.array([1, 0, 1, 0, 1])
     host = CachedTargets(tmp_path / "a", "train", data.fingerprint, 24, 5)
     want = np.eye(5, dtype=np.float32)[top[rows, views]]
-    got = host.target(rows, views=views, temperature=3.0)
+    got = host.teacher(rows, views=views, temperature=3.0)
     assert isinstance(got, Probs)
     np.testing.assert_array_equal(got.p.numpy(), want)
     device = DeviceTargets(host, CPU, data.fit_index(), all_views=True)
-    on_device = device.target(torch.from_numpy(rows), views=torch.from_numpy(views), temperature=3.0)
+    on_device = device.teacher(torch.from_numpy(rows), views=torch.from_numpy(views), temperature=3.0)
     assert isinstance(on_device, Probs) and torch.equal(on_device.p, got.p)
     default_view = DeviceTargets(host, CPU, data.fit_index(), all_views=False)
-    first = default_view.target(torch.from_numpy(rows), views=None, temperature=1.0)
+    first = default_view.teacher(torch.from_numpy(rows), views=None, temperature=1.0)
     np.testing.assert_array_equal(first.p.numpy(), np.eye(5, dtype=np.float32)[top[rows, 0]])
     # the device holds what the format reads (values and idx, and the crops/flips), not its mass array
     need = resident_bytes(data, host, all_views=True) - data.x_train.nbytes - data.y_train.nbytes

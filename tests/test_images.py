@@ -144,7 +144,7 @@ def _spy_student(monkeypatch) -> dict[str, list]:
     from pipeline.cache.reader import CachedTargets
 
     seen: dict[str, list] = {"target": [], "image": [], "live": []}
-    real_target, real_apply, real_aug = CachedTargets.target, inputs.apply_params, inputs.epoch_aug
+    real_target, real_apply, real_aug = CachedTargets.teacher, inputs.apply_params, inputs.epoch_aug
 
     def target(self, index, *, views=None, temperature=1.0):
         out = real_target(self, index, views=views, temperature=temperature)
@@ -156,7 +156,7 @@ def _spy_student(monkeypatch) -> dict[str, list]:
         seen["image"].append(out.clone())
         return out
 
-    monkeypatch.setattr(CachedTargets, "target", target)
+    monkeypatch.setattr(CachedTargets, "teacher", target)
     monkeypatch.setattr(inputs, "apply_params", apply)
     monkeypatch.setattr(inputs, "epoch_aug", lambda *a, **k: seen["live"].append(1) or real_aug(*a, **k))
     return seen

@@ -40,6 +40,10 @@ def test_repo_params_yaml_is_valid() -> None:
         (GenParams, {"alpha": 1.5}, "alpha = 1.5: must be >= 0.0 and <= 1.0"),
         (GenParams, {"loss": "mse"}, "allowed values are ce, ban, ban+l, kd, cwtm, dkpp"),
         (ExportParams, {"dtype": "bfloat16"}, "allowed values are float16, float32"),
+        # a torchvision name is not bancache's CIFAR resnet{6n+2}: the message names the tv_ spelling
+        (TrainParams, {"arch": "resnet18"}, "depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got 18. "),
+        (TrainParams, {"arch": "resnet18"}, "For torchvision's resnet18, write 'tv_resnet18'"),
+        (TrainParams, {"arch": "vgg11"}, "unknown architecture. For torchvision's vgg11, write 'tv_vgg11'"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(cls, raw, needle) -> None:
@@ -47,6 +51,24 @@ def test_bad_values_name_key_value_and_allowed(cls, raw, needle) -> None:
     with pytest.raises(ParamsError) as e:
         parse_section(cls, section, raw)
     assert needle in str(e.value)
+
+
+def test_names_without_a_torchvision_model_get_no_tv_hint() -> None:
+    for arch in ("resnet21", "nosuchnet"):
+        with pytest.raises(ParamsError) as e:
+            TrainParams(arch=arch)
+        assert "tv_" + arch not in str(e.value)
+
+
+def test_a_parsed_section_is_checked_once_naming_the_section_parsed() -> None:
+    """parse_section builds the object, whose own check runs under the parsed section's name (students.2,
+    not the class's default students.K); one error, the first bad key of the file."""
+    with pytest.raises(ParamsError, match=r"^students\.2\.temperature = 0\.0: must be > 0\.0$"):
+        parse_generation(2, {"teacher": 1, "temperature": 0})
+    with pytest.raises(ParamsError, match=r"^students\.K\.temperature = 0\.0"):
+        GenParams(temperature=0)
+    with pytest.raises(ParamsError, match=r"^train\.batch_size = 'x': expected int$"):
+        parse_section(TrainParams, "train", {"batch_size": "x", "lr": "y"})
 
 
 def test_ints_are_accepted_where_floats_are_expected() -> None:

@@ -19,6 +19,7 @@ from pipeline.cache.reader import CachedTargets
 from pipeline.cache.store import MARKER, LogitStore
 from pipeline.core.errors import CorruptStoreError, ForeignStoreError, IncompleteStoreError, StoreNotFoundError
 from pipeline.data.prepared import IndexedDataset
+from pipeline.losses import Probs, soften
 
 
 @pytest.fixture(autouse=True, params=["in-memory", "streaming"])
@@ -303,7 +304,17 @@ def test_rows_take_a_view_per_row(stored, pairs: list[tuple[int, int]]) -> None:
     got = t.rows(torch.from_numpy(index), torch.from_numpy(views)).numpy()
     np.testing.assert_array_equal(got, data[index, views].reshape(len(pairs), C))
     np.testing.assert_array_equal(got[:, 0], np.round(index + views / 10, 4).astype(np.float32))
-    assert torch.equal(t.target(index, views=views), t.rows(index, views))  # a dense store's target is its logits
+    assert torch.equal(t.teacher(index, views=views), t.rows(index, views))  # training reads a dense store's logits
+    for temperature in (1.0, 2.5):  # the distribution the losses would soften those logits into, exactly
+        want = torch.softmax(t.rows(index, views) / temperature, dim=-1)
+        got_p = t.target(index, views=views, temperature=temperature)
+        assert isinstance(got_p, Probs) and torch.equal(got_p.p, want)
+        assert torch.equal(soften(got_p, temperature), soften(t.rows(index, views), temperature))
+
+
+def test_len_is_the_split_rows(stored) -> None:
+    path, data = stored
+    assert len(targets(path)) == len(data) == N
 
 
 def test_rows_refuse_bad_views(stored) -> None:

@@ -100,8 +100,12 @@ def test_unknown_loss_is_refused_with_the_known_ones() -> None:
     known = ", ".join(LOSSES)
     with pytest.raises(ParamsError, match=re.escape(f"unknown loss 'bogus'; known: {known}") + "$"):
         loss_spec("bogus")
+    with pytest.raises(ParamsError, match="students.K.loss = 'bogus': allowed values are ce, ban"):
+        GenParams(loss="bogus")  # the dataclass checks itself when constructed
+    unchecked = GenParams()
+    object.__setattr__(unchecked, "loss", "bogus")  # past the constructor's check: the registry still refuses it
     with pytest.raises(ParamsError, match="unknown loss 'bogus'"):
-        make_criterion(GenParams(loss="bogus"))  # a GenParams built without params' validation
+        make_criterion(unchecked)
     with pytest.raises(ParamsError, match="students.1.loss = 'bogus': allowed values are ce, ban"):
         parse_generation(1, {"teacher": 0, "loss": "bogus"})
 
@@ -111,7 +115,10 @@ def test_unknown_optimizer_or_schedule_is_refused_with_the_known_ones(key: str, 
     known = ", ".join(OPTIMIZERS if key == "optimizer" else SCHEDULES)
     with pytest.raises(ParamsError, match=f"train.{key} = '{value}': allowed values are {known}$"):
         parse_section(TrainParams, "train", {key: value})
-    p = TrainParams(**{key: value})  # built directly, unvalidated: the builder refuses it, no fall-through
+    with pytest.raises(ParamsError, match=f"train.{key} = '{value}': allowed values are {known}$"):
+        TrainParams(**{key: value})  # the dataclass checks itself when constructed
+    p = TrainParams()
+    object.__setattr__(p, key, value)  # past the constructor's check: the builder refuses it, no fall-through
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ParamsError, match=f"train.{key} = '{value}': allowed values are {known}$"):
         make_scheduler(make_optimizer(model, p), p) if key == "schedule" else make_optimizer(model, p)

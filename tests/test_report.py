@@ -54,3 +54,34 @@ def test_error_mode_reports_one_minus_accuracy() -> None:
         "|---|---|---|",
         "| resnet20 | 30.00 ± 7.07 | 20.00 ± 0.00 |",
     ]
+
+
+def test_fitness_flags_give_each_advice_once(tmp_path) -> None:
+    """Three near one-hot teachers in a chain: each student's finding (its own numbers) is listed, the
+    shared advice only once; a different advice (another loss, another finding) is given in full too."""
+    import json
+
+    from pipeline.audit.fitness import Fitness, fitness_warnings
+    from pipeline.core.paths import ProjectPaths
+    from stages.report import fitness_flags
+
+    layout = ProjectPaths(tmp_path)
+    fits = {1: (Fitness(1.0, 0.008, 1.0, 9), "ban"), 2: (Fitness(1.0, 0.014, 1.0, 9), "ban")}
+    fits[3] = (Fitness(0.9, 0.022, 1.0, 9), "ban")  # also under-fitted: a second, new advice
+    fits[4] = (Fitness(1.0, 0.03, 1.0, 9), "dkpp")  # the same finding for another loss: its own advice
+    for g, (f, loss) in fits.items():
+        layout.train_metrics(g).parent.mkdir(parents=True, exist_ok=True)
+        layout.train_metrics(g).write_text(
+            json.dumps({"teacher_fitness": {"warnings": fitness_warnings(f, loss, g - 1)}})
+        )
+    lines = fitness_flags(layout, [0, 1, 2, 3, 4])
+    text = "\n".join(lines)
+    assert lines[:3] == ["", "## Teacher fitness flags", ""] and len(lines) == 3 + 5
+    assert text.count("Raise the student's temperature") == 2  # once for 'ban', once for 'dkpp'
+    assert text.count("Train the teacher longer") == 1
+    for g, entropy in ((1, "0.0080"), (2, "0.0140"), (3, "0.0220"), (4, "0.0300")):
+        assert f"teacher generation {g - 1}'s outputs at T = 1 have mean entropy {entropy} nats" in text
+    assert (
+        "- **generation 2**: teacher generation 1's outputs at T = 1 have mean entropy 0.0140 nats (< 0.05); the "
+        "same advice as for generation 1" in lines
+    )

@@ -77,7 +77,7 @@ def test_student_targets_follow_dataset_index_under_shuffling(project: ProjectPa
 
     cls = CachedTargets if budget == 0 else DeviceTargets
     batches, seen = [], []
-    real_target, real_make = cls.target, lib.make_criterion
+    real_target, real_make = cls.teacher, lib.make_criterion
 
     training = []  # targets read inside train_one_epoch (the teacher-fitness check reads rows in order before it)
     real_epoch = lib.train_one_epoch
@@ -105,7 +105,7 @@ def test_student_targets_follow_dataset_index_under_shuffling(project: ProjectPa
         return spy
 
     monkeypatch.setattr(lib, "train_one_epoch", epoch_spy)
-    monkeypatch.setattr(cls, "target", target_spy)
+    monkeypatch.setattr(cls, "teacher", target_spy)
     monkeypatch.setattr(lib, "make_criterion", make_spy)
     train.run(params, project, 1)
     assert batches and len(seen) == len(batches)

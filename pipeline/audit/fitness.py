@@ -21,7 +21,7 @@ import torch
 
 from pipeline.cache.reader import DEFAULT_MAX_MEMORY_BYTES, CachedTargets
 from pipeline.data.prepared import PreparedData
-from pipeline.losses import loss_spec, soften
+from pipeline.losses import loss_spec
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def teacher_fitness(
     correct, entropy = 0, 0.0
     for start in range(0, len(fit_index), batch):
         idx = np.asarray(fit_index[start : start + batch], dtype=np.int64)
-        p = soften(targets.target(torch.from_numpy(idx), views=None, temperature=temperature), temperature)
+        p = targets.target(torch.from_numpy(idx), views=None, temperature=temperature).p
         correct += int((p.argmax(-1).numpy() == labels[idx]).sum())
         logp = torch.log(p.clamp_min(1e-30))
         entropy += float(-(p * logp).sum(-1).sum())
@@ -75,7 +75,33 @@ def store_fitness(
     return teacher_fitness(targets, y_train, fit_index, temperature)
 
 
-def fitness_warnings(f: Fitness, loss: str, teacher: int | None = None) -> list[str]:
+@dataclass(frozen=True)
+class Flag:
+    """One fitness warning: what was measured (`finding`), its consequence in a few words (`gist`, with
+    the finding the console's one line) and the full explanation with the fix (`advice`, in the metrics and
+    the report). Its recorded text is `finding: advice`; the finding holds no ': ', so `split_warning`
+    recovers both parts from the recorded text."""
+
+    finding: str
+    gist: str
+    advice: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.finding}: {self.advice}"
+
+    @property
+    def short(self) -> str:
+        return f"{self.finding}: {self.gist}"
+
+
+def split_warning(text: str) -> tuple[str, str]:
+    """(finding, advice) of a recorded warning `Flag.text`: the report lists a repeated advice once."""
+    finding, _, advice = text.partition(": ")
+    return finding, advice
+
+
+def fitness_flags(f: Fitness, loss: str, teacher: int | None = None) -> list[Flag]:
     """Why a student with `loss` should not trust this teacher: empty when it fits or the loss uses labels."""
     if not loss_spec(loss).label_free:  # a label term corrects the teacher's errors
         return []
@@ -83,29 +109,42 @@ def fitness_warnings(f: Fitness, loss: str, teacher: int | None = None) -> list[
     out = []
     if f.fit_accuracy < MIN_FIT_ACCURACY:
         out.append(
-            f"{who} is {100 * f.fit_accuracy:.2f}% accurate on its own fit rows (< {100 * MIN_FIT_ACCURACY:.0f}%): "
-            f"a {loss!r} student learns no labels and will copy its errors. Train the teacher longer or to "
-            f"convergence (train.schedule, train.epochs), or use a loss with a label term (ban+l, kd)"
+            Flag(
+                f"{who} is {100 * f.fit_accuracy:.2f}% accurate on its own fit rows (< {100 * MIN_FIT_ACCURACY:.0f}%)",
+                f"a {loss!r} student will copy its errors",
+                f"a {loss!r} student learns no labels and will copy its errors. Train the teacher longer or to "
+                f"convergence (train.schedule, train.epochs), or use a loss with a label term (ban+l, kd)",
+            )
         )
     if f.entropy_mean < MIN_ENTROPY:
         out.append(
-            f"{who}'s outputs at T = {f.temperature:g} have mean entropy {f.entropy_mean:.4f} nats "
-            f"(< {MIN_ENTROPY}): they are near one-hot and carry no dark knowledge, so a {loss!r} student "
-            f"is a label-trained network with the teacher's errors. Raise the student's temperature, "
-            f"regularise the teacher (weight decay, augmentation) or compare against controls"
+            Flag(
+                f"{who}'s outputs at T = {f.temperature:g} have mean entropy {f.entropy_mean:.4f} nats "
+                f"(< {MIN_ENTROPY})",
+                f"near one-hot, no dark knowledge for a {loss!r} student",
+                f"they are near one-hot and carry no dark knowledge, so a {loss!r} student is a label-trained "
+                f"network with the teacher's errors. Raise the student's temperature, regularise the teacher "
+                f"(weight decay, augmentation) or compare against controls",
+            )
         )
     return out
+
+
+def fitness_warnings(f: Fitness, loss: str, teacher: int | None = None) -> list[str]:
+    """The full texts of `fitness_flags`, as the metrics record them."""
+    return [flag.text for flag in fitness_flags(f, loss, teacher)]
 
 
 def check_teacher(
     data: PreparedData, targets: CachedTargets, loss: str, temperature: float, teacher: int
 ) -> dict[str, Any]:
-    """Fitness of the teacher store a student is about to learn from, with its warnings logged at WARNING
-    (shown by `bancache train`); returns both for the student's metrics and the report. `targets` is the
-    student's own reader of the store (train split), so the store is opened, budgeted and verified once:
+    """Fitness of the teacher store a student is about to learn from, each warning's short form logged at
+    WARNING (one line from `bancache train`); returns both, with the warnings' full texts, for the student's
+    metrics and the report. `targets` is the student's own reader of the store (train split), so the store
+    is opened, budgeted and verified once:
     the arrays this loads (and hashes) are the ones training then reads."""
     f = teacher_fitness(targets, data.y_train, data.fit_index(), temperature)
-    warnings = fitness_warnings(f, loss, teacher)
-    for w in warnings:
-        log.warning("%s", w)
-    return {**f.as_dict(), "loss": loss, "warnings": warnings}
+    flags = fitness_flags(f, loss, teacher)
+    for flag in flags:
+        log.warning("%s", flag.short)  # one line on the console; the full text goes to the metrics and report
+    return {**f.as_dict(), "loss": loss, "warnings": [flag.text for flag in flags]}

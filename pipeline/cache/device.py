@@ -3,7 +3,7 @@
 When the train images, labels and the teacher store's train split fit the budget, training moves the
 store's arrays to the device once (`DeviceTargets`) and gathers each batch's targets there by dataset
 index: no per-batch host-to-device copy, no host synchronisation inside an epoch. The targets are those
-`pipeline.cache.reader.CachedTargets.target` serves for the same (row, view): the store's format expands
+`pipeline.cache.reader.CachedTargets.teacher` serves for the same (row, view): the store's format expands
 the same stored rows (`pipeline.cache.formats`, `StoreFormat.expand`), here on the device.
 """
 
@@ -48,7 +48,7 @@ def resident_bytes(data: PreparedData, source: CachedTargets | None, all_views: 
 
 
 class DeviceTargets:
-    """One split of a teacher store in device memory, served by (row, view) as `CachedTargets.target`.
+    """One split of a teacher store in device memory, served by (row, view) as `CachedTargets.teacher`.
 
     Built from a `CachedTargets` (its validated store and in-memory tables); damaged rows among `rows`
     (the rows training will ask for) are refused here, once, as the streaming reader refuses a batch."""
@@ -84,9 +84,9 @@ class DeviceTargets:
         t = self.tensors[name]
         return t[rows, self.default_view] if views is None else t[rows, views]
 
-    def target(self, rows: torch.Tensor, *, views: torch.Tensor | None, temperature: float) -> Teacher:
-        """Teacher target of dataset rows `rows` (device int64), each at its view in `views` (None: the
-        reader's default view); the same values as `CachedTargets.target` (see its docstring)."""
+    def teacher(self, rows: torch.Tensor, *, views: torch.Tensor | None, temperature: float) -> Teacher:
+        """What the losses take for dataset rows `rows` (device int64), each at its view in `views` (None:
+        the reader's default view); the same values as `CachedTargets.teacher` (see its docstring)."""
         values = self._get("values", rows, views)
         arrays = {name: self._get(name, rows, views) for name in self.format.read}
         return self.format.expand(self.path, self.attrs, values, arrays, temperature)

@@ -16,9 +16,10 @@ found while loading (or decoding a chunk) and refused only when a batch asks for
 
 Multi-view stores (export `views` > 1) take a view per row: `rows(index, views)` and `target(index, views)`
 return that view's teacher output and `aug(index, views)` the crop/flip the teacher saw, to be replayed on
-the clean images with `pipeline.data.augment.apply_params`. Their test split has view 0 only. Sparse stores
-(layout "topk" or "sampled") have no full logits: `target` has the store's format (`pipeline.cache.formats`)
-rebuild a dense distribution (B, C) from them (see `CachedTargets.target`).
+the clean images with `pipeline.data.augment.apply_params`. Their test split has view 0 only. `target`
+returns the teacher distribution p_T (a `Probs`) for every layout; sparse stores (layout "topk" or
+"sampled") have no full logits, and their format (`pipeline.cache.formats`) rebuilds it from what they keep
+(see `CachedTargets.teacher`, what training reads: a dense store's raw logits, softened in the loss).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pipeline.cache.store import AUG_ARRAY, LogitStore, bad_rows, has_aug
 from pipeline.cache.stream import DEFAULT_CAPACITY, DEFAULT_WINDOW, ChunkCache
 from pipeline.core.errors import CorruptStoreError
 from pipeline.data.augment import AugParams
-from pipeline.losses import Teacher
+from pipeline.losses import Probs, Teacher, soften
 
 DEFAULT_MAX_MEMORY_BYTES = 4 * 2**30  # ImageNet-1k train logits in float16 (1.28M x 1000) take 2.4 GiB
 
@@ -52,7 +53,8 @@ class _Table:
 
 
 class CachedTargets:
-    """Raw teacher logits of one split of one store, read by row index."""
+    """The teacher outputs of one split of one store, read by row index: `rows` the stored values (raw
+    logits of a dense store), `target` the distribution p_T, `len()` the split's rows."""
 
     def __init__(
         self,
@@ -225,22 +227,26 @@ class CachedTargets:
         idx, v = self._keys(index, views)
         return torch.from_numpy(self._gather(self.split, idx, v)).float()  # torch casts fp16 ~4x faster
 
-    def target(
+    def teacher(
         self,
         index: torch.Tensor | np.ndarray,
-        *,  # keyword-only: target(idx, 1.0) would read 1.0 as the views
+        *,
         views: torch.Tensor | np.ndarray | None = None,
         temperature: float = 1.0,
     ) -> Teacher:
-        """The teacher target of rows `index` for the losses, as the store's format expands its rows
-        (`pipeline.cache.formats`, `StoreFormat.expand`): raw logits (B, C) of a dense store (the loss
-        softens them), else a `Probs` distribution p_T (B, C) rebuilt from the sparse layout:
+        """What the training losses take for rows `index`, in its cheapest form, as the store's format
+        expands its rows (`pipeline.cache.formats`, `StoreFormat.expand`): raw logits (B, C) of a dense store
+        (the loss softens them at its temperature, on the training device), else a `Probs` distribution p_T
+        (B, C) rebuilt from the sparse layout:
 
         - topk, k kept logits z_K with kept mass m (teacher probability at T = 1): the kept classes get
           m * softmax(z_K / T), the other C - k classes share 1 - m equally (`topk_rest` "uniform"), or
           the kept classes get softmax(z_K / T) and the others 0 ("renorm"). With k = C this is softmax(z / T).
         - sampled, counts n_c of S classes drawn from p_1 (Anshumann et al. 2025): p = n / S, an unbiased
           estimate of p_1. It has no temperature: T != 1 raises ValueError.
+
+        Training reads this (`pipeline.train.inputs`), so that a dense store's softmax runs where the loss
+        runs; `target` is the same teacher as a distribution for every layout.
         """
         a = self.attrs
         fmt = format_of(a, self.path)  # from the attributes read once per batch
@@ -248,6 +254,22 @@ class CachedTargets:
         values = torch.from_numpy(self._gather(self.split, idx, v))
         arrays = {name: torch.from_numpy(self._gather(f"{self.split}_{name}", idx, v)) for name in fmt.read}
         return fmt.expand(self.path, a, values, arrays, temperature)
+
+    def target(
+        self,
+        index: torch.Tensor | np.ndarray,
+        *,  # keyword-only: target(idx, 1.0) would read 1.0 as the views
+        views: torch.Tensor | np.ndarray | None = None,
+        temperature: float = 1.0,
+    ) -> Probs:
+        """The teacher distribution p_T (B, C) of rows `index` at `temperature`, for every layout: a dense
+        store's softmax(z / T) in float32 (exactly what the losses compute from its raw logits), a sparse
+        store's rebuilt distribution (see `teacher`). Every loss takes it as is; `rows` gives the raw values."""
+        return Probs(soften(self.teacher(index, views=views, temperature=temperature), temperature))
+
+    def __len__(self) -> int:
+        """Rows of this split (the dataset's rows it was opened against)."""
+        return int(self._expect["rows"][self.split])  # type: ignore[index]
 
     def aug(self, index: torch.Tensor | np.ndarray, views: torch.Tensor | np.ndarray | None = None) -> AugParams:
         """The crop/flip each row's view was exported with (`pipeline.data.augment.apply_params` replays it)."""

@@ -7,11 +7,12 @@ stages' `Progress`), and print nothing themselves.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 from pipeline.audit.fitness import check_teacher
 from pipeline.cache.reader import CachedTargets
 from pipeline.core.devices import resolve_device
-from pipeline.core.distributed import SINGLE_PROCESS, DistContext, barrier
+from pipeline.core.distributed import SINGLE_PROCESS, DistContext, barrier, partition_rows
 from pipeline.core.files import write_json, write_text
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import PreparedData, load_prepared
@@ -170,9 +171,33 @@ def export_generation(
     """Export generation `gen`'s logits into its store (this rank's rows under torchrun), shown on `bar`."""
     data = load_prepared(paths.dataset, verify=verify)
     device = resolve_device(p.device, ctx)
-    rows = (len(data.y_train) + len(data.y_test)) // ctx.world_size
-    with bar(f"export gen {gen}", rows, unit="rows", lines=10, enabled=ctx.is_main) as b:
-        return export_logits(paths.model(gen), data, paths.store(gen), p, device, ctx, on_rows=b.update)
+    totals = {}  # this rank's rows of each split
+    for split in ("train", "test"):
+        begin, end = partition_rows(len(data.split(split)[1]), p.chunk_rows, ctx.world_size)[ctx.rank]
+        totals[split] = end - begin
+    with split_bars(bar, f"export gen {gen}", totals, enabled=ctx.is_main) as on_rows:
+        return export_logits(paths.model(gen), data, paths.store(gen), p, device, ctx, on_rows=on_rows)
+
+
+@contextlib.contextmanager
+def split_bars(
+    bar: BarFactory, label: str, totals: dict[str, int], enabled: bool = True
+) -> Iterator[Callable[[str, int], None]]:
+    """`on_rows(split, n)` for an export: one display per split (`export gen 0 train rows 400/4000`, then the
+    test rows), so a count never mixes the splits; each opens at its split's first chunk and closes when
+    the next split starts."""
+    shown: dict[str, Bar] = {}
+    with contextlib.ExitStack() as stack:
+
+        def on_rows(split: str, n: int) -> None:
+            if split not in shown:
+                stack.close()  # the previous split's display
+                shown[split] = stack.enter_context(
+                    bar(f"{label} {split}", totals[split], unit="rows", lines=10, enabled=enabled)
+                )
+            shown[split].update(n)
+
+        yield on_rows
 
 
 def evaluate_project(paths: ProjectPaths, gens: list[int], verify: bool = True) -> dict[str, Any]:

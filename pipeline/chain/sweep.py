@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,15 @@ def run_seed(
     return cols
 
 
+def _seed_line(k: int, n: int, seed: int, elapsed: float) -> str:
+    """`sweep seed k/n: seed S ...`, printed as seed k starts (a count printed when a seed ends read as the
+    next one's start), with the time so far and an ETA from the mean seed time once one has ended."""
+    line = f"sweep seed {k}/{n}: seed {seed}"
+    if k > 1:
+        line += f", {elapsed:.0f} s so far, ETA {elapsed / (k - 1) * (n - k + 1):.0f} s"
+    return line
+
+
 def run_sweep(
     params: dict[str, Any],
     out: Path,
@@ -132,13 +142,13 @@ def run_sweep(
     dataset = ProjectPaths(out).dataset
     num_test = len(load_prepared(dataset).y_test)
     runs: list[dict[Column, float]] = []
-    with bar("sweep", len(seeds), unit="seed") as b:
-        for seed in seeds:
-            runs.append(run_seed(params, out / f"seed-{seed}", seed, dataset, losses, bar, note, controls))
-            saved = [labelled(r) for r in runs]  # a sweep's JSON keys each run by its columns' labels
-            record = {"seeds": seeds[: len(runs)], "num_test": num_test, "controls": controls, "runs": saved}
-            write_json(out / "sweep.json", record)
-            b.update()
+    start = time.perf_counter()
+    for k, seed in enumerate(seeds, 1):
+        note(_seed_line(k, len(seeds), seed, time.perf_counter() - start))
+        runs.append(run_seed(params, out / f"seed-{seed}", seed, dataset, losses, bar, note, controls))
+        saved = [labelled(r) for r in runs]  # a sweep's JSON keys each run by its columns' labels
+        record = {"seeds": seeds[: len(runs)], "num_test": num_test, "controls": controls, "runs": saved}
+        write_json(out / "sweep.json", record)
     arch = parse_section(TrainParams, "train", params.get("train")).arch
     table = format_tables(runs, arch, num_test, controls)
     write_text(out / "table.md", table + "\n")

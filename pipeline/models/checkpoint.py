@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: checkpoint not found. Run `bancache train` for this generation first")
+    if not zipfile.is_zipfile(p):  # torch.save's archive ends with its directory: a cut file has none
+        raise CheckpointError(
+            f"{p}: truncated or not a bancache checkpoint (not a complete zip archive, {p.stat().st_size} bytes); "
+            "retrain or restore it"
+        )
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -50,8 +56,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{p}: refused: the file carries objects that only a full unpickle could load "
             f"(weights_only=True). Only bancache checkpoints are accepted ({str(e).splitlines()[0]})"
         ) from e
-    except Exception as e:  # truncated zip, random bytes, ...
-        raise CheckpointError(f"{p}: not a readable checkpoint ({type(e).__name__}: {e}); retrain it") from e
+    except Exception as e:  # truncated zip, random bytes, ...: torch's reason alone reads like a system fault
+        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else "unreadable"  # torch appends a paragraph
+        raise CheckpointError(
+            f"{p}: truncated or not a bancache checkpoint ({type(e).__name__}: {reason}); retrain or restore it"
+        ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a bancache checkpoint (no '{FORMAT}' tag); retrain it with `bancache train`")
     meta = ckpt.get("meta")
@@ -61,6 +70,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike[str] = "<checkpoint>") -> nn.Module:
+    """The network a loaded checkpoint describes (its recorded arch, input shape and classes) with its
+    weights; `path` only names the file in errors."""
     meta = ckpt["meta"]
     model = build_model(meta["arch"], tuple(meta["input_shape"]), int(meta["num_classes"]))
     try:

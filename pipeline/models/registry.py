@@ -30,6 +30,14 @@ def lookup(arch: str) -> Builder | None:
     return ARCHS.get(arch) or resolve(arch)
 
 
+def torchvision_alias(arch: str) -> str | None:
+    """`tv_{arch}` when `arch` is a torchvision model's own name (resnet18, vgg11): what a user who wrote
+    `arch: resnet18` meant, since bancache's own `resnet{d}` are the paper's CIFAR ResNets (depth 6n + 2)."""
+    if arch.startswith("tv_"):
+        return None
+    return f"tv_{arch}" if resolve(f"tv_{arch}") is not None else None
+
+
 def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     builder = lookup(arch)
     if builder is None:

@@ -213,10 +213,10 @@ def _write_rows(
     device: torch.device,
     ctx: DistContext,
     write_ahead: int,
-    on_rows: Callable[[int], None] | None = None,
+    on_rows: Callable[[str, int], None] | None = None,
 ) -> None:
     """Every chunk of this rank's rows of both splits: inference here, encoding and writes on the writer;
-    `on_rows(n)` after each chunk is handed to the writer (progress display)."""
+    `on_rows(split, n)` after each chunk is handed to the writer (progress display)."""
     with ChunkWriter(write_ahead) as writer:
         for split, n in store.attrs["splits"].items():
             x, _ = data.split(split)
@@ -231,7 +231,7 @@ def _write_rows(
 
                 writer.submit(job)
                 if on_rows is not None:
-                    on_rows(len(chunk))
+                    on_rows(split, len(chunk))
 
 
 def _attributes(checkpoint: Path, meta: dict[str, Any], data: PreparedData, params: ExportParams) -> dict[str, Any]:
@@ -331,13 +331,13 @@ def export_logits(
     device: torch.device,
     ctx: DistContext = SINGLE_PROCESS,
     write_ahead: int = WRITE_AHEAD,
-    on_rows: Callable[[int], None] | None = None,
+    on_rows: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
     """Write `out` (a complete store) from `checkpoint`; returns the store's attributes.
 
     Under torchrun each rank writes its own whole chunks (`partition_rows`); rank 0 creates the store
     first and seals it after a barrier. `write_ahead` = 0 writes each chunk before inferring the next;
-    `on_rows(n)` is called after each chunk this process infers (progress display)."""
+    `on_rows(split, n)` is called after each chunk of `split` this process infers (progress display)."""
     model, meta = _load_model(checkpoint, data, device)
     _use_recipe_threads(meta)
     spec = store_spec(data, params)

@@ -55,7 +55,7 @@ def loader_batches(
         v = pick_views(views, epoch, index.numpy()) if views is not None and targets is not None else None
         teacher: Teacher | None = None
         if targets is not None:
-            teacher = targets.target(index, views=v, temperature=temperature).to(device, non_blocking=True)
+            teacher = targets.teacher(index, views=v, temperature=temperature).to(device, non_blocking=True)
         if v is not None and targets is not None:
             x = apply_params(x, targets.aug(index, v))  # the very image the teacher's output was computed on
         elif aug is not None and augment is not None:

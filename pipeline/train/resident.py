@@ -10,7 +10,7 @@ flips `epoch_aug`, the stored views `pick_views`), so on the CPU they train bit-
 (tests/test_device_data.py). Here the epoch's crop/flip table is drawn on the host before the epoch starts,
 moved to the device once and applied there with `pipeline.data.augment.apply_params`.
 
-The targets are those `CachedTargets.target` serves for the same (row, view): raw logits (float32) of a
+The targets are those `CachedTargets.teacher` serves for the same (row, view): raw logits (float32) of a
 dense store, the distribution rebuilt from a top-k or sampled layout, computed on the device.
 """
 
@@ -76,7 +76,7 @@ class ResidentInput:
             x, y, teacher = self.x[rows], self.y[rows], None
             if targets is not None:
                 vb = None if v is None else v[s : s + bs]
-                teacher = targets.target(rows, views=vb, temperature=temperature)
+                teacher = targets.teacher(rows, views=vb, temperature=temperature)
                 if vb is not None:
                     x = apply_params(x, targets.aug(rows, vb))  # the image the teacher's output was computed on
             if aug is not None:
