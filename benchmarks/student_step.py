@@ -92,7 +92,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "classes": 100,
     },
     # a smoke size: the CPU dry run of benchmarks/gpu.py runs every arm at this size so that script cannot rot
-    "tiny-images": {"arch": "bench_cnn2d", "reps": 2, "mem_epochs": 1, "n_train": 640, "n_test": 64, "classes": 10},
+    "tiny-images": {"arch": "bench_cnn2d", "reps": 2, "mem_epochs": 1, "n_train": 320, "n_test": 64, "classes": 10},
 }
 STUDENT_SEED, LOADER_SEED, AUG_SEED = 1, 2, 3
 
