@@ -73,7 +73,7 @@ STEPS = ("student_step-b512", "student_step-b128", "export-50k", "chain", "syncs
 RESERVE_S = 10  # of the total budget, kept for the last summary
 MIN_STEP_S = 20  # a step is not started with less time than this left
 COMPILE_ON_CPU = (
-    "skipped on the CPU: with torch.compile the dry run's first cnn3 epoch took 165 s (0.9 s without) on the "
+    "on the CPU: with torch.compile the dry run's first cnn3 epoch took 165 s (0.9 s without) on the "
     "2-core VM at load ~4 (measured once, 2026-12-01); the GPU run measures it"
 )
 
@@ -439,7 +439,7 @@ def setting_step(r: Run, key: str) -> dict[str, Any]:
             reset_flags()
             res = train_model(data, gen=0, recipe=recipe(r, **arms[name]))
             runs[name].append([h.seconds for h in res.history])
-    out: dict[str, Any] = {name: {"skipped": why} for name, why in skipped.items()}
+    out: dict[str, Any] = {name: {"skipped": skipped[name]} if name in skipped else {} for name in arms}
     first = next(iter(runs))
     for name, epochs in runs.items():
         out[name] = {

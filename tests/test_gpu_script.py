@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,51 @@ def test_summary_lists_every_benchmark_ratio_and_target(dry_run: tuple[subproces
     for target in ("0.9 x the reference", "offline / plain <= 1.03", "offline / online <= 0.85", "<= 1.2", "< 180 s"):
         line = next(ln for ln in text.splitlines() if target in ln)
         assert "PASS" in line or "MISS" in line, line
+
+
+@pytest.fixture
+def gpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """benchmarks/gpu.py imported here, and undone after: importing the benchmarks registers their two
+    architectures (bench_cnn2d, bench_resnet8), which would change the registry's list in other tests."""
+    from pipeline.models.registry import ARCHS
+
+    before = set(ARCHS)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu as module
+
+    yield module
+    for name in set(ARCHS) - before:
+        del ARCHS[name]
+    for name in ("gpu", "_benchlib"):
+        sys.modules.pop(name, None)
+
+
+def test_sync_counts_per_epoch(gpu: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA branch of the sync count, without a GPU: torch's warning per synchronising call is emitted by
+    hand (3 in the setup and first epoch, then 2 and 1), beside a warning that is not a sync."""
+    import warnings
+
+    import torch
+
+    modes: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def train(on_epoch: Any) -> Any:
+        history = []
+        for epoch, syncs in enumerate((3, 2, 1), start=1):
+            for _ in range(syncs):
+                warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+            warnings.warn("an unrelated warning", UserWarning, stacklevel=1)
+            history.append(gpu.EpochLog(epoch, 0.5, 0.5, 0.1, 0.25))
+            on_epoch(history[-1])
+        return gpu.TrainResult(model=torch.nn.Identity(), history=history)
+
+    counted = gpu.count_syncs(train, cuda=True)
+    assert modes == ["warn", 0]  # on for the run, off after it
+    assert counted["syncs_per_epoch"] == [3, 2, 1]
+    assert counted["syncs_per_epoch_after_first"] == 1.5
+    assert counted["syncs_in_first_epoch_and_setup"] == 3
+    assert counted["other_warnings"] == 3
+    assert sum(counted["where_after_first"].values()) == 3 and counted["epoch_s"] == [0.25] * 3
+    assert gpu.count_syncs(train, cuda=False)["syncs_per_epoch"] is None
+    assert modes == ["warn", 0]  # the CPU run leaves the mode alone
