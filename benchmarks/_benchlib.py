@@ -382,8 +382,10 @@ for _name, _fn in (("bench_cnn2d", bench_cnn2d), ("bench_resnet8", bench_resnet8
         register(_name)(_fn)
 
 
-def write_dataset(root: Path, dataset: str, setting: dict[str, Any]):  # -> PreparedData
-    """dataset.h5 under `root`: MNIST-1D (4000 train, 1000 test rows) or synthetic images per `setting`."""
+def write_dataset(root: Path, dataset: str, setting: dict[str, Any], uint8: bool = False):  # -> PreparedData
+    """dataset.h5 under `root`: MNIST-1D (4000 train, 1000 test rows) or synthetic images per `setting`.
+    `uint8`: the images quantised to uint8, as CIFAR is stored: the library augments (crop and flip) only
+    uint8 images, so a benchmark with augmentation needs them to compare like with like."""
     from pipeline.data.prepared import MNIST1D_CLASSES, load_prepared, make_mnist1d, write_prepared
 
     if dataset == "mnist1d":
@@ -391,5 +393,9 @@ def write_dataset(root: Path, dataset: str, setting: dict[str, Any]):  # -> Prep
     else:
         arrays = synthetic_images(setting["n_train"], setting["n_test"], setting["classes"])
         names = [str(i) for i in range(setting["classes"])]
+        if uint8:
+            for split in ("train", "test"):
+                x = arrays[f"x_{split}"]
+                arrays[f"x_{split}"] = np.clip(x * 32.0 + 128.0, 0, 255).astype(np.uint8)
     write_prepared(root / "dataset.h5", arrays, names, dataset, val_fraction=0.1, split_seed=0)
     return load_prepared(root / "dataset.h5")

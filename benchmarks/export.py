@@ -53,6 +53,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "synthetic-images": {"arch": "bench_cnn2d", "n_train": 10000, "n_test": 1000, "classes": 100},
     "synthetic-images-50k": {"arch": "bench_cnn2d", "n_train": 49000, "n_test": 1000, "classes": 100},
     "synthetic-images-resnet8": {"arch": "bench_resnet8", "n_train": 10000, "n_test": 1000, "classes": 100},
+    # a smoke size (two 1024-row chunks of train, so the writer overlaps): the CPU dry run of benchmarks/gpu.py
+    "tiny-images": {"arch": "bench_cnn2d", "n_train": 1900, "n_test": 100, "classes": 10},
 }
 # Steps of export_logits, as (module file suffix, function name) for the profile breakdown.
 STEPS = [
@@ -167,7 +169,8 @@ def main() -> None:
     args = ap.parse_args()
     set_threads(args.threads)
     info = machine_info()
-    datasets = {"all": list(SETTINGS), "default": ["mnist1d", "synthetic-images-50k"]}.get(args.dataset, [args.dataset])
+    every = [k for k in SETTINGS if k != "tiny-images"]
+    datasets = {"all": every, "default": ["mnist1d", "synthetic-images-50k"]}.get(args.dataset, [args.dataset])
     results = [bench_setting(args, d) for d in datasets]
     rows = [
         [
