@@ -14,7 +14,7 @@ import numpy as np
 from pipeline.audit.files import write_comparison, write_store_audit
 from pipeline.audit.fitness import Fitness, store_fitness
 from pipeline.audit.statistics import audit_store, compare_stores, open_checked
-from pipeline.cache.store import MARKER
+from pipeline.cache.store import MARKER, LogitStore
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import DatasetLabels, open_labels
 from pipeline.params import InspectParams, parse_section, student_keys
@@ -37,7 +37,7 @@ def run(
         if against is None:
             stats, calib = audit_store(store, labels, p)
             bar.update()  # the statistics (reads the store), then the fitness, files and figures
-            fitness = teacher_fitness_of(layout.store(gen), labels, p.temperature, verify)
+            fitness = teacher_fitness_of(layout.store(gen), labels, p.temperature, verify, store)
             metrics = write_store_audit(out, gen, store.attrs, labels.class_names, stats, calib, p, fitness)
             bar.update()
             return metrics
@@ -51,12 +51,15 @@ def run(
         return metrics
 
 
-def teacher_fitness_of(store: Path, labels: DatasetLabels, t: float, verify: bool = True) -> Fitness:
+def teacher_fitness_of(
+    store: Path, labels: DatasetLabels, t: float, verify: bool = True, opened: LogitStore | None = None
+) -> Fitness:
     """The store's teacher fitness (accuracy on its own fit rows, mean entropy at inspect.temperature, which
-    should be the students' temperature); `verify` False (--trust-stores) skips hashing the store."""
+    should be the students' temperature); `verify` False (--trust-stores) skips hashing the store; `opened`:
+    the audit's own open of it (one open per store per run)."""
     y = np.asarray(labels.train[:])
     fit = np.setdiff1d(np.arange(len(y)), labels.val_index if labels.val_index is not None else [])
-    return store_fitness(store, labels.fingerprint, y, fit, len(labels.class_names), t, verify=verify)
+    return store_fitness(store, labels.fingerprint, y, fit, len(labels.class_names), t, verify=verify, opened=opened)
 
 
 def _chain(

@@ -249,3 +249,22 @@ def test_trust_stores_reaches_the_fitness_in_inspect(project: ProjectPaths) -> N
     assert r.exit_code == 0, r.output  # neither the statistics nor the fitness re-hashed the store
     m = json.loads((project.root / "inspect/gen-0/metrics.json").read_text())["fitness"]
     assert m["fit_accuracy"] == pytest.approx(0.9, abs=0.01)
+
+
+def test_inspect_opens_the_audited_store_once(project: ProjectPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages import audit
+
+    _plant(project, margin=3.0, wrong_fraction=0.1)
+    opens: list[Path] = []
+    real_open = LogitStore.open.__func__  # type: ignore[attr-defined]
+
+    def spy_open(cls, path, **kwargs):  # type: ignore[no-untyped-def]
+        opens.append(Path(path))
+        return real_open(cls, path, **kwargs)
+
+    monkeypatch.setattr(LogitStore, "open", classmethod(spy_open))
+    for verify in (True, False):
+        opens.clear()
+        m = audit.run(ParamsFile(tiny_params()), project, 0, verify=verify)
+        assert opens.count(project.store(0)) == 1  # the statistics and the fitness read one open
+        assert m["fitness"]["fit_accuracy"] == pytest.approx(0.9, abs=0.01)

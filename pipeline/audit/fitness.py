@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.cache.reader import DEFAULT_MAX_MEMORY_BYTES, CachedTargets
+from pipeline.cache.store import LogitStore
 from pipeline.data.prepared import PreparedData
 from pipeline.losses import loss_spec
 
@@ -66,11 +67,20 @@ def store_fitness(
     temperature: float,
     verify: bool = True,
     max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+    opened: LogitStore | None = None,
 ) -> Fitness:
     """`teacher_fitness` of the logit store at `store` (any layout), opened with the caller's `verify` (False:
-    a trusted store, not re-hashed) and memory budget, so that --trust-stores and the budget reach it."""
+    a trusted store, not re-hashed) and memory budget, so that --trust-stores and the budget reach it;
+    `opened`: the caller's own open of that store, read through instead of opening it again."""
     targets = CachedTargets(
-        store, "train", fingerprint, len(y_train), num_classes, max_memory_bytes=max_memory_bytes, verify=verify
+        store,
+        "train",
+        fingerprint,
+        len(y_train),
+        num_classes,
+        max_memory_bytes=max_memory_bytes,
+        verify=verify,
+        opened=opened,
     )
     return teacher_fitness(targets, y_train, fit_index, temperature)
 

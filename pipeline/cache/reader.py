@@ -68,6 +68,7 @@ class CachedTargets:
         verify: bool = True,
         cache_chunks: int = DEFAULT_CAPACITY,
         prefetch_chunks: int = DEFAULT_WINDOW,
+        opened: LogitStore | None = None,
     ) -> None:
         self.path = Path(path)
         self.split = split
@@ -83,7 +84,24 @@ class CachedTargets:
         self._tables: dict[str, _Table | None] = {}  # array name -> in memory, or None when over budget
         self._caches: dict[str, ChunkCache] = {}  # array name -> chunk cache of a streamed array
         self._schedule: list[int] = []  # the current epoch's chunk order, for the caches' prefetch
+        if opened is not None:  # the caller's open of this store (one open per store per run), checked alike
+            self._adopt(opened)
         self.check()
+
+    def _adopt(self, store: LogitStore) -> None:
+        """Read through `store`, already opened by the caller, after checking it is this reader's store as
+        `LogitStore.open` would: same path, dataset, rows of the split, classes and verification."""
+        a, e = store.attrs, self._expect
+        same = (
+            store.path == self.path
+            and a["dataset_fingerprint"] == e["fingerprint"]
+            and a["splits"].get(self.split) == e["rows"][self.split]  # type: ignore[index]
+            and a["num_classes"] == e["num_classes"]
+            and (store.marker is not None) == e["verify"]
+        )
+        if not same:
+            raise ValueError(f"{self.path}: the opened store given is not this reader's store (or its verify)")
+        self._store, self._pid = store, os.getpid()
 
     def check(self) -> LogitStore:
         """Open (or reopen after a fork) and validate the store; raises a StoreError subclass if unusable."""
