@@ -27,7 +27,7 @@ from pipeline.core.distributed import DistContext
 from pipeline.data.augment import apply_params
 from pipeline.data.prepared import IndexedDataset, PreparedData
 from pipeline.losses import Teacher
-from pipeline.models.predict import accuracy, device_accuracy, predict_logits
+from pipeline.models.predict import device_accuracy, predict_accuracy
 from pipeline.params import GenParams, TrainParams
 from pipeline.train.epochs import EpochOrderSampler, LiveAugment, ViewPolicy, batch_aug, epoch_aug, pick_views
 from pipeline.train.resident import MIB, Batch, ResidentInput
@@ -140,7 +140,7 @@ def _streaming_input(
     x_val, y_val = data.x_train[data.val_index], data.y_train[data.val_index]
     return TrainInput(
         batches=lambda epoch: loader_batches(loader, device, targets, gp.temperature, augment, views, epoch),
-        validate=lambda model: accuracy(predict_logits(model, x_val, recipe.eval_batch_size, device), y_val),
+        validate=lambda model: predict_accuracy(model, x_val, y_val, recipe.eval_batch_size, device)[1],
         sampler=sampler if isinstance(sampler, DistributedSampler | BlockShuffleSampler) else None,
     )
 
