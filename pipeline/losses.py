@@ -3,7 +3,8 @@
 Notation: s = student logits (B, C), t = teacher logits (B, C) read from the cache, y = labels (B,),
 T = temperature, q_T = softmax(s / T), p_T = softmax(t / T). Every loss is averaged over the batch
 (never over classes). Soft terms carry the T^2 factor of Hinton et al. so that their gradient scale does
-not shrink as T grows; at T = 1 (the BAN paper's setting) the factor is 1.
+not shrink as T grows; at T = 1 (the BAN paper's setting) the factor is 1. The logit MSE is the exception:
+it matches logits, not distributions, so it takes no temperature and no `Probs`.
 
 Every `teacher` argument also accepts a `Probs`: a teacher distribution given directly instead of logits,
 as sparse stores provide (top-k or sampled classes, `pipeline.cache.reader.CachedTargets.target`). Its

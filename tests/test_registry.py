@@ -106,6 +106,38 @@ def test_dkd_and_mse_students_train_through_the_cli(
     assert (bool(warnings) and all(f"'{loss}' student" in w for w in warnings)) if loss == "mse" else not warnings
 
 
+def test_a_topk_store_serves_dkd_and_refuses_mse_before_any_step(
+    exported_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dkd reads only p_T, so a sparse store's distribution serves it; mse matches logits, which a sparse store
+    does not keep: refused in one line when the store is opened, before the fitness check or a training step."""
+    from stages import export
+    from stages.common import ParamsFile
+
+    root = tmp_path / "project"
+    shutil.copytree(exported_root, root)
+    raw = tiny_params()
+    raw["export"] = {**raw["export"], "layout": "topk", "topk": 3}
+    export.run(ParamsFile(raw), ProjectPaths(root), 0)
+    args = ["--root", str(root), "--params", str(root / "params.yaml"), "train", "--gen", "1"]
+    raw["students"]["1"] = {"teacher": 0, "loss": "dkd", "temperature": 2.0}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(ProjectPaths(root).model(1))["meta"]["loss"] == "dkd"
+
+    steps: list[int] = []
+    monkeypatch.setattr(losses, "mse_loss", lambda *a: steps.append(1))
+    monkeypatch.setattr("pipeline.chain.generation.check_teacher", lambda *a: steps.append(2))
+    raw["students"]["1"] = {"teacher": 0, "loss": "mse"}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("bancache: error: students.1.loss = 'mse' matches the teacher's logits")
+    assert "layout 'topk'" in r.output and r.output.rstrip().endswith("Export it with export.layout: dense")
+    assert steps == []  # neither the fitness check nor a loss step ran
+
+
 def test_a_registered_loss_is_known_everywhere_else(toy) -> None:
     assert parse_generation(1, {"teacher": 0, "loss": "toy"}).loss == "toy"
     with pytest.raises(ParamsError, match="ban, ban\\+l, kd, cwtm, dkpp, dkd, mse, toy"):

@@ -234,7 +234,7 @@ def _open_targets(
         if teacher_store is None:
             raise ValueError(f"generation {gen}: loss {gp.loss!r} needs a teacher store")
         targets = open_teacher(data, recipe, teacher_store, verify)
-    _check_targets(targets, gp, gen)
+    check_targets(targets, gp, gen)
     return targets
 
 
@@ -371,7 +371,7 @@ def _select(
     return result
 
 
-def _check_targets(targets: CachedTargets, gp: GenParams, gen: int) -> None:
+def check_targets(targets: CachedTargets, gp: GenParams, gen: int) -> None:
     """Refuse a loss, view policy or temperature the teacher's store cannot serve."""
     a = targets.attrs
     section = section_of(gen)
