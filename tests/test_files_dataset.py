@@ -163,3 +163,65 @@ def test_params_of_files_storage_are_checked(folder: Path) -> None:
     with pytest.raises(ParamsError, match="train.crop_ratio = \\[1, 2, 3\\]: expected a list of 2 values"):
         TrainParams(crop_ratio=[1, 2, 3])  # type: ignore[arg-type]
     assert TrainParams(crop_ratio=[1, 2]).crop_ratio == (1.0, 2.0)  # type: ignore[arg-type]
+
+
+def _recipe(**kw: object) -> TrainParams:
+    base: dict[str, object] = {"arch": "cnn3", "epochs": 2, "batch_size": 8, "lr": 0.01, "crop": "resized"}
+    return TrainParams(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_train_export_and_replay_resized_crop_views(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.teachers.export as export
+    from pipeline.api import export_store, open_targets, train_model
+    from pipeline.models.checkpoint import load_checkpoint
+    from pipeline.params import ExportParams, GenParams
+
+    data = prepare_data(tmp_path / "dataset.h5", params=files_params(folder))
+    train_model(data, gen=0, recipe=_recipe(num_workers=1), out=tmp_path / "gen0.pt")
+    meta = load_checkpoint(tmp_path / "gen0.pt")["meta"]
+    assert meta["recipe"]["crop"] == "resized" and list(meta["recipe"]["crop_scale"]) == [0.08, 1.0]
+    seen: list[np.ndarray] = []  # every input the teacher's export ran on, in order: per chunk, per view
+    real = export.predict_logits
+    monkeypatch.setattr(export, "predict_logits", lambda m, x, *a: seen.append(np.array(x)) or real(m, x, *a))
+    attrs = export_store(tmp_path / "gen0.pt", data, tmp_path / "store", params=ExportParams(views=3, chunk_rows=5))
+    aug = attrs["augmentation"]
+    assert aug["kind"] == "resized-crop+flip" and aug["size"] == 16 and attrs["input"]["eval_resize"] == 18
+    targets = open_targets(tmp_path / "store", "train", data=data)
+    files = data.x_train
+    assert isinstance(files, ImageFiles)
+    for k, start in enumerate(range(0, 18, 5)):
+        rows = np.arange(start, min(start + 5, 18))
+        for view in (0, 1, 2):
+            boxes = targets.boxes(rows, np.full(len(rows), view))
+            if view == 0:
+                assert not boxes.any()  # the evaluation view
+                rebuilt = data.x_train[start : start + len(rows)]
+            else:
+                assert (boxes[:, 2:4] > 0).all() and len({tuple(b) for b in boxes}) == len(rows)
+                rebuilt = np.stack(
+                    [box_view(files.image(r), b[:4], bool(b[4]), 16).numpy() for r, b in zip(rows, boxes, strict=True)]
+                )
+            np.testing.assert_array_equal(rebuilt, seen[3 * k + view])  # bit for bit the teacher's input
+    # the student's loader cuts each row's picked view from the same box the store holds
+    from pipeline.train.epochs import ViewPolicy, pick_views
+    from pipeline.train.inputs import _fit_dataset
+
+    policy = ViewPolicy("random", 3, 5)
+    ds = _fit_dataset(data, _recipe(), targets, policy, 5)
+    assert isinstance(ds, FilesDataset)
+    ds.set_epoch(4)
+    picked = set()
+    for i in range(len(ds)):
+        x, _, row = ds[i]
+        view = int(pick_views(policy, 4, np.array([row]))[0])
+        picked.add(view)
+        b = targets.boxes(np.array([row]), np.array([view]))[0]
+        want = data.x_train[row : row + 1][0] if view == 0 else box_view(files.image(row), b[:4], bool(b[4]), 16)
+        np.testing.assert_array_equal(x.numpy(), np.asarray(want))
+    assert picked == {0, 1, 2}
+    # a student on the stored views (view_policy random) trains from them
+    student = GenParams(loss="ban", teacher=0, view_policy="random")
+    result = train_model(data, gen=1, recipe=_recipe(), generation=student, teacher_store=tmp_path / "store")
+    assert len(result.history) == 2
