@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -197,7 +198,8 @@ def decode(data: bytes, name: str) -> torch.Tensor:
     try:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = re.sub(r"^[^,]*, \S+:\d+, ", "", first)[:120]  # without torchvision's "decode_jpeg, <source>:171, "
         raise DataFileError(
             f"{name}: unreadable image (truncated or not an image: {reason}); replace the file and rerun "
             "`bancache prepare`, or remove it from the dataset"
