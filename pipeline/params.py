@@ -313,6 +313,7 @@ class ExportParams(Checked):
     topk: int = 10  # layout topk: logits kept per row and view
     topk_rest: str = "uniform"  # layout topk: dropped mass spread uniformly over the other classes, or renorm
     samples: int = 32  # layout sampled: draws with replacement from the teacher distribution per row and view
+    num_workers: int = 0  # data.storage: files: DataLoader worker processes decoding each chunk (0: the exporter)
 
     def check(self, section: str) -> None:
         _one_of(f"{section}.dtype", self.dtype, DTYPES)
@@ -323,6 +324,7 @@ class ExportParams(Checked):
         _range(f"{section}.batch_size", self.batch_size, 1, None)
         _range(f"{section}.views", self.views, 1, 255)
         _range(f"{section}.topk", self.topk, 1, None)
+        _range(f"{section}.num_workers", self.num_workers, 0, None)
         # counts are stored in the value array: float16 holds every integer up to 2048 exactly
         _range(f"{section}.samples", self.samples, 1, 2048)
 

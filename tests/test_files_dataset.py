@@ -185,7 +185,9 @@ def test_train_export_and_replay_resized_crop_views(
     seen: list[np.ndarray] = []  # every input the teacher's export ran on, in order: per chunk, per view
     real = export.predict_logits
     monkeypatch.setattr(export, "predict_logits", lambda m, x, *a: seen.append(np.array(x)) or real(m, x, *a))
-    attrs = export_store(tmp_path / "gen0.pt", data, tmp_path / "store", params=ExportParams(views=3, chunk_rows=5))
+    attrs = export_store(
+        tmp_path / "gen0.pt", data, tmp_path / "store", params=ExportParams(views=3, chunk_rows=5, num_workers=1)
+    )
     aug = attrs["augmentation"]
     assert aug["kind"] == "resized-crop+flip" and aug["size"] == 16 and attrs["input"]["eval_resize"] == 18
     targets = open_targets(tmp_path / "store", "train", data=data)

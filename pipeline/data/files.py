@@ -400,3 +400,52 @@ class FilesDataset(Dataset):
             box, flip = seeded_box(keys, int(img.shape[1]), int(img.shape[2]), crop.scale, crop.ratio)
             x = box_view(img, box, flip, crop.size)
         return x, self.y[row], row
+
+
+@dataclass(frozen=True)
+class BoxRecipe:
+    """Stored RandomResizedCrop views: `crop`, and the keys (export seed, split id) of their seeds."""
+
+    crop: CropRecipe
+    seed: int
+    split_id: int
+
+
+class RowViews(Dataset):
+    """Item b: (boxes (V, 5) int64 (i, j, h, w, flip), views uint8 (V, 3, S, S)) of row `rows[b]`, file
+    `files.rows[b]`: view 0 the evaluation view (box 0, 0, 0, 0, 0), view v >= 1 the box drawn for
+    (seed, split id, row, v). Each file is read and decoded once for all its views."""
+
+    def __init__(self, files: ImageFiles, rows: np.ndarray, views: int, recipe: BoxRecipe | None) -> None:
+        self.files, self.rows, self.views, self.recipe = files, np.asarray(rows), views, recipe
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self.files.image(int(self.files.rows[b]))
+        boxes = torch.zeros((self.views, 5), dtype=torch.int64)
+        out = [eval_view(img, self.files.size, self.files.eval_resize)]
+        for view in range(1, self.views):
+            assert self.recipe is not None, "views beyond 0 need a box recipe"
+            r, height, width = self.recipe, int(img.shape[1]), int(img.shape[2])
+            keys = (r.seed, r.split_id, int(self.rows[b]), view)
+            box, flip = seeded_box(keys, height, width, r.crop.scale, r.crop.ratio)
+            boxes[view] = torch.tensor([*box, int(flip)])
+            out.append(box_view(img, box, flip, r.crop.size))
+        return boxes, torch.stack(out)
+
+
+def chunk_views(
+    files: ImageFiles, rows: np.ndarray, views: int, recipe: BoxRecipe | None, workers: int = 0
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """`RowViews` of a chunk's rows gathered in row order: (B, V, 5) boxes and V arrays (B, 3, S, S);
+    decoded in `workers` DataLoader worker processes (0: in this process)."""
+    loader = torch.utils.data.DataLoader(RowViews(files, rows, views, recipe), batch_size=None, num_workers=workers)
+    items = list(loader)
+    size = files.size if recipe is None else recipe.crop.size
+    if not items:
+        return np.zeros((0, views, 5), np.int64), [np.zeros((0, 3, size, size), np.uint8)] * views
+    boxes = torch.stack([b for b, _ in items]).numpy()
+    images = torch.stack([v for _, v in items])  # (B, V, 3, S, S)
+    return boxes, [images[:, view].contiguous().numpy() for view in range(views)]

@@ -43,7 +43,7 @@ from pipeline.core.distributed import SINGLE_PROCESS, DistContext, barrier, broa
 from pipeline.core.errors import CheckpointError, DiskFullError, NotWritableError, ParamsError
 from pipeline.core.files import replace_dir, sha256_file
 from pipeline.data.augment import PAD, RESIZED_KIND, apply_params, mix64, view_params
-from pipeline.data.files import ImageFiles, box_view, eval_view, seeded_box
+from pipeline.data.files import BoxRecipe, CropRecipe, ImageFiles, chunk_views
 from pipeline.data.prepared import PreparedData
 from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint
 from pipeline.models.predict import predict_logits
@@ -138,11 +138,11 @@ def infer_chunk(
     augmentation = spec.augmentation if views > 1 else None
     if augmentation is not None and augmentation["kind"] == RESIZED_KIND:
         assert isinstance(x, ImageFiles), "resized-crop views are cut from the files"
-        boxes, images = resized_views(x, split, rows, views, augmentation)
+        boxes, images = chunk_views(x, rows, views, _box_recipe(augmentation, split), params.num_workers)
         per_view = [predict_logits(model, xv, params.batch_size, device) for xv in images]
         return torch.from_numpy(np.stack(per_view, axis=1)), boxes
-    if isinstance(x, ImageFiles):
-        x = x[:]  # the evaluation views of the chunk's files
+    if isinstance(x, ImageFiles):  # the evaluation views of the chunk's files
+        x = chunk_views(x, rows, 1, None, params.num_workers)[1][0]
     per_view, aug = [], []
     for view in range(views):
         xv = x
@@ -155,24 +155,10 @@ def infer_chunk(
     return logits, (np.stack(aug, axis=1) if augmentation is not None else None)
 
 
-def resized_views(
-    files: ImageFiles, split: str, rows: np.ndarray, views: int, augmentation: dict[str, Any]
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(B, V, 5) int64 (i, j, h, w, flip) of each row's views and each view's uint8 images (B, 3, S, S):
-    view 0 the evaluation view, view v >= 1 the RandomResizedCrop box drawn for (seed, split, row, v).
-    Each file is read and decoded once for all its views."""
-    size, scale, ratio = augmentation["size"], tuple(augmentation["scale"]), tuple(augmentation["ratio"])
-    boxes = np.zeros((len(rows), views, 5), dtype=np.int64)
-    images = [np.zeros((len(rows), 3, size, size), np.uint8) for _ in range(views)]
-    for b, row in enumerate(rows.tolist()):
-        img = files.image(int(files.rows[b]))
-        images[0][b] = eval_view(img, size, files.eval_resize).numpy()
-        for view in range(1, views):
-            keys = (augmentation["seed"], augmentation["split_ids"][split], row, view)
-            box, flip = seeded_box(keys, int(img.shape[1]), int(img.shape[2]), scale, ratio)  # type: ignore[arg-type]
-            boxes[b, view] = (*box, int(flip))
-            images[view][b] = box_view(img, box, flip, size).numpy()
-    return boxes, images
+def _box_recipe(augmentation: dict[str, Any], split: str) -> BoxRecipe:
+    """The RandomResizedCrop views' recipe of a store's `augmentation` attribute, for `split`'s rows."""
+    crop = CropRecipe(augmentation["size"], tuple(augmentation["scale"]), tuple(augmentation["ratio"]))  # type: ignore[arg-type]
+    return BoxRecipe(crop, augmentation["seed"], augmentation["split_ids"][split])
 
 
 def encode_chunk(
