@@ -166,6 +166,27 @@ def _read_only_cache(root: Path) -> Iterator[None]:
         cache.chmod(0o755)
 
 
+def _files_project(root: Path, damage: str) -> None:
+    """An on-disk ImageFolder dataset (data.storage: files) prepared, then one file damaged: `truncated`
+    before prepare (indexed as it is, unreadable when decoded), `edited` (same size) or `missing` after."""
+    from tests.test_files_dataset import make_folder
+
+    make_folder(root / "imgs", {"train": 4, "test": 2})
+    jpg = root / "imgs" / "train" / "dog" / "002.jpg"
+    blob = jpg.read_bytes()
+    if damage == "truncated":
+        jpg.write_bytes(blob[: len(blob) // 2])
+    data = {"dataset": "imagefolder", "root": str(root / "imgs"), "storage": "files", "size": 16}
+    for key, value in {**{f"data.{k}": v for k, v in data.items()}, "train.arch": "cnn3"}.items():
+        _set(root, key, value)
+    r = CliRunner().invoke(main, ["-q", "--params", str(root / "params.yaml"), "--root", str(root), "prepare"])
+    assert r.exit_code == 0, r.output
+    if damage == "edited":
+        jpg.write_bytes(blob[:-3] + bytes(b ^ 0xFF for b in blob[-3:]))
+    elif damage == "missing":
+        jpg.unlink()
+
+
 @dataclass
 class Case:
     what: str
@@ -418,6 +439,24 @@ CASES = [
         ("-q", "export-logits", "--gen", "0"),
         "cannot write the store there (Permission denied); make the directory writable (chmod u+w)",
         _read_only_cache,
+    ),
+    Case(
+        "image file missing after prepare (data.storage: files)",
+        lambda r: _files_project(r, "missing"),
+        ("train", "--gen", "0"),
+        "imgs/train/dog/002.jpg: missing (listed by `bancache prepare`); restore it, or rerun `bancache prepare`",
+    ),
+    Case(
+        "image file edited after prepare (data.storage: files)",
+        lambda r: _files_project(r, "edited"),
+        ("train", "--gen", "0"),
+        "imgs/train/dog/002.jpg: changed since `bancache prepare` (its sha256 differs from the index)",
+    ),
+    Case(
+        "truncated JPEG (data.storage: files)",
+        lambda r: _files_project(r, "truncated"),
+        ("train", "--gen", "0"),
+        "imgs/train/dog/002.jpg: unreadable image (truncated or not an image:",
     ),
     Case(
         "a torchvision model's own name as arch",

@@ -35,6 +35,7 @@ from pipeline.cache.store import check_temperature, has_aug, views_of
 from pipeline.core.devices import resolve_device
 from pipeline.core.distributed import SINGLE_PROCESS, DistContext
 from pipeline.core.errors import DivergedError, ParamsError
+from pipeline.data.files import ImageFiles
 from pipeline.data.prepared import PreparedData
 from pipeline.losses import Teacher, loss_spec
 from pipeline.models.checkpoint import save_atomic, save_checkpoint
@@ -102,7 +103,13 @@ def step_options(
 ) -> StepOptions:
     images = data.x_train.ndim == 4 and data.x_train.dtype == np.uint8
     opts = StepOptions()
-    if images and recipe.augment:
+    on_disk = isinstance(data.x_train, ImageFiles)
+    if recipe.crop == "resized" and not on_disk:
+        raise ParamsError(
+            "train.crop = 'resized': RandomResizedCrop needs the decoded files (data.storage: files, dataset "
+            "imagefolder); set train.crop: pad for in-memory datasets"
+        )
+    if images and recipe.augment and recipe.crop == "pad":  # resized crops are cut in the loader's workers
         opts.augment = LiveAugment(aug_gen, data.x_train.shape[-1])  # padding augment.PAD (pipeline.train.epochs)
     if device.type == "cuda":
         if recipe.amp in ("auto", "bf16"):
