@@ -1,0 +1,120 @@
+"""The README's numbers and figures come from the committed outputs of the default chain
+(`tests/docs_values.py`): the committed README matches them, and a drifted copy is reported and rewritten."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests import docs_values as dv
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAIN_OUTPUTS = ("inspect/", "metrics/", "reports/", "controls/", "plots/")
+
+
+def test_readme_numbers_and_figures_match_the_committed_outputs() -> None:
+    text = (ROOT / "README.md").read_text()
+    values = dv.marked_values(text)
+    assert len(values) >= 11 and all(v.shown is not None for v in values)
+    assert all(v.file.startswith(CHAIN_OUTPUTS) for v in values)  # the default chain's outputs only
+    images = dv.IMAGE.findall(text)
+    assert "inspect/gen-0/figures/reliability.png" in images and not any(p.startswith("docs/") for p in images)
+    assert dv.check(ROOT) == []
+
+
+def test_readme_figures_are_not_git_ignored() -> None:
+    """The inspect figures are committed outputs (dvc.yaml: cache: false): no .gitignore hides them."""
+    for path in dv.IMAGE.findall((ROOT / "README.md").read_text()):
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False).returncode
+        assert ignored == 1, f"{path} is git-ignored"
+
+
+@pytest.fixture
+def copy(tmp_path: Path) -> Path:
+    """A project root holding the README, dvc.lock, every file the README's numbers read and a stand-in
+    for every figure it shows (the check only needs them to exist)."""
+    text = (ROOT / "README.md").read_text()
+    for rel in ["README.md", "dvc.lock", *{v.file for v in dv.marked_values(text)}]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / rel, tmp_path / rel)
+    for rel in dv.IMAGE.findall(text):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"\x89PNG")
+    assert dv.check(tmp_path) == []
+    return tmp_path
+
+
+def test_a_drifted_number_is_reported_and_rewritten(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    readme = copy / "README.md"
+    committed = readme.read_text()
+    v = next(v for v in dv.marked_values(committed) if v.key == "test.ece")
+    drifted = committed[: v.start] + "0.0450" + committed[v.end :]  # the stale figure issue 22 found
+    readme.write_text(drifted)
+    assert dv.check(copy) == [f"README.md:{v.line}: shows 0.0450, but {v.file} test.ece gives {v.shown}"]
+    assert dv.main(["--root", str(copy)]) == 1 and "shows 0.0450" in capsys.readouterr().out
+
+    assert dv.main(["--root", str(copy), "--write"]) == 0
+    assert readme.read_text() == committed  # only the drifted number changed back
+    assert dv.main(["--root", str(copy), "--write"]) == 0 and readme.read_text() == committed  # idempotent
+    assert "1 numbers rewritten" in capsys.readouterr().out
+
+
+def test_a_changed_output_is_written_into_the_readme(copy: Path) -> None:
+    """After a regeneration the README follows the outputs: a changed metric fails the check until --write
+    puts the new value (in the comment's format) in its place."""
+    metrics = copy / "inspect" / "gen-0" / "metrics.json"
+    m = json.loads(metrics.read_text())
+    m["train"]["accuracy"], m["train"]["likely_noisy"] = 0.5, 7
+    metrics.write_text(json.dumps(m))
+    before = (copy / "README.md").read_text()
+    problems = dv.check(copy)
+    assert len(problems) == 2 and "gives 50.00%" in problems[0] and "gives 7" in problems[1]
+    assert dv.write(copy) == 2 and dv.check(copy) == []
+    after = (copy / "README.md").read_text()
+    assert "50.00%<!-- value: inspect/gen-0/metrics.json train.accuracy .2% -->" in after
+    assert "7<!-- value: inspect/gen-0/metrics.json train.likely_noisy d -->" in after
+    assert len(after) == len(before) - 1  # 99.22% -> 50.00%, 20 -> 7: nothing else moved
+
+
+def test_unreadable_sources_and_bare_comments_are_reported(copy: Path) -> None:
+    readme = copy / "README.md"
+    text = readme.read_text()
+    extra = (
+        "\nmissing key 1<!-- value: inspect/gen-0/metrics.json train.acc .2% -->"
+        "\nmissing file 1<!-- value: inspect/gen-9/metrics.json train.accuracy .2% -->"
+        "\nno number <!-- value: inspect/gen-0/metrics.json train.likely_noisy d -->\n"
+    )
+    readme.write_text(text + extra)
+    n = text.count("\n") + 1
+    assert dv.check(copy) == [
+        f"README.md:{n + 1}: inspect/gen-0/metrics.json has no key 'train.acc' (missing 'acc'): fix the comment's key",
+        f"README.md:{n + 2}: inspect/gen-9/metrics.json does not exist (run `dvc repro`, or fix the comment's file)",
+        f"README.md:{n + 3}: no number before the comment (its source gives 20)",
+    ]
+    dv.write(copy)  # writes what it can read, leaves the rest for the lines above
+    assert readme.read_text().endswith("no number 20<!-- value: inspect/gen-0/metrics.json train.likely_noisy d -->\n")
+    assert "missing key 1<!--" in readme.read_text() and len(dv.check(copy)) == 2
+
+
+def test_a_copied_or_missing_figure_is_reported(copy: Path) -> None:
+    readme = copy / "README.md"
+    text = readme.read_text()
+    (copy / "docs" / "img").mkdir(parents=True)
+    (copy / "docs" / "img" / "reliability-gen0.png").write_bytes(b"\x89PNG")
+    readme.write_text(
+        text
+        + "\n![copy](docs/img/reliability-gen0.png)\n![gone](inspect/gen-1/figures/entropy.png)\n"
+        + "![not an output](inspect/gen-0/entropy.png)\n"
+    )
+    n = text.count("\n") + 1
+    assert dv.check(copy) == [
+        f"README.md:{n + 1}: image docs/img/reliability-gen0.png is not an output dvc.lock records: link the "
+        "committed figure (inspect/gen-K/figures/...) instead of a copy",
+        f"README.md:{n + 2}: image inspect/gen-1/figures/entropy.png does not exist (run `dvc repro` and commit it)",
+        f"README.md:{n + 3}: image inspect/gen-0/entropy.png is not an output dvc.lock records: link the "
+        "committed figure (inspect/gen-K/figures/...) instead of a copy",
+    ]
