@@ -6,7 +6,9 @@ A number in README.md that a committed output holds carries its source in an HTM
     train accuracy 99.22%<!-- value: inspect/gen-0/metrics.json train.accuracy .2% -->
 
 and every image the README shows is a committed output itself (a path under an output that dvc.lock
-records, not git-ignored), never a copy under docs/. Check, or rewrite every number from its source:
+records, not git-ignored), never a copy under docs/. Every such source must also be byte for byte the
+output dvc.lock records (its md5, a folder's `.dir` md5), so numbers and figures come from one committed run.
+Check, or rewrite every number from its source:
 
     python -m tests.docs_values            # one line per drifted number or bad figure, exit 1; else exit 0
     python -m tests.docs_values --write    # rewrite the numbers in place (idempotent), then check
@@ -17,6 +19,7 @@ tests/test_docs.py runs the check on the committed README and on drifted copies 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import subprocess
@@ -69,13 +72,50 @@ def marked_values(text: str) -> list[Value]:
     return found
 
 
-def expected(root: Path, v: Value) -> tuple[str | None, str | None]:
+def locked_outputs(root: Path) -> dict[str, str]:
+    """Every output that dvc.lock records for the default chain's stages -> its md5 (a folder's ends in .dir)."""
+    lock = YAML(typ="safe", pure=True).load((root / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock.get("stages", {}).values() for out in stage.get("outs", [])}
+
+
+def dvc_md5(path: Path) -> str:
+    """The md5 DVC 3 records for `path`: of its bytes; for a folder, of the JSON list of its files' md5 and
+    relpath (sorted by relpath), with ".dir" appended."""
+    if path.is_file():
+        return hashlib.md5(path.read_bytes()).hexdigest()
+    files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
+    entries = [{"md5": hashlib.md5(p.read_bytes()).hexdigest(), "relpath": rel} for rel, p in files]
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+class Committed:
+    """Whether a file is (part of) an output of the committed run that dvc.lock records, byte for byte."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.outs, self.hashes = root, locked_outputs(root), {}
+
+    def problem(self, rel: str, fix: str) -> str | None:
+        out = next((o for o in self.outs if rel == o or rel.startswith(o.rstrip("/") + "/")), None)
+        if out is None:
+            return f"{rel} is not an output that dvc.lock records: {fix}"
+        if not (self.root / rel).exists():
+            return f"{rel} does not exist (run `dvc repro` and commit it)"
+        if out not in self.hashes:
+            self.hashes[out] = dvc_md5(self.root / out)
+        if self.hashes[out] != self.outs[out]:
+            return f"{out} is not the output dvc.lock records (another run's? run `dvc repro` and commit both)"
+        if _git_ignored(self.root, rel):
+            return f"{rel} is git-ignored, so it is not committed: unignore it"
+        return None
+
+
+def expected(committed: Committed, v: Value) -> tuple[str | None, str | None]:
     """(the number `v`'s source gives, formatted by its spec; or None and the problem)."""
-    path = root / v.file
-    if not path.is_file():
-        return None, f"{v.where()}: {v.file} does not exist (run `dvc repro`, or fix the comment's file)"
+    problem = committed.problem(v.file, "take README numbers from the default chain's outputs")
+    if problem:
+        return None, f"{v.where()}: {problem}"
     try:
-        value = metric(json.loads(path.read_text()), v.key)
+        value = metric(json.loads((committed.root / v.file).read_text()), v.key)
     except KeyError as e:
         return None, f"{v.where()}: {v.file} has no key {v.key!r} (missing {e.args[0]!r}): fix the comment's key"
     try:
@@ -84,11 +124,11 @@ def expected(root: Path, v: Value) -> tuple[str | None, str | None]:
         return None, f"{v.where()}: {v.file} {v.key} = {value!r} does not take the format {v.spec!r}"
 
 
-def number_problems(root: Path, text: str) -> list[str]:
+def number_problems(committed: Committed, text: str) -> list[str]:
     """One line per marked number that differs from its source (or whose source cannot be read)."""
     problems = []
     for v in marked_values(text):
-        want, problem = expected(root, v)
+        want, problem = expected(committed, v)
         if problem:
             problems.append(problem)
         elif v.shown is None:
@@ -98,49 +138,36 @@ def number_problems(root: Path, text: str) -> list[str]:
     return problems
 
 
-def locked_outputs(root: Path) -> list[str]:
-    """Every output path that dvc.lock records for the default chain's stages."""
-    lock = YAML(typ="safe", pure=True).load((root / "dvc.lock").read_text())
-    return [out["path"] for stage in lock.get("stages", {}).values() for out in stage.get("outs", [])]
-
-
 def _git_ignored(root: Path, path: str) -> bool:
     if not (root / ".git").exists():
         return False
     return subprocess.run(["git", "check-ignore", "-q", path], cwd=root, check=False).returncode == 0
 
 
-def figure_problems(root: Path, text: str) -> list[str]:
-    """One line per README image that is not a committed output of the chain, or is missing."""
-    outs = locked_outputs(root)
+def figure_problems(committed: Committed, text: str) -> list[str]:
+    """One line per README image that is not a committed output of the chain (a copy, another run's, missing)."""
     problems = []
     for m in IMAGE.finditer(text):
-        path, line = m["path"], text.count("\n", 0, m.start()) + 1
-        if not any(path == out or path.startswith(out.rstrip("/") + "/") for out in outs):
-            problems.append(
-                f"{README}:{line}: image {path} is not an output dvc.lock records: link the committed figure "
-                "(inspect/gen-K/figures/...) instead of a copy"
-            )
-        elif not (root / path).is_file():
-            problems.append(f"{README}:{line}: image {path} does not exist (run `dvc repro` and commit it)")
-        elif _git_ignored(root, path):
-            problems.append(f"{README}:{line}: image {path} is git-ignored, so it is not committed: unignore it")
+        fix = "link the committed figure (inspect/gen-K/figures/...) instead of a copy"
+        problem = committed.problem(m["path"], fix)
+        if problem:
+            problems.append(f"{README}:{text.count(chr(10), 0, m.start()) + 1}: image {problem}")
     return problems
 
 
 def check(root: Path) -> list[str]:
     """Every problem of the README under `root`: drifted numbers, then figures."""
-    text = (root / README).read_text()
-    return number_problems(root, text) + figure_problems(root, text)
+    text, committed = (root / README).read_text(), Committed(root)
+    return number_problems(committed, text) + figure_problems(committed, text)
 
 
 def write(root: Path) -> int:
     """Rewrite every marked number whose source can be read; returns how many changed."""
     path = root / README
     text = path.read_text()
-    changed, pieces, at = 0, [], 0
+    changed, pieces, at, committed = 0, [], 0, Committed(root)
     for v in marked_values(text):
-        want, problem = expected(root, v)
+        want, problem = expected(committed, v)
         if problem or want is None or v.shown == want:
             continue
         pieces += [text[at : v.start], want]
