@@ -8,6 +8,8 @@ A number in README.md that a committed output holds carries its source in an HTM
 and every image the README shows is a committed output itself (a path under an output that dvc.lock
 records, not git-ignored), never a copy under docs/. Every such source must also be byte for byte the
 output dvc.lock records (its md5, a folder's `.dir` md5), so numbers and figures come from one committed run.
+The Results section's tables of bancache's own experiments carry `<!-- rows: benchmarks/results/X.md -->`
+(the table the experiment wrote): their rows are checked against it, not rewritten.
 Check, or rewrite every number from its source:
 
     python -m tests.docs_values            # one line per drifted number or bad figure, exit 1; else exit 0
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import re
 import subprocess
@@ -35,6 +38,7 @@ NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?%?"
 COMMENT = r"<!-- value: (?P<file>\S+) (?P<key>\S+) (?P<spec>\S+) -->"
 MARKED = re.compile(rf"(?P<shown>{NUMBER})?{COMMENT}")
 IMAGE = re.compile(r"!\[[^\]]*\]\((?P<path>[^)\s]+)\)")
+ROWS = re.compile(r"<!-- rows: (?P<file>\S+) -->")
 
 
 @dataclass(frozen=True)
@@ -155,10 +159,30 @@ def figure_problems(committed: Committed, text: str) -> list[str]:
     return problems
 
 
+def table_problems(root: Path, text: str) -> list[str]:
+    """One line per body row of a README table marked `<!-- rows: FILE -->` (the next table after the
+    comment) that is not a row of FILE, the experiment's own table (bold marks aside; headers may differ)."""
+    problems = []
+    for m in ROWS.finditer(text):
+        path = root / m["file"]
+        if not path.is_file():
+            problems.append(f"{README}:{text.count(chr(10), 0, m.start()) + 1}: {m['file']} does not exist")
+            continue
+        theirs = {line.strip() for line in path.read_text().splitlines()}
+        lines = text[m.end() :].split("\n")
+        first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+        table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[first:]))
+        start = text.count("\n", 0, m.end()) + 1 + first
+        for i, row in enumerate(table[2:], start=start + 2):  # after the header and its separator
+            if row.replace("**", "").strip() not in theirs:
+                problems.append(f"{README}:{i}: table row not in {m['file']}: {row}")
+    return problems
+
+
 def check(root: Path) -> list[str]:
-    """Every problem of the README under `root`: drifted numbers, then figures."""
+    """Every problem of the README under `root`: drifted numbers, figures, then experiment tables."""
     text, committed = (root / README).read_text(), Committed(root)
-    return number_problems(committed, text) + figure_problems(committed, text)
+    return number_problems(committed, text) + figure_problems(committed, text) + table_problems(root, text)
 
 
 def write(root: Path) -> int:

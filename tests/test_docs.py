@@ -34,6 +34,15 @@ def test_readme_numbers_match_the_committed_outputs() -> None:
     assert dv.number_problems(dv.Committed(ROOT), text) == []
 
 
+def test_readme_experiment_tables_are_the_experiments_own() -> None:
+    """The Results section's Table 2 shape and paired tables are rows of the tables the sweeps wrote."""
+    text = (ROOT / "README.md").read_text()
+    tables = dv.ROWS.findall(text)
+    assert tables.count("benchmarks/results/controls_mnist1d.md") == 2
+    assert tables.count("benchmarks/results/controls_cifar10_cpu.md") == 2
+    assert dv.table_problems(ROOT, text) == []
+
+
 def test_readme_figures_are_the_committed_outputs() -> None:
     """The README shows inspect/gen-0/figures/*.png themselves (committed with the run dvc.lock records),
     not copies under docs/ that drift (docs/img/reliability-gen0.png said acc 0.9360)."""
@@ -67,7 +76,8 @@ def copy(tmp_path: Path) -> Path:
     """A project root holding the README, dvc.lock and every file the README's numbers read, with made-up
     figures recorded in its dvc.lock (the committed ones are not needed to test the check)."""
     text = (ROOT / "README.md").read_text()
-    for rel in ["README.md", "dvc.lock", *{v.file for v in dv.marked_values(text)}]:
+    tables = dv.ROWS.findall(text)
+    for rel in ["README.md", "dvc.lock", *{v.file for v in dv.marked_values(text)}, *tables]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ROOT / rel, tmp_path / rel)
     for rel in dv.IMAGE.findall(text):
@@ -153,3 +163,17 @@ def test_a_copied_missing_or_other_runs_figure_is_reported(copy: Path) -> None:
     (copy / FIGURES / "reliability.png").write_bytes(b"\x89PNG drawn by another run")
     problems = dv.check(copy)
     assert len(problems) == 2 and all(f"image {FIGURES} is not the output dvc.lock records" in p for p in problems)
+
+
+def test_a_changed_experiment_table_row_is_reported(copy: Path) -> None:
+    readme = copy / "README.md"
+    text = readme.read_text()
+    row = "| 3 | 92.80 ± 0.89 | 91.84 ± 0.92 | +0.96 [+0.06, +1.86] | 94.42 ± 0.62 | 94.88 ± 0.86 | "
+    row += "-0.46 [-1.68, +0.76] |"
+    bold = "| 2 | 66.45 ± 0.36 | 65.29 ± 0.51 | **+1.16 [+0.83, +1.49]** |"
+    assert text.count(row) == 1 and text.count(bold) == 1  # a bold cell still matches its plain row
+    readme.write_text(text.replace(row, row.replace("+0.96", "+1.96")))
+    line = text[: text.index(row)].count("\n") + 1
+    assert dv.check(copy) == [
+        f"README.md:{line}: table row not in benchmarks/results/controls_mnist1d.md: {row.replace('+0.96', '+1.96')}"
+    ]
