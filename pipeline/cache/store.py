@@ -92,6 +92,13 @@ def views_of(attrs: dict[str, Any], split: str) -> int:
     return int(attrs["split_views"][split])
 
 
+def taught_by(attrs: dict[str, Any]) -> str:
+    """What the store's generation learned from, for tables and summaries: "labels" (generation 0, whose
+    `teacher` attribute is None) or "generation J"."""
+    teacher = attrs.get("teacher")
+    return "labels" if teacher is None else f"generation {teacher}"
+
+
 def has_aug(attrs: dict[str, Any], split: str) -> bool:
     """Whether `split` has a `<split>_aug` array: the store has an augmentation recipe and the split more
     than one view."""
