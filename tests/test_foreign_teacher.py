@@ -102,6 +102,12 @@ def tiny_net(classes: int, width: int = 4) -> nn.Module:
     return TinyNet(classes, width)
 
 
+def flat_net(inputs: int, classes: int) -> nn.Module:
+    """A `module:factory` for MNIST-1D rows (1, inputs): the error cases of tests/test_errors.py."""
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Flatten(), nn.Linear(inputs, classes))
+
+
 def their_transform(transform: dict[str, Any]) -> v2.Compose:
     return v2.Compose(
         [
@@ -234,7 +240,7 @@ def test_a_class_count_that_differs_from_the_data_is_refused(image_root: Path, t
         train.run(ParamsFile(image_params(image_root / "raw", source)), lay, 0)
     torch.jit.save(torch.jit.script(tiny_net(5)), lay.teachers / "t5.ts")
     source = {"kind": "torchscript", "weights": "teachers/t5.ts"}
-    with pytest.raises(CheckpointError, match=r"t5.ts: the teacher outputs \(2, 5\) for 2 rows; the data has 3 classes"):
+    with pytest.raises(CheckpointError, match=r"t5.ts: the teacher outputs \(2, 5\) for 2 rows; the data has 3"):
         train.run(ParamsFile(image_params(image_root / "raw", source)), lay, 0)
     assert not lay.model(0).exists()
 
@@ -250,7 +256,7 @@ def test_an_import_record_whose_bytes_changed_is_refused_at_export(image_root: P
     buf = io.BytesIO()
     torch.save(ckpt, buf)
     lay.model(0).write_bytes(buf.getvalue())
-    with pytest.raises(CheckpointError, match="bytes differ from their recorded sha256; rerun `bancache train --gen 0`"):
+    with pytest.raises(CheckpointError, match="bytes differ from their recorded sha256; rerun `bancache train"):
         export.run(ParamsFile(raw), lay, 0)
 
 
@@ -288,3 +294,22 @@ def test_a_transform_that_does_not_fit_the_images_is_refused(image_root: Path, t
         raw = image_params(image_root / "raw", {**source, "weights": "teachers/tiny.pt", "transform": transform})
         with pytest.raises(ParamsError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             train.run(ParamsFile(raw), lay, 0)
+
+
+def test_the_sweep_refuses_an_imported_teacher(tmp_path: Path) -> None:
+    from stages import sweep
+
+    source = {"kind": "torchscript", "weights": "teachers/t.ts"}
+    with pytest.raises(ParamsError, match="gen0.source is set: the sweep trains generation 0 per seed"):
+        sweep.run(ParamsFile(tiny_params(gen0={"loss": "ce", "source": source})), tmp_path / "out", [0], [])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_pretrained_config_is_valid() -> None:
+    from pipeline.params import parse_source
+
+    params = ParamsFile.load(Path(__file__).resolve().parents[1] / "configs/cifar10-pretrained.yaml")
+    params.validate()
+    source = parse_source(params.get("gen0"))
+    assert source is not None and (source.kind, source.arch) == ("torchvision", "resnet18")
+    assert source.weights.startswith("teachers/")
