@@ -313,3 +313,14 @@ def test_the_pretrained_config_is_valid() -> None:
     source = parse_source(params.get("gen0"))
     assert source is not None and (source.kind, source.arch) == ("torchvision", "resnet18")
     assert source.weights.startswith("teachers/")
+
+
+def test_weights_of_another_architecture_are_refused(image_root: Path, tmp_path: Path) -> None:
+    lay = project(image_root, tmp_path)
+    torch.save(resnet18().state_dict(), lay.teachers / "resnet18.pt")
+    source = {"kind": "torchvision", "arch": "resnet34", "weights": "teachers/resnet18.pt"}
+    with pytest.raises(CheckpointError) as e:
+        train.run(ParamsFile(image_params(image_root / "raw", source)), lay, 0)
+    assert "\n" not in str(e.value)
+    assert "resnet18.pt: the weights do not fit resnet34 (RuntimeError: Error(s) in loading state_dict" in str(e.value)
+    assert "Missing key(s)" in str(e.value)
