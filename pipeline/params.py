@@ -256,7 +256,8 @@ class GenParams(Checked):
     loss: str = "ban"
     teacher: int | None = None  # generation whose cached logits are the targets
     temperature: float = 1.0  # softening of teacher and student logits for the soft term
-    alpha: float = 0.5  # kd only: weight of the label term
+    alpha: float = 0.5  # kd: weight of the label term; dkd: weight of TCKD (mdistiller: 1.0); others ignore it
+    beta: float = 8.0  # dkd only: weight of NCKD (mdistiller's CIFAR default)
     seed: int | None = None
     arch: str | None = None  # overrides train.arch for this generation
     # Which cached view a sample trains on: clean (view 0 plus live augmentation), cycle (epoch % V) or
@@ -268,6 +269,7 @@ class GenParams(Checked):
         _one_of(f"{section}.view_policy", self.view_policy, VIEW_POLICIES)
         _range(f"{section}.temperature", self.temperature, 0.0, None, lo_open=True)
         _range(f"{section}.alpha", self.alpha, 0.0, 1.0)
+        _range(f"{section}.beta", self.beta, 0.0, None)
         if self.arch is not None:
             _check_arch(f"{section}.arch", self.arch)
 

@@ -82,6 +82,17 @@ def _delete_test_chunk(root: Path) -> None:
     next(p for p in sorted((ProjectPaths(root).store(0) / "test" / "c").rglob("*")) if p.is_file()).unlink()
 
 
+def _mse_on_a_topk_store(root: Path) -> None:
+    """Generation 0 re-exported as a top-k store (a distribution, no full logits), then an mse student of it."""
+    from stages import export
+    from stages.common import ParamsFile
+
+    _set(root, "export.layout", "topk")
+    _set(root, "export.topk", 3)
+    export.run(ParamsFile(yaml.safe_load((root / "params.yaml").read_text())), ProjectPaths(root), 0)
+    _set(root, "students.1.loss", "mse")
+
+
 def _unknown_metrics_column(root: Path) -> None:
     path = ProjectPaths(root).ensemble_metrics
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -414,6 +425,12 @@ CASES = [
         ("validate",),
         "depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got 18. For torchvision's resnet18, write "
         "'tv_resnet18'",
+    ),
+    Case(
+        "logit MSE from a sparse (top-k) teacher store",
+        _mse_on_a_topk_store,
+        ("train", "--gen", "1"),
+        "students.1.loss = 'mse' matches the teacher's logits, and the teacher's store",
     ),
 ]
 

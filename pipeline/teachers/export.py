@@ -255,7 +255,10 @@ def _attributes(checkpoint: Path, meta: dict[str, Any], data: PreparedData, para
         "loss": meta.get("loss"),
         "logit_shift": logit_shift(params),  # softmax, hence every target and statistic, is unaffected
         # how the generation that produced these logits was trained (`temperature` above is the stored T = 1)
-        "trained_with": {k: meta.get(k) for k in ("loss", "temperature", "alpha", "teacher", "seed")},
+        "trained_with": {
+            **{k: meta.get(k) for k in ("loss", "temperature", "alpha", "teacher", "seed")},
+            **({"beta": meta["beta"]} if "beta" in meta else {}),  # a dkd generation's NCKD weight
+        },
         **LAYOUTS[params.layout].attributes(format_options(params)),
     }
 
