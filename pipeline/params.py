@@ -31,7 +31,10 @@ VIEW_POLICIES = ("clean", "cycle", "random")
 STORAGES = ("memory", "files")
 CROPS = ("pad", "resized")
 
+SOURCE_KINDS = ("torchvision", "factory", "torchscript", "export")  # gen0.source.kind: teachers from elsewhere
+
 T = TypeVar("T")
+SCALAR = int | float | str | bool | None  # the values a mapping param (gen0.source.kwargs) may hold
 
 # The params section being parsed (`students.2`), named in the messages of the object built meanwhile; an
 # object constructed directly names its class's SECTION instead.
@@ -39,6 +42,11 @@ _SECTION: contextvars.ContextVar[str | None] = contextvars.ContextVar("bancache_
 
 
 def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict or (isinstance(tp, type) and issubclass(tp, Checked)):
+        return "a mapping"
     args = typing.get_args(tp)
     if args:
         return " or ".join(_type_name(a) for a in args)
@@ -69,6 +77,12 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
         return float(value)
     elif tp is bool and isinstance(value, bool):
         return value
+    elif origin is tuple and isinstance(value, (list, tuple)):  # tuple[float, ...]: a YAML list
+        return tuple(_check_type(f"{where}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value))
+    elif origin is dict and isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _check_type(f"{where}.{k}", v, SCALAR) for k, v in value.items()}  # dict[str, scalar]
+    elif isinstance(tp, type) and issubclass(tp, Checked):  # a nested section (gen0.source.transform)
+        return value if isinstance(value, tp) else parse_section(tp, where, value)
     elif tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
         return value
     raise ParamsError(f"{where} = {value!r}: expected {_type_name(tp)}")
@@ -300,6 +314,74 @@ class GenParams(Checked):
 
 
 @dataclass(frozen=True)
+class TransformParams(Checked):
+    """Section `gen0.source.transform`: how an imported teacher wants its input, applied to the dataset's
+    uint8 images in this order: resize (bilinear, antialiased; the shorter side to `resize`), centre crop to
+    `crop` x `crop`, scale to [0, 1], normalise by `mean` and `std` (per channel). Unset steps are skipped."""
+
+    SECTION = "gen0.source.transform"
+
+    resize: int | None = None
+    crop: int | None = None
+    mean: tuple[float, ...] | None = None  # e.g. ImageNet's (0.485, 0.456, 0.406)
+    std: tuple[float, ...] | None = None  # e.g. ImageNet's (0.229, 0.224, 0.225)
+
+    def check(self, section: str) -> None:
+        for key in ("resize", "crop"):
+            if getattr(self, key) is not None:
+                _range(f"{section}.{key}", getattr(self, key), 1, None)
+        if (self.mean is None) != (self.std is None) or (self.mean and len(self.mean) != len(self.std or ())):
+            raise ParamsError(
+                f"{section}: mean {self.mean} and std {self.std} must be given together, one value per channel"
+            )
+        if self.std is not None and min(self.std) <= 0:
+            raise ParamsError(f"{section}.std = {list(self.std)}: every value must be > 0")
+
+
+@dataclass(frozen=True)
+class SourceParams(Checked):
+    """Section `gen0.source`: generation 0 imported instead of trained. `kind` torchvision (`arch`, a
+    `torchvision.models.get_model` name) or factory (`factory`, an importable `module:function`), each
+    called with `kwargs` and loaded with the state_dict file `weights`; torchscript (`torch.jit.load`) or
+    export (`torch.export.load`) read the model from `weights` itself. Paths are relative to the project root."""
+
+    SECTION = "gen0.source"
+
+    kind: str = "torchvision"
+    weights: str = ""  # under teachers/, where dvc.yaml's teacher stage looks for changes
+    arch: str | None = None  # kind torchvision
+    factory: str | None = None  # kind factory: "package.module:function"
+    kwargs: dict[str, SCALAR] = field(default_factory=dict)  # torchvision and factory: builder keywords
+    transform: TransformParams = field(default_factory=TransformParams)
+
+    def check(self, section: str) -> None:
+        _one_of(f"{section}.kind", self.kind, SOURCE_KINDS)
+        if not self.weights:
+            raise ParamsError(f"{section}.weights: required (the teacher's file, e.g. teachers/resnet18.pt)")
+        builders = {"arch": "torchvision", "factory": "factory"}  # key -> the kind that reads it
+        wants = next((key for key, kind in builders.items() if kind == self.kind), None)
+        for key, kind in builders.items():
+            if key == wants and not getattr(self, key):
+                raise ParamsError(f"{section}.{key}: required for kind {self.kind!r}")
+            if key != wants and getattr(self, key) is not None:
+                raise ParamsError(f"{section}.{key} = {getattr(self, key)!r}: only for kind {kind!r}; remove it")
+        if wants is None and self.kwargs:
+            raise ParamsError(f"{section}.kwargs: kind {self.kind!r} reads the whole model from its file; remove it")
+        if self.factory is not None and (self.factory.count(":") != 1 or self.factory.startswith(":")):
+            raise ParamsError(
+                f"{section}.factory = {self.factory!r}: expected 'module:function', e.g. 'mypkg.nets:resnet'"
+            )
+        if self.arch is not None:
+            from torchvision.models import list_models
+
+            if self.arch not in list_models():
+                raise ParamsError(
+                    f"{section}.arch = {self.arch!r}: not a torchvision model name "
+                    f"(torchvision.models.list_models(), e.g. resnet18, mobilenet_v3_small)"
+                )
+
+
+@dataclass(frozen=True)
 class ExportParams(Checked):
     """Section `export`: how logits are written to the store."""
 
@@ -388,7 +470,9 @@ def generation_seed(recipe: TrainParams, gen: int, gp: GenParams) -> int:
 def parse_generation(gen: int, raw: Any) -> GenParams:
     """Validate one generation's section: `gen0`, or `students.K` for K >= 1."""
     if gen == 0:
-        gp = parse_section(GenParams, "gen0", {"loss": "ce", **(raw or {})})
+        parse_source(raw)  # gen0.source, checked here with the rest of the section
+        rest = {k: v for k, v in (raw or {}).items() if k != "source"}
+        gp = parse_section(GenParams, "gen0", {"loss": "ce", **rest})
         if loss_spec(gp.loss).needs_teacher or gp.teacher is not None:
             must = " or ".join(repr(n) for n in label_losses())
             raise ParamsError(
@@ -405,6 +489,13 @@ def parse_generation(gen: int, raw: Any) -> GenParams:
     if not loss_spec(gp.loss).needs_teacher:
         raise ParamsError(f"{section}.loss = {gp.loss!r} ignores the teacher: use one of {', '.join(teacher_losses())}")
     return gp
+
+
+def parse_source(gen0_raw: Any) -> SourceParams | None:
+    """Section `gen0.source` of the gen0 section `gen0_raw`: the imported teacher, or None (generation 0
+    trains from labels)."""
+    raw = gen0_raw.get("source") if isinstance(gen0_raw, Mapping) else None
+    return None if raw is None else parse_section(SourceParams, "gen0.source", raw)
 
 
 def student_keys(students_raw: Any) -> list[int]:

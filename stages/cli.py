@@ -148,18 +148,22 @@ def prepare(obj: Ctx) -> None:
 @click.pass_obj
 @_user_errors
 def train(obj: Ctx, gen: int, resume: bool) -> None:
-    """Train generation GEN (params: train, gen0 or students.GEN)."""
+    """Train generation GEN (params: train, gen0 or students.GEN); with gen0.source set, generation 0 is
+    imported from that file instead (checked, recorded in models/gen-0)."""
+    from pipeline.params import parse_source
     from stages import train as stage
     from stages.launch import relaunch_if_needed
 
     params = obj.params()
     argv = obj.argv("train", "--gen", str(gen), "--resume" if resume else "--no-resume")
-    if (code := relaunch_if_needed(params, argv)) is not None:
+    imported = gen == 0 and parse_source(params.get("gen0")) is not None  # one process reads the file
+    if not imported and (code := relaunch_if_needed(params, argv)) is not None:
         sys.exit(code)
     m = stage.run(params, obj.layout, gen, resume=resume, verify=obj.verify)
-    if "test_acc" not in m:  # a torchrun worker other than rank 0
-        return
-    click.echo(f"generation {gen}: val acc {m['final_val_acc']:.4f}, test acc {m['test_acc']:.4f}")
+    if "imported" in m:
+        click.echo(f"generation 0: {m['imported']}, test acc {m['test_acc']:.4f}")
+    elif "test_acc" in m:  # not a torchrun worker other than rank 0
+        click.echo(f"generation {gen}: val acc {m['final_val_acc']:.4f}, test acc {m['test_acc']:.4f}")
 
 
 @main.command()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pipeline.chain.generation import epoch_hook, prepare_generation, train_job
+from pipeline.chain.generation import epoch_hook, import_generation, prepare_generation, train_job
 from pipeline.core.distributed import context_from_env
 from pipeline.core.errors import ParamsError
 from pipeline.core.paths import ProjectPaths
-from pipeline.params import TrainParams, parse_generation, parse_section, section_of
+from pipeline.params import TrainParams, parse_generation, parse_section, parse_source, section_of
 from stages.common import ParamsFile
 from stages.launch import worker_context
 from stages.progress import Progress
@@ -30,6 +30,9 @@ def run(
             "add it or pick another generation"
         )
     gp = parse_generation(gen, raw)
+    source = parse_source(raw) if gen == 0 else None
+    if source is not None:  # generation 0 imported from a file (gen0.source), not trained
+        return import_generation(layout, source, recipe, verify=verify)
     is_main = context_from_env(os.environ).is_main  # the fitness check and its warnings: rank 0 only
     job = prepare_generation(layout, recipe, gen, gp, verify=verify, resume=resume, is_main=is_main)
     ctx = worker_context(params)

@@ -48,6 +48,7 @@ def _new_repo(root: Path, raw: dict) -> Path:
         pytest.skip("git not installed")
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "teachers", root / "teachers")  # the teacher stage's dep (imported teachers' files)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     _run(["git", "init", "-q"], root)
     _run([sys.executable, "-m", "dvc", "init", "-q"], root)
@@ -225,3 +226,40 @@ def test_dvc_repro_chain_on_images_kept_on_disk(tmp_path: Path) -> None:
     assert load_checkpoint(root / "models/gen-1/model.pt")["meta"]["recipe"]["crop"] == "resized"
     assert set(json.loads((root / "metrics/ensemble.json").read_text())["accuracy"]) == {"gen0", "gen1"}
     assert (root / "inspect/gen-0/summary.md").exists() and (root / "reports/report.md").exists()
+
+
+def test_dvc_repro_student_from_an_imported_teacher(tmp_path: Path) -> None:
+    """Generation 0 imported from a torchvision resnet18 state_dict under teachers/ (gen0.source), not
+    trained; a student trains from its store through the real dvc repro, the report names the teacher, and
+    a changed weights file reruns the import and what follows."""
+    import numpy as np
+    import torch
+    import torchvision
+
+    from pipeline.cache.store import LogitStore
+    from tests.test_foreign_teacher import TRANSFORM, image_params, write_npz
+
+    raw = image_params(
+        write_npz(tmp_path / "raw"),
+        {"kind": "torchvision", "arch": "resnet18", "weights": "teachers/resnet18.pt", "transform": TRANSFORM},
+    )
+    root = _new_repo(tmp_path / "repo", raw)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), root / "teachers/resnet18.pt")
+    log = _run([sys.executable, "-m", "dvc", "repro"], root)
+    assert "Running stage 'teacher'" in log and "Running stage 'train@1'" in log
+    label = json.loads((root / "metrics/train/gen-0.json").read_text())["imported"]
+    assert label.startswith("imported: resnet18 (sha256 ")
+    assert LogitStore.open(root / "cache/gen-0").attrs["source"]["arch"] == "resnet18"
+    student = load_checkpoint(root / "models/gen-1/model.pt")["meta"]
+    teacher_sha = LogitStore.open(root / "cache/gen-0").attrs["checkpoint_sha256"]
+    assert student["teacher_store_checkpoint_sha256"] == teacher_sha
+    assert np.isfinite(json.loads((root / "metrics/ensemble.json").read_text())["accuracy"]["gen1"])
+    assert f"{label} -> cnn3" in (root / "reports/report.md").read_text()
+    assert _stages_to_run(root) == set()
+
+    torch.manual_seed(1)  # other weights in the same file: the import reruns, then the export after it
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), root / "teachers/resnet18.pt")
+    assert _stages_to_run(root) == {"teacher"}
+    _run([sys.executable, "-m", "dvc", "repro", "--single-item", "teacher"], root)
+    assert "export_teacher" in _stages_to_run(root)

@@ -474,6 +474,66 @@ CASES = [
 ]
 
 
+def _imported(root: Path, weights: object, kind: str = "factory", classes: int = 10, file: str = "t.pt") -> None:
+    """gen0.source importing `weights` (saved with torch.save under teachers/, unless None) into the tiny
+    MNIST-1D project: a `tests.test_foreign_teacher:flat_net` factory, or torchvision's resnet18."""
+    (root / "teachers").mkdir(exist_ok=True)
+    if weights is not None:
+        torch.save(weights, root / "teachers" / file)
+    builder = {"factory": "tests.test_foreign_teacher:flat_net", "kwargs": {"inputs": 40, "classes": classes}}
+    if kind == "torchvision":
+        builder = {"arch": "resnet18"}
+    _set(root, "gen0.source", {"kind": kind, "weights": f"teachers/{file}", **builder})
+
+
+def _flat_net_weights(classes: int) -> dict:
+    from tests.test_foreign_teacher import flat_net
+
+    return flat_net(40, classes).state_dict()
+
+
+CASES += [
+    Case(
+        "imported teacher's weights file holds a pickled object",
+        lambda r: _imported(r, torch.nn.Linear(40, 10), kind="torchvision"),
+        ("train", "--gen", "0"),
+        "teachers/t.pt: refused: it holds a pickled torch.nn.modules.linear.Linear object, which "
+        "torch.load(weights_only=True) will not run; only state_dict/tensor files are accepted",
+    ),
+    Case(
+        "imported teacher with another class count",
+        lambda r: _imported(r, _flat_net_weights(7), classes=7),
+        ("train", "--gen", "0"),
+        "teachers/t.pt: the teacher outputs (2, 7) for 2 rows; the data has 10 classes",
+    ),
+    Case(
+        "imported teacher's weights for another class count",
+        lambda r: _imported(r, _flat_net_weights(7)),
+        ("train", "--gen", "0"),
+        "teachers/t.pt: the weights are for 7 classes (1.weight has shape [7, 40]), the data has 10",
+    ),
+    Case(
+        "imported teacher's weights file missing",
+        lambda r: _imported(r, None),
+        ("train", "--gen", "0"),
+        "gen0.source.weights = 'teachers/t.pt': no such file",
+    ),
+    Case(
+        "imported teacher's factory cannot be imported",
+        lambda r: (_imported(r, _flat_net_weights(10)), _set(r, "gen0.source.factory", "nosuchpkg.nets:build")),
+        ("train", "--gen", "0"),
+        "gen0.source.factory = 'nosuchpkg.nets:build': cannot import it (ModuleNotFoundError: No module named "
+        "'nosuchpkg'); install the module or put its folder on PYTHONPATH",
+    ),
+    Case(
+        "imported teacher of an unknown kind",
+        lambda r: _set(r, "gen0.source", {"kind": "onnx", "weights": "teachers/t.onnx"}),
+        ("validate",),
+        "gen0.source.kind = 'onnx': allowed values are torchvision, factory, torchscript, export",
+    ),
+]
+
+
 def run_case(case: Case, root: Path):
     case.setup(root)
     with case.fault(root):

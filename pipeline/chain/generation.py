@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -25,9 +27,10 @@ from pipeline.core.files import write_json, write_text
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import PreparedData, load_prepared
 from pipeline.models.predict import predict_accuracy
-from pipeline.params import ExportParams, GenParams, TrainParams
+from pipeline.params import ExportParams, GenParams, SourceParams, TrainParams
 from pipeline.results.ensemble import evaluate_chain
 from pipeline.teachers.export import export_logits
+from pipeline.teachers.foreign import import_teacher, teacher_label
 from pipeline.train.loop import (
     EpochLog,
     TrainResult,
@@ -37,6 +40,8 @@ from pipeline.train.loop import (
     save_generation,
     train_generation,
 )
+
+log = logging.getLogger(__name__)
 
 
 class Bar(Protocol):
@@ -157,14 +162,43 @@ def write_outputs(
     if fitness is not None:  # its metrics and warnings (the report lists them); loss, rows and T are settings
         metrics["teacher_fitness"] = {k: fitness[k] for k in ("fit_accuracy", "entropy_mean", "warnings")}
     write_json(paths.train_metrics(gen), metrics)
+    write_text(paths.train_plot(gen), plot_csv(result.history))
+    return metrics
+
+
+def plot_csv(history: list[EpochLog]) -> str:
+    """plots/train/gen-K.csv: one row per epoch (the header alone for an imported generation 0)."""
     buf = io.StringIO()
     # Wall-clock seconds stay out of this git-tracked file, so a rerun of the same recipe reproduces it exactly
     # (they are in the progress lines and the resume state's history).
-    fields = [f for f in asdict(result.history[0]) if f != "seconds"]
+    fields = [f.name for f in dataclasses.fields(EpochLog) if f.name != "seconds"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(asdict(h) for h in result.history)
-    write_text(paths.train_plot(gen), buf.getvalue())
+    writer.writerows(asdict(h) for h in history)
+    return buf.getvalue()
+
+
+def import_generation(
+    paths: ProjectPaths, source: SourceParams, recipe: TrainParams, verify: bool = True
+) -> dict[str, Any]:
+    """Generation 0 imported instead of trained (params `gen0.source`): its checked import record in
+    models/gen-0/model.pt, its test accuracy (on the device `train.device` names) and the label naming it
+    in metrics/train/gen-0.json, and a plot with no epochs."""
+    data = load_prepared(paths.dataset, verify=verify)
+    weights = paths.root / source.weights
+    if not weights.resolve().is_relative_to(paths.teachers.resolve()):
+        log.warning(
+            "gen0.source.weights = %r is outside teachers/: `dvc repro` reruns the import only when a file "
+            "under teachers/ changes",
+            source.weights,
+        )
+    model, record = import_teacher(source, weights, data, paths.model(0))
+    device = resolve_device(recipe.device, SINGLE_PROCESS)
+    _, test_acc = predict_accuracy(model.to(device), data.x_test, data.y_test, recipe.eval_batch_size, device)
+    metrics = {"imported": teacher_label(record), "test_acc": test_acc}
+    write_json(paths.train_metrics(0), metrics)
+    write_text(paths.train_plot(0), plot_csv([]))
+    paths.train_state(0).unlink(missing_ok=True)  # a trained run's resume state is not this generation
     return metrics
 
 

@@ -16,6 +16,11 @@ class ProjectPaths:
     def dataset(self) -> Path:
         return self.root / "data" / "dataset.h5"
 
+    @property
+    def teachers(self) -> Path:
+        """Teachers from elsewhere (params gen0.source.weights): the folder the teacher stage depends on."""
+        return self.root / "teachers"
+
     def model_dir(self, gen: int) -> Path:
         return self.root / "models" / f"gen-{gen}"
 

@@ -18,6 +18,9 @@ from pipeline.core.files import atomic_path
 from pipeline.models.registry import build_model
 
 FORMAT = "bancache-checkpoint-v1"
+# generation 0 imported from a file bancache did not write (`pipeline.teachers.foreign`): that file's bytes,
+# its sha256 and how to build the model from it; only the export reads it
+IMPORT_FORMAT = "bancache-import-v1"
 REQUIRED_META = ("arch", "input_shape", "num_classes", "generation", "seed", "dataset_fingerprint")
 
 
@@ -39,8 +42,9 @@ def save_atomic(path: str | os.PathLike[str], obj: Any) -> None:
         f.write(buf.getbuffer())
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and check a bancache checkpoint; every failure is a CheckpointError naming the file."""
+def load_checkpoint(path: str | os.PathLike[str], imported: bool = False) -> dict[str, Any]:
+    """Load and check a bancache checkpoint; every failure is a CheckpointError naming the file. With
+    `imported`, an imported teacher's checkpoint (`IMPORT_FORMAT`) is returned too (the export's case)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: checkpoint not found. Run `bancache train` for this generation first")
@@ -61,6 +65,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(
             f"{p}: truncated or not a bancache checkpoint ({type(e).__name__}: {reason}); retrain or restore it"
         ) from e
+    if isinstance(ckpt, dict) and ckpt.get("format") == IMPORT_FORMAT:
+        if imported:
+            return ckpt
+        raise CheckpointError(
+            f"{p}: holds an imported teacher ({ckpt.get('meta', {}).get('arch')}), not a network bancache "
+            "trained; only `bancache export-logits` reads it (its logits are in the generation's store)"
+        )
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a bancache checkpoint (no '{FORMAT}' tag); retrain it with `bancache train`")
     meta = ckpt.get("meta")

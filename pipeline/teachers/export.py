@@ -45,9 +45,10 @@ from pipeline.core.files import replace_dir, sha256_file
 from pipeline.data.augment import PAD, RESIZED_KIND, apply_params, mix64, view_params
 from pipeline.data.files import BoxRecipe, CropRecipe, ImageFiles, chunk_views
 from pipeline.data.prepared import PreparedData
-from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint
+from pipeline.models.checkpoint import IMPORT_FORMAT, load_checkpoint, model_from_checkpoint
 from pipeline.models.predict import predict_logits
 from pipeline.params import ExportParams
+from pipeline.teachers.foreign import model_from_import
 
 log = logging.getLogger(__name__)
 
@@ -271,13 +272,17 @@ def _write_rows(
 
 
 def _attributes(checkpoint: Path, meta: dict[str, Any], data: PreparedData, params: ExportParams) -> dict[str, Any]:
-    """The store's provenance attributes (`pipeline.cache.store.REQUIRED_ATTRS` and the format's extras)."""
+    """The store's provenance attributes (`pipeline.cache.store.REQUIRED_ATTRS` and the format's extras); an
+    imported teacher's (`meta["source"]`) name its file's sha256 and add the attribute `source`."""
+    source = meta.get("source")
+    imported = {"source": source} if source is not None else {}
     return {
         "generation": meta["generation"],
         "arch": meta["arch"],
         "seed": meta["seed"],
         "temperature": 1.0,  # logits are stored raw; soften at read time
-        "checkpoint_sha256": sha256_file(checkpoint),
+        "checkpoint_sha256": source["sha256"] if source is not None else sha256_file(checkpoint),
+        **imported,
         "dataset_fingerprint": data.fingerprint,
         "dataset": data.name,
         "class_names": data.class_names,
@@ -317,14 +322,17 @@ def _temporary_path(out: Path, ctx: DistContext) -> Path:
 
 
 def _load_model(checkpoint: Path, data: PreparedData, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The generation's model (eval mode, on `device`) and its checkpoint meta; refuses another dataset's."""
-    ckpt = load_checkpoint(checkpoint)
+    """The generation's model (eval mode, on `device`) and its checkpoint meta (an imported teacher's with
+    its `source` record); refuses another dataset's."""
+    ckpt = load_checkpoint(checkpoint, imported=True)
     meta = ckpt["meta"]
     if meta["dataset_fingerprint"] != data.fingerprint:
         raise CheckpointError(
             f"{checkpoint}: trained on another dataset (fingerprint {meta['dataset_fingerprint'][:12]}..., "
             f"prepared data is {data.fingerprint[:12]}...). Retrain this generation on the prepared data"
         )
+    if ckpt["format"] == IMPORT_FORMAT:
+        return model_from_import(ckpt, checkpoint).to(device), {**meta, "source": ckpt["source"]}
     return model_from_checkpoint(ckpt, checkpoint).to(device), meta
 
 
