@@ -63,7 +63,7 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
             except ParamsError:
                 continue
         raise ParamsError(f"{where} = {value!r}: expected {_type_name(tp)}")
-    if origin is tuple:  # a fixed-length pair such as train.crop_scale: a YAML list of that many values
+    if origin is tuple and typing.get_args(tp)[-1] is not Ellipsis:  # a fixed-length pair (train.crop_scale)
         args = typing.get_args(tp)
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ParamsError(f"{where} = {value!r}: expected a list of {len(args)} values ({_type_name(args[0])})")
