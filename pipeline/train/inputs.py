@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from pipeline.cache.device import DeviceTargets, resident_bytes
-from pipeline.cache.reader import CachedTargets
+from pipeline.cache.device import device_targets, resident_bytes
+from pipeline.cache.members import Targets
 from pipeline.cache.stream import BlockShuffleSampler, epoch_sampler
 from pipeline.core.distributed import DistContext
 from pipeline.data.augment import apply_params
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def loader_batches(
     loader: DataLoader,
     device: torch.device,
-    targets: CachedTargets | None = None,
+    targets: Targets | None = None,
     temperature: float = 1.0,
     augment: LiveAugment | None = None,
     views: ViewPolicy | None = None,
@@ -87,12 +87,12 @@ def _resident_input(
     recipe: TrainParams,
     gp: GenParams,
     device: torch.device,
-    targets: CachedTargets | None,
+    targets: Targets | None,
     views: ViewPolicy | None,
     gens: tuple[torch.Generator, torch.Generator | None],
 ) -> TrainInput:
     res = ResidentInput(data, device, recipe.batch_size, gens[0], gens[1])
-    dev_targets = None if targets is None else DeviceTargets(targets, device, data.fit_index(), views is not None)
+    dev_targets = None if targets is None else device_targets(targets, device, data.fit_index(), views is not None)
     x_val, y_val = res.val_xy()
     return TrainInput(
         batches=lambda epoch: res.epoch(epoch, dev_targets, gp.temperature, views),
@@ -101,7 +101,7 @@ def _resident_input(
 
 
 def _sampler(
-    fit: IndexedDataset, ctx: DistContext, targets: CachedTargets | None, seed: int, generator: torch.Generator
+    fit: IndexedDataset, ctx: DistContext, targets: Targets | None, seed: int, generator: torch.Generator
 ) -> Sampler[int]:
     """The streaming loader's order: `epoch_order` from the shuffling generator (`EpochOrderSampler`, the
     resident path's very order); under torchrun a DistributedSampler (per-rank batch = batch_size /
@@ -119,7 +119,7 @@ def _streaming_input(
     gp: GenParams,
     device: torch.device,
     ctx: DistContext,
-    targets: CachedTargets | None,
+    targets: Targets | None,
     views: ViewPolicy | None,
     generator: torch.Generator,
     augment: LiveAugment | None,
@@ -151,7 +151,7 @@ def make_input(
     gp: GenParams,
     device: torch.device,
     ctx: DistContext,
-    targets: CachedTargets | None,
+    targets: Targets | None,
     views: ViewPolicy | None,
     gens: tuple[torch.Generator, torch.Generator],
     augment: LiveAugment | None,
