@@ -362,7 +362,7 @@ def _pct(v: float | None) -> str:
 def write_comparison(
     out: Path,
     gen: int,
-    against: int,
+    against: int | str,
     class_names: list[str],
     pair: dict[str, Agreement],
     chain: list[dict[str, Any]] | None,
@@ -394,7 +394,12 @@ def write_comparison(
 
 
 def _per_class(
-    per: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str], path: Path, title: str, gen: int, against: int
+    per: dict[str, tuple[np.ndarray, np.ndarray]],
+    names: list[str],
+    path: Path,
+    title: str,
+    gen: int,
+    against: int | str,
 ) -> None:
     x = np.arange(len(names))
     fig = Figure(figsize=(max(6.4, 0.5 * len(names) + 2), 5.6))
@@ -434,7 +439,7 @@ def _chain(chain: list[dict[str, Any]], path: Path, temperature: float) -> None:
     _save(fig, path)
 
 
-def _pair_summary(gen: int, against: int, m: dict[str, Any], chain: list[dict[str, Any]] | None) -> str:
+def _pair_summary(gen: int, against: int | str, m: dict[str, Any], chain: list[dict[str, Any]] | None) -> str:
     lines = [
         f"# Generation {gen} against generation {against}",
         "",

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from pipeline.audit.fitness import check_teacher
 from pipeline.cache.members import EnsembleTargets, Targets
+from pipeline.cache.store import LogitStore
 from pipeline.core.devices import resolve_device
 from pipeline.core.distributed import SINGLE_PROCESS, DistContext, barrier, partition_rows
 from pipeline.core.files import write_json, write_text
@@ -112,6 +113,21 @@ def teacher_stores(paths: ProjectPaths, gp: GenParams) -> Path | list[Path] | No
     if gp.teacher is None or not loss_spec(gp.loss).needs_teacher:
         return None
     return [paths.store(g) for g in gp.members] if isinstance(gp.teacher, list) else paths.store(gp.teacher)
+
+
+def teacher_record(paths: ProjectPaths, gen: int, gp: GenParams) -> dict[str, Any]:
+    """What generation `gen` learns from, as dvc.yaml's train@K depends on it (teachers/gen-K.json): its
+    teacher in params and the completion-marker sha256 of each member store (which changes with any array of
+    the store), so the file changes exactly when one of K's own teacher stores does (none for labels)."""
+    members = list(gp.members) if loss_spec(gp.loss).needs_teacher else []
+    markers = {}
+    for g in members:
+        marker = LogitStore.open(paths.store(g)).marker  # checked against the store as every open is
+        markers[str(g)] = marker["marker_sha256"] if marker is not None else None
+    record: dict[str, Any] = {"generation": gen, "teacher": gp.teacher if members else None, "stores": markers}
+    if isinstance(gp.teacher, list):
+        record["ensemble"] = gp.ensemble
+    return record
 
 
 def train_job(
