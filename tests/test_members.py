@@ -215,3 +215,48 @@ def test_inconsistent_teachers_are_refused_with_one_line(gen: int, raw: dict, li
 def test_a_member_missing_from_the_chain_is_named() -> None:
     with pytest.raises(ParamsError, match=r"^students\.3\.teacher = \[0, 2\]: no such generation 2\. Generations"):
         parse_chain({}, {"1": {"loss": "ce"}, "3": {"teacher": [0, 2]}})
+
+
+# ------------------------------------------------------------------------------------------------ a chain
+
+
+def test_a_chain_of_label_trained_members_and_an_ensemble_student(project, monkeypatch) -> None:
+    """gen 1 trains from labels with its own seed (train.seed + 1); gen 2 learns from [0, 1]; its checkpoint
+    and its own store record both members; the resident and streaming paths train it bit-identically."""
+    from pipeline.models.checkpoint import load_checkpoint
+    from stages import control, export, teachers, train
+    from stages.common import ParamsFile
+    from tests.conftest import tiny_params
+
+    students = {"1": {"loss": "ce", "teacher": None}, "2": {"teacher": [0, 1], "loss": "ban", "temperature": 2.0}}
+    params = ParamsFile(tiny_params(students=students))
+    for g in (0, 1):
+        train.run(params, project, g)
+        export.run(params, project, g)
+    m0, m1 = (load_checkpoint(project.model(g)) for g in (0, 1))
+    assert (m1["meta"]["seed"], m1["meta"]["loss"], m1["meta"]["teacher"]) == (1, "ce", None)
+    assert not torch.equal(
+        m0["state_dict"][next(iter(m0["state_dict"]))], m1["state_dict"][next(iter(m1["state_dict"]))]
+    )
+    train.run(params, project, 2)
+    meta = load_checkpoint(project.model(2))["meta"]
+    shas = [LogitStore.open(project.store(g)).attrs["checkpoint_sha256"] for g in (0, 1)]
+    assert meta["teacher"] == [0, 1] and meta["teacher_store_checkpoint_sha256"] == shas
+    assert meta["ensemble"] == "probs"
+    export.run(params, project, 2)
+    attrs = LogitStore.open(project.store(2)).attrs
+    assert attrs["teacher"] == [0, 1] and attrs["trained_with"]["teacher"] == [0, 1]
+    # teachers_2's record: the marker hash of each member (what dvc.yaml's train@2 depends on)
+    record = teachers.run(params, project, 2)
+    assert record["teacher"] == [0, 1] and set(record["stores"]) == {"0", "1"}
+    assert teachers.run(params, project, 1)["stores"] == {}
+    # the streaming path (budget 0) trains the same weights, read in the same epoch order
+    monkeypatch.setattr("pipeline.train.inputs.epoch_sampler", lambda *a, **k: None)
+    resident = load_checkpoint(project.model(2))["state_dict"]
+    raw = tiny_params(students=students)
+    raw["train"] = {**raw["train"], "memory_budget_mib": 0}
+    train.run(ParamsFile(raw), project, 2)
+    streamed = load_checkpoint(project.model(2))["state_dict"]
+    assert all(torch.equal(resident[k], streamed[k]) for k in resident)
+    # a label-trained member's control is itself retrained: it runs like any control
+    assert control.run(ParamsFile({**tiny_params(students=students), "controls": True}), project, 1)["loss"] == "ce"
