@@ -230,7 +230,7 @@ def test_dvc_repro_label_trained_members_and_an_ensemble_student(tmp_path: Path)
     meta = load_checkpoint(root / "models/gen-3/model.pt")["meta"]
     assert meta["teacher"] == [0, 1, 2] and len(meta["teacher_store_checkpoint_sha256"]) == 3
     assert load_checkpoint(root / "models/gen-2/model.pt")["meta"]["seed"] == 2  # train.seed + K
-    assert json.loads((root / "inspect/gen-3-vs-teacher/metrics.json").read_text())["against"] == "ensemble 0+1+2"
+    assert "# Generation 3 against ensemble 0+1+2" in (root / "inspect/gen-3-vs-teacher/summary.md").read_text()
     assert _stages_to_run(root) == set()
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert [d["path"] for d in lock["train@3"]["deps"]] == ["data/dataset.h5", "teachers/gen-3.json"]

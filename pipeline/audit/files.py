@@ -441,7 +441,7 @@ def _chain(chain: list[dict[str, Any]], path: Path, temperature: float) -> None:
 
 def _pair_summary(gen: int, against: int | str, m: dict[str, Any], chain: list[dict[str, Any]] | None) -> str:
     lines = [
-        f"# Generation {gen} against generation {against}",
+        f"# Generation {gen} against {against if isinstance(against, str) else f'generation {against}'}",
         "",
         f"KL(p_{against} || p_{gen}) and top-1 agreement at T = {m['temperature']:g}, view {VIEW} "
         "([metrics.json](metrics.json), per class of the true label in [per_class.csv](per_class.csv)).",
