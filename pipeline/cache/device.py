@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.cache.members import EnsembleTargets, Targets, combine, members_of
+from pipeline.cache.members import EnsembleTargets, Targets, combine, combine_logits, members_of
 from pipeline.cache.reader import CachedTargets
 from pipeline.cache.store import AUG_ARRAY
 from pipeline.core.errors import CorruptStoreError
@@ -106,8 +106,14 @@ class DeviceEnsemble:
     def __init__(self, source: EnsembleTargets, device: torch.device, rows: np.ndarray, all_views: bool) -> None:
         self.members = [DeviceTargets(m, device, rows, all_views) for m in source.members]
         self.mode = source.mode
+        self.stacked: torch.Tensor | None = None  # dense members: their logits as one (M, N, V, C) tensor
+        if all(m.format.full_logits for m in self.members):
+            self.stacked = torch.stack([m.tensors.pop("values") for m in self.members])  # held once, not twice
 
     def teacher(self, rows: torch.Tensor, *, views: torch.Tensor | None, temperature: float) -> Teacher:
+        if self.stacked is not None:  # one gather and one softmax for every member
+            v = self.members[0].default_view if views is None else views
+            return combine_logits(self.stacked[:, rows, v], self.mode, temperature)
         parts = [m.teacher(rows, views=views, temperature=temperature) for m in self.members]
         return combine(parts, self.mode, temperature)
 

@@ -36,21 +36,26 @@ REEXPORT_VIEWS = (
 )
 
 
-def combine(teachers: Sequence[Teacher], mode: str, temperature: float) -> Teacher:
-    """The ensemble target of the members' targets for the same rows: "probs", Probs((1/n) sum_j p_j,T),
-    summed in member order, then divided once; "logits", the mean of the members' raw logits (B, C), which the
-    loss softens at T (shifted float16 rows differ from raw ones by a per-row constant: same softmax)."""
+def combine_logits(z: torch.Tensor, mode: str, temperature: float) -> Teacher:
+    """The ensemble target of dense members' raw logits stacked as `z` (M, B, C): "probs",
+    Probs((1/M) sum_j softmax(z_j / T)); "logits", the mean logits (B, C), which the loss softens at T
+    (shifted float16 rows differ from raw ones by a per-row constant: the same softmax). One softmax over
+    the stack, one sum: the host reader and the device path both end here, so they agree bit for bit."""
+    z = z.float()
     if mode == "logits":
-        total = teachers[0].float() if isinstance(teachers[0], torch.Tensor) else None
-        if total is None or not all(isinstance(t, torch.Tensor) for t in teachers):
-            raise ValueError("a logits-mean ensemble needs raw logits from every member (dense stores)")
-        for t in teachers[1:]:
-            total = total + t.float()  # type: ignore[union-attr]
-        return total / len(teachers)
-    p = soften(teachers[0], temperature)
-    for t in teachers[1:]:
-        p = p + soften(t, temperature)
-    return Probs(p / len(teachers))
+        return z.sum(0) / len(z)
+    return Probs(torch.softmax(z / temperature, dim=-1).sum(0) / len(z))
+
+
+def combine(teachers: Sequence[Teacher], mode: str, temperature: float) -> Teacher:
+    """The ensemble target of the members' targets for the same rows (B, C) each: raw logits of dense
+    members go through `combine_logits`; with a sparse member (a `Probs` rebuilt from its layout) the mean
+    of the members' p_T, Probs((1/M) sum_j p_j,T). "logits" needs raw logits from every member."""
+    if all(isinstance(t, torch.Tensor) for t in teachers):
+        return combine_logits(torch.stack([t.float() for t in teachers]), mode, temperature)  # type: ignore[union-attr]
+    if mode == "logits":
+        raise ValueError("a logits-mean ensemble needs raw logits from every member (dense stores)")
+    return Probs(torch.stack([soften(t, temperature) for t in teachers]).sum(0) / len(teachers))
 
 
 def _views_signature(a: dict[str, Any]) -> tuple[Any, ...]:
