@@ -115,7 +115,7 @@ def test_dense_and_topk_members_mix_the_sparse_row_expanded_first(tmp_path: Path
     want = (softmax(z_dense[:, 0], t) + rebuilt) / 2
     np.testing.assert_allclose(ens.target(np.arange(N), temperature=t).p.numpy(), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(
-        ParamsError, match=r"^teacher: ensemble = 'logits' averages all C logits, but member generation 1 "
+        ParamsError, match=r"^ensemble = 'logits' averages every member's C logits, but member generation 1 "
     ):
         EnsembleTargets([reader(dense(tmp_path / "gen-2", z_dense)), reader(path)], "logits", [0, 1])
 

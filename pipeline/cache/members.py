@@ -62,9 +62,7 @@ def _views_signature(a: dict[str, Any]) -> tuple[Any, ...]:
     return (a["views"], a.get("split_views"), a.get("augmentation"))
 
 
-def check_members(
-    members: Sequence[CachedTargets], mode: str, generations: Sequence[int], key: str = "teacher"
-) -> None:
+def check_members(members: Sequence[CachedTargets], mode: str, generations: Sequence[int]) -> None:
     """Refuse members that do not describe the same rows, or a logits mean of sparse members; one line each."""
     first, a0 = members[0], members[0].attrs
     for m in members[1:]:
@@ -93,8 +91,8 @@ def check_members(
         if sparse:
             g, m = sparse[0]
             raise ParamsError(
-                f"{key}: ensemble = 'logits' averages all C logits, but member generation {g} ({m.path}) is a "
-                f"{m.format.name} store; use ensemble: probs or export it with export.layout: dense"
+                f"ensemble = 'logits' averages every member's C logits, but member generation {g} ({m.path}) is a "
+                f"{m.format.name} store; use ensemble: probs, or export it with export.layout: dense"
             )
 
 
