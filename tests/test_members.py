@@ -258,5 +258,17 @@ def test_a_chain_of_label_trained_members_and_an_ensemble_student(project, monke
     train.run(ParamsFile(raw), project, 2)
     streamed = load_checkpoint(project.model(2))["state_dict"]
     assert all(torch.equal(resident[k], streamed[k]) for k in resident)
+    # inspect --against teacher compares generation 2 with its ensemble's mean (T = inspect.temperature = 1)
+    from stages import audit
+
+    m = audit.run(params, project, 2, "teacher")
+    test = [LogitStore.open(project.store(g)).array("test")[:, 0, :].astype(np.float64) for g in (0, 1, 2)]
+    mean = (softmax(test[0], 1.0) + softmax(test[1], 1.0)) / 2
+    assert m["against"] == "ensemble 0+1"
+    assert m["test"]["agreement"] == pytest.approx(float((test[2].argmax(1) == mean.argmax(1)).mean()))
+    kl = (mean * (np.log(mean) - np.log(softmax(test[2], 1.0)))).sum(1).mean()
+    assert m["test"]["kl_mean"] == pytest.approx(kl, rel=1e-3)
+    # a label-trained member has no teacher: it is compared with generation 0
+    assert audit.run(params, project, 1, "teacher")["against"] == 0
     # a label-trained member's control is itself retrained: it runs like any control
     assert control.run(ParamsFile({**tiny_params(students=students), "controls": True}), project, 1)["loss"] == "ce"
