@@ -270,5 +270,13 @@ def test_a_chain_of_label_trained_members_and_an_ensemble_student(project, monke
     assert m["test"]["kl_mean"] == pytest.approx(kl, rel=1e-3)
     # a label-trained member has no teacher: it is compared with generation 0
     assert audit.run(params, project, 1, "teacher")["against"] == 0
+    # the report names the label-trained member (its BAN-1 column is not a born-again student)
+    from stages import ensemble, report
+
+    export.run(params, project, 2)  # the last training above was the streamed one: same weights
+    ensemble.run(params, project)
+    text = report.run(project)
+    assert "| 2 | cnn1d | ban | [0, 1] |" in text
+    assert "Generations 1 train from labels (loss ce, no teacher): their BAN-k columns are label-trained" in text
     # a label-trained member's control is itself retrained: it runs like any control
     assert control.run(ParamsFile({**tiny_params(students=students), "controls": True}), project, 1)["loss"] == "ce"
