@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from pipeline.cache.members import EnsembleTargets
 from pipeline.cache.reader import CachedTargets
 from pipeline.data.prepared import (
     MNIST1D_CLASSES,
@@ -83,12 +84,14 @@ def train_model(
     gen: int,
     recipe: TrainParams | None = None,
     generation: GenParams | None = None,
-    teacher_store: PathLike | None = None,
+    teacher_store: PathLike | list[PathLike] | None = None,
     out: PathLike | None = None,
     on_epoch: Callable[[EpochLog], None] | None = None,
 ) -> TrainResult:
-    """Train generation `gen` (0: from labels; K >= 1: from `teacher_store`, the cached logits of
-    `generation.teacher`) and, with `out`, save its checkpoint there (what `export` reads)."""
+    """Train generation `gen` (0, or a `ce` generation without a teacher: from labels; otherwise from
+    `teacher_store`, the cached logits of `generation.teacher`, or a list of the member stores of an ensemble
+    teacher, in the order of `generation.teacher`) and, with `out`, save its checkpoint there (what `export`
+    reads)."""
     from pipeline.cache.store import LogitStore
     from pipeline.train.loop import checkpoint_meta, save_generation, train_generation
 
@@ -96,15 +99,30 @@ def train_model(
     raw = dataclasses.asdict(generation) if generation is not None else {}
     gp = parse_generation(gen, raw)
     d = _data(data)
-    store = Path(teacher_store) if teacher_store is not None else None
+    store = _stores(teacher_store)
     needs_teacher = loss_spec(gp.loss).needs_teacher
     if needs_teacher and store is None:
         raise ValueError(f"generation {gen}: loss {gp.loss!r} learns from a teacher: pass teacher_store=")
+    if isinstance(store, list) != isinstance(gp.teacher, list) or (
+        isinstance(store, list) and len(store) != len(gp.members)
+    ):
+        raise ValueError(f"generation {gen}: give one teacher_store per member of teacher={gp.teacher!r}")
     result = train_generation(d, r, gen, gp, store if needs_teacher else None, on_epoch=on_epoch)
     if out is not None:
-        sha = LogitStore.open(store, fingerprint=d.fingerprint).attrs["checkpoint_sha256"] if store else None
+        shas = [LogitStore.open(s, fingerprint=d.fingerprint).attrs["checkpoint_sha256"] for s in _listed(store)]
+        sha = None if store is None else shas if isinstance(store, list) else shas[0]
         save_generation(Path(out), result, checkpoint_meta(d, r, gen, gp, sha))
     return result
+
+
+def _stores(given: PathLike | list[PathLike] | None) -> Path | list[Path] | None:
+    if given is None:
+        return None
+    return [Path(s) for s in given] if isinstance(given, list) else Path(given)
+
+
+def _listed(store: Path | list[Path] | None) -> list[Path]:
+    return [] if store is None else store if isinstance(store, list) else [store]
 
 
 def export_store(
@@ -133,11 +151,26 @@ def load_model(checkpoint: PathLike) -> torch.nn.Module:
 
 
 def open_targets(
-    store: PathLike, split: str = "train", *, data: PreparedData | PathLike | None = None, view: int = 0
-) -> CachedTargets:
+    store: PathLike | list[PathLike],
+    split: str = "train",
+    *,
+    data: PreparedData | PathLike | None = None,
+    view: int = 0,
+    ensemble: str = "probs",
+) -> CachedTargets | EnsembleTargets:
     """The cached targets of `split` of `store`, read by dataset row index (`rows`, `target`). With `data`,
     the store is checked against that dataset (fingerprint, rows, classes); without, its own attributes
-    are trusted."""
+    are trusted. A list of stores is an ensemble teacher (`target`: the mean of the members' p_T, or with
+    `ensemble="logits"` the softmax of their mean logits), its members checked against each other."""
+    from pipeline.cache.members import EnsembleTargets
+
+    if isinstance(store, list):
+        members = [_open_one(s, split, data, view) for s in store]
+        return EnsembleTargets(members, ensemble)
+    return _open_one(store, split, data, view)
+
+
+def _open_one(store: PathLike, split: str, data: PreparedData | PathLike | None, view: int) -> CachedTargets:
     from pipeline.cache.store import LogitStore
 
     if data is None:

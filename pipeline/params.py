@@ -32,6 +32,7 @@ STORAGES = ("memory", "files")
 CROPS = ("pad", "resized")
 
 SOURCE_KINDS = ("torchvision", "factory", "torchscript", "export")  # gen0.source.kind: teachers from elsewhere
+ENSEMBLE_MODES = ("probs", "logits")  # an ensemble teacher's target: mean of the members' p_T, or of their logits
 
 T = TypeVar("T")
 SCALAR = int | float | str | bool | None  # the values a mapping param (gen0.source.kwargs) may hold
@@ -48,6 +49,8 @@ def _type_name(tp: Any) -> str:
     if origin is dict or (isinstance(tp, type) and issubclass(tp, Checked)):
         return "a mapping"
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(args[0])}"
     if args:
         return " or ".join(_type_name(a) for a in args)
     return "null" if tp is type(None) else tp.__name__
@@ -56,6 +59,11 @@ def _type_name(tp: Any) -> str:
 def _check_type(where: str, value: Any, tp: Any) -> Any:
     """Return `value` coerced to `tp` (int -> float only) or raise ParamsError."""
     origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{where} = {value!r}: expected {_type_name(tp)}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(where, v, item) for v in value]
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
@@ -293,7 +301,9 @@ class GenParams(Checked):
     SECTION = "students.K"
 
     loss: str = "ban"
-    teacher: int | None = None  # generation whose cached logits are the targets
+    # generation whose cached logits are the targets, or a list of earlier generations (an ensemble teacher);
+    # None: the generation trains from labels (generation 0, or a label-trained member with loss ce)
+    teacher: int | list[int] | None = None
     temperature: float = 1.0  # softening of teacher and student logits for the soft term
     alpha: float = 0.5  # kd: weight of the label term; dkd: weight of TCKD (mdistiller: 1.0); others ignore it
     beta: float = 8.0  # dkd only: weight of NCKD (mdistiller's CIFAR default)
@@ -302,10 +312,21 @@ class GenParams(Checked):
     # Which cached view a sample trains on: clean (view 0 plus live augmentation), cycle (epoch % V) or
     # random (seeded per epoch and sample); cycle and random replay the view's stored crop and flip.
     view_policy: str = "clean"
+    # An ensemble teacher's soft target: the mean of the members' softmax at T (probs, Hinton et al.), or the
+    # softmax at T of the mean of their logits (logits: dense members only). A single teacher ignores it.
+    ensemble: str = "probs"
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        """The generations whose stores are the targets: one for a single teacher, none for labels."""
+        if self.teacher is None:
+            return ()
+        return tuple(self.teacher) if isinstance(self.teacher, list) else (self.teacher,)
 
     def check(self, section: str) -> None:
         _one_of(f"{section}.loss", self.loss, tuple(LOSSES))
         _one_of(f"{section}.view_policy", self.view_policy, VIEW_POLICIES)
+        _one_of(f"{section}.ensemble", self.ensemble, ENSEMBLE_MODES)
         _range(f"{section}.temperature", self.temperature, 0.0, None, lo_open=True)
         _range(f"{section}.alpha", self.alpha, 0.0, 1.0)
         _range(f"{section}.beta", self.beta, 0.0, None)
@@ -482,12 +503,23 @@ def parse_generation(gen: int, raw: Any) -> GenParams:
         return gp
     section = section_of(gen)
     gp = parse_section(GenParams, section, raw)
+    needs = loss_spec(gp.loss).needs_teacher
     if gp.teacher is None:
-        raise ParamsError(f"{section}.teacher: unset. Name the generation whose logits generation {gen} learns from")
-    if not 0 <= gp.teacher < gen:
+        if needs:
+            raise ParamsError(
+                f"{section}.teacher: unset, but loss {gp.loss!r} learns from a teacher. Name the generation (or a list "
+                f"of generations) whose logits generation {gen} learns from, or set loss: ce to train it from labels"
+            )
+        return gp  # a label-trained member of the chain (its own seed), like generation 0
+    if not needs:
+        raise ParamsError(
+            f"{section}.loss = {gp.loss!r} ignores the teacher {gp.teacher}: use one of {', '.join(teacher_losses())}, "
+            f"or set teacher: null to train generation {gen} from labels"
+        )
+    if isinstance(gp.teacher, list):
+        _check_members(section, gen, gp.teacher)
+    elif not 0 <= gp.teacher < gen:
         raise ParamsError(f"{section}.teacher = {gp.teacher}: a teacher must be an earlier generation (0..{gen - 1})")
-    if not loss_spec(gp.loss).needs_teacher:
-        raise ParamsError(f"{section}.loss = {gp.loss!r} ignores the teacher: use one of {', '.join(teacher_losses())}")
     return gp
 
 
@@ -496,6 +528,23 @@ def parse_source(gen0_raw: Any) -> SourceParams | None:
     trains from labels)."""
     raw = gen0_raw.get("source") if isinstance(gen0_raw, Mapping) else None
     return None if raw is None else parse_section(SourceParams, "gen0.source", raw)
+
+
+def _check_members(section: str, gen: int, members: list[int]) -> None:
+    """An ensemble teacher: at least one member, each an earlier generation, none repeated."""
+    if not members:
+        raise ParamsError(f"{section}.teacher = []: an ensemble teacher needs at least one member generation")
+    late = [m for m in members if not 0 <= m < gen]
+    if late:
+        raise ParamsError(
+            f"{section}.teacher = {members}: member {late[0]} is not an earlier generation; every member of an "
+            f"ensemble teacher must be one of 0..{gen - 1}"
+        )
+    repeated = sorted({m for m in members if members.count(m) > 1})
+    if repeated:
+        raise ParamsError(
+            f"{section}.teacher = {members}: generation {repeated[0]} is listed more than once; list each member once"
+        )
 
 
 def student_keys(students_raw: Any) -> list[int]:
@@ -520,9 +569,9 @@ def parse_chain(gen0_raw: Any, students_raw: Any) -> Chain:
     for gen in student_keys(students_raw):
         gens[gen] = parse_generation(gen, students_raw[str(gen)])
     for gen, gp in gens.items():
-        if gp.teacher is not None and gp.teacher not in gens:
+        missing = [m for m in gp.members if m not in gens]
+        if missing:
             known = ", ".join(str(g) for g in sorted(gens))
-            raise ParamsError(
-                f"{section_of(gen)}.teacher = {gp.teacher}: no such generation. Generations in params: {known}"
-            )
+            what = "no such generation" if not isinstance(gp.teacher, list) else f"no such generation {missing[0]}"
+            raise ParamsError(f"{section_of(gen)}.teacher = {gp.teacher}: {what}. Generations in params: {known}")
     return Chain(gens=gens)

@@ -13,11 +13,11 @@ import numpy as np
 
 from pipeline.audit.files import write_comparison, write_store_audit
 from pipeline.audit.fitness import Fitness, store_fitness
-from pipeline.audit.statistics import audit_store, compare_stores, open_checked
+from pipeline.audit.statistics import EnsembleRef, audit_store, compare_stores, open_checked
 from pipeline.cache.store import MARKER, LogitStore
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import DatasetLabels, open_labels
-from pipeline.params import InspectParams, parse_section, student_keys
+from pipeline.params import InspectParams, parse_generation, parse_section, section_of, student_keys
 from stages.common import ParamsFile
 from stages.progress import Progress
 
@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def run(
-    params: ParamsFile, layout: ProjectPaths, gen: int, against: int | None = None, verify: bool = True
+    params: ParamsFile, layout: ProjectPaths, gen: int, against: int | str | None = None, verify: bool = True
 ) -> dict[str, Any]:
-    """Write the audit (or comparison) of generation `gen`; returns its metrics. `verify` False skips
-    re-hashing the stores against their markers (trusted stores)."""
+    """Write the audit (or comparison) of generation `gen`; returns its metrics. `against` "teacher": the
+    generation's own teacher from params (an ensemble teacher: the mean of its members; a label-trained
+    member: generation 0). `verify` False skips re-hashing the stores against their markers (trusted stores)."""
     p = parse_section(InspectParams, "inspect", params.get("inspect"))
     out = layout.inspect(gen, against)
     label = f"inspect gen {gen}" + (f" vs {against}" if against is not None else "")
@@ -41,14 +42,24 @@ def run(
             metrics = write_store_audit(out, gen, store.attrs, labels.class_names, stats, calib, p, fitness)
             bar.update()
             return metrics
-        ref = open_checked(layout.store(against), labels, verify)
+        members = [against] if isinstance(against, int) else _teacher_of(params, gen)
+        refs = [open_checked(layout.store(g), labels, verify) for g in members]
+        ref = refs[0] if len(refs) == 1 else EnsembleRef(refs, p.temperature)
         pair = compare_stores(store, ref, labels, p.temperature)
         bar.update()
         chain = _chain(params, layout, labels, p.temperature, verify)
         bar.update()
-        metrics = write_comparison(out, gen, against, labels.class_names, pair, chain, p)
+        name = members[0] if len(members) == 1 else "ensemble " + "+".join(map(str, members))
+        metrics = write_comparison(out, gen, name, labels.class_names, pair, chain, p)
         bar.update()
         return metrics
+
+
+def _teacher_of(params: ParamsFile, gen: int) -> list[int]:
+    """The generations `--against teacher` compares generation `gen` with: its teacher or ensemble members,
+    or generation 0 for a generation trained from labels."""
+    gp = parse_generation(gen, params.get(section_of(gen)))
+    return list(gp.members) or [0]
 
 
 def teacher_fitness_of(

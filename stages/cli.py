@@ -255,17 +255,24 @@ def sweep(obj: Ctx, seeds: str, losses: str, out: str, controls: bool) -> None:
 
 @main.command()
 @click.option("--gen", type=int, required=True, help="generation whose store to audit")
-@click.option("--against", type=int, default=None, help="compare with this generation's store instead")
+@click.option(
+    "--against", default=None, help="compare with generation J's store instead, or with 'teacher': GEN's own teacher"
+)
 @click.pass_obj
 @_user_errors
-def inspect(obj: Ctx, gen: int, against: int | None) -> None:
+def inspect(obj: Ctx, gen: int, against: str | None) -> None:
     """Audit cache/gen-GEN into inspect/gen-GEN/ (params: inspect); with --against J, compare it with
-    cache/gen-J into inspect/gen-GEN-vs-J/."""
+    cache/gen-J into inspect/gen-GEN-vs-J/; --against teacher: with GEN's teacher in params (an ensemble
+    teacher's mean of its members) into inspect/gen-GEN-vs-teacher/."""
+    from pipeline.core.errors import ParamsError
     from stages import audit as stage
 
-    m = stage.run(obj.params(), obj.layout, gen, against, verify=obj.verify)
-    out = obj.layout.inspect(gen, against)
-    if against is None:
+    if against is not None and against != "teacher" and not against.isdigit():
+        raise ParamsError(f"--against {against!r}: expected a generation number or 'teacher'")
+    ref: int | str | None = int(against) if against is not None and against.isdigit() else against
+    m = stage.run(obj.params(), obj.layout, gen, ref, verify=obj.verify)
+    out = obj.layout.inspect(gen, ref)
+    if ref is None:
         tr, te = m["train"], m["test"]
         click.echo(
             f"generation {gen}: train acc {tr['accuracy']:.4f}, mean entropy {tr['entropy_mean']:.4f}, "
@@ -279,9 +286,21 @@ def inspect(obj: Ctx, gen: int, against: int | None) -> None:
             )
     else:
         click.echo(
-            f"generation {gen} vs {against}: test agreement {m['test']['agreement']:.4f}, "
+            f"generation {gen} vs {ref}: test agreement {m['test']['agreement']:.4f}, "
             f"KL {m['test']['kl_mean']:.4f}; see {out / 'summary.md'}"
         )
+
+
+@main.command()
+@click.option("--gen", type=int, required=True, help="student generation")
+@click.pass_obj
+@_user_errors
+def teachers(obj: Ctx, gen: int) -> None:
+    """Write members/gen-GEN.json: the marker hashes of the stores GEN learns from (train@GEN's dependency)."""
+    from stages import teachers as stage
+
+    record = stage.run(obj.params(), obj.layout, gen)
+    click.echo(f"wrote {obj.layout.members(gen)}: generation {gen} learns from {record['teacher']}")
 
 
 @main.command()

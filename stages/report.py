@@ -23,10 +23,16 @@ def run(layout: ProjectPaths) -> str:
     gens = sorted(c.g for c in accuracy if isinstance(c, Generation))
     lines = ["# bancache report", "", format_table([chain_columns(metrics)], _network(layout, gens)), ""]
     lines += ["| generation | arch | loss | learned from | seed | test acc % |", "|---|---|---|---|---|---|"]
+    label_trained = []
     for g in gens:
         a = LogitStore.open(layout.store(g)).attrs
         acc = 100 * accuracy[Generation(g)]
         lines.append(f"| {g} | {a['arch']} | {a['loss']} | {taught_by(a)} | {a['seed']} | {acc:.2f} |")
+        if g > 0 and a["teacher"] is None:
+            label_trained.append(str(g))
+    if label_trained:  # the table's BAN-k column of such a generation holds a network trained from labels
+        lines += ["", f"Generations {', '.join(label_trained)} train from labels (loss ce, no teacher): their "]
+        lines[-1] += "BAN-k columns are label-trained networks (ensemble members), not born-again students."
     lines += [
         "",
         "Ens*k averages the softmax outputs of generations 1..k; '+teacher' rows also average generation 0:",

@@ -20,11 +20,11 @@ from tests.conftest import tiny_params
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(cmd: list[str], cwd: Path) -> str:
+def _run(cmd: list[str], cwd: Path, timeout: float = 600) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env["DVC_NO_ANALYTICS"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only contend on a shared CPU
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
     return r.stdout + r.stderr
 
@@ -43,11 +43,17 @@ def spelled_out_tiny_params() -> dict:
 
 
 def _new_repo(root: Path, raw: dict) -> Path:
-    """A git + DVC repo at `root` holding the project's dvc.yaml and `raw` as params.yaml."""
+    """A git + DVC repo at `root` holding the project's dvc.yaml and `raw` as params.yaml. dvc.yaml's
+    teachers_K stages are written for students 1..3 (see its comment); those of generations `raw` lacks
+    are dropped, as a user with a shorter chain drops them."""
     if shutil.which("git") is None:
         pytest.skip("git not installed")
     root.mkdir()
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    for name in [n for n in spec["stages"] if n.startswith("teachers_")]:
+        if name.removeprefix("teachers_") not in raw["students"]:
+            del spec["stages"][name]
+    (root / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     shutil.copytree(REPO / "teachers", root / "teachers")  # the teacher stage's dep (imported teachers' files)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     _run(["git", "init", "-q"], root)
@@ -109,7 +115,9 @@ def test_dvc_repro_runs_the_chain_then_nothing(chain: Chain, repo: Path) -> None
     ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
     students = {f"{stage}@{k}" for stage in ("train", "export", "inspect") for k in (2, 3)}
     # control@2 declares students.2 (its seed and arch): with controls off it rewrites the same one-line file.
-    assert ran == students | {"ensemble", "report", "compare@1", "compare@2", "compare@3", "control@2"}
+    # teachers_2 declares students.2 and teachers_3 depends on cache/gen-2: both rewrite their records.
+    rest = {"ensemble", "report", "compare@1", "compare@2", "compare@3", "control@2", "teachers_2", "teachers_3"}
+    assert ran == students | rest
     assert yaml.safe_load((repo / "params.yaml").read_text())["students"]["2"]["temperature"] == 2
     assert load_checkpoint(repo / "models/gen-2/model.pt")["meta"]["temperature"] == 2.0
     assert load_checkpoint(repo / "models/gen-1/model.pt")["meta"]["temperature"] == 1.0
@@ -263,3 +271,45 @@ def test_dvc_repro_student_from_an_imported_teacher(tmp_path: Path) -> None:
     assert _stages_to_run(root) == {"teacher"}
     _run([sys.executable, "-m", "dvc", "repro", "--single-item", "teacher"], root)
     assert "export_teacher" in _stages_to_run(root)
+
+
+def _ran(log: str) -> set[str]:
+    return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+
+
+def test_dvc_repro_label_trained_members_and_an_ensemble_student(tmp_path: Path) -> None:
+    """Generations 1 and 2 train from labels (teacher null, their own seeds), generation 3 from the ensemble
+    [0, 1, 2]; a changed member (generation 1's seed) reruns that member, its export and the ensemble
+    student, not the other members; `dvc exp run -S students.3.teacher=[0,2]` drops member 1."""
+    raw = spelled_out_tiny_params()
+    base = raw["students"]["1"]
+    raw["students"] = {
+        "1": {**base, "teacher": None, "loss": "ce"},
+        "2": {**base, "teacher": None, "loss": "ce"},
+        "3": {**base, "teacher": [0, 1, 2], "loss": "ban", "temperature": 2.0},
+    }
+    root = _new_repo(tmp_path / "repo", raw)
+    log = _run([sys.executable, "-m", "dvc", "repro"], root, timeout=1800)  # 25 stages: 7 min on a busy 2-core box
+    assert {"train@1", "train@2", "train@3", "compare@3", "ensemble", "report"} <= _ran(log)
+    meta = load_checkpoint(root / "models/gen-3/model.pt")["meta"]
+    assert meta["teacher"] == [0, 1, 2] and len(meta["teacher_store_checkpoint_sha256"]) == 3
+    assert load_checkpoint(root / "models/gen-2/model.pt")["meta"]["seed"] == 2  # train.seed + K
+    assert "# Generation 3 against ensemble 0+1+2" in (root / "inspect/gen-3-vs-teacher/summary.md").read_text()
+    assert _stages_to_run(root) == set()
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert [d["path"] for d in lock["train@3"]["deps"]] == ["data/dataset.h5", "members/gen-3.json"]
+
+    _run(["git", "add", "-A"], root)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "chain"], root)
+    raw["students"]["1"]["seed"] = 77
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    ran = _ran(_run([sys.executable, "-m", "dvc", "repro"], root))
+    assert {"train@1", "export@1", "train@3", "export@3"} <= ran
+    assert not ran & {"teacher", "export_teacher", "train@2", "export@2"}  # the other members stay
+    assert load_checkpoint(root / "models/gen-1/model.pt")["meta"]["seed"] == 77
+
+    _run(["git", "add", "-A"], root)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "seed 77"], root)
+    ran = _ran(_run([sys.executable, "-m", "dvc", "exp", "run", "-S", "students.3.teacher=[0,2]"], root))
+    assert {"teachers_3", "train@3", "export@3"} <= ran and not ran & {"train@1", "train@2"}
+    assert load_checkpoint(root / "models/gen-3/model.pt")["meta"]["teacher"] == [0, 2]

@@ -93,6 +93,36 @@ def _mse_on_a_topk_store(root: Path) -> None:
     _set(root, "students.1.loss", "mse")
 
 
+def _two_members(root: Path, **student: object) -> None:
+    """Generation 2 learns from the ensemble [0, 1]; generation 1's store is a copy of generation 0's."""
+    lay = ProjectPaths(root)
+    shutil.copytree(lay.store(0), lay.store(1))
+    _set(root, "students.2", {"teacher": [0, 1], "loss": "ban", **student})
+
+
+def _foreign_member(root: Path, **kw) -> None:
+    _two_members(root)
+    _foreign_store(root, **kw)  # member 0 (its copy, member 1, stays as exported)
+
+
+def _sparse_member_of_a_logits_mean(root: Path) -> None:
+    from stages import export
+    from stages.common import ParamsFile
+
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["export"] = {**raw["export"], "layout": "topk", "topk": 3}
+    export.run(ParamsFile(raw), ProjectPaths(root), 0)
+    _two_members(root, ensemble="logits")
+
+
+def _member_with_other_views(root: Path) -> None:
+    _two_members(root)
+    path = ProjectPaths(root).store(1) / "zarr.json"
+    meta = json.loads(path.read_text())
+    meta["attributes"]["augmentation"] = {"kind": "crop+flip", "pad": 4, "size": 32, "seed": 1}
+    path.write_text(json.dumps(meta))
+
+
 def _unknown_metrics_column(root: Path) -> None:
     path = ProjectPaths(root).ensemble_metrics
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -242,6 +272,54 @@ CASES = [
         lambda r: _set(r, "students.1.teacher", 1),
         ("train", "--gen", "1"),
         "students.1.teacher = 1: a teacher must be an earlier generation",
+    ),
+    Case(
+        "ensemble member that is not earlier",
+        lambda r: _set(r, "students.2.teacher", [0, 2]),
+        ("train", "--gen", "2"),
+        "students.2.teacher = [0, 2]: member 2 is not an earlier generation",
+    ),
+    Case(
+        "ensemble member listed twice",
+        lambda r: _set(r, "students.2.teacher", [0, 1, 0]),
+        ("train", "--gen", "2"),
+        "students.2.teacher = [0, 1, 0]: generation 0 is listed more than once",
+    ),
+    Case(
+        "ensemble member from another dataset",
+        lambda r: _foreign_member(r, fingerprint="0" * 64),
+        ("train", "--gen", "2"),
+        "cache/gen-0: exported from another dataset",
+    ),
+    Case(
+        "ensemble member with another class count",
+        lambda r: _foreign_member(r, num_classes=7),
+        ("train", "--gen", "2"),
+        "cache/gen-0: has 7 classes, the dataset has 10",
+    ),
+    Case(
+        "ensemble members with different views",
+        _member_with_other_views,
+        ("train", "--gen", "2"),
+        "hold different views",
+    ),
+    Case(
+        "logits mean of an ensemble with a sparse member",
+        _sparse_member_of_a_logits_mean,
+        ("train", "--gen", "2"),
+        "ensemble = 'logits' averages every member's C logits, but member generation 0",
+    ),
+    Case(
+        "label loss with a teacher",
+        lambda r: _set(r, "students.1.loss", "ce"),
+        ("train", "--gen", "1"),
+        "students.1.loss = 'ce' ignores the teacher 0: use one of",
+    ),
+    Case(
+        "teacher loss without a teacher",
+        lambda r: _set(r, "students.1.teacher", None),
+        ("train", "--gen", "1"),
+        "students.1.teacher: unset, but loss 'ban' learns from a teacher",
     ),
     Case(
         "generation 0 with a teacher loss",

@@ -370,12 +370,12 @@ def _cli(layout, *args):
     return CliRunner().invoke(main, ["--params", str(params), "--root", str(layout.root), *args])
 
 
-def _dvc_paths(stage: str, gen: int, teacher: int = 0) -> list[str]:
+def _dvc_paths(stage: str, gen: int) -> list[str]:
     """Every output path dvc.yaml declares for an inspect stage of generation `gen`."""
     st = yaml.safe_load(open("dvc.yaml"))["stages"][stage]
     st = st.get("do", st)
     paths = [next(iter(e)) if isinstance(e, dict) else e for k in ("metrics", "plots", "outs") for e in st.get(k, [])]
-    return [p.replace("${key}", str(gen)).replace("${item.teacher}", str(teacher)) for p in paths]
+    return [p.replace("${key}", str(gen)) for p in paths]
 
 
 def test_cli_inspect_compare_convert(project) -> None:
@@ -414,12 +414,15 @@ def test_cli_inspect_compare_convert(project) -> None:
     for rel in _dvc_paths("inspect", 1):
         assert (root / rel).exists(), rel
 
-    r = _cli(project, "inspect", "--gen", "1", "--against", "0")
+    r = _cli(project, "inspect", "--gen", "1", "--against", "teacher")  # as dvc.yaml's compare@1 runs it
     assert r.exit_code == 0, r.output
-    vs = root / "inspect" / "gen-1-vs-0"
-    for rel in _dvc_paths("compare", 1, teacher=0):  # the --against output is declared in dvc.yaml
+    vs = root / "inspect" / "gen-1-vs-teacher"
+    for rel in _dvc_paths("compare", 1):  # the --against output is declared in dvc.yaml
         assert (root / rel).exists(), rel
     cm = json.loads((vs / "metrics.json").read_text())
+    r = _cli(project, "inspect", "--gen", "1", "--against", "0")  # its teacher named: the same comparison
+    assert r.exit_code == 0, r.output
+    assert json.loads((root / "inspect" / "gen-1-vs-0" / "metrics.json").read_text()) == cm
     assert cm["train"]["kl_mean"] > 0 and 0 < cm["test"]["agreement"] <= 1
     assert imread(vs / "figures" / "per_class.png").ndim == 3
     chain = (vs / "chain.csv").read_text().splitlines()

@@ -375,7 +375,7 @@ def _pct(v: float | None) -> str:
 def write_comparison(
     out: Path,
     gen: int,
-    against: int,
+    against: int | str,
     class_names: list[str],
     pair: dict[str, Agreement],
     chain: list[dict[str, Any]] | None,
@@ -407,7 +407,12 @@ def write_comparison(
 
 
 def _per_class(
-    per: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str], path: Path, title: str, gen: int, against: int
+    per: dict[str, tuple[np.ndarray, np.ndarray]],
+    names: list[str],
+    path: Path,
+    title: str,
+    gen: int,
+    against: int | str,
 ) -> None:
     x = np.arange(len(names))
     fig = Figure(figsize=(max(6.4, 0.5 * len(names) + 2), 5.6))
@@ -447,9 +452,9 @@ def _chain(chain: list[dict[str, Any]], path: Path, temperature: float) -> None:
     _save(fig, path)
 
 
-def _pair_summary(gen: int, against: int, m: dict[str, Any], chain: list[dict[str, Any]] | None) -> str:
+def _pair_summary(gen: int, against: int | str, m: dict[str, Any], chain: list[dict[str, Any]] | None) -> str:
     lines = [
-        f"# Generation {gen} against generation {against}",
+        f"# Generation {gen} against {against if isinstance(against, str) else f'generation {against}'}",
         "",
         f"KL(p_{against} || p_{gen}) and top-1 agreement at T = {m['temperature']:g}, view {VIEW} "
         "([metrics.json](metrics.json), per class of the true label in [per_class.csv](per_class.csv)).",

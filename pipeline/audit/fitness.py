@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.cache.members import Targets
 from pipeline.cache.reader import DEFAULT_MAX_MEMORY_BYTES, CachedTargets
 from pipeline.cache.store import LogitStore
 from pipeline.data.prepared import PreparedData
@@ -44,7 +45,7 @@ class Fitness:
 
 
 def teacher_fitness(
-    targets: CachedTargets, labels: np.ndarray, fit_index: np.ndarray, temperature: float, batch: int = 4096
+    targets: Targets, labels: np.ndarray, fit_index: np.ndarray, temperature: float, batch: int = 4096
 ) -> Fitness:
     """Fitness from `targets` (the teacher's train split, view 0) on rows `fit_index` with train `labels`."""
     correct, entropy = 0, 0.0
@@ -111,11 +112,13 @@ def split_warning(text: str) -> tuple[str, str]:
     return finding, advice
 
 
-def fitness_flags(f: Fitness, loss: str, teacher: int | None = None) -> list[Flag]:
+def fitness_flags(f: Fitness, loss: str, teacher: int | list[int] | None = None) -> list[Flag]:
     """Why a student with `loss` should not trust this teacher: empty when it fits or the loss uses labels."""
     if not loss_spec(loss).label_free:  # a label term corrects the teacher's errors
         return []
     who = "the teacher" if teacher is None else f"teacher generation {teacher}"
+    if isinstance(teacher, list):
+        who = f"the ensemble teacher of generations {', '.join(map(str, teacher))}"
     out = []
     if f.fit_accuracy < MIN_FIT_ACCURACY:
         out.append(
@@ -140,13 +143,13 @@ def fitness_flags(f: Fitness, loss: str, teacher: int | None = None) -> list[Fla
     return out
 
 
-def fitness_warnings(f: Fitness, loss: str, teacher: int | None = None) -> list[str]:
+def fitness_warnings(f: Fitness, loss: str, teacher: int | list[int] | None = None) -> list[str]:
     """The full texts of `fitness_flags`, as the metrics record them."""
     return [flag.text for flag in fitness_flags(f, loss, teacher)]
 
 
 def check_teacher(
-    data: PreparedData, targets: CachedTargets, loss: str, temperature: float, teacher: int
+    data: PreparedData, targets: Targets, loss: str, temperature: float, teacher: int | list[int]
 ) -> dict[str, Any]:
     """Fitness of the teacher store a student is about to learn from, each warning's short form logged at
     WARNING (one line from `bancache train`); returns both, with the warnings' full texts, for the student's

@@ -302,7 +302,30 @@ def stream(
             acc.update(start, block[:, VIEW, :], y)
 
 
-def stream_pair(store: LogitStore, ref: LogitStore, split: str, labels: Labels, acc: Agreement) -> None:
+class EnsembleRef:
+    """The mean teacher of several dense stores, read as `stream_pair` reads a reference store: `read` gives
+    T * log((1/n) sum_j softmax(z_j / T)) (N, 1, C), whose softmax at T is the members' mean p_T (an
+    ensemble teacher's `probs` target), so KL and agreement are against the ensemble itself."""
+
+    def __init__(self, stores: list[LogitStore], temperature: float) -> None:
+        self.stores, self.temperature = stores, temperature
+        self.path = stores[0].path
+
+    def read(self, split: str, start: int, stop: int) -> np.ndarray:
+        total = None
+        for s in self.stores:
+            block = s.read(split, start, stop)[:, VIEW, :]
+            require_finite(s.path, split, start, block, NEEDS_FINITE)
+            p = np.exp(log_softmax(block, self.temperature))
+            total = p if total is None else total + p
+        mean = np.asarray(total) / len(self.stores)
+        return (self.temperature * np.log(np.maximum(mean, np.finfo(np.float32).tiny)))[:, None, :]
+
+
+Reference = LogitStore | EnsembleRef  # what a store is compared with: another store, or an ensemble's mean
+
+
+def stream_pair(store: LogitStore, ref: Reference, split: str, labels: Labels, acc: Agreement) -> None:
     """Feed the same rows of two stores to `acc`, in the chunks of `store` (at most two chunks of `ref`)."""
     for start, block in store.blocks(split):
         stop = start + len(block)
@@ -332,7 +355,7 @@ def audit_store(store: LogitStore, labels: DatasetLabels, params: InspectParams)
 
 
 def compare_stores(
-    store: LogitStore, ref: LogitStore, labels: DatasetLabels, temperature: float
+    store: LogitStore, ref: Reference, labels: DatasetLabels, temperature: float
 ) -> dict[str, Agreement]:
     """KL(p_ref || p_store) and top-1 agreement per split, per class."""
     out = {}

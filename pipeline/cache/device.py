@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.cache.members import EnsembleTargets, Targets, combine, combine_logits, members_of
 from pipeline.cache.reader import CachedTargets
 from pipeline.cache.store import AUG_ARRAY
 from pipeline.core.errors import CorruptStoreError
@@ -35,13 +36,13 @@ def _arrays(source: CachedTargets, all_views: bool) -> list[str]:
     return names + ([f"{split}_{AUG_ARRAY}"] if all_views else [])
 
 
-def resident_bytes(data: PreparedData, source: CachedTargets | None, all_views: bool) -> int:
+def resident_bytes(data: PreparedData, source: Targets | None, all_views: bool) -> int:
     """Device bytes the resident path needs: train images and labels, and the teacher arrays it serves
-    (every view under a view policy, else one)."""
+    (every view under a view policy, else one), of every member of an ensemble teacher."""
     total = data.x_train.nbytes + data.y_train.nbytes
-    if source is not None:
-        store = source.check()
-        for name in _arrays(source, all_views):
+    for member in members_of(source) if source is not None else []:
+        store = member.check()
+        for name in _arrays(member, all_views):
             arr = store.array(name)
             total += int(np.prod(arr.shape)) * arr.dtype.itemsize // (1 if all_views else arr.shape[1])
     return total
@@ -96,3 +97,34 @@ class DeviceTargets:
         assert self.augmentation, "aug() needs a multi-view store with augmentation parameters"
         tlf = self._get(AUG_ARRAY, rows, views).long()
         return AugParams(tlf[:, 0], tlf[:, 1], tlf[:, 2].bool(), self.augmentation["pad"], self.augmentation["size"])
+
+
+class DeviceEnsemble:
+    """An ensemble teacher on the device: each member a `DeviceTargets`, combined as
+    `EnsembleTargets.teacher` combines them (`pipeline.cache.members.combine`)."""
+
+    def __init__(self, source: EnsembleTargets, device: torch.device, rows: np.ndarray, all_views: bool) -> None:
+        self.members = [DeviceTargets(m, device, rows, all_views) for m in source.members]
+        self.mode = source.mode
+        self.stacked: torch.Tensor | None = None  # dense members: their logits as one (M, N, V, C) tensor
+        if all(m.format.full_logits for m in self.members):
+            self.stacked = torch.stack([m.tensors.pop("values") for m in self.members])  # held once, not twice
+
+    def teacher(self, rows: torch.Tensor, *, views: torch.Tensor | None, temperature: float) -> Teacher:
+        if self.stacked is not None:  # one gather and one softmax for every member
+            v = self.members[0].default_view if views is None else views
+            return combine_logits(self.stacked[:, rows, v], self.mode, temperature)
+        parts = [m.teacher(rows, views=views, temperature=temperature) for m in self.members]
+        return combine(parts, self.mode, temperature)
+
+    def aug(self, rows: torch.Tensor, views: torch.Tensor) -> AugParams:
+        return self.members[0].aug(rows, views)
+
+
+def device_targets(
+    source: Targets, device: torch.device, rows: np.ndarray, all_views: bool
+) -> DeviceTargets | DeviceEnsemble:
+    """`source`'s targets on the device: one store's, or every member's of an ensemble teacher."""
+    if isinstance(source, EnsembleTargets):
+        return DeviceEnsemble(source, device, rows, all_views)
+    return DeviceTargets(source, device, rows, all_views)

@@ -17,15 +17,18 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.audit.fitness import check_teacher
-from pipeline.cache.reader import CachedTargets
+from pipeline.cache.members import EnsembleTargets, Targets
+from pipeline.cache.store import LogitStore
 from pipeline.core.devices import resolve_device
 from pipeline.core.distributed import SINGLE_PROCESS, DistContext, barrier, partition_rows
 from pipeline.core.files import write_json, write_text
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import PreparedData, load_prepared
+from pipeline.losses import loss_spec
 from pipeline.models.predict import predict_accuracy
 from pipeline.params import ExportParams, GenParams, SourceParams, TrainParams
 from pipeline.results.ensemble import evaluate_chain
@@ -34,7 +37,6 @@ from pipeline.teachers.foreign import import_teacher, teacher_label
 from pipeline.train.loop import (
     EpochLog,
     TrainResult,
-    check_targets,
     checkpoint_meta,
     open_teacher,
     save_generation,
@@ -76,7 +78,7 @@ class GenerationJob:
     gen: int
     gp: GenParams
     data: PreparedData
-    targets: CachedTargets | None
+    targets: Targets | None
     fitness: dict[str, Any] | None
     meta: dict[str, Any]
     verify: bool
@@ -95,11 +97,13 @@ def prepare_generation(
     `verify` is False (trusted files): its checkpoint hash, the fitness check and the training all read that
     one reader. Without `resume`, a saved resume state is discarded."""
     data = load_prepared(paths.dataset, verify=verify)
-    teacher_store = paths.store(gp.teacher) if gp.teacher is not None else None
-    targets = open_teacher(data, recipe, teacher_store, verify) if teacher_store is not None else None
-    if targets is not None:  # a loss, view policy or temperature the store cannot serve: before any work
-        check_targets(targets, gp, gen)
-    teacher_sha = targets.attrs["checkpoint_sha256"] if targets is not None else None
+    teacher_store = teacher_stores(paths, gp)
+    targets = open_teacher(data, recipe, teacher_store, verify, gp) if teacher_store is not None else None
+    teacher_sha: str | list[str] | None = None
+    if isinstance(targets, EnsembleTargets):
+        teacher_sha = targets.checkpoint_sha256  # one per member, in params order
+    elif targets is not None:
+        teacher_sha = targets.attrs["checkpoint_sha256"]
     fitness = None
     if targets is not None and gp.teacher is not None and is_main:
         fitness = check_teacher(data, targets, gp.loss, gp.temperature, gp.teacher)
@@ -107,6 +111,28 @@ def prepare_generation(
     if not resume:
         paths.train_state(gen).unlink(missing_ok=True)
     return GenerationJob(paths, recipe, gen, gp, data, targets, fitness, meta, verify)
+
+
+def teacher_stores(paths: ProjectPaths, gp: GenParams) -> Path | list[Path] | None:
+    """The store a generation learns from, the member stores of an ensemble teacher, or None (labels)."""
+    if gp.teacher is None or not loss_spec(gp.loss).needs_teacher:
+        return None
+    return [paths.store(g) for g in gp.members] if isinstance(gp.teacher, list) else paths.store(gp.teacher)
+
+
+def teacher_record(paths: ProjectPaths, gen: int, gp: GenParams) -> dict[str, Any]:
+    """What generation `gen` learns from, as dvc.yaml's train@K depends on it (members/gen-K.json): its
+    teacher in params and the completion-marker sha256 of each member store (which changes with any array of
+    the store), so the file changes exactly when one of K's own teacher stores does (none for labels)."""
+    members = list(gp.members) if loss_spec(gp.loss).needs_teacher else []
+    markers = {}
+    for g in members:
+        marker = LogitStore.open(paths.store(g)).marker  # checked against the store as every open is
+        markers[str(g)] = marker["marker_sha256"] if marker is not None else None
+    record: dict[str, Any] = {"generation": gen, "teacher": gp.teacher if members else None, "stores": markers}
+    if isinstance(gp.teacher, list):
+        record["ensemble"] = gp.ensemble
+    return record
 
 
 def train_job(
@@ -121,7 +147,7 @@ def train_job(
         job.recipe,
         gen,
         job.gp,
-        paths.store(job.gp.teacher) if job.gp.teacher is not None else None,
+        teacher_stores(paths, job.gp),
         state_path=state,
         state_key=key,
         ctx=ctx,

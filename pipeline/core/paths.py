@@ -40,10 +40,16 @@ class ProjectPaths:
     def train_plot(self, gen: int) -> Path:
         return self.root / "plots" / "train" / f"gen-{gen}.csv"
 
-    def inspect(self, gen: int, against: int | None = None) -> Path:
-        """Folder of the audit of generation `gen`, or of its comparison with generation `against`."""
+    def inspect(self, gen: int, against: int | str | None = None) -> Path:
+        """Folder of the audit of generation `gen`, or of its comparison with generation `against` (or with
+        "teacher", its own teacher: `inspect/gen-K-vs-teacher`)."""
         name = f"gen-{gen}" if against is None else f"gen-{gen}-vs-{against}"
         return self.root / "inspect" / name
+
+    def members(self, gen: int) -> Path:
+        """The marker hashes of the stores generation `gen` learns from (dvc.yaml: train@K's dependency); not
+        under `teachers/`, the teacher stage's dependency folder (a cycle)."""
+        return self.root / "members" / f"gen-{gen}.json"
 
     def control_dir(self, gen: int) -> Path:
         """Folder of control-K (labels only, generation K's seed, weights and batch order)."""

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from pipeline.cache.device import DeviceTargets, resident_bytes
-from pipeline.cache.reader import CachedTargets
+from pipeline.cache.device import device_targets, resident_bytes
+from pipeline.cache.members import Targets
 from pipeline.cache.stream import BlockShuffleSampler, epoch_sampler
 from pipeline.core.distributed import DistContext
 from pipeline.data.augment import RESIZED_KIND, apply_params
@@ -42,7 +42,7 @@ PREFETCH = 4  # batches each DataLoader worker decodes ahead (files storage keep
 def loader_batches(
     loader: DataLoader,
     device: torch.device,
-    targets: CachedTargets | None = None,
+    targets: Targets | None = None,
     temperature: float = 1.0,
     augment: LiveAugment | None = None,
     views: ViewPolicy | None = None,
@@ -92,12 +92,12 @@ def _resident_input(
     recipe: TrainParams,
     gp: GenParams,
     device: torch.device,
-    targets: CachedTargets | None,
+    targets: Targets | None,
     views: ViewPolicy | None,
     gens: tuple[torch.Generator, torch.Generator | None],
 ) -> TrainInput:
     res = ResidentInput(data, device, recipe.batch_size, gens[0], gens[1])
-    dev_targets = None if targets is None else DeviceTargets(targets, device, data.fit_index(), views is not None)
+    dev_targets = None if targets is None else device_targets(targets, device, data.fit_index(), views is not None)
     x_val, y_val = res.val_xy()
     return TrainInput(
         batches=lambda epoch: res.epoch(epoch, dev_targets, gp.temperature, views),
@@ -106,7 +106,7 @@ def _resident_input(
 
 
 def _fit_dataset(
-    data: PreparedData, recipe: TrainParams, targets: CachedTargets | None, views: ViewPolicy | None, seed: int
+    data: PreparedData, recipe: TrainParams, targets: Targets | None, views: ViewPolicy | None, seed: int
 ) -> IndexedDataset | FilesDataset:
     """The fit rows as (x, y, index) items: in-memory arrays, or files decoded in the workers. On files,
     `train.crop: resized` cuts a fresh RandomResizedCrop per (epoch, row); under a view policy a stored
@@ -128,7 +128,7 @@ def _fit_dataset(
 def _sampler(
     fit: IndexedDataset | FilesDataset,
     ctx: DistContext,
-    targets: CachedTargets | None,
+    targets: Targets | None,
     seed: int,
     generator: torch.Generator,
 ) -> Sampler[int]:
@@ -148,7 +148,7 @@ def _streaming_input(
     gp: GenParams,
     device: torch.device,
     ctx: DistContext,
-    targets: CachedTargets | None,
+    targets: Targets | None,
     views: ViewPolicy | None,
     generator: torch.Generator,
     augment: LiveAugment | None,
@@ -187,7 +187,7 @@ def make_input(
     gp: GenParams,
     device: torch.device,
     ctx: DistContext,
-    targets: CachedTargets | None,
+    targets: Targets | None,
     views: ViewPolicy | None,
     gens: tuple[torch.Generator, torch.Generator],
     augment: LiveAugment | None,

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.cache.formats import LAYOUTS
+from pipeline.cache.members import EnsembleTargets, Targets, members_of
 from pipeline.cache.reader import CachedTargets
 from pipeline.cache.store import check_temperature, has_aug, views_of
 from pipeline.core.devices import resolve_device
@@ -210,18 +211,27 @@ def _load_state(path: Path, key: str) -> dict[str, Any] | None:
     return state  # type: ignore[no-any-return]
 
 
-def open_teacher(data: PreparedData, recipe: TrainParams, store: Path, verify: bool) -> CachedTargets:
+TeacherStores = Path | list[Path]  # one teacher's store, or an ensemble teacher's member stores in params order
+
+
+def open_teacher(
+    data: PreparedData, recipe: TrainParams, store: TeacherStores, verify: bool, gp: GenParams | None = None
+) -> Targets:
     """The reader of a teacher store's train split within train.memory_budget_mib; `verify` False skips
-    hashing it (a trusted store)."""
-    return CachedTargets(
-        store,
-        "train",
-        data.fingerprint,
-        len(data.y_train),
-        data.num_classes,
-        max_memory_bytes=recipe.memory_budget_mib * MIB,
-        verify=verify,
-    )
+    hashing it (a trusted store). A list of stores is an ensemble teacher (`gp.ensemble` combines them):
+    every member is opened and verified as a single teacher is, and they share the budget evenly."""
+    stores = store if isinstance(store, list) else [store]
+    budget = recipe.memory_budget_mib * MIB // len(stores)
+    readers = [
+        CachedTargets(
+            s, "train", data.fingerprint, len(data.y_train), data.num_classes, max_memory_bytes=budget, verify=verify
+        )
+        for s in stores
+    ]
+    if not isinstance(store, list):
+        return readers[0]
+    mode = gp.ensemble if gp is not None else "probs"
+    return EnsembleTargets(readers, mode, list(gp.members) if gp is not None else [])
 
 
 def _open_targets(
@@ -229,10 +239,10 @@ def _open_targets(
     recipe: TrainParams,
     gen: int,
     gp: GenParams,
-    teacher_store: Path | None,
+    teacher_store: TeacherStores | None,
     verify: bool,
-    targets: CachedTargets | None = None,
-) -> CachedTargets | None:
+    targets: Targets | None = None,
+) -> Targets | None:
     """The teacher's reader: `targets` when the caller already opened it (one open per store per run),
     else opened here."""
     if not loss_spec(gp.loss).needs_teacher:
@@ -240,8 +250,8 @@ def _open_targets(
     if targets is None:
         if teacher_store is None:
             raise ValueError(f"generation {gen}: loss {gp.loss!r} needs a teacher store")
-        targets = open_teacher(data, recipe, teacher_store, verify)
-    check_targets(targets, gp, gen)
+        targets = open_teacher(data, recipe, teacher_store, verify, gp)
+    check_all_targets(targets, gp, gen)
     return targets
 
 
@@ -300,13 +310,13 @@ def train_generation(
     recipe: TrainParams,
     gen: int,
     gp: GenParams,
-    teacher_store: Path | None,
+    teacher_store: TeacherStores | None,
     state_path: Path | None = None,
     state_key: str = "",
     ctx: DistContext = SINGLE_PROCESS,
     verify: bool = True,
     on_epoch: Callable[[EpochLog], None] | None = None,
-    targets: CachedTargets | None = None,
+    targets: Targets | None = None,
 ) -> TrainResult:
     """Train generation `gen` from scratch with seed recipe.seed + gen (or gp.seed).
 
@@ -378,6 +388,20 @@ def _select(
     return result
 
 
+def check_all_targets(targets: Targets, gp: GenParams, gen: int) -> None:
+    """`check_targets` for every member of the teacher (one store, or each member of an ensemble), and an
+    ensemble target the loss can take: a softmax mean (`ensemble: probs`) is a distribution, with no logits
+    for a loss that matches logits (mse)."""
+    for member in members_of(targets):
+        check_targets(member, gp, gen)
+    if isinstance(targets, EnsembleTargets) and loss_spec(gp.loss).needs_logits and gp.ensemble != "logits":
+        raise ParamsError(
+            f"{section_of(gen)}.loss = {gp.loss!r} matches the teacher's logits, and an ensemble teacher with "
+            f"ensemble: {gp.ensemble} gives the mean of its members' softmax (no logits). Set "
+            f"{section_of(gen)}.ensemble: logits (every member dense)"
+        )
+
+
 def check_targets(targets: CachedTargets, gp: GenParams, gen: int) -> None:
     """Refuse a loss, view policy or temperature the teacher's store cannot serve."""
     a = targets.attrs
@@ -398,8 +422,11 @@ def check_targets(targets: CachedTargets, gp: GenParams, gen: int) -> None:
 
 
 def checkpoint_meta(
-    data: PreparedData, recipe: TrainParams, gen: int, gp: GenParams, teacher_sha: str | None
+    data: PreparedData, recipe: TrainParams, gen: int, gp: GenParams, teacher_sha: str | list[str] | None
 ) -> dict[str, Any]:
+    """The provenance a generation's checkpoint (and its store's `trained_with`) records. An ensemble
+    teacher records its members (`teacher` the list, `teacher_store_checkpoint_sha256` one per member) and
+    how they were combined (`ensemble`); a single teacher's meta is unchanged, so its resume keys still hold."""
     return {
         "arch": gp.arch or recipe.arch,
         "input_shape": list(data.input_shape),
@@ -416,6 +443,7 @@ def checkpoint_meta(
         "dataset_fingerprint": data.fingerprint,
         "recipe": {k: getattr(recipe, k) for k in recipe.__dataclass_fields__},
         **({"view_policy": gp.view_policy} if gp.view_policy != "clean" else {}),  # keeps older resume keys
+        **({"ensemble": gp.ensemble} if isinstance(gp.teacher, list) else {}),
     }
 
 

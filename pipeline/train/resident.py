@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pipeline.cache.device import DeviceTargets, to_device
+from pipeline.cache.device import DeviceEnsemble, DeviceTargets, to_device
 from pipeline.data.augment import apply_params
 from pipeline.data.prepared import PreparedData
 from pipeline.losses import Teacher
@@ -56,7 +56,7 @@ class ResidentInput:
     def epoch(
         self,
         epoch: int,
-        targets: DeviceTargets | None = None,
+        targets: DeviceTargets | DeviceEnsemble | None = None,
         temperature: float = 1.0,
         views: ViewPolicy | None = None,
     ) -> Iterator[Batch]:
