@@ -93,10 +93,15 @@ def views_of(attrs: dict[str, Any], split: str) -> int:
 
 
 def taught_by(attrs: dict[str, Any]) -> str:
-    """What the store's generation learned from, for tables and summaries: "labels" (generation 0, whose
-    `teacher` attribute is None) or "generation J"."""
+    """What the store's generation learned from, for tables and summaries: "labels" (generation 0 and the
+    label-trained members, whose `teacher` attribute is None), "generation J", or "generations 0, 1" (an
+    ensemble teacher, the list of its members)."""
     teacher = attrs.get("teacher")
-    return "labels" if teacher is None else f"generation {teacher}"
+    if teacher is None:
+        return "labels"
+    if isinstance(teacher, list):
+        return "generations " + ", ".join(str(t) for t in teacher)
+    return f"generation {teacher}"
 
 
 def has_aug(attrs: dict[str, Any], split: str) -> bool:
