@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from pipeline.models.checkpoint import load_checkpoint
+from pipeline.results.ensemble import read_ensemble_metrics
 from tests.conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def spelled_out_tiny_params() -> dict:
     for section, values in tiny_params().items():
         if isinstance(values, dict) and section != "students":
             raw[section].update(values)
-        elif section != "students":  # a scalar section such as `controls: false`
+        elif section != "students":  # a scalar section such as `train_controls: false`
             raw[section] = values
     return raw
 
@@ -90,7 +91,7 @@ def test_dvc_repro_runs_the_chain_then_nothing(chain: Chain, repo: Path) -> None
     log = chain.log
     for stage in ("prepare", "teacher", "export_teacher", "train@1", "export@3", "ensemble", "report", "compare@3"):
         assert f"Running stage '{stage}'" in log
-    acc = json.loads((repo / "metrics/ensemble.json").read_text())["accuracy"]
+    acc = read_ensemble_metrics(repo / "metrics/ensemble")["accuracy"]
     assert set(acc) >= {"gen0", "gen1", "gen2", "gen3", "ens2", "ens3"}
     report = (repo / "reports/report.md").read_text()
     assert "| Teacher | BAN-1 | BAN-2 | BAN-3 | Ens*2 | Ens*3 |" in report
@@ -153,7 +154,7 @@ def test_killed_dvc_repro_then_repro_equals_clean_run(chain: Chain, tmp_path: Pa
     os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage it is running
     assert proc.wait() < 0, "the kill must land while dvc repro runs"
     _run([sys.executable, "-m", "dvc", "repro"], victim)
-    for rel in ("metrics/ensemble.json", "reports/report.md"):
+    for rel in ("metrics/ensemble/ens3.json", "reports/report.md"):
         assert (victim / rel).read_text() == (clean / rel).read_text(), rel
 
     # Every cached output (models, stores) is bit-identical; plots carry wall-clock seconds, so skip them.
@@ -187,10 +188,10 @@ def test_dvc_repro_two_generation_image_chain(tmp_path: Path) -> None:
     raw["data"] = {"dataset": "npz", "root": str(raw_dir), "n_train": 45, "val_fraction": 0.2}
     raw["train"].update({"arch": "cnn3", "epochs": 2, "batch_size": 16})
     raw["students"] = {"1": {"teacher": 0, "loss": "ban"}}
-    raw["controls"] = True  # dvc repro also trains control-1 and the report pairs it with BAN-1
+    raw["train_controls"] = True  # dvc repro also trains control-1 and the report pairs it with BAN-1
     root = _new_repo(tmp_path / "repo", raw)
     _run([sys.executable, "-m", "dvc", "repro"], root)
-    acc = json.loads((root / "metrics/ensemble.json").read_text())["accuracy"]
+    acc = read_ensemble_metrics(root / "metrics/ensemble")["accuracy"]
     assert set(acc) == {"gen0", "gen1"}
     from pipeline.cache.store import LogitStore
 

@@ -61,7 +61,7 @@ def test_a_registered_toy_loss_trains_a_student_through_the_cli(toy, exported_ro
     assert CALLS and set(CALLS) == {2.0}  # every training step went through the toy, with the student's T
     assert load_checkpoint(layout.model(1))["meta"]["loss"] == "toy"
     # label_free: fitness warns that a 'toy' student copies a 2-epoch teacher's errors.
-    warnings = json.loads(layout.train_metrics(1).read_text())["teacher_fitness"]["warnings"]
+    warnings = json.loads(layout.train_metrics(1).read_text())["teacher"]["warnings"]
     assert warnings and all("'toy' student" in w for w in warnings)
 
 

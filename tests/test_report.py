@@ -71,9 +71,7 @@ def test_fitness_flags_give_each_advice_once(tmp_path) -> None:
     fits[4] = (Fitness(1.0, 0.03, 1.0, 9), "dkpp")  # the same finding for another loss: its own advice
     for g, (f, loss) in fits.items():
         layout.train_metrics(g).parent.mkdir(parents=True, exist_ok=True)
-        layout.train_metrics(g).write_text(
-            json.dumps({"teacher_fitness": {"warnings": fitness_warnings(f, loss, g - 1)}})
-        )
+        layout.train_metrics(g).write_text(json.dumps({"teacher": {"warnings": fitness_warnings(f, loss, g - 1)}}))
     lines = fitness_flags(layout, [0, 1, 2, 3, 4])
     text = "\n".join(lines)
     assert lines[:3] == ["", "## Teacher fitness flags", ""] and len(lines) == 3 + 5

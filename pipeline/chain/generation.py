@@ -22,11 +22,12 @@ from pipeline.cache.reader import CachedTargets
 from pipeline.core.devices import resolve_device
 from pipeline.core.distributed import SINGLE_PROCESS, DistContext, barrier, partition_rows
 from pipeline.core.files import write_json, write_text
+from pipeline.core.machine import with_machine
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import PreparedData, load_prepared
 from pipeline.models.predict import predict_accuracy
 from pipeline.params import ExportParams, GenParams, TrainParams
-from pipeline.results.ensemble import evaluate_chain
+from pipeline.results.ensemble import evaluate_chain, write_ensemble_metrics
 from pipeline.teachers.export import export_logits
 from pipeline.train.loop import (
     EpochLog,
@@ -144,16 +145,21 @@ def write_outputs(
     and plots/train/gen-K.csv (one row per epoch)."""
     device = resolve_device(recipe.device, ctx)
     last = result.history[-1]
+    # The names every metrics file shares (README, "DVC tables"): epoch, train_loss, val_acc, test_acc.
     metrics: dict[str, Any] = {
-        "selected_epoch": result.selected_epoch,
-        "final_train_loss": last.train_loss,
-        "final_val_acc": last.val_acc,
+        "epoch": result.selected_epoch,
+        "train_loss": last.train_loss,
+        "val_acc": last.val_acc,
         # Reported only; nothing is selected on it.
         "test_acc": predict_accuracy(result.model, data.x_test, data.y_test, recipe.eval_batch_size, device)[1],
     }
-    if fitness is not None:  # its metrics and warnings (the report lists them); loss, rows and T are settings
-        metrics["teacher_fitness"] = {k: fitness[k] for k in ("fit_accuracy", "entropy_mean", "warnings")}
-    write_json(paths.train_metrics(gen), metrics)
+    if fitness is not None:  # the teacher's, named as inspect names a store's own; loss, rows and T are settings
+        metrics["teacher"] = {
+            "fit_acc": fitness["fit_accuracy"],
+            "entropy": fitness["entropy_mean"],
+            "warnings": fitness["warnings"],
+        }
+    write_json(paths.train_metrics(gen), with_machine(metrics))
     buf = io.StringIO()
     # Wall-clock seconds stay out of this git-tracked file, so a rerun of the same recipe reproduces it exactly
     # (they are in the progress lines and the resume state's history).
@@ -201,9 +207,9 @@ def split_bars(
 
 
 def evaluate_project(paths: ProjectPaths, gens: list[int], verify: bool = True) -> dict[str, Any]:
-    """Accuracy of each generation and of Ens*k from the cached test logits, written to metrics/ensemble.json."""
+    """Accuracy of each generation and of Ens*k from the cached test logits, written to metrics/ensemble/."""
     data = load_prepared(paths.dataset, verify=verify)
     metrics = evaluate_chain({g: paths.store(g) for g in gens}, data, verify=verify)
     # metrics only, for `dvc metrics show` (members: lists, which it does not tabulate; the report names them)
-    write_json(paths.ensemble_metrics, {k: metrics[k] for k in ("accuracy", "members")})
+    write_ensemble_metrics(paths.ensemble_metrics, metrics)
     return metrics
