@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,8 +22,8 @@ from tests.conftest import tiny_params
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+def _run(cmd: list[str], cwd: Path, **env_extra: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env_extra}
     env["DVC_NO_ANALYTICS"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only contend on a shared CPU
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -114,6 +115,15 @@ def test_dvc_repro_runs_the_chain_then_nothing(chain: Chain, repo: Path) -> None
     assert load_checkpoint(repo / "models/gen-2/model.pt")["meta"]["temperature"] == 2.0
     assert load_checkpoint(repo / "models/gen-1/model.pt")["meta"]["temperature"] == 1.0
 
+    # With an experiment to show: the README's `dvc exp show` recipe, run exactly as written, fits 120
+    # columns with no cell elided and shows the changed param and Ens*3; the filter that crashed on the
+    # params key `controls` (also the controls/ folder) runs too.
+    out = _run([sys.executable, "-m", *readme_exp_show()], repo, COLUMNS="120")
+    lines = out.rstrip("\n").splitlines()
+    assert max(map(len, lines)) <= 120 and "…" not in out, out
+    assert "students.2.temperature" in out and "ens3.json:test_acc" in out, out
+    _run([sys.executable, "-m", "dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep", ".*test_acc"], repo)
+
     # Share the results through a DVC remote (a local folder); a fresh clone pulls them and has nothing to run.
     remote = repo.parent / "remote"
     _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(remote)], repo)
@@ -127,6 +137,23 @@ def test_dvc_repro_runs_the_chain_then_nothing(chain: Chain, repo: Path) -> None
     for rel in ("models/gen-3/model.pt", "cache/gen-3/complete/zarr.json", "data/dataset.h5"):
         assert (clone / rel).read_bytes() == (repo / rel).read_bytes(), rel
     assert _stages_to_run(clone) == set()
+
+
+def readme_exp_show() -> list[str]:
+    """The README's `dvc exp show` recipe (section "DVC tables") as an argv."""
+    line = next(ln for ln in (REPO / "README.md").read_text().splitlines() if ln.startswith("dvc exp show "))
+    return shlex.split(line)
+
+
+def test_dvc_metrics_show_fits_200_columns(chain: Chain) -> None:
+    """One name per quantity across the metrics files (README "DVC tables"): at the default chain's shape (3
+    students) the 19 files share 12 columns, and the machine records (one-item lists) add none."""
+    out = _run([sys.executable, "-m", "dvc", "metrics", "show"], chain.root)
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert max(map(len, lines)) <= 200, out
+    header = lines[0].split()
+    assert header[0] == "Path" and "test_acc" in header and len(lines) == 1 + 4 + 8 + 4 + 3, out
+    assert not any(h.startswith(("machine", "test.", "accuracy.")) for h in header), header
 
 
 def test_killed_dvc_repro_then_repro_equals_clean_run(chain: Chain, tmp_path: Path) -> None:
