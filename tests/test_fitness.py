@@ -89,7 +89,7 @@ def test_train_warns_on_unfit_teachers_and_records_fitness(project, caplog, marg
         finding, advice = split_warning(full)
         assert short.startswith(finding + ": ") and len(short) < 140 and advice not in short
         assert "Train the teacher longer" in advice or "Raise the student's temperature" in advice
-    assert (recorded["entropy_mean"] < MIN_ENTROPY) == (margin == 40.0)
+    assert (recorded["entropy"] < MIN_ENTROPY) == (margin == 40.0)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pipeline.audit.fitness"):
         train.run(ParamsFile(raw), project, 2)  # ban+l learns labels too: never warned
