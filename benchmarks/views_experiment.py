@@ -36,7 +36,7 @@ from pipeline.data.prepared import IndexedDataset, PreparedData, load_prepared, 
 from pipeline.data.sources import load_dataset
 from pipeline.losses import generation_loss
 from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint
-from pipeline.models.predict import accuracy, predict_logits
+from pipeline.models.predict import predict_accuracy
 from pipeline.models.registry import ImageInput, build_model
 from pipeline.params import ExportParams, GenParams, TrainParams
 from pipeline.teachers.export import export_logits
@@ -108,7 +108,7 @@ def online_student(
             opt.step()
         sched.step()
         seconds.append(time.perf_counter() - t0)
-    acc = accuracy(predict_logits(model, data.x_test, recipe.eval_batch_size, device), data.y_test)
+    _, acc = predict_accuracy(model, data.x_test, data.y_test, recipe.eval_batch_size, device)
     return acc, seconds
 
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_result = train_generation(data, recipe, 0, GenParams(loss="ce"), None)
     save_generation(work / "teacher.pt", teacher_result, checkpoint_meta(data, recipe, 0, GenParams(loss="ce"), None))
     device = resolve_device(recipe.device)
-    teacher_acc = accuracy(predict_logits(teacher_result.model, data.x_test, 512, device), data.y_test)
+    _, teacher_acc = predict_accuracy(teacher_result.model, data.x_test, data.y_test, 512, device)
     teacher = model_from_checkpoint(load_checkpoint(work / "teacher.pt")).to(device)
     plan = arms(views, max(views), args.samples, args.policy)
     results: dict[str, dict[str, Any]] = {}
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 gp = GenParams(loss="ban", teacher=0, view_policy=arm["policy"], seed=seed + 1)
                 r = train_generation(data, replace(recipe, seed=seed), 1, gp, store)
-                acc = accuracy(predict_logits(r.model, data.x_test, 512, device), data.y_test)
+                _, acc = predict_accuracy(r.model, data.x_test, data.y_test, 512, device)
                 seconds = [h.seconds for h in r.history]
             accs.append(acc)
             epoch_s.append(statistics.median(seconds))

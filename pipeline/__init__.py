@@ -41,6 +41,8 @@ _EXPORTS = {
     "kd_loss": "pipeline.losses",
     "cwtm_loss": "pipeline.losses",
     "dkpp_loss": "pipeline.losses",
+    "dkd_loss": "pipeline.losses",
+    "mse_loss": "pipeline.losses",
     "ce_loss": "pipeline.losses",
     "generation_loss": "pipeline.losses",
     "soften": "pipeline.losses",

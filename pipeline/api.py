@@ -15,7 +15,14 @@ from typing import Any, TypeVar
 import torch
 
 from pipeline.cache.reader import CachedTargets
-from pipeline.data.prepared import MNIST1D_CLASSES, PreparedData, load_prepared, make_mnist1d, write_prepared
+from pipeline.data.prepared import (
+    MNIST1D_CLASSES,
+    PreparedData,
+    load_prepared,
+    make_mnist1d,
+    write_files_index,
+    write_prepared,
+)
 from pipeline.losses import loss_spec
 from pipeline.params import DataParams, ExportParams, GenParams, TrainParams, parse_generation, parse_section
 from pipeline.train.loop import EpochLog, TrainResult
@@ -45,9 +52,17 @@ def describe_dataset(p: DataParams, arrays: dict[str, Any]) -> str:
     return f"{where} ({rows})"
 
 
-def prepare_data(path: PathLike, *, params: DataParams | None = None) -> PreparedData:
-    """Write the dataset `params` describes (default: MNIST-1D) to the HDF5 file `path`; returns it loaded."""
+def prepare_data(
+    path: PathLike, *, params: DataParams | None = None, on_files: Callable[[int, int], None] | None = None
+) -> PreparedData:
+    """Write the dataset `params` describes (default: MNIST-1D) to the HDF5 file `path`; returns it loaded.
+    With `data.storage: files` only an index is written; `on_files(n, total)` reports files hashed (progress)."""
     p = _checked(DataParams, "data", params)
+    if p.storage == "files":  # an index of the files, no pixels (pipeline.data.files)
+        recipe = {"size": p.size, "eval_resize": p.eval_side}
+        subset = (p.n_train, p.n_test)
+        write_files_index(path, p.root, recipe, p.val_fraction, p.split_seed, subset, on_files=on_files)
+        return load_prepared(path)
     if p.dataset == "mnist1d":
         arrays, names = make_mnist1d(p.num_samples), MNIST1D_CLASSES
     else:

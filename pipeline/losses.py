@@ -3,7 +3,8 @@
 Notation: s = student logits (B, C), t = teacher logits (B, C) read from the cache, y = labels (B,),
 T = temperature, q_T = softmax(s / T), p_T = softmax(t / T). Every loss is averaged over the batch
 (never over classes). Soft terms carry the T^2 factor of Hinton et al. so that their gradient scale does
-not shrink as T grows; at T = 1 (the BAN paper's setting) the factor is 1.
+not shrink as T grows; at T = 1 (the BAN paper's setting) the factor is 1. The logit MSE is the exception:
+it matches logits, not distributions, so it takes no temperature and no `Probs`.
 
 Every `teacher` argument also accepts a `Probs`: a teacher distribution given directly instead of logits,
 as sparse stores provide (top-k or sampled classes, `pipeline.cache.reader.CachedTargets.target`). Its
@@ -120,12 +121,78 @@ def dkpp_loss(
     return temperature**2 * soft_cross_entropy(student, target, temperature)
 
 
+def _log_binary_and_rest(z: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From logits z (B, C) already divided by T and the target mask `gt` (B, C): log [p_gt, 1 - p_gt] (B, 2)
+    of softmax(z), and the log of the non-target classes' renormalised softmax (B, C), -inf at the target.
+    Both in log space, exactly: 1 - p_gt is exp(logsumexp of the non-target logits - logsumexp of all), never
+    a subtraction from 1 (which rounds to 0 for a confident teacher)."""
+    rest = z.masked_fill(gt, float("-inf"))
+    lse_all, lse_rest = torch.logsumexp(z, dim=-1), torch.logsumexp(rest, dim=-1)
+    log_b = torch.stack([(z * gt).sum(dim=-1) - lse_all, lse_rest - lse_all], dim=-1)
+    return log_b, rest - lse_rest.unsqueeze(-1)
+
+
+def _kl_rows(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum_c p_c (log p_c - log q_c) per row, with 0 log 0 = 0 (entries where p is 0 add nothing)."""
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+
+
+def dkd_loss(
+    student: torch.Tensor,
+    teacher: Teacher,
+    labels: torch.Tensor,
+    temperature: float = 4.0,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+) -> torch.Tensor:
+    """DKD (Zhao et al. 2022, Decoupled Knowledge Distillation), as mdistiller's `DKD` without its warmup:
+    CE(y, q_1) + alpha * T^2 * mean_b TCKD + beta * T^2 * mean_b NCKD, where TCKD = KL(b_T || b_S) over the
+    binary (target, non-target) probabilities b = [p_y, 1 - p_y] at T, and NCKD = KL(p^_T || q^_T) over the
+    non-target classes' distributions renormalised to sum to 1 (p^_c = p_c / (1 - p_y), c != y). The defaults
+    are mdistiller's CIFAR ones (CE weight 1, alpha 1, beta 8, T 4).
+
+    Teacher logits give p^_T as the softmax of the non-target logits (the target logit excluded exactly, where
+    mdistiller subtracts 1000 from it: the same up to exp(-1000)); a `Probs` teacher gives it by renormalising
+    its non-target probabilities, the same distribution up to float rounding (a row with no non-target mass
+    adds no NCKD). The student is always taken from its logits, in log space."""
+    gt = F.one_hot(labels, student.shape[-1]).bool()
+    log_b_s, log_rest_s = _log_binary_and_rest(student.float() / temperature, gt)
+    if isinstance(teacher, Probs):
+        p = teacher.p.detach().float()
+        rest = p.masked_fill(gt, 0.0)
+        mass = rest.sum(dim=-1, keepdim=True)
+        b_t = torch.cat([(p * gt).sum(dim=-1, keepdim=True), mass], dim=-1)
+        rest_t = rest / mass.clamp_min(torch.finfo(torch.float32).tiny)
+        log_b_t, log_rest_t = b_t.log(), rest_t.log()
+    else:
+        log_b_t, log_rest_t = _log_binary_and_rest(teacher.detach().float() / temperature, gt)
+        b_t, rest_t = log_b_t.exp(), log_rest_t.exp()
+    tckd = _kl_rows(b_t, log_b_t, log_b_s).mean()
+    nckd = _kl_rows(rest_t, log_rest_t, log_rest_s).mean()
+    return ce_loss(student, labels) + temperature**2 * (alpha * tckd + beta * nckd)
+
+
+def mse_loss(student: torch.Tensor, teacher: Teacher) -> torch.Tensor:
+    """Logit MSE (Kim et al. 2021, "Comparing Kullback-Leibler Divergence and Mean Squared Error Loss in
+    Knowledge Distillation": ||z_s - z_t||^2 per sample): mean_b sum_c (s_bc - t_bc)^2 after centring each row
+    of s and of t on its mean over classes. Centring matches the logits up to a per-row constant, which softmax
+    cannot see and stores do not keep: float16 rows are stored minus their max (`logit_shift: row_max`), and
+    the centred difference is the same for the stored and the raw teacher. No temperature, no label term.
+    (Kim et al.'s code averages over classes as well, nn.MSELoss: 1/C of this, the same minimiser.)
+    A `Probs` teacher (a sparse store) has no logits to match and is refused."""
+    if isinstance(teacher, Probs):
+        raise ValueError("loss 'mse' matches logits: a teacher distribution (a sparse store) has none")
+    s, t = student.float(), teacher.detach().float()
+    d = (s - s.mean(dim=-1, keepdim=True)) - (t - t.mean(dim=-1, keepdim=True))
+    return d.pow(2).sum(dim=-1).mean()
+
+
 # ---------------------------------------------------------------- the registry
 
-# The bound form every loss is called in: fn(student, teacher, labels, temperature, alpha, generator).
+# The bound form every loss is called in: fn(student, teacher, labels, temperature, alpha, beta, generator).
 # `teacher` is None only for a loss that needs none; `generator` draws DKPP's permutations.
 LossFn = Callable[
-    [torch.Tensor, Teacher | None, torch.Tensor, float, float, torch.Generator | None],
+    [torch.Tensor, Teacher | None, torch.Tensor, float, float, float, torch.Generator | None],
     torch.Tensor,
 ]
 
@@ -137,7 +204,9 @@ class LossSpec:
     `label_free`: no label term, the teacher's targets are all the student sees (fitness warns about a
     poor teacher). `column`: the Table 2 column of a first student trained with it (None for a loss that
     needs no teacher: generation 0 is the table's Teacher column). `params`: the generation keys (GenParams
-    fields) the loss reads; it ignores the others.
+    fields) the loss reads; it ignores the others. `needs_logits`: the loss matches the teacher's logits
+    themselves, so a store that holds a distribution only (a sparse layout) cannot serve it; training refuses
+    such a store before its first step.
     """
 
     name: str
@@ -146,6 +215,7 @@ class LossSpec:
     label_free: bool
     column: str | None
     params: tuple[str, ...] = ()
+    needs_logits: bool = False
 
     def __call__(
         self,
@@ -154,12 +224,13 @@ class LossSpec:
         labels: torch.Tensor,
         temperature: float = 1.0,
         alpha: float = 0.5,
+        beta: float = 8.0,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """The loss of one batch; a teacher loss refuses a missing teacher before computing anything."""
         if self.needs_teacher and teacher is None:
             raise ValueError(f"loss {self.name!r} needs teacher logits")
-        return self.fn(student, teacher, labels, temperature, alpha, generator)
+        return self.fn(student, teacher, labels, temperature, alpha, beta, generator)
 
 
 LOSSES: dict[str, LossSpec] = {}  # in declaration order: params' messages list the names in it
@@ -210,17 +281,21 @@ def _given(teacher: Teacher | None) -> Teacher:
     return cast(Teacher, teacher)
 
 
-# The six losses, in the order params' messages list them; each lambda calls its pure function above with
+# The eight losses, in the order params' messages list them; each lambda calls its pure function above with
 # exactly the arguments that function takes.
 register_loss(
     LossSpec(
-        "ce", lambda s, _t, y, _temp, _alpha, _g: ce_loss(s, y), needs_teacher=False, label_free=False, column=None
+        "ce",
+        lambda s, _t, y, _temp, _alpha, _beta, _g: ce_loss(s, y),
+        needs_teacher=False,
+        label_free=False,
+        column=None,
     )
 )
 register_loss(
     LossSpec(
         "ban",
-        lambda s, t, _y, temp, _alpha, _g: ban_loss(s, _given(t), temp),
+        lambda s, t, _y, temp, _alpha, _beta, _g: ban_loss(s, _given(t), temp),
         needs_teacher=True,
         label_free=True,
         column="BAN",
@@ -230,7 +305,7 @@ register_loss(
 register_loss(
     LossSpec(
         "ban+l",
-        lambda s, t, y, temp, _alpha, _g: ban_l_loss(s, _given(t), y, temp),
+        lambda s, t, y, temp, _alpha, _beta, _g: ban_l_loss(s, _given(t), y, temp),
         needs_teacher=True,
         label_free=False,
         column="BAN+L",
@@ -240,7 +315,7 @@ register_loss(
 register_loss(
     LossSpec(
         "kd",
-        lambda s, t, y, temp, alpha, _g: kd_loss(s, _given(t), y, temp, alpha),
+        lambda s, t, y, temp, alpha, _beta, _g: kd_loss(s, _given(t), y, temp, alpha),
         needs_teacher=True,
         label_free=False,
         column="KD",
@@ -250,7 +325,7 @@ register_loss(
 register_loss(
     LossSpec(
         "cwtm",
-        lambda s, t, y, temp, _alpha, _g: cwtm_loss(s, _given(t), y, temp),
+        lambda s, t, y, temp, _alpha, _beta, _g: cwtm_loss(s, _given(t), y, temp),
         needs_teacher=True,
         label_free=False,
         column="CWTM",
@@ -260,11 +335,32 @@ register_loss(
 register_loss(
     LossSpec(
         "dkpp",
-        lambda s, t, _y, temp, _alpha, g: dkpp_loss(s, _given(t), temp, g),
+        lambda s, t, _y, temp, _alpha, _beta, g: dkpp_loss(s, _given(t), temp, g),
         needs_teacher=True,
         label_free=True,
         column="DKPP",
         params=("temperature",),
+    )
+)
+register_loss(
+    LossSpec(
+        "dkd",
+        lambda s, t, y, temp, alpha, beta, _g: dkd_loss(s, _given(t), y, temp, alpha, beta),
+        needs_teacher=True,
+        label_free=False,
+        column="DKD",
+        params=("temperature", "alpha", "beta"),
+    )
+)
+register_loss(
+    LossSpec(
+        "mse",
+        lambda s, t, _y, _temp, _alpha, _beta, _g: mse_loss(s, _given(t)),
+        needs_teacher=True,
+        label_free=True,
+        column="MSE",
+        params=(),
+        needs_logits=True,
     )
 )
 
@@ -276,7 +372,8 @@ def generation_loss(
     labels: torch.Tensor,
     temperature: float = 1.0,
     alpha: float = 0.5,
+    beta: float = 8.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The loss `name` of the registry on one batch (what a training step computes, without a model)."""
-    return loss_spec(name)(student, teacher, labels, temperature, alpha, generator)
+    return loss_spec(name)(student, teacher, labels, temperature, alpha, beta, generator)

@@ -28,6 +28,8 @@ SELECTIONS = ("last", "best_val")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float16", "float32")
 VIEW_POLICIES = ("clean", "cycle", "random")
+STORAGES = ("memory", "files")
+CROPS = ("pad", "resized")
 
 T = TypeVar("T")
 
@@ -53,6 +55,11 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
             except ParamsError:
                 continue
         raise ParamsError(f"{where} = {value!r}: expected {_type_name(tp)}")
+    if origin is tuple:  # a fixed-length pair such as train.crop_scale: a YAML list of that many values
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ParamsError(f"{where} = {value!r}: expected a list of {len(args)} values ({_type_name(args[0])})")
+        return tuple(_check_type(f"{where}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if tp is type(None):
         if value is None:
             return None
@@ -164,9 +171,29 @@ class DataParams(Checked):
     size: int = 32  # imagefolder: images are resized to size x size
     n_train: int | None = None  # image datasets: class-balanced seeded subset of train rows (None: all)
     n_test: int | None = None
+    # memory: pixels copied into data/dataset.h5 and read whole (small datasets); files (imagefolder only):
+    # prepare writes an index of the files (paths, labels, sizes, sha256) and every stage decodes them
+    storage: str = "memory"
+    eval_resize: int | None = None  # files: evaluation/export view = shorter side resized to this, centre crop size
+
+    @property
+    def eval_side(self) -> int:
+        """The evaluation view's resize (files storage): eval_resize, or size / 0.875 rounded (ImageNet's)."""
+        return self.eval_resize if self.eval_resize is not None else int(round(self.size / 0.875))
 
     def check(self, section: str) -> None:
         _one_of(f"{section}.dataset", self.dataset, DATASETS)
+        _one_of(f"{section}.storage", self.storage, STORAGES)
+        if self.storage == "files" and self.dataset != "imagefolder":
+            raise ParamsError(
+                f"{section}.storage = 'files': only dataset 'imagefolder' is kept on disk (got {self.dataset!r}); "
+                "set data.storage: memory"
+            )
+        _range(f"{section}.size", self.size, 1, None)
+        if self.eval_resize is not None and self.eval_resize < self.size:
+            raise ParamsError(
+                f"{section}.eval_resize = {self.eval_resize}: must be >= size ({self.size}), the centre crop's side"
+            )
         if self.dataset != "mnist1d" and not self.root:
             raise ParamsError(f"{section}.root: required for dataset {self.dataset!r} (the folder holding its files)")
         _range(f"{section}.num_samples", self.num_samples, 10, None)
@@ -201,6 +228,11 @@ class TrainParams(Checked):
     threads: int = 1
     num_workers: int = 0
     augment: bool = True  # image datasets only: random crop (pad 4) and horizontal flip
+    # pad: crop of the zero-padded stored image (CIFAR); resized (data.storage: files): RandomResizedCrop of
+    # the decoded file, area fraction in crop_scale and aspect ratio in crop_ratio, resized to data.size
+    crop: str = "pad"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4 / 3)
     amp: str = "auto"  # CUDA autocast: auto (bf16 where supported), bf16, fp16, off; CPU always float32
     channels_last: bool = True  # CUDA image models only
     # Train images, labels and the teacher's train targets are held on the training device (GPU memory on
@@ -216,6 +248,13 @@ class TrainParams(Checked):
         _one_of(f"{section}.select", self.select, SELECTIONS)
         _one_of(f"{section}.device", self.device, DEVICES)
         _one_of(f"{section}.amp", self.amp, ("auto", "bf16", "fp16", "off"))
+        _one_of(f"{section}.crop", self.crop, CROPS)
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ParamsError(f"{section}.crop_scale = {list(self.crop_scale)}: need 0 < min <= max <= 1")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            raise ParamsError(f"{section}.crop_ratio = {list(self.crop_ratio)}: need 0 < min <= max")
         _range(f"{section}.epochs", self.epochs, 1, None)
         _range(f"{section}.warmup_epochs", self.warmup_epochs, 0, None)
         if self.warmup_epochs >= self.epochs:
@@ -242,7 +281,8 @@ class GenParams(Checked):
     loss: str = "ban"
     teacher: int | None = None  # generation whose cached logits are the targets
     temperature: float = 1.0  # softening of teacher and student logits for the soft term
-    alpha: float = 0.5  # kd only: weight of the label term
+    alpha: float = 0.5  # kd: weight of the label term; dkd: weight of TCKD (mdistiller: 1.0); others ignore it
+    beta: float = 8.0  # dkd only: weight of NCKD (mdistiller's CIFAR default)
     seed: int | None = None
     arch: str | None = None  # overrides train.arch for this generation
     # Which cached view a sample trains on: clean (view 0 plus live augmentation), cycle (epoch % V) or
@@ -254,6 +294,7 @@ class GenParams(Checked):
         _one_of(f"{section}.view_policy", self.view_policy, VIEW_POLICIES)
         _range(f"{section}.temperature", self.temperature, 0.0, None, lo_open=True)
         _range(f"{section}.alpha", self.alpha, 0.0, 1.0)
+        _range(f"{section}.beta", self.beta, 0.0, None)
         if self.arch is not None:
             _check_arch(f"{section}.arch", self.arch)
 
@@ -274,6 +315,7 @@ class ExportParams(Checked):
     topk: int = 10  # layout topk: logits kept per row and view
     topk_rest: str = "uniform"  # layout topk: dropped mass spread uniformly over the other classes, or renorm
     samples: int = 32  # layout sampled: draws with replacement from the teacher distribution per row and view
+    num_workers: int = 0  # data.storage: files: DataLoader worker processes decoding each chunk (0: the exporter)
 
     def check(self, section: str) -> None:
         _one_of(f"{section}.dtype", self.dtype, DTYPES)
@@ -284,6 +326,7 @@ class ExportParams(Checked):
         _range(f"{section}.batch_size", self.batch_size, 1, None)
         _range(f"{section}.views", self.views, 1, 255)
         _range(f"{section}.topk", self.topk, 1, None)
+        _range(f"{section}.num_workers", self.num_workers, 0, None)
         # counts are stored in the value array: float16 holds every integer up to 2048 exactly
         _range(f"{section}.samples", self.samples, 1, 2048)
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.audit.fitness import split_warning
-from pipeline.cache.store import LogitStore
+from pipeline.cache.store import LogitStore, taught_by
 from pipeline.core.files import write_text
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import open_labels
@@ -23,11 +23,11 @@ def run(layout: ProjectPaths) -> str:
     accuracy = chain_accuracy(metrics, where=str(layout.ensemble_metrics))
     gens = sorted(c.g for c in accuracy if isinstance(c, Generation))
     lines = ["# bancache report", "", format_table([chain_columns(metrics)], _network(layout, gens)), ""]
-    lines += ["| generation | arch | loss | teacher | seed | test acc % |", "|---|---|---|---|---|---|"]
+    lines += ["| generation | arch | loss | learned from | seed | test acc % |", "|---|---|---|---|---|---|"]
     for g in gens:
         a = LogitStore.open(layout.store(g)).attrs
         acc = 100 * accuracy[Generation(g)]
-        lines.append(f"| {g} | {a['arch']} | {a['loss']} | {a['teacher']} | {a['seed']} | {acc:.2f} |")
+        lines.append(f"| {g} | {a['arch']} | {a['loss']} | {taught_by(a)} | {a['seed']} | {acc:.2f} |")
     lines += [
         "",
         "Ens*k averages the softmax outputs of generations 1..k; '+teacher' rows also average generation 0:",

@@ -86,6 +86,40 @@ def test_target_is_p_at_its_temperature_for_every_layout(exported_root: Path, tm
     assert not torch.equal(dense.target(index, temperature=1.0).p, dense.target(index, temperature=4.0).p)
 
 
+def test_train_model_refuses_mse_from_a_sparse_store_and_trains_dkd_from_it(
+    exported_root: Path, tmp_path: Path
+) -> None:
+    """The API checks the teacher's store as `bancache train` does: mse needs logits, a top-k store keeps a
+    distribution; dkd needs only p_T and trains from the same store."""
+    from pipeline.core.errors import ParamsError
+
+    pipeline.export_store(
+        exported_root / "models/gen-0/model.pt",
+        exported_root / "data/dataset.h5",
+        tmp_path / "topk",
+        params=pipeline.ExportParams(layout="topk", topk=3, device="cpu"),
+        device="cpu",
+    )
+    recipe = pipeline.TrainParams(arch="cnn1d", epochs=1, device="cpu")
+    data = exported_root / "data/dataset.h5"
+    with pytest.raises(ParamsError, match=r"students.1.loss = 'mse' matches the teacher's logits, .* layout 'topk'"):
+        pipeline.train_model(
+            data,
+            gen=1,
+            recipe=recipe,
+            generation=pipeline.GenParams(loss="mse", teacher=0),
+            teacher_store=tmp_path / "topk",
+        )
+    r = pipeline.train_model(
+        data,
+        gen=1,
+        recipe=recipe,
+        generation=pipeline.GenParams(loss="dkd", teacher=0),
+        teacher_store=tmp_path / "topk",
+    )
+    assert np.isfinite(r.history[-1].train_loss)
+
+
 def test_len_of_cached_targets_is_its_split(exported_root: Path) -> None:
     data = pipeline.load_prepared(exported_root / "data/dataset.h5")
     for split, (_, y) in (("train", (data.x_train, data.y_train)), ("test", (data.x_test, data.y_test))):

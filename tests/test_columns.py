@@ -72,7 +72,9 @@ def test_an_unknown_or_non_canonical_string_is_refused_with_the_known_forms(text
 
 def test_a_loss_column_needs_the_loss_registry_and_names_the_loss() -> None:
     assert parse_column("BAN+L", loss_columns()) == LossVariant("ban+l", "BAN+L")
-    with pytest.raises(ResultsError, match=r"loss columns: BAN, BAN\+L, CWTM, DKPP, KD\."):
+    assert parse_column("DKD", loss_columns()) == LossVariant("dkd", "DKD")
+    assert parse_column("MSE", loss_columns()) == LossVariant("mse", "MSE")
+    with pytest.raises(ResultsError, match=r"loss columns: BAN, BAN\+L, CWTM, DKD, DKPP, KD, MSE\."):
         parse_column("XYZ", loss_columns())
 
 

@@ -92,3 +92,30 @@ def test_two_process_training_matches_single_process(tmp_path: Path) -> None:
     # Same data, same global batch, different shards per step: equal within noise (400 test rows).
     for single, ddp in zip(accs[1], accs[2], strict=True):
         assert ddp > 0.5 and abs(single - ddp) <= 0.08, accs
+
+
+def test_two_process_export_of_images_on_disk_is_bit_equal(tmp_path: Path) -> None:
+    """data.storage: files with RandomResizedCrop views: torchrun (gloo, 2 processes) writes the same store,
+    logits and (i, j, h, w, flip) boxes, as one process."""
+    from tests.test_files_dataset import make_folder
+
+    make_folder(tmp_path / "imgs", {"train": 8, "test": 4})
+    raw = tiny_params()
+    raw["data"] = {"dataset": "imagefolder", "root": str(tmp_path / "imgs"), "storage": "files", "size": 16}
+    raw["train"].update({"arch": "cnn3", "epochs": 1, "batch_size": 8, "crop": "resized"})
+    raw["export"].update({"views": 3, "chunk_rows": 8})
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "params.yaml").write_text(yaml.safe_dump(raw))
+    for args in (["prepare"], ["train", "--gen", "0"], ["export-logits", "--gen", "0"]):
+        _cli(one, "-q", *args)
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    _set_launch(two, 2)
+    _cli(two, "-q", "export-logits", "--gen", "0")
+    single, multi = LogitStore.open(ProjectPaths(one).store(0)), LogitStore.open(ProjectPaths(two).store(0))
+    multi.verify()
+    assert single.attrs["augmentation"]["kind"] == "resized-crop+flip"
+    for name in ("train", "test", "train_aug"):
+        np.testing.assert_array_equal(single.array(name)[:], multi.array(name)[:])
+    assert (single.array("train_aug")[:, 1:, 2:4] > 0).all()  # views 1, 2 are real boxes

@@ -227,3 +227,29 @@ def test_dvc_repro_two_generation_image_chain(tmp_path: Path) -> None:
     report = (root / "reports/report.md").read_text()
     assert "| Teacher | BAN-1 |" in report and "Paired table" in report and "1 seed, 30 test rows" in report
     assert (root / "controls/gen-1/test_logits.npy").exists() and (root / "controls/gen-1/model.pt").exists()
+
+
+def test_dvc_repro_chain_on_images_kept_on_disk(tmp_path: Path) -> None:
+    """An ImageFolder of JPEG and PNG files of mixed sizes kept on disk (data.storage: files): prepare
+    indexes it, the teacher trains on RandomResizedCrops decoded in a worker, the export stores resized-crop
+    views, the student replays them (view_policy random); inspect, the ensemble and the report run too."""
+    import h5py
+
+    from pipeline.cache.store import LogitStore
+    from tests.test_files_dataset import make_folder
+
+    make_folder(tmp_path / "imgs", {"train": 8, "test": 4})
+    raw = tiny_params()
+    raw["data"] = {"dataset": "imagefolder", "root": str(tmp_path / "imgs"), "storage": "files", "size": 16}
+    raw["train"].update({"arch": "cnn3", "epochs": 2, "batch_size": 8, "crop": "resized", "num_workers": 1})
+    raw["export"].update({"views": 2, "chunk_rows": 8})
+    raw["students"] = {"1": {"teacher": 0, "loss": "ban", "view_policy": "random"}}
+    root = _new_repo(tmp_path / "repo", raw)
+    _run([sys.executable, "-m", "dvc", "repro"], root)
+    with h5py.File(root / "data/dataset.h5") as f:
+        assert "files_train" in f and not any(k.startswith("x_") for k in f)
+    attrs = LogitStore.open(root / "cache/gen-0").attrs
+    assert attrs["augmentation"]["kind"] == "resized-crop+flip" and attrs["splits"] == {"train": 24, "test": 12}
+    assert load_checkpoint(root / "models/gen-1/model.pt")["meta"]["recipe"]["crop"] == "resized"
+    assert set(read_ensemble_metrics(root / "metrics/ensemble")["accuracy"]) == {"gen0", "gen1"}
+    assert (root / "inspect/gen-0/summary.md").exists() and (root / "reports/report.md").exists()

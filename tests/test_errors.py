@@ -88,6 +88,17 @@ def _delete_test_chunk(root: Path) -> None:
     next(p for p in sorted((ProjectPaths(root).store(0) / "test" / "c").rglob("*")) if p.is_file()).unlink()
 
 
+def _mse_on_a_topk_store(root: Path) -> None:
+    """Generation 0 re-exported as a top-k store (a distribution, no full logits), then an mse student of it."""
+    from stages import export
+    from stages.common import ParamsFile
+
+    _set(root, "export.layout", "topk")
+    _set(root, "export.topk", 3)
+    export.run(ParamsFile(yaml.safe_load((root / "params.yaml").read_text())), ProjectPaths(root), 0)
+    _set(root, "students.1.loss", "mse")
+
+
 def _unknown_metrics_column(root: Path) -> None:
     path = ProjectPaths(root).ensemble_metrics
     path.mkdir(parents=True, exist_ok=True)
@@ -160,6 +171,27 @@ def _read_only_cache(root: Path) -> Iterator[None]:
             yield
     finally:
         cache.chmod(0o755)
+
+
+def _files_project(root: Path, damage: str) -> None:
+    """An on-disk ImageFolder dataset (data.storage: files) prepared, then one file damaged: `truncated`
+    before prepare (indexed as it is, unreadable when decoded), `edited` (same size) or `missing` after."""
+    from tests.test_files_dataset import make_folder
+
+    make_folder(root / "imgs", {"train": 4, "test": 2})
+    jpg = root / "imgs" / "train" / "dog" / "002.jpg"
+    blob = jpg.read_bytes()
+    if damage == "truncated":
+        jpg.write_bytes(blob[: len(blob) // 2])
+    data = {"dataset": "imagefolder", "root": str(root / "imgs"), "storage": "files", "size": 16}
+    for key, value in {**{f"data.{k}": v for k, v in data.items()}, "train.arch": "cnn3"}.items():
+        _set(root, key, value)
+    r = CliRunner().invoke(main, ["-q", "--params", str(root / "params.yaml"), "--root", str(root), "prepare"])
+    assert r.exit_code == 0, r.output
+    if damage == "edited":
+        jpg.write_bytes(blob[:-3] + bytes(b ^ 0xFF for b in blob[-3:]))
+    elif damage == "missing":
+        jpg.unlink()
 
 
 @dataclass
@@ -416,11 +448,35 @@ CASES = [
         _read_only_cache,
     ),
     Case(
+        "image file missing after prepare (data.storage: files)",
+        lambda r: _files_project(r, "missing"),
+        ("train", "--gen", "0"),
+        "imgs/train/dog/002.jpg: missing (listed by `bancache prepare`); restore it, or rerun `bancache prepare`",
+    ),
+    Case(
+        "image file edited after prepare (data.storage: files)",
+        lambda r: _files_project(r, "edited"),
+        ("train", "--gen", "0"),
+        "imgs/train/dog/002.jpg: changed since `bancache prepare` (its sha256 differs from the index)",
+    ),
+    Case(
+        "truncated JPEG (data.storage: files)",
+        lambda r: _files_project(r, "truncated"),
+        ("train", "--gen", "0"),
+        "imgs/train/dog/002.jpg: unreadable image (truncated or not an image:",
+    ),
+    Case(
         "a torchvision model's own name as arch",
         lambda r: _set(r, "train.arch", "resnet18"),
         ("validate",),
         "depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got 18. For torchvision's resnet18, write "
         "'tv_resnet18'",
+    ),
+    Case(
+        "logit MSE from a sparse (top-k) teacher store",
+        _mse_on_a_topk_store,
+        ("train", "--gen", "1"),
+        "students.1.loss = 'mse' matches the teacher's logits, and the teacher's store",
     ),
     Case(
         "the old `controls:` params key",

@@ -173,6 +173,47 @@ def test_noise_list_finds_the_planted_sample() -> None:
     assert m["accuracy_val"] == pytest.approx(2 / 3) and m["accuracy_fit"] == pytest.approx((n - 4) / (n - 3))
 
 
+HEADING = "## Likely label noise: "
+
+
+@pytest.mark.parametrize(
+    ("planted", "max_listed", "heading", "in_table"),
+    [
+        (14, 50, "14 samples (the 10 most confident here, all 14 in [noisy.csv](noisy.csv))", 10),
+        (14, 12, "14 samples (the 10 most confident here, the 12 most confident in [noisy.csv](noisy.csv))", 10),
+        (3, 50, "3 samples (all 3 here, all 3 in [noisy.csv](noisy.csv))", 3),
+        (0, 50, "none found", 0),
+    ],
+)
+def test_summary_noise_heading_says_what_its_table_and_noisy_csv_hold(
+    tmp_path: Path, planted: int, max_listed: int, heading: str, in_table: int
+) -> None:
+    """summary.md's likely-noise heading counts exactly the rows of the table under it and of noisy.csv;
+    both list the most confident samples first."""
+    from pipeline.audit.files import write_store_audit
+
+    c, n = 5, 200
+    y = np.arange(n) % c
+    logits = np.eye(c)[y] * 1.0  # right, max p = e / (e + 4) ~ 0.40: never listed
+    planted_rows = [7 + 13 * k for k in range(planted)]  # wrong, confidence falling with k, all >= 0.99
+    for k, i in enumerate(planted_rows):
+        logits[i] = np.eye(c)[(y[i] + 1) % c] * (10.0 - 0.3 * k)
+    store = make_store(tmp_path / "s", logits, logits[:50], chunk_rows=64)
+    p = InspectParams(noise_confidence=0.99, max_listed=max_listed)
+    stats, calib = ins.audit_store(store, labels_of(y, y[:50], c), p)
+    out = tmp_path / "out"
+    write_store_audit(out, 0, store.attrs, [f"c{i}" for i in range(c)], stats, calib, p)
+
+    lines = (out / "summary.md").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(HEADING))
+    assert lines[at] == HEADING + heading
+    table = [line for line in lines[at + 1 :] if line.startswith("| ")][1:] if planted else []  # minus the header
+    assert [int(row.split(" | ")[0].strip("| ")) for row in table] == planted_rows[:in_table]
+    listed = (out / "noisy.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in listed] == planted_rows[:max_listed]
+    assert "learned from labels" in lines[2]  # generation 0's store has no teacher (attribute None)
+
+
 # -- streaming -----------------------------------------------------------------------------------------
 def _summary(stats: ins.TargetStats, calib: ins.Calibration) -> dict:
     return {

@@ -23,9 +23,12 @@ from pipeline.losses import (
     ban_loss,
     ce_loss,
     cwtm_loss,
+    dkd_loss,
     dkpp_loss,
     generation_loss,
     kd_loss,
+    loss_spec,
+    mse_loss,
     permute_dark_knowledge,
     soften,
 )
@@ -43,6 +46,16 @@ BAN_1 = (2 / 3 * L2 + 5 / 6 * L3 + 9 / 5 * L2) / 2
 CE_1 = (L2 + 2 * L2) / 2
 # KL(p || q) = CE(p, q) - H(p): row 0 = 1/3 ln3 ; row 1 = 9/5 ln2 + 3/5 ln3 - ln5 (summed over classes)
 KL_ROWS = [L3 / 3, 9 / 5 * L2 + 3 / 5 * L3 - L5]
+# DKD, label 0 on both rows. Binary (target, rest): row 0 b_T = [1/6, 5/6], b_S = [1/2, 1/2];
+# row 1 b_T = [3/5, 2/5], b_S = [1/4, 3/4]. TCKD = KL(b_T || b_S):
+TCKD_ROWS = [1 / 6 * math.log(1 / 3) + 5 / 6 * math.log(5 / 3), 3 / 5 * math.log(12 / 5) + 2 / 5 * math.log(8 / 15)]
+# Non-target classes renormalised: row 0 p^ = [1/3, 1/2] / (5/6) = [2/5, 3/5], q^ = [1/3, 1/6] / (1/2) = [2/3, 1/3];
+# row 1 p^ = [1/2, 1/2], q^ = [2/3, 1/3]. NCKD = KL(p^ || q^):
+NCKD_ROWS = [2 / 5 * math.log(3 / 5) + 3 / 5 * math.log(9 / 5), 1 / 2 * math.log(3 / 4) + 1 / 2 * math.log(3 / 2)]
+# Logit MSE with rows centred. Row 0: s and t both have mean ln6 / 3, so d = s - t = [ln3, 0, -ln3], sum d^2 = 2 ln^2 3.
+# Row 1: d = [-ln3, ln2, 0] with mean (ln2 - ln3) / 3; sum (d - mean d)^2 = ln^2 3 + ln^2 2 - (ln2 - ln3)^2 / 3.
+MSE_1 = (2 * L3**2 + L3**2 + L2**2 - (L2 - L3) ** 2 / 3) / 2
+MSE_UNCENTRED = (2 * L3**2 + L3**2 + L2**2) / 2  # what plain (s - t)^2 would give
 
 
 def logits(rows, scale: float = 1.0, requires_grad: bool = False) -> torch.Tensor:
@@ -67,6 +80,30 @@ def xent(p_rows, q_rows) -> float:
 
 def py_soft_ce(p_rows, s_rows, t: float = 1.0) -> float:
     return xent(p_rows, [py_softmax(s, t) for s in s_rows])
+
+
+def py_kl(p, q) -> float:
+    return sum(pc * math.log(pc / qc) for pc, qc in zip(p, q, strict=True) if pc > 0)
+
+
+def py_tckd(p, q, y: int) -> float:
+    """KL of the (target, rest) binary distributions of one row, in plain Python."""
+    return py_kl([p[y], 1 - p[y]], [q[y], 1 - q[y]])
+
+
+def py_nckd(p, q, y: int) -> float:
+    """KL of the non-target classes' renormalised distributions of one row, in plain Python."""
+    rest_p, rest_q = [v for c, v in enumerate(p) if c != y], [v for c, v in enumerate(q) if c != y]
+    return py_kl([v / sum(rest_p) for v in rest_p], [v / sum(rest_q) for v in rest_q])
+
+
+def py_mse(s_rows, t_rows) -> float:
+    """mean_b sum_c of the squared difference of the row-centred logits, in plain Python."""
+    total = 0.0
+    for s, t in zip(s_rows, t_rows, strict=True):
+        d = [a - sum(s) / len(s) - (b - sum(t) / len(t)) for a, b in zip(s, t, strict=True)]
+        total += sum(v * v for v in d)
+    return total / len(s_rows)
 
 
 # ---------------------------------------------------------------- soften, ce
@@ -214,6 +251,141 @@ def test_dkpp_loss_is_soft_ce_against_permuted_teacher(t):
     assert got != approx(t**2 * xent(p, q))
 
 
+# ---------------------------------------------------------------- dkd
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize(("alpha", "beta"), [(1.0, 8.0), (0.5, 2.0), (0.0, 1.0), (1.0, 0.0)])
+def test_dkd_is_ce_plus_t2_weighted_tckd_and_nckd(t, alpha, beta):
+    # logits scaled by T keep p_T and q_T; the label CE is taken at T = 1 on the scaled student (KD_CE)
+    ce = CE_1 if t == 1.0 else KD_CE[t]
+    expected = ce + t**2 * (alpha * sum(TCKD_ROWS) / 2 + beta * sum(NCKD_ROWS) / 2)
+    got = dkd_loss(logits(S_ROWS, t), logits(T_ROWS, t), Y, temperature=t, alpha=alpha, beta=beta).item()
+    assert got == approx(expected)
+
+
+def test_dkd_hand_values_satisfy_the_papers_decomposition_of_kd():
+    # Zhao et al. 2022, eq. 7: KL(p || q) = TCKD + (1 - p_y) NCKD per row; 1 - p_0 = 5/6 (row 0) and 2/5 (row 1)
+    for kl, tckd, nckd, rest in zip(KL_ROWS, TCKD_ROWS, NCKD_ROWS, [5 / 6, 2 / 5], strict=True):
+        assert tckd + rest * nckd == approx(kl)
+
+
+def test_dkd_defaults_are_mdistillers_t4_alpha1_beta8():
+    expected = KD_CE[4.0] + 16 * (sum(TCKD_ROWS) / 2 + 8 * sum(NCKD_ROWS) / 2)
+    assert dkd_loss(logits(S_ROWS, 4.0), logits(T_ROWS, 4.0), Y).item() == approx(expected)
+
+
+def test_dkd_depends_on_the_label():
+    # labels [2, 1]: other target and non-target splits, computed with the plain-Python helpers above
+    y = torch.tensor([2, 1])
+    p, q = [py_softmax(r) for r in T_ROWS], [py_softmax(r) for r in S_ROWS]
+    tckd = (py_tckd(p[0], q[0], 2) + py_tckd(p[1], q[1], 1)) / 2
+    nckd = (py_nckd(p[0], q[0], 2) + py_nckd(p[1], q[1], 1)) / 2
+    ce = (math.log(6) + L2) / 2
+    got = dkd_loss(logits(S_ROWS), logits(T_ROWS), y, temperature=1.0, alpha=1.0, beta=8.0).item()
+    assert got == approx(ce + tckd + 8 * nckd)
+
+
+def mdistiller_dkd(s, t, y, alpha, beta, temperature):
+    """A direct transcription of mdistiller's DKD (megvii-research/mdistiller, distillers/DKD.py: dkd_loss,
+    with the CE term of forward_train at weight 1 and no warmup)."""
+    gt_mask = torch.zeros_like(s).scatter_(1, y.unsqueeze(1), 1).bool()
+    other_mask = torch.ones_like(s).scatter_(1, y.unsqueeze(1), 0).bool()
+
+    def cat_mask(x):
+        return torch.cat([(x * gt_mask).sum(1, keepdim=True), (x * other_mask).sum(1, keepdim=True)], dim=1)
+
+    pred_s = cat_mask(torch.softmax(s / temperature, dim=1))
+    pred_t = cat_mask(torch.softmax(t / temperature, dim=1))
+    tckd = torch.nn.functional.kl_div(torch.log(pred_s), pred_t, reduction="sum") * temperature**2 / y.shape[0]
+    pred_t2 = torch.softmax(t / temperature - 1000.0 * gt_mask, dim=1)
+    log_pred_s2 = torch.log_softmax(s / temperature - 1000.0 * gt_mask, dim=1)
+    nckd = torch.nn.functional.kl_div(log_pred_s2, pred_t2, reduction="sum") * temperature**2 / y.shape[0]
+    return torch.nn.functional.cross_entropy(s, y) + alpha * tckd + beta * nckd
+
+
+@pytest.mark.parametrize(("t", "alpha", "beta"), [(1.0, 1.0, 8.0), (4.0, 1.0, 8.0), (2.0, 0.5, 2.0), (4.0, 0.3, 0.0)])
+def test_dkd_equals_mdistillers_formula_on_random_logits(t, alpha, beta):
+    g = torch.Generator().manual_seed(11)
+    s, te = 3 * torch.randn(64, 10, generator=g, dtype=torch.float64), 3 * torch.randn(64, 10, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    got = dkd_loss(s.float(), te, y, temperature=t, alpha=alpha, beta=beta).item()
+    assert got == pytest.approx(mdistiller_dkd(s, te.double(), y, alpha, beta, t).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("t", [1.0, 4.0])
+def test_dkd_from_logits_equals_dkd_from_probs_of_the_same_teacher(t):
+    g = torch.Generator().manual_seed(12)
+    s, te, y = torch.randn(32, 10, generator=g), 2 * torch.randn(32, 10, generator=g), torch.randint(0, 10, (32,))
+    from_logits = dkd_loss(s, te, y, temperature=t)
+    from_probs = dkd_loss(s, Probs(soften(te, t)), y, temperature=t)
+    torch.testing.assert_close(from_probs, from_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_dkd_from_logits_keeps_nckd_where_p_target_rounds_to_one():
+    # teacher row [40, ln2, 0] at T = 1: p_0 = 1 - 3 e^-40 is 1.0 in float32, yet the non-target classes still
+    # hold p^ = [2/3, 1/3] (softmax of [ln2, 0]); the student [0, 0, 0] has q^ = [1/2, 1/2].
+    s, te, y = torch.zeros(1, 3), torch.tensor([[40.0, L2, 0.0]]), torch.tensor([0])
+    assert soften(te)[0, 0].item() == 1.0
+    nckd = 2 / 3 * math.log(4 / 3) + 1 / 3 * math.log(2 / 3)
+    tckd = math.log(3)  # KL([1, 0] || [1/3, 2/3]) = ln 3 (the rest's e^-40 mass adds nothing visible)
+    got = dkd_loss(s, te, y, temperature=1.0, alpha=1.0, beta=8.0).item()
+    assert got == approx(math.log(3) + tckd + 8 * nckd)
+    # a distribution with no mass off the target has no non-target distribution: that row adds no NCKD
+    one_hot = dkd_loss(s, Probs(torch.tensor([[1.0, 0.0, 0.0]])), y, temperature=1.0, alpha=1.0, beta=8.0)
+    assert one_hot.item() == approx(math.log(3) + tckd)
+
+
+# ---------------------------------------------------------------- mse
+
+
+def test_mse_is_batch_mean_of_class_sum_of_centred_squared_differences():
+    assert mse_loss(logits(S_ROWS), logits(T_ROWS)).item() == approx(MSE_1)
+    assert MSE_1 != approx(MSE_UNCENTRED)  # row 1's means differ, so centring changes the value
+    assert MSE_1 == approx(py_mse(S_ROWS, T_ROWS))
+    # summed over classes, not averaged (that would be 1/3 of it)
+    assert abs(MSE_1 - MSE_1 / 3) > 0.5
+
+
+def test_mse_ignores_the_temperature_and_declares_no_params():
+    s, t = logits(S_ROWS), logits(T_ROWS)
+    for temp in (1.0, 2.0, 4.0):
+        assert generation_loss("mse", s, t, Y, temperature=temp, alpha=0.1).item() == approx(MSE_1)
+    assert loss_spec("mse").params == () and loss_spec("mse").needs_logits
+    assert not any(loss_spec(n).needs_logits for n in ("ban", "ban+l", "kd", "cwtm", "dkpp", "dkd"))
+
+
+def test_mse_is_invariant_to_a_per_row_constant_on_teacher_or_student():
+    g = torch.Generator().manual_seed(13)
+    s, t = torch.randn(16, 10, generator=g), 4 * torch.randn(16, 10, generator=g)
+    shift_t, shift_s = 50 * torch.randn(16, 1, generator=g), 50 * torch.randn(16, 1, generator=g)
+    base = mse_loss(s, t)
+    torch.testing.assert_close(mse_loss(s, t + shift_t), base, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mse_loss(s + shift_s, t), base, rtol=1e-5, atol=1e-4)
+    # a constant on one class is not a per-row constant: the loss sees it
+    assert (mse_loss(s, t + torch.eye(10)[0] * 3) - base).abs() > 0.1
+
+
+def test_mse_on_a_row_max_shifted_float16_store_equals_mse_on_the_raw_logits():
+    """The dense format's own encoder shifts float16 rows by their max (`logit_shift: row_max`); integer
+    logits make the fp16 values exact, so the shifted store gives the raw teacher's loss exactly."""
+    from pipeline.cache.formats import LAYOUTS, FormatOptions
+
+    raw = torch.tensor([[7.0, -3.0, 12.0, 0.0], [-20.0, 5.0, 5.0, 1.0]])
+    values, _ = LAYOUTS["dense"].encode(raw.unsqueeze(1), "float16", 4, FormatOptions(4, "uniform", 1), None)
+    stored = torch.from_numpy(values.astype("float16"))[:, 0]
+    assert torch.equal(stored.float(), raw - raw.amax(dim=-1, keepdim=True))  # really shifted
+    s = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, -0.5, 0.0, 2.0]])
+    assert mse_loss(s, stored).item() == mse_loss(s, raw).item() == approx(py_mse(s.tolist(), raw.tolist()))
+    # plain (s - t)^2 would see the shift: that is why the rows are centred
+    assert ((s - stored.float()) ** 2).sum(-1).mean().item() != approx(((s - raw) ** 2).sum(-1).mean().item())
+
+
+def test_mse_refuses_a_teacher_distribution():
+    with pytest.raises(ValueError, match="loss 'mse' matches logits: a teacher distribution"):
+        mse_loss(logits(S_ROWS), Probs(torch.tensor(P_ROWS)))
+
+
 # ---------------------------------------------------------------- dispatch
 
 
@@ -225,10 +397,12 @@ def test_dkpp_loss_is_soft_ce_against_permuted_teacher(t):
         ("ban+l", BAN_1 + CE_1),
         ("kd", 0.3 * CE_1 + 0.7 * sum(KL_ROWS) / 2),
         ("cwtm", 17 / 11 * L2),
+        ("dkd", CE_1 + 0.3 * sum(TCKD_ROWS) / 2 + 2.0 * sum(NCKD_ROWS) / 2),
+        ("mse", MSE_1),
     ],
 )
 def test_generation_loss_dispatches_by_name(name, expected):
-    got = generation_loss(name, logits(S_ROWS), logits(T_ROWS), Y, temperature=1.0, alpha=0.3)
+    got = generation_loss(name, logits(S_ROWS), logits(T_ROWS), Y, temperature=1.0, alpha=0.3, beta=2.0)
     assert got.item() == approx(expected)
 
 
@@ -243,7 +417,7 @@ def test_generation_loss_dispatches_dkpp_with_temperature_and_generator():
 
 def test_generation_loss_rejects_missing_teacher_and_unknown_name():
     assert generation_loss("ce", logits(S_ROWS), None, Y).item() == approx(CE_1)
-    for name in ("ban", "ban+l", "kd", "cwtm", "dkpp"):
+    for name in ("ban", "ban+l", "kd", "cwtm", "dkpp", "dkd", "mse"):
         with pytest.raises(ValueError, match="teacher"):
             generation_loss(name, logits(S_ROWS), None, Y)
     with pytest.raises(ValueError, match="unknown loss 'bogus'"):
@@ -252,10 +426,10 @@ def test_generation_loss_rejects_missing_teacher_and_unknown_name():
 
 # ---------------------------------------------------------------- dtype, batch averaging, gradients
 
-ALL = ["ce", "ban", "ban+l", "kd", "cwtm", "dkpp"]
+ALL = ["ce", "ban", "ban+l", "kd", "cwtm", "dkpp", "dkd", "mse"]
 
 
-@pytest.mark.parametrize("name", ["ban", "ban+l", "kd", "cwtm", "dkpp"])
+@pytest.mark.parametrize("name", ["ban", "ban+l", "kd", "cwtm", "dkpp", "dkd", "mse"])
 def test_fp16_teacher_logits_are_softened_in_float32(name):
     t16 = logits(T_ROWS).half()  # ln2, ln3 round in fp16; expected uses the rounded values, in float64
     t_rows = t16.tolist()
@@ -266,14 +440,21 @@ def test_fp16_teacher_logits_are_softened_in_float32(name):
     ban = 4 * py_soft_ce(p, S_ROWS, 2.0)
     kl = ban / 4 - xent(p, p)  # KL = CE(p, q) - H(p)
     m = [max(r) for r in p]
+    q = [py_softmax(r, 2.0) for r in S_ROWS]
     expected = {
+        "dkd": ce
+        + 4 * (0.5 * sum(py_tckd(pr, qr, 0) for pr, qr in zip(p, q, strict=True)) / 2)
+        + 4 * (3.0 * sum(py_nckd(pr, qr, 0) for pr, qr in zip(p, q, strict=True)) / 2),
+        "mse": py_mse(S_ROWS, t_rows),
         "ban": ban,
         "ban+l": ban + ce,
         "kd": 0.5 * ce + 0.5 * 4 * kl,
         "cwtm": (m[0] * L2 + m[1] * 2 * L2) / sum(m),
         "dkpp": 4 * py_soft_ce(p_perm, S_ROWS, 2.0),
     }[name]
-    got = generation_loss(name, s, t16, Y, temperature=2.0, alpha=0.5, generator=torch.Generator().manual_seed(0))
+    got = generation_loss(
+        name, s, t16, Y, temperature=2.0, alpha=0.5, beta=3.0, generator=torch.Generator().manual_seed(0)
+    )
     assert got.dtype == torch.float32
     assert got.item() == approx(expected)
 
@@ -321,11 +502,13 @@ P_ROWS = [[1 / 6, 1 / 3, 1 / 2], [3 / 5, 1 / 5, 1 / 5]]  # softmax of T_ROWS
         ("ban+l", BAN_1 + CE_1),
         ("kd", 0.3 * CE_1 + 0.7 * sum(KL_ROWS) / 2),
         ("cwtm", 17 / 11 * L2),
+        ("dkd", CE_1 + 0.3 * sum(TCKD_ROWS) / 2 + 2.0 * sum(NCKD_ROWS) / 2),
     ],
 )
 def test_every_loss_takes_a_teacher_distribution(name, expected):
-    """Probs(p) gives the hand values of the logits whose softmax is p, at T = 1 ..."""
-    got = generation_loss(name, logits(S_ROWS), Probs(torch.tensor(P_ROWS)), Y, temperature=1.0, alpha=0.3)
+    """Probs(p) gives the hand values of the logits whose softmax is p, at T = 1 (every loss but mse) ..."""
+    p = Probs(torch.tensor(P_ROWS))
+    got = generation_loss(name, logits(S_ROWS), p, Y, temperature=1.0, alpha=0.3, beta=2.0)
     assert got.item() == approx(expected)
 
 

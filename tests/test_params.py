@@ -38,7 +38,8 @@ def test_repo_params_yaml_is_valid() -> None:
         (GenParams, {"temperature": 0}, "temperature = 0.0: must be > 0.0"),
         (GenParams, {"temperature": -1.5}, "must be > 0.0"),
         (GenParams, {"alpha": 1.5}, "alpha = 1.5: must be >= 0.0 and <= 1.0"),
-        (GenParams, {"loss": "mse"}, "allowed values are ce, ban, ban+l, kd, cwtm, dkpp"),
+        (GenParams, {"loss": "l2"}, "allowed values are ce, ban, ban+l, kd, cwtm, dkpp, dkd, mse"),
+        (GenParams, {"beta": -1}, "beta = -1.0: must be >= 0.0"),
         (ExportParams, {"dtype": "bfloat16"}, "allowed values are float16, float32"),
         # a torchvision name is not bancache's CIFAR resnet{6n+2}: the message names the tv_ spelling
         (TrainParams, {"arch": "resnet18"}, "depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got 18. "),

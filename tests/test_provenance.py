@@ -26,14 +26,22 @@ from tests.conftest import tiny_params
 
 
 def test_student_store_records_how_it_was_trained_and_its_data(project: ProjectPaths) -> None:
-    raw = tiny_params(students={"1": {"teacher": 0, "loss": "ban", "temperature": 2.0, "seed": 7}})
+    raw = tiny_params(
+        students={
+            "1": {"teacher": 0, "loss": "ban", "temperature": 2.0, "seed": 7},
+            "2": {"teacher": 1, "loss": "dkd", "temperature": 4.0, "alpha": 1.0, "beta": 3.0, "seed": 8},
+        }
+    )
     params = ParamsFile(raw)
-    for gen in (0, 1):
+    for gen in (0, 1, 2):
         train.run(params, project, gen)
         export.run(params, project, gen)
     store = LogitStore.open(project.store(1))
     attrs = store.attrs
+    # beta only where the loss reads it (dkd): the other generations' stores keep the attributes they had
     assert attrs["trained_with"] == {"loss": "ban", "temperature": 2.0, "alpha": 0.5, "teacher": 0, "seed": 7}
+    dkd = {"loss": "dkd", "temperature": 4.0, "alpha": 1.0, "beta": 3.0, "teacher": 1, "seed": 8}
+    assert LogitStore.open(project.store(2)).attrs["trained_with"] == dkd
     assert attrs["temperature"] == 1.0  # the stored logits themselves are raw
     assert LogitStore.open(project.store(0)).attrs["trained_with"]["loss"] == "ce"
     assert attrs["dataset_name"] == "MNIST-1D (500 samples: 400 train, 100 test rows)"

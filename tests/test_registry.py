@@ -5,6 +5,7 @@ unknown name is refused with the known ones."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from tests.conftest import tiny_params
 CALLS: list[float] = []  # the temperature of every call of the toy loss
 
 
-def _toy(s, t, _y, temp, _alpha, _g):
+def _toy(s, t, _y, temp, _alpha, _beta, _g):
     """A scaled BAN: the toy loss, recording that it was called."""
     CALLS.append(temp)
     return 2.0 * ban_loss(s, t, temp)
@@ -65,9 +66,81 @@ def test_a_registered_toy_loss_trains_a_student_through_the_cli(toy, exported_ro
     assert warnings and all("'toy' student" in w for w in warnings)
 
 
+@pytest.mark.parametrize(
+    ("loss", "section", "fn"),
+    [("dkd", {"temperature": 4.0, "alpha": 1.0, "beta": 3.0}, "dkd_loss"), ("mse", {"temperature": 2.0}, "mse_loss")],
+)
+def test_dkd_and_mse_students_train_through_the_cli(
+    loss: str, section: dict, fn: str, exported_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registered in pipeline.losses, both train a student from generation 0's dense store through the CLI;
+    every step calls the loss's pure function with the section's params, and the checkpoint records them."""
+    calls: list[tuple] = []
+    pure = getattr(losses, fn)
+
+    def spy(*args):
+        calls.append(args[3:])  # what follows (student, teacher, labels) for dkd; () for mse
+        return pure(*args)
+
+    monkeypatch.setattr(losses, fn, spy)  # the registry's lambda looks the function up when it is called
+    root = tmp_path / "project"
+    shutil.copytree(exported_root, root)
+    raw = tiny_params()
+    raw["students"]["1"] = {"teacher": 0, "loss": loss, **section}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(main, ["--root", str(root), "--params", str(root / "params.yaml"), "train", "--gen", "1"])
+    assert r.exit_code == 0, r.output
+    layout = ProjectPaths(root)
+    meta = load_checkpoint(layout.model(1))["meta"]
+    assert meta["loss"] == loss and meta["temperature"] == section["temperature"]
+    if loss == "dkd":
+        assert calls and set(calls) == {(4.0, 1.0, 3.0)}  # T, alpha (TCKD), beta (NCKD) of the section
+        assert meta["beta"] == 3.0
+    else:
+        assert calls and set(calls) == {()}  # no temperature reaches the logit MSE
+        assert "beta" not in meta  # only a loss that reads beta records it (older checkpoints keep their keys)
+    metrics = json.loads(layout.train_metrics(1).read_text())
+    assert math.isfinite(metrics["train_loss"])
+    # mse has no label term: fitness warns that the student copies a 2-epoch teacher; dkd's label CE corrects it
+    warnings = metrics["teacher"]["warnings"]
+    assert (bool(warnings) and all(f"'{loss}' student" in w for w in warnings)) if loss == "mse" else not warnings
+
+
+def test_a_topk_store_serves_dkd_and_refuses_mse_before_any_step(
+    exported_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dkd reads only p_T, so a sparse store's distribution serves it; mse matches logits, which a sparse store
+    does not keep: refused in one line when the store is opened, before the fitness check or a training step."""
+    from stages import export
+    from stages.common import ParamsFile
+
+    root = tmp_path / "project"
+    shutil.copytree(exported_root, root)
+    raw = tiny_params()
+    raw["export"] = {**raw["export"], "layout": "topk", "topk": 3}
+    export.run(ParamsFile(raw), ProjectPaths(root), 0)
+    args = ["--root", str(root), "--params", str(root / "params.yaml"), "train", "--gen", "1"]
+    raw["students"]["1"] = {"teacher": 0, "loss": "dkd", "temperature": 2.0}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(ProjectPaths(root).model(1))["meta"]["loss"] == "dkd"
+
+    steps: list[int] = []
+    monkeypatch.setattr(losses, "mse_loss", lambda *a: steps.append(1))
+    monkeypatch.setattr("pipeline.chain.generation.check_teacher", lambda *a: steps.append(2))
+    raw["students"]["1"] = {"teacher": 0, "loss": "mse"}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("bancache: error: students.1.loss = 'mse' matches the teacher's logits")
+    assert "layout 'topk'" in r.output and r.output.rstrip().endswith("Export it with export.layout: dense")
+    assert steps == []  # neither the fitness check nor a loss step ran
+
+
 def test_a_registered_loss_is_known_everywhere_else(toy) -> None:
     assert parse_generation(1, {"teacher": 0, "loss": "toy"}).loss == "toy"
-    with pytest.raises(ParamsError, match="ban, ban\\+l, kd, cwtm, dkpp, toy"):
+    with pytest.raises(ParamsError, match="ban, ban\\+l, kd, cwtm, dkpp, dkd, mse, toy"):
         parse_generation(1, {"teacher": 0, "loss": "ce"})  # 'ce ignores the teacher' lists it
     with pytest.raises(ParamsError, match="loss must be 'ce'"):
         parse_generation(0, {"loss": "toy"})  # it needs a teacher: not a generation 0 loss
@@ -78,7 +151,7 @@ def test_a_registered_loss_is_known_everywhere_else(toy) -> None:
     head = format_table([run], "net").splitlines()[0]
     assert head.index("TOY") < head.index("BAN-1")
     r = CliRunner().invoke(main, ["sweep", "--losses", "bogus"])
-    assert r.exit_code == 2 and "choose from ban, ban+l, kd, cwtm, dkpp, toy" in r.output
+    assert r.exit_code == 2 and "choose from ban, ban+l, kd, cwtm, dkpp, dkd, mse, toy" in r.output
 
 
 def test_an_unregistered_loss_column_is_refused() -> None:
@@ -148,9 +221,9 @@ Y = torch.tensor([0, 1])
 
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_the_criterion_is_the_pure_function_bit_for_bit(name: str) -> None:
-    """make_criterion calls the registered function with the generation's T, alpha and generator: the
+    """make_criterion calls the registered function with the generation's T, alpha, beta and generator: the
     same value, bit for bit, as calling the pure loss directly (what training computed before the registry)."""
-    gp = GenParams(loss=name, temperature=2.0, alpha=0.3)
+    gp = GenParams(loss=name, temperature=2.0, alpha=0.3, beta=5.0)
     got = make_criterion(gp, torch.Generator().manual_seed(3))(S, T, Y)
     direct = {
         "ce": lambda: losses.ce_loss(S, Y),
@@ -159,6 +232,8 @@ def test_the_criterion_is_the_pure_function_bit_for_bit(name: str) -> None:
         "kd": lambda: losses.kd_loss(S, T, Y, 2.0, 0.3),
         "cwtm": lambda: losses.cwtm_loss(S, T, Y, 2.0),
         "dkpp": lambda: losses.dkpp_loss(S, T, 2.0, torch.Generator().manual_seed(3)),
+        "dkd": lambda: losses.dkd_loss(S, T, Y, 2.0, 0.3, 5.0),
+        "mse": lambda: losses.mse_loss(S, T),
     }[name]()
     assert torch.equal(got, direct)
     if loss_spec(name).needs_teacher:

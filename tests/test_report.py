@@ -83,3 +83,33 @@ def test_fitness_flags_give_each_advice_once(tmp_path) -> None:
         "- **generation 2**: teacher generation 1's outputs at T = 1 have mean entropy 0.0140 nats (< 0.05); the "
         "same advice as for generation 1" in lines
     )
+
+
+def test_report_says_generation_0_learned_from_labels(tmp_path) -> None:
+    """The report's per-generation table names what each generation learned from: generation 0's store has
+    no teacher (attribute None), shown as "labels", not Python's None; students name their teacher."""
+
+    import numpy as np
+
+    from pipeline.cache.store import LogitStore
+    from pipeline.core.paths import ProjectPaths
+    from stages import report
+
+    layout = ProjectPaths(tmp_path)
+    for g, teacher, loss in ((0, None, "ce"), (1, 0, "ban")):
+        attrs = {"generation": g, "arch": "tiny", "seed": g, "temperature": 1.0, "checkpoint_sha256": "00" * 32}
+        attrs |= {"dataset_fingerprint": "ef" * 32, "class_names": ["a", "b"], "teacher": teacher, "loss": loss}
+        store = LogitStore.create(layout.store(g), {"train": 4, "test": 2}, 2, 1, "float32", 4, attrs)
+        store.write("train", 0, np.zeros((4, 2)))
+        store.write("test", 0, np.zeros((2, 2)))
+        store.seal()
+    from pipeline.results.ensemble import write_ensemble_metrics
+
+    write_ensemble_metrics(
+        layout.ensemble_metrics, {"accuracy": {"gen0": 0.5, "gen1": 1.0}, "members": {"gen0": [0], "gen1": [1]}}
+    )
+    text = report.run(layout)
+    assert "| generation | arch | loss | learned from | seed | test acc % |" in text
+    assert "| 0 | tiny | ce | labels | 0 | 50.00 |" in text
+    assert "| 1 | tiny | ban | generation 0 | 1 | 100.00 |" in text
+    assert "None" not in text and layout.report.read_text() == text

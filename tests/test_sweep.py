@@ -84,3 +84,26 @@ def test_sweep_runs_each_seed_in_its_own_root_and_tabulates_them(tmp_path: Path,
     for column, cell in zip(columns, cells, strict=True):  # each column's mean ± sample std over the seeds, in %
         values = [100 * r[column] for r in runs]
         assert cell == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}", column
+
+
+def test_a_sweep_of_dkd_and_mse_gives_each_its_column(tmp_path: Path) -> None:
+    """Registering dkd and mse is all the sweep needs: one seed, each variant trained from generation 0's store
+    and tabulated in its own column, in Table 2's place for loss columns (after Teacher, before BAN-1)."""
+    base = tiny_params()
+    raw = tiny_params(
+        data={**base["data"], "num_samples": 200},
+        train={**base["train"], "epochs": 1},
+        students={"1": base["students"]["1"]},
+    )
+    out = tmp_path / "sweep"
+    table = sweep.run(ParamsFile(raw), out, seeds=[0], losses=["dkd", "mse"])
+    run = json.loads((out / "sweep.json").read_text())["runs"][0]
+    assert set(run) == {"Teacher", "BAN-1", "DKD", "MSE"}
+    layout = ProjectPaths(out / "seed-0")
+    data = load_prepared(layout.dataset)
+    batch = parse_section(TrainParams, "train", raw["train"]).eval_batch_size
+    for loss, column in [("dkd", "DKD"), ("mse", "MSE")]:
+        model = _variant(layout.root, raw["train"], 0, loss)  # the same student, trained again outside the sweep
+        assert run[column] == accuracy(predict_logits(model, data.x_test, batch, torch.device("cpu")), data.y_test)
+    head = table.splitlines()[2]
+    assert head == "| Network (test accuracy %, 1 seed) | Teacher | DKD | MSE | BAN-1 |"

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from pipeline.audit.fitness import Fitness, fitness_warnings
 from pipeline.audit.statistics import VIEW, Agreement, Calibration, TargetStats
+from pipeline.cache.store import taught_by
 from pipeline.core.files import atomic_path, write_json, write_text
 from pipeline.core.machine import with_machine
 from pipeline.losses import label_free_losses
@@ -297,7 +298,7 @@ def _store_summary(
     lines = [
         f"# Generation {gen}: what cache/gen-{gen} teaches",
         "",
-        f"Store: arch `{attrs.get('arch')}`, loss `{attrs.get('loss')}`, teacher {attrs.get('teacher')}, "
+        f"Store: arch `{attrs.get('arch')}`, loss `{attrs.get('loss')}`, learned from {taught_by(attrs)}, "
         f"seed {attrs.get('seed')}, {attrs.get('dtype')}; {tr['rows']} train and {te['rows']} test rows. "
         f"Statistics at temperature T = {params.temperature:g} (p_T = softmax(z / T)), view {VIEW}.",
         "",
@@ -331,7 +332,7 @@ def _store_summary(
         "",
         "![reliability](figures/reliability.png)",
         "",
-        f"## Likely label noise ({tr['likely_noisy']} samples; first {params.max_listed} in [noisy.csv](noisy.csv))",
+        _noisy_heading(tr["likely_noisy"], min(len(noisy), SUMMARY_NOISY_ROWS), len(noisy)),
         "",
     ]
     lines += _noisy_table(noisy)
@@ -341,6 +342,18 @@ def _store_summary(
         "[entropy.csv](entropy.csv), [max_prob.csv](max_prob.csv), [reliability.csv](reliability.csv).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _noisy_heading(found: int, shown: int, listed: int) -> str:
+    """The likely-noise heading, saying what the table below (`shown` rows) and noisy.csv (`listed` rows, at
+    most `inspect.max_listed`) hold of the `found` samples, most confident first in both."""
+    if not found:
+        return "## Likely label noise: none found"
+
+    def part(n: int) -> str:
+        return f"all {n}" if n == found else f"the {n} most confident"
+
+    return f"## Likely label noise: {found} samples ({part(shown)} here, {part(listed)} in [noisy.csv](noisy.csv))"
 
 
 def _noisy_table(noisy: list[dict[str, Any]]) -> list[str]:

@@ -289,6 +289,15 @@ class CachedTargets:
         """Rows of this split (the dataset's rows it was opened against)."""
         return int(self._expect["rows"][self.split])  # type: ignore[index]
 
+    def boxes(self, index: torch.Tensor | np.ndarray, views: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+        """(B, 5) int64 (i, j, h, w, flip) of each row's RandomResizedCrop view (stores of on-disk datasets
+        exported with resized crops; `pipeline.data.files.box_view` replays one, view 0 is (0, 0, 0, 0, 0))."""
+        augmentation = self.attrs["augmentation"]
+        if not augmentation or len(augmentation.get("fields", ())) != 5 or not has_aug(self.attrs, self.split):
+            raise ValueError(f"{self.path}: split '{self.split}' has no resized-crop boxes")
+        idx, v = self._keys(index, views)
+        return self._gather(f"{self.split}_{AUG_ARRAY}", idx, v).astype(np.int64)
+
     def aug(self, index: torch.Tensor | np.ndarray, views: torch.Tensor | np.ndarray | None = None) -> AugParams:
         """The crop/flip each row's view was exported with (`pipeline.data.augment.apply_params` replays it)."""
         a = self.attrs

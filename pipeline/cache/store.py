@@ -11,7 +11,9 @@ The arrays of `cache/gen-K/` (readable with plain zarr):
     train_mass/          sparse layouts only: (N, V) float32 teacher probability (T = 1) of the kept classes
                          (the arrays beside the values are the format's `extra_arrays`)
     train_aug/           views > 1 only: (N, V, 3) int16 (top, left, flip) of each view's crop and flip
-                         (`pipeline.data.augment.apply_params`); view 0 is the clean image (pad, pad, 0)
+                         (`pipeline.data.augment.apply_params`); view 0 is the clean image (pad, pad, 0);
+                         on-disk datasets' RandomResizedCrop views (augmentation kind "resized-crop+flip"):
+                         (N, V, 5) int32 (i, j, h, w, flip), view 0 the evaluation view (0, 0, 0, 0, 0)
     test/, test_*        the same for the test split with its own view count, `split_views["test"]`: the
                          export keeps view 0 (the clean image) only, (N, 1, S) and no test_aug, since
                          evaluation, ensembles and inspect read view 0 and no student trains on test rows
@@ -88,6 +90,13 @@ REEXPORT = "re-export the store (`bancache export-logits --gen K`)"
 def views_of(attrs: dict[str, Any], split: str) -> int:
     """Views per row of `split` (the attribute `split_views`)."""
     return int(attrs["split_views"][split])
+
+
+def taught_by(attrs: dict[str, Any]) -> str:
+    """What the store's generation learned from, for tables and summaries: "labels" (generation 0, whose
+    `teacher` attribute is None) or "generation J"."""
+    teacher = attrs.get("teacher")
+    return "labels" if teacher is None else f"generation {teacher}"
 
 
 def has_aug(attrs: dict[str, Any], split: str) -> bool:
@@ -440,8 +449,15 @@ def _create_split(
             **kw,
         )
     if has_aug(attrs, split):
+        width = len(attrs["augmentation"].get("fields", ("top", "left", "flip")))  # resized crops: i, j, h, w, flip
+        dtype = "int16" if width == 3 else "int32"
         group.create_array(
-            f"{split}_{AUG_ARRAY}", shape=(n, views, 3), chunks=(chunk, views, 3), dtype="int16", fill_value=-1, **kw
+            f"{split}_{AUG_ARRAY}",
+            shape=(n, views, width),
+            chunks=(chunk, views, width),
+            dtype=dtype,
+            fill_value=-1,
+            **kw,
         )
 
 

@@ -32,6 +32,7 @@ from pipeline.teachers.export import export_logits
 from pipeline.train.loop import (
     EpochLog,
     TrainResult,
+    check_targets,
     checkpoint_meta,
     open_teacher,
     save_generation,
@@ -92,6 +93,8 @@ def prepare_generation(
     data = load_prepared(paths.dataset, verify=verify)
     teacher_store = paths.store(gp.teacher) if gp.teacher is not None else None
     targets = open_teacher(data, recipe, teacher_store, verify) if teacher_store is not None else None
+    if targets is not None:  # a loss, view policy or temperature the store cannot serve: before any work
+        check_targets(targets, gp, gen)
     teacher_sha = targets.attrs["checkpoint_sha256"] if targets is not None else None
     fitness = None
     if targets is not None and gp.teacher is not None and is_main:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pipeline.data.seeds import mix64 as mix64  # re-exported for its importers (teachers.export)
 from pipeline.data.seeds import mix64_array
 
+RESIZED_KIND = "resized-crop+flip"  # a store's augmentation kind whose views are boxes (i, j, h, w) + flip of files
 PAD = 4  # pixels of zero padding on each side before the random crop
 SIZE = 32  # crop side in pixels (CIFAR images are 32 x 32)
 

@@ -6,6 +6,11 @@ The file (all at the root):
     (N, 1, 40)) or uint8 images (N, C, H, W), with channel_mean / channel_std attributes for images,
     val_index (V,) int64 (rows of the train arrays held out for checkpoint selection),
     attrs: format, dataset, class_names (JSON list), fingerprint (sha256 hex), num_classes.
+
+With `data.storage: files` (`write_files_index`) the file holds no pixels: per split `files_<split>`
+(paths relative to attribute `root`), `bytes_<split>` (int64) and `sha256_<split>` (hex), beside
+y_train, y_test, val_index and a subset's source_index_<split>; attrs add storage = "files", root, size
+and eval_resize. `load_prepared` then gives `ImageFiles` (`pipeline.data.files`) as x_train / x_test.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +32,7 @@ from torch.utils.data import Dataset
 
 from pipeline.core.errors import DatasetError
 from pipeline.core.files import atomic_path
+from pipeline.data.files import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, SplitFiles, hash_files, index_fingerprint, scan
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ MNIST1D_CLASSES = [str(i) for i in range(10)]
 class PreparedData:
     """A prepared dataset in memory (small datasets) with its provenance."""
 
-    x_train: np.ndarray
+    x_train: np.ndarray  # or ImageFiles (data.storage: files), which slices like a uint8 NCHW array
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
@@ -192,10 +198,13 @@ def _open_dataset(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
         yield f
 
 
-def load_prepared(path: str | os.PathLike[str], verify: bool = True) -> PreparedData:
+def load_prepared(path: str | os.PathLike[str], verify: bool = True, workers: int = 1) -> PreparedData:
     """Read a prepared dataset written by `write_prepared`; `verify` recomputes its fingerprint from the
-    arrays read (benchmarks/verify.py measures the cost) and refuses a file whose arrays were edited."""
+    arrays read (benchmarks/verify.py measures the cost) and refuses a file whose arrays were edited. An
+    on-disk dataset (`write_files_index`) is checked instead by `_load_files` (`workers`: decode threads)."""
     with _open_dataset(path) as f:
+        if f.attrs.get("storage") == "files":
+            return _load_files(f, path, verify, workers)
         try:
             arrays = {k: f[k][()] for k in (*ARRAYS, "val_index")}
             names = json.loads(f.attrs["class_names"])
@@ -222,6 +231,112 @@ def load_prepared(path: str | os.PathLike[str], verify: bool = True) -> Prepared
         channel_mean=mean,
         channel_std=std,
         **arrays,
+    )
+
+
+def subset_files(
+    splits: dict[str, SplitFiles], k: int, n_train: int | None, n_test: int | None, seed: int
+) -> tuple[dict[str, SplitFiles], dict[str, np.ndarray]]:
+    """The class-balanced subset `pipeline.data.sources.subset` takes (same rows, same seed), of file lists."""
+    from pipeline.data.sources import balanced_rows
+
+    rng = np.random.default_rng(seed)
+    out, source = dict(splits), {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        if n is None:
+            continue
+        y = splits[split].labels
+        if not 0 < n <= len(y):
+            raise DatasetError(f"subset: n_{split}={n} must be between 1 and the {len(y)} {split} files")
+        try:
+            rows = balanced_rows(y, n, k, rng)
+        except DatasetError as e:
+            raise DatasetError(f"subset of {split}: {e}; ask for fewer rows") from e
+        out[split], source[split] = splits[split].take(rows), rows
+    return out, source
+
+
+def write_files_index(
+    path: str | os.PathLike[str],
+    root: str | os.PathLike[str],
+    recipe: dict[str, int],
+    val_fraction: float,
+    split_seed: int,
+    subset: tuple[int | None, int | None] = (None, None),
+    workers: int = 8,
+    on_files: Callable[[int, int], None] | None = None,
+) -> str:
+    """Index the images under `root` (`pipeline.data.files.scan`) into `path`, no pixels: each file's path,
+    label, size and sha256 (hashed by `workers` threads, `on_files(n, total)` as files are done); `recipe` holds
+    size and eval_resize. Returns the fingerprint, which is derived from the index."""
+    root = Path(root).resolve()
+    splits, names = scan(root)
+    splits, source = subset_files(splits, len(names), subset[0], subset[1], split_seed)
+    total = sum(len(files.paths) for files in splits.values())
+    tick = None if on_files is None else (lambda n: on_files(n, total))
+    splits = {split: hash_files(root, files, workers, tick) for split, files in splits.items()}
+    val_index = carve_val(len(splits["train"].labels), val_fraction, split_seed)
+    fp = index_fingerprint(splits, names, val_index, recipe)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for split, files in splits.items():
+            f.create_dataset(f"y_{split}", data=files.labels)
+            f.create_dataset(f"files_{split}", data=np.asarray(files.paths, dtype=object), dtype=h5py.string_dtype())
+            f.create_dataset(f"bytes_{split}", data=np.asarray(files.sizes, dtype=np.int64))
+            f.create_dataset(f"sha256_{split}", data=np.asarray(files.sha256, dtype="S64"))
+            if split in source:
+                f.create_dataset(f"source_index_{split}", data=source[split].astype(np.int64))
+        f.create_dataset("val_index", data=val_index)
+        n = {split: len(files.labels) for split, files in splits.items()}
+        desc = f"imagefolder from {root.name} on disk ({n['train']} train, {n['test']} test files)"
+        f.attrs.update({"format": FORMAT, "storage": "files", "dataset": "imagefolder", "description": desc})
+        f.attrs.update({"root": str(root), "class_names": json.dumps(names), "num_classes": len(names)})
+        f.attrs["fingerprint"] = fp
+        f.attrs.update({"channel_mean": json.dumps(IMAGENET_MEAN), "channel_std": json.dumps(IMAGENET_STD), **recipe})
+    log.info("indexed %s: %s files (no pixels copied)", path, n)
+    return fp
+
+
+def _split_files(f: h5py.File, split: str) -> SplitFiles:
+    return SplitFiles(
+        [p.decode() if isinstance(p, bytes) else str(p) for p in f[f"files_{split}"][()]],
+        f[f"y_{split}"][()].astype(np.int64),
+        f[f"bytes_{split}"][()].astype(np.int64),
+        [h.decode() for h in f[f"sha256_{split}"][()]],
+    )
+
+
+def _load_files(f: h5py.File, path: str | os.PathLike[str], verify: bool, workers: int) -> PreparedData:
+    """An on-disk dataset's index as PreparedData (x_train, x_test: `ImageFiles`). `verify` recomputes the
+    fingerprint from the index and stats every file (missing, or another size: refused by name); file
+    contents are checked as each one is read."""
+    try:
+        splits = {split: _split_files(f, split) for split in ("train", "test")}
+        names, fp, val = json.loads(f.attrs["class_names"]), str(f.attrs["fingerprint"]), f["val_index"][()]
+        recipe = {"size": int(f.attrs["size"]), "eval_resize": int(f.attrs["eval_resize"])}
+        root = Path(str(f.attrs["root"]))
+        source = {s: f[f"source_index_{s}"][()] for s in ("train", "test") if f"source_index_{s}" in f}
+        mean, std = (tuple(json.loads(f.attrs[k])) for k in ("channel_mean", "channel_std"))
+    except (OSError, KeyError) as e:
+        raise DatasetError(f"{path}: unreadable prepared dataset ({e}); rerun `bancache prepare`") from e
+    if verify and index_fingerprint(splits, names, val, recipe) != fp:
+        raise DatasetError(f"{path}: its index differs from its fingerprint {fp[:12]}...; rerun `bancache prepare`")
+    x = {s: ImageFiles(root, files, recipe["size"], recipe["eval_resize"], workers) for s, files in splits.items()}
+    if verify:
+        for images in x.values():
+            images.check_sizes()
+    return PreparedData(
+        x_train=x["train"],  # type: ignore[arg-type]  # ImageFiles slices like the array it stands for
+        y_train=splits["train"].labels,
+        x_test=x["test"],  # type: ignore[arg-type]
+        y_test=splits["test"].labels,
+        val_index=val,
+        class_names=names,
+        fingerprint=fp,
+        name="imagefolder",
+        channel_mean=mean,  # type: ignore[arg-type]
+        channel_std=std,  # type: ignore[arg-type]
+        description=str(f.attrs.get("description", "imagefolder")),
+        source_index=source or None,
     )
 
 

@@ -27,7 +27,7 @@ def chain_columns(ensemble: Mapping[str, Any]) -> dict[Column, float]:
 
 def _order(columns: Iterable[Column]) -> list[Column]:
     """Table 2's order: each column's own sort key (Teacher, the loss columns by name: BAN, BAN+L, CWTM,
-    DKPP, KD, then BAN-k, Ens*k, the rest)."""
+    DKD, DKPP, KD, MSE, then BAN-k, Ens*k, the rest)."""
 
     return sorted(columns, key=lambda column: column.sort_key)
 

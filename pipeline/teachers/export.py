@@ -42,7 +42,8 @@ from pipeline.cache.store import MARKER, LogitStore
 from pipeline.core.distributed import SINGLE_PROCESS, DistContext, barrier, broadcast, partition_rows
 from pipeline.core.errors import CheckpointError, DiskFullError, NotWritableError, ParamsError
 from pipeline.core.files import replace_dir, sha256_file
-from pipeline.data.augment import PAD, apply_params, mix64, view_params
+from pipeline.data.augment import PAD, RESIZED_KIND, apply_params, mix64, view_params
+from pipeline.data.files import BoxRecipe, CropRecipe, ImageFiles, chunk_views
 from pipeline.data.prepared import PreparedData
 from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint
 from pipeline.models.predict import predict_logits
@@ -66,9 +67,28 @@ def logit_shift(params: ExportParams) -> str:
     return "row_max" if params.dtype == "float16" and LAYOUTS[params.layout].logit_values else "none"
 
 
-def store_spec(data: PreparedData, params: ExportParams) -> StoreSpec:
+def _resized_recipe(data: PreparedData, params: ExportParams, recipe: dict[str, Any]) -> dict[str, Any]:
+    """The augmentation recipe of RandomResizedCrop views of files (the teacher's own train.crop_scale
+    and crop_ratio): view v of row r is `seeded_box((seed, split_id, r, v), ...)` of the decoded file."""
+    assert isinstance(data.x_train, ImageFiles)
+    return {
+        "kind": RESIZED_KIND,
+        "fields": ["i", "j", "h", "w", "flip"],
+        "size": data.x_train.size,
+        "scale": list(recipe["crop_scale"]),
+        "ratio": list(recipe["crop_ratio"]),
+        "resize": "bilinear, antialias (torchvision.transforms.v2.functional.resized_crop on uint8)",
+        "seed": params.seed,
+        "view0": f"eval: shorter side resized to {data.x_train.eval_resize}, centre crop; stored as (0, 0, 0, 0, 0)",
+        "seeding": "mix64(seed, split_id, row, view)",
+        "split_ids": SPLIT_IDS,
+    }
+
+
+def store_spec(data: PreparedData, params: ExportParams, recipe: dict[str, Any] | None = None) -> StoreSpec:
     """What the store of these params holds (format, slots, views, views per split, augmentation recipe),
-    or a ParamsError naming the setting that does not fit the dataset."""
+    or a ParamsError naming the setting that does not fit the dataset. `recipe` (the teacher's training
+    recipe): on files trained with `train.crop: resized`, views are RandomResizedCrop boxes of the files."""
     images = (
         data.x_train.ndim == 4 and data.x_train.dtype == np.uint8 and data.x_train.shape[2] == data.x_train.shape[3]
     )
@@ -80,7 +100,9 @@ def store_spec(data: PreparedData, params: ExportParams) -> StoreSpec:
     fmt = LAYOUTS[params.layout]
     slots = fmt.slots(data.num_classes, format_options(params))
     augmentation = None
-    if params.views > 1:
+    if params.views > 1 and isinstance(data.x_train, ImageFiles) and (recipe or {}).get("crop") == "resized":
+        augmentation = _resized_recipe(data, params, recipe or {})
+    elif params.views > 1:
         augmentation = {
             "kind": "crop+flip",
             "pad": PAD,
@@ -114,6 +136,13 @@ def infer_chunk(
     rows = np.arange(start, start + len(x))
     views = spec.split_views[split]
     augmentation = spec.augmentation if views > 1 else None
+    if augmentation is not None and augmentation["kind"] == RESIZED_KIND:
+        assert isinstance(x, ImageFiles), "resized-crop views are cut from the files"
+        boxes, images = chunk_views(x, rows, views, _box_recipe(augmentation, split), params.num_workers)
+        per_view = [predict_logits(model, xv, params.batch_size, device) for xv in images]
+        return torch.from_numpy(np.stack(per_view, axis=1)), boxes
+    if isinstance(x, ImageFiles):  # the evaluation views of the chunk's files
+        x = chunk_views(x, rows, 1, None, params.num_workers)[1][0]
     per_view, aug = [], []
     for view in range(views):
         xv = x
@@ -124,6 +153,12 @@ def infer_chunk(
         per_view.append(predict_logits(model, xv, params.batch_size, device))
     logits = torch.from_numpy(np.stack(per_view, axis=1))  # (B, V, C) float32
     return logits, (np.stack(aug, axis=1) if augmentation is not None else None)
+
+
+def _box_recipe(augmentation: dict[str, Any], split: str) -> BoxRecipe:
+    """The RandomResizedCrop views' recipe of a store's `augmentation` attribute, for `split`'s rows."""
+    crop = CropRecipe(augmentation["size"], tuple(augmentation["scale"]), tuple(augmentation["ratio"]))  # type: ignore[arg-type]
+    return BoxRecipe(crop, augmentation["seed"], augmentation["split_ids"][split])
 
 
 def encode_chunk(
@@ -140,7 +175,7 @@ def encode_chunk(
     values, extra = spec.format.encode(logits, params.dtype, spec.slots, format_options(params), g)
     out: dict[str, np.ndarray] = {"logits": values, **extra}
     if aug is not None:
-        out["aug"] = aug.astype(np.int16)  # (B, V, 3)
+        out["aug"] = aug.astype(np.int32 if aug.shape[-1] == 5 else np.int16)  # (B, V, 3) or resized (B, V, 5)
     return out
 
 
@@ -223,7 +258,8 @@ def _write_rows(
             begin, end = partition_rows(n, params.chunk_rows, ctx.world_size)[ctx.rank]
             # One whole chunk at a time, each written once, by one rank.
             for start in range(begin, end, params.chunk_rows):
-                chunk = x[start : min(start + params.chunk_rows, end)]
+                stop = min(start + params.chunk_rows, end)
+                chunk = x[np.arange(start, stop)] if isinstance(x, ImageFiles) else x[start:stop]  # files: lazy
                 logits, aug = infer_chunk(model, chunk, split, start, params, spec, device)
 
                 def job(split: str = split, start: int = start, logits: torch.Tensor = logits, aug: Any = aug) -> None:
@@ -250,8 +286,23 @@ def _attributes(checkpoint: Path, meta: dict[str, Any], data: PreparedData, para
         "loss": meta.get("loss"),
         "logit_shift": logit_shift(params),  # softmax, hence every target and statistic, is unaffected
         # how the generation that produced these logits was trained (`temperature` above is the stored T = 1)
-        "trained_with": {k: meta.get(k) for k in ("loss", "temperature", "alpha", "teacher", "seed")},
+        "trained_with": {
+            **{k: meta.get(k) for k in ("loss", "temperature", "alpha", "teacher", "seed")},
+            **({"beta": meta["beta"]} if "beta" in meta else {}),  # a dkd generation's NCKD weight
+        },
         **LAYOUTS[params.layout].attributes(format_options(params)),
+        **({"input": _input_recipe(data.x_train)} if isinstance(data.x_train, ImageFiles) else {}),
+    }
+
+
+def _input_recipe(files: ImageFiles) -> dict[str, Any]:
+    """How an on-disk dataset's rows became the model's inputs (view 0 and the test split)."""
+    return {
+        "storage": "files",
+        "decode": "torchvision.io.decode_image RGB",
+        "eval_resize": files.eval_resize,
+        "size": files.size,
+        "view": "shorter side resized (bilinear, antialias), centre crop",
     }
 
 
@@ -340,7 +391,7 @@ def export_logits(
     `on_rows(split, n)` is called after each chunk of `split` this process infers (progress display)."""
     model, meta = _load_model(checkpoint, data, device)
     _use_recipe_threads(meta)
-    spec = store_spec(data, params)
+    spec = store_spec(data, params, meta.get("recipe"))
     attributes = _attributes(checkpoint, meta, data, params)
     tmp = _temporary_path(out, ctx)
     try:

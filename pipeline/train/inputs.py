@@ -12,6 +12,7 @@ Both take each epoch's order, crops and flips and stored views from the same fun
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from pipeline.cache.device import DeviceTargets, resident_bytes
 from pipeline.cache.reader import CachedTargets
 from pipeline.cache.stream import BlockShuffleSampler, epoch_sampler
 from pipeline.core.distributed import DistContext
-from pipeline.data.augment import apply_params
+from pipeline.data.augment import RESIZED_KIND, apply_params
+from pipeline.data.files import CropRecipe, FilesDataset, ImageFiles
 from pipeline.data.prepared import IndexedDataset, PreparedData
 from pipeline.losses import Teacher
 from pipeline.models.predict import device_accuracy, predict_accuracy
@@ -33,6 +35,8 @@ from pipeline.train.epochs import EpochOrderSampler, LiveAugment, ViewPolicy, ba
 from pipeline.train.resident import MIB, Batch, ResidentInput
 
 log = logging.getLogger(__name__)
+
+PREFETCH = 4  # batches each DataLoader worker decodes ahead (files storage keeps the workers busy)
 
 
 def loader_batches(
@@ -50,13 +54,14 @@ def loader_batches(
     else, with `augment`, each batch gets its slice of the epoch's `epoch_aug` table."""
     stored_views = views is not None and targets is not None
     aug = None if augment is None or stored_views else _loader_aug(loader, augment)
+    in_dataset = isinstance(loader.dataset, FilesDataset) and loader.dataset.views is not None  # boxes cut there
     done = 0  # items of the epoch so far: this batch's rows of the crop/flip table start here
     for x, y, index in loader:
         v = pick_views(views, epoch, index.numpy()) if views is not None and targets is not None else None
         teacher: Teacher | None = None
         if targets is not None:
             teacher = targets.teacher(index, views=v, temperature=temperature).to(device, non_blocking=True)
-        if v is not None and targets is not None:
+        if v is not None and targets is not None and not in_dataset:
             x = apply_params(x, targets.aug(index, v))  # the very image the teacher's output was computed on
         elif aug is not None and augment is not None:
             x = apply_params(x, batch_aug(aug[done : done + len(x)], augment.size))
@@ -100,8 +105,32 @@ def _resident_input(
     )
 
 
+def _fit_dataset(
+    data: PreparedData, recipe: TrainParams, targets: CachedTargets | None, views: ViewPolicy | None, seed: int
+) -> IndexedDataset | FilesDataset:
+    """The fit rows as (x, y, index) items: in-memory arrays, or files decoded in the workers. On files,
+    `train.crop: resized` cuts a fresh RandomResizedCrop per (epoch, row); under a view policy a stored
+    resized-crop view is cut from its (i, j, h, w, flip), drawn again from the store's recipe and seed."""
+    if not isinstance(data.x_train, ImageFiles):
+        return IndexedDataset(data.x_train, data.y_train, data.fit_index())
+    crop = CropRecipe(data.x_train.size, recipe.crop_scale, recipe.crop_ratio)
+    live = crop if recipe.augment and recipe.crop == "resized" else None
+    recipe_of_views = None if targets is None else targets.attrs.get("augmentation")
+    if views is None or not recipe_of_views or recipe_of_views.get("kind") != RESIZED_KIND:
+        return FilesDataset(data.x_train, data.y_train, data.fit_index(), live, seed)
+    stored = CropRecipe(int(recipe_of_views["size"]), *(tuple(recipe_of_views[k]) for k in ("scale", "ratio")))  # type: ignore[arg-type]
+    keys = (int(recipe_of_views["seed"]), int(recipe_of_views["split_ids"]["train"]))
+    return FilesDataset(
+        data.x_train, data.y_train, data.fit_index(), stored, seed, functools.partial(pick_views, views), keys
+    )
+
+
 def _sampler(
-    fit: IndexedDataset, ctx: DistContext, targets: CachedTargets | None, seed: int, generator: torch.Generator
+    fit: IndexedDataset | FilesDataset,
+    ctx: DistContext,
+    targets: CachedTargets | None,
+    seed: int,
+    generator: torch.Generator,
 ) -> Sampler[int]:
     """The streaming loader's order: `epoch_order` from the shuffling generator (`EpochOrderSampler`, the
     resident path's very order); under torchrun a DistributedSampler (per-rank batch = batch_size /
@@ -125,7 +154,7 @@ def _streaming_input(
     augment: LiveAugment | None,
     seed: int,
 ) -> TrainInput:
-    fit = IndexedDataset(data.x_train, data.y_train, data.fit_index())
+    fit = _fit_dataset(data, recipe, targets, views, seed)
     sampler = _sampler(fit, ctx, targets, seed, generator)
     loader = DataLoader(
         fit,
@@ -136,10 +165,17 @@ def _streaming_input(
         generator=torch.Generator().manual_seed(seed),  # the loader's own: its workers' base seeds, nothing else
         num_workers=recipe.num_workers,
         pin_memory=device.type == "cuda",
+        prefetch_factor=PREFETCH if recipe.num_workers > 0 else None,
     )
+
+    def batches(epoch: int) -> Iterator[Batch]:
+        if isinstance(fit, FilesDataset):
+            fit.set_epoch(epoch)  # workers start per epoch (not persistent), so they see it
+        return loader_batches(loader, device, targets, gp.temperature, augment, views, epoch)
+
     x_val, y_val = data.x_train[data.val_index], data.y_train[data.val_index]
     return TrainInput(
-        batches=lambda epoch: loader_batches(loader, device, targets, gp.temperature, augment, views, epoch),
+        batches=batches,
         validate=lambda model: predict_accuracy(model, x_val, y_val, recipe.eval_batch_size, device)[1],
         sampler=sampler if isinstance(sampler, DistributedSampler | BlockShuffleSampler) else None,
     )
@@ -159,6 +195,9 @@ def make_input(
 ) -> TrainInput:
     """Batches and validation of a run: the resident path when a single process's train data and teacher arrays fit
     `recipe.memory_budget_mib` on `device`, else the streaming path (and always under torchrun)."""
+    if isinstance(data.x_train, ImageFiles):  # decoded in the loader's workers, never held whole
+        log.info("training input decoded from %d files by %d workers", len(data.x_train), recipe.num_workers)
+        return _streaming_input(data, recipe, gp, device, ctx, targets, views, gens[0], augment, seed)
     need = resident_bytes(data, targets, views is not None)
     if not ctx.enabled and need <= recipe.memory_budget_mib * MIB:
         log.info("training input resident on %s (%.1f MiB)", device, need / MIB)

@@ -29,11 +29,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.cache.formats import LAYOUTS
 from pipeline.cache.reader import CachedTargets
 from pipeline.cache.store import check_temperature, has_aug, views_of
 from pipeline.core.devices import resolve_device
 from pipeline.core.distributed import SINGLE_PROCESS, DistContext
 from pipeline.core.errors import DivergedError, ParamsError
+from pipeline.data.files import ImageFiles
 from pipeline.data.prepared import PreparedData
 from pipeline.losses import Teacher, loss_spec
 from pipeline.models.checkpoint import save_atomic, save_checkpoint
@@ -101,7 +103,13 @@ def step_options(
 ) -> StepOptions:
     images = data.x_train.ndim == 4 and data.x_train.dtype == np.uint8
     opts = StepOptions()
-    if images and recipe.augment:
+    on_disk = isinstance(data.x_train, ImageFiles)
+    if recipe.crop == "resized" and not on_disk:
+        raise ParamsError(
+            "train.crop = 'resized': RandomResizedCrop needs the decoded files (data.storage: files, dataset "
+            "imagefolder); set train.crop: pad for in-memory datasets"
+        )
+    if images and recipe.augment and recipe.crop == "pad":  # resized crops are cut in the loader's workers
         opts.augment = LiveAugment(aug_gen, data.x_train.shape[-1])  # padding augment.PAD (pipeline.train.epochs)
     if device.type == "cuda":
         if recipe.amp in ("auto", "bf16"):
@@ -118,10 +126,10 @@ Criterion = Callable[[torch.Tensor, Teacher | None, torch.Tensor], torch.Tensor]
 def make_criterion(gp: GenParams, generator: torch.Generator | None = None) -> Criterion:
     """The generation's registered loss (`pipeline.losses.LOSSES`) bound to its params once:
     criterion(student_logits, teacher, labels). `generator` draws DKPP's permutations."""
-    spec, t, alpha = loss_spec(gp.loss), gp.temperature, gp.alpha
+    spec, t, alpha, beta = loss_spec(gp.loss), gp.temperature, gp.alpha, gp.beta
 
     def criterion(s: torch.Tensor, teacher: Teacher | None, y: torch.Tensor) -> torch.Tensor:
-        return spec(s, teacher, y, t, alpha, generator)
+        return spec(s, teacher, y, t, alpha, beta, generator)
 
     return criterion
 
@@ -233,7 +241,7 @@ def _open_targets(
         if teacher_store is None:
             raise ValueError(f"generation {gen}: loss {gp.loss!r} needs a teacher store")
         targets = open_teacher(data, recipe, teacher_store, verify)
-    _check_targets(targets, gp, gen)
+    check_targets(targets, gp, gen)
     return targets
 
 
@@ -370,10 +378,16 @@ def _select(
     return result
 
 
-def _check_targets(targets: CachedTargets, gp: GenParams, gen: int) -> None:
-    """Refuse a view policy or temperature the teacher's store cannot serve."""
+def check_targets(targets: CachedTargets, gp: GenParams, gen: int) -> None:
+    """Refuse a loss, view policy or temperature the teacher's store cannot serve."""
     a = targets.attrs
     section = section_of(gen)
+    if loss_spec(gp.loss).needs_logits and not targets.format.full_logits:
+        full = " or ".join(name for name, f in LAYOUTS.items() if f.full_logits)
+        raise ParamsError(
+            f"{section}.loss = {gp.loss!r} matches the teacher's logits, and the teacher's store {targets.path} has "
+            f"layout {targets.format.name!r}, which keeps only part of each row. Export it with export.layout: {full}"
+        )
     if gp.view_policy != "clean" and not (views_of(a, targets.split) > 1 and has_aug(a, targets.split)):
         raise ParamsError(
             f"{section}.view_policy = {gp.view_policy!r}: the teacher's store {targets.path} has "
@@ -398,6 +412,7 @@ def checkpoint_meta(
         "loss": gp.loss,
         "temperature": gp.temperature,
         "alpha": gp.alpha,
+        **({"beta": gp.beta} if "beta" in loss_spec(gp.loss).params else {}),  # keeps older resume keys
         "dataset_fingerprint": data.fingerprint,
         "recipe": {k: getattr(recipe, k) for k in recipe.__dataclass_fields__},
         **({"view_policy": gp.view_policy} if gp.view_policy != "clean" else {}),  # keeps older resume keys

@@ -1,0 +1,222 @@
+"""README numbers and figures tied to the committed outputs of the default chain.
+
+A number in README.md that a committed output holds carries its source in an HTML comment right after it
+(invisible when rendered): the file, the dotted key and a Python format spec,
+
+    train accuracy 99.22%<!-- value: inspect/gen-0/statistics.json train.accuracy .2% -->
+
+and every image the README shows is a committed output itself (a path under an output that dvc.lock
+records, not git-ignored), never a copy under docs/. Every such source must also be byte for byte the
+output dvc.lock records (its md5, a folder's `.dir` md5), so numbers and figures come from one committed run.
+The Results section's tables of bancache's own experiments carry `<!-- rows: benchmarks/results/X.md -->`
+(the table the experiment wrote): their rows are checked against it, not rewritten.
+Check, or rewrite every number from its source:
+
+    python -m tests.docs_values            # one line per drifted number or bad figure, exit 1; else exit 0
+    python -m tests.docs_values --write    # rewrite the numbers in place (idempotent), then check
+
+tests/test_docs.py runs the check on the committed README and on drifted copies of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+README = "README.md"
+NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?%?"
+COMMENT = r"<!-- value: (?P<file>\S+) (?P<key>\S+) (?P<spec>\S+) -->"
+MARKED = re.compile(rf"(?P<shown>{NUMBER})?{COMMENT}")
+IMAGE = re.compile(r"!\[[^\]]*\]\((?P<path>[^)\s]+)\)")
+ROWS = re.compile(r"<!-- rows: (?P<file>\S+) -->")
+
+
+@dataclass(frozen=True)
+class Value:
+    """One marked number: where it is in the README, what it shows, and where it comes from."""
+
+    line: int
+    start: int  # the shown number's offsets in the README text (both the comment's when no number precedes it)
+    end: int
+    shown: str | None
+    file: str
+    key: str
+    spec: str
+
+    def where(self) -> str:
+        return f"{README}:{self.line}"
+
+
+def metric(data: Any, key: str) -> Any:
+    """The value of dotted `key` (`train.accuracy`) in a parsed metrics file: every metric key is read here."""
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            raise KeyError(part)
+        data = data[part]
+    return data
+
+
+def marked_values(text: str) -> list[Value]:
+    """Every `<!-- value: ... -->` of the README, with the number just before it (None if there is none)."""
+    found = []
+    for m in MARKED.finditer(text):
+        start, end = (m.start("shown"), m.end("shown")) if m["shown"] else (m.start(), m.start())
+        line = text.count("\n", 0, start) + 1
+        found.append(Value(line, start, end, m["shown"], m["file"], m["key"], m["spec"]))
+    return found
+
+
+def locked_outputs(root: Path) -> dict[str, str]:
+    """Every output that dvc.lock records for the default chain's stages -> its md5 (a folder's ends in .dir)."""
+    lock = YAML(typ="safe", pure=True).load((root / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock.get("stages", {}).values() for out in stage.get("outs", [])}
+
+
+def dvc_md5(path: Path) -> str:
+    """The md5 DVC 3 records for `path`: of its bytes; for a folder, of the JSON list of its files' md5 and
+    relpath (sorted by relpath), with ".dir" appended."""
+    if path.is_file():
+        return hashlib.md5(path.read_bytes()).hexdigest()
+    files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
+    entries = [{"md5": hashlib.md5(p.read_bytes()).hexdigest(), "relpath": rel} for rel, p in files]
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+class Committed:
+    """Whether a file is (part of) an output of the committed run that dvc.lock records, byte for byte."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.outs, self.hashes = root, locked_outputs(root), {}
+
+    def problem(self, rel: str, fix: str) -> str | None:
+        out = next((o for o in self.outs if rel == o or rel.startswith(o.rstrip("/") + "/")), None)
+        if out is None:
+            return f"{rel} is not an output that dvc.lock records: {fix}"
+        if not (self.root / rel).exists():
+            return f"{rel} does not exist (run `dvc repro` and commit it)"
+        if out not in self.hashes:
+            self.hashes[out] = dvc_md5(self.root / out)
+        if self.hashes[out] != self.outs[out]:
+            return f"{out} is not the output dvc.lock records (another run's? run `dvc repro` and commit both)"
+        if _git_ignored(self.root, rel):
+            return f"{rel} is git-ignored, so it is not committed: unignore it"
+        return None
+
+
+def expected(committed: Committed, v: Value) -> tuple[str | None, str | None]:
+    """(the number `v`'s source gives, formatted by its spec; or None and the problem)."""
+    problem = committed.problem(v.file, "take README numbers from the default chain's outputs")
+    if problem:
+        return None, f"{v.where()}: {problem}"
+    try:
+        value = metric(json.loads((committed.root / v.file).read_text()), v.key)
+    except KeyError as e:
+        return None, f"{v.where()}: {v.file} has no key {v.key!r} (missing {e.args[0]!r}): fix the comment's key"
+    try:
+        return format(value, v.spec), None
+    except (TypeError, ValueError):
+        return None, f"{v.where()}: {v.file} {v.key} = {value!r} does not take the format {v.spec!r}"
+
+
+def number_problems(committed: Committed, text: str) -> list[str]:
+    """One line per marked number that differs from its source (or whose source cannot be read)."""
+    problems = []
+    for v in marked_values(text):
+        want, problem = expected(committed, v)
+        if problem:
+            problems.append(problem)
+        elif v.shown is None:
+            problems.append(f"{v.where()}: no number before the comment (its source gives {want})")
+        elif v.shown != want:
+            problems.append(f"{v.where()}: shows {v.shown}, but {v.file} {v.key} gives {want}")
+    return problems
+
+
+def _git_ignored(root: Path, path: str) -> bool:
+    if not (root / ".git").exists():
+        return False
+    return subprocess.run(["git", "check-ignore", "-q", path], cwd=root, check=False).returncode == 0
+
+
+def figure_problems(committed: Committed, text: str) -> list[str]:
+    """One line per README image that is not a committed output of the chain (a copy, another run's, missing)."""
+    problems = []
+    for m in IMAGE.finditer(text):
+        fix = "link the committed figure (inspect/gen-K/figures/...) instead of a copy"
+        problem = committed.problem(m["path"], fix)
+        if problem:
+            problems.append(f"{README}:{text.count(chr(10), 0, m.start()) + 1}: image {problem}")
+    return problems
+
+
+def table_problems(root: Path, text: str) -> list[str]:
+    """One line per body row of a README table marked `<!-- rows: FILE -->` (the next table after the
+    comment) that is not a row of FILE, the experiment's own table (bold marks aside; headers may differ)."""
+    problems = []
+    for m in ROWS.finditer(text):
+        path = root / m["file"]
+        if not path.is_file():
+            problems.append(f"{README}:{text.count(chr(10), 0, m.start()) + 1}: {m['file']} does not exist")
+            continue
+        theirs = {line.strip() for line in path.read_text().splitlines()}
+        lines = text[m.end() :].split("\n")
+        first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+        table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[first:]))
+        start = text.count("\n", 0, m.end()) + 1 + first
+        for i, row in enumerate(table[2:], start=start + 2):  # after the header and its separator
+            if row.replace("**", "").strip() not in theirs:
+                problems.append(f"{README}:{i}: table row not in {m['file']}: {row}")
+    return problems
+
+
+def check(root: Path) -> list[str]:
+    """Every problem of the README under `root`: drifted numbers, figures, then experiment tables."""
+    text, committed = (root / README).read_text(), Committed(root)
+    return number_problems(committed, text) + figure_problems(committed, text) + table_problems(root, text)
+
+
+def write(root: Path) -> int:
+    """Rewrite every marked number whose source can be read; returns how many changed."""
+    path = root / README
+    text = path.read_text()
+    changed, pieces, at, committed = 0, [], 0, Committed(root)
+    for v in marked_values(text):
+        want, problem = expected(committed, v)
+        if problem or want is None or v.shown == want:
+            continue
+        pieces += [text[at : v.start], want]
+        at, changed = v.end, changed + 1
+    if changed:
+        path.write_text("".join(pieces) + text[at:])
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.docs_values", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("."), help="the project root (default: .)")
+    parser.add_argument("--write", action="store_true", help="rewrite the README's numbers from their sources")
+    args = parser.parse_args(argv)
+    if args.write:
+        print(f"{README}: {write(args.root)} numbers rewritten from the committed outputs")
+    problems = check(args.root)
+    for line in problems:
+        print(line)
+    if not problems:
+        text = (args.root / README).read_text()
+        n, figs = len(marked_values(text)), len(IMAGE.findall(text))
+        print(f"{README}: {n} numbers match the committed outputs; its {figs} figures are committed outputs")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
