@@ -33,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pipeline.cache.store import LogitStore  # noqa: E402
+from pipeline.core.machine import cpu_model  # noqa: E402
 from pipeline.models.registry import ARCHS, register  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,22 +41,13 @@ FINGERPRINT = "be" * 32  # dataset fingerprint of synthetic stores (no dataset b
 
 
 # -- machine and results -------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_info() -> dict[str, Any]:
     import zarr
 
     info: dict[str, Any] = {
         "date_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

@@ -65,6 +65,7 @@ from _benchlib import REPO, machine_info, median, table
 from pipeline import DataParams, ExportParams, GenParams, TrainParams, export_store, prepare_data, train_model
 from pipeline.data.prepared import PreparedData
 from pipeline.params import parse_section
+from pipeline.results.ensemble import read_ensemble_metrics
 from pipeline.train.loop import EpochLog, TrainResult
 from stages.common import load_yaml
 
@@ -347,7 +348,7 @@ def chain_step(r: Run) -> dict[str, Any]:
         "stages": stages,
         "total_s": sum(s["wall_s"] for s in stages),
         "test_acc": {k: m.get("test_acc") for k, m in metrics.items()},
-        "ensemble": json.loads((root / "metrics" / "ensemble.json").read_text()).get("accuracy"),
+        "ensemble": read_ensemble_metrics(root / "metrics" / "ensemble")["accuracy"],
         "params": raw,
     }
 

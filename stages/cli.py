@@ -160,10 +160,12 @@ def train(obj: Ctx, gen: int, resume: bool) -> None:
     if not imported and (code := relaunch_if_needed(params, argv)) is not None:
         sys.exit(code)
     m = stage.run(params, obj.layout, gen, resume=resume, verify=obj.verify)
+    if "test_acc" not in m:  # a torchrun worker other than rank 0
+        return
     if "imported" in m:
         click.echo(f"generation 0: {m['imported']}, test acc {m['test_acc']:.4f}")
-    elif "test_acc" in m:  # not a torchrun worker other than rank 0
-        click.echo(f"generation {gen}: val acc {m['final_val_acc']:.4f}, test acc {m['test_acc']:.4f}")
+    else:
+        click.echo(f"generation {gen}: val acc {m['val_acc']:.4f}, test acc {m['test_acc']:.4f}")
 
 
 @main.command()
@@ -172,12 +174,12 @@ def train(obj: Ctx, gen: int, resume: bool) -> None:
 @_user_errors
 def control(obj: Ctx, gen: int) -> None:
     """Train control-GEN from labels with generation GEN's seed, weights and batch order into
-    controls/gen-GEN (params: train, students.GEN, controls; does nothing unless controls: true)."""
+    controls/gen-GEN (params: train, students.GEN, train_controls; does nothing unless train_controls: true)."""
     from stages import control as stage
 
     m = stage.run(obj.params(), obj.layout, gen)
     if m.get("skipped"):
-        click.echo(f"control {gen}: skipped (controls: false)")
+        click.echo(f"control {gen}: skipped (train_controls: false)")
     else:
         click.echo(f"control {gen}: test acc {m['test_acc']:.4f}")
 

@@ -19,7 +19,14 @@ from pipeline.params import (
     parse_section,
 )
 
-SECTIONS = ("data", "train", "gen0", "students", "export", "launch", "inspect", "controls")
+SECTIONS = ("data", "train", "gen0", "students", "export", "launch", "inspect", "train_controls")
+# Sections renamed since a released version: old name -> (new name, why).
+RENAMED = {
+    "controls": (
+        "train_controls",
+        "'controls' is also the controls/ output folder, and DVC cannot tell the param from the dependency",
+    )
+}
 
 
 def load_yaml(text: str) -> Any:
@@ -60,6 +67,9 @@ class ParamsFile:
 
     def validate(self) -> None:
         """Check the whole file (every section, the chain's teachers) before any stage does work."""
+        for old, (new, why) in RENAMED.items():
+            if old in self.raw:
+                raise ParamsError(f"{self.path}: section '{old}' was renamed to '{new}' ({why}); rename it")
         unknown = sorted(set(self.raw) - set(SECTIONS))
         if unknown:
             raise ParamsError(f"{self.path}: unknown section '{unknown[0]}'. Allowed sections: {', '.join(SECTIONS)}")
@@ -68,10 +78,10 @@ class ParamsFile:
         parse_section(ExportParams, "export", self.raw.get("export"))
         parse_section(LaunchParams, "launch", self.raw.get("launch"))
         parse_chain(self.raw.get("gen0"), self.raw.get("students"))
-        controls = self.raw.get("controls", False)
+        controls = self.raw.get("train_controls", False)
         if not isinstance(controls, bool):
             raise ParamsError(
-                f"controls = {controls!r}: expected true or false (train a label-only control per student)"
+                f"train_controls = {controls!r}: expected true or false (train a label-only control per student)"
             )
         parse_section(InspectParams, "inspect", self.raw.get("inspect"))
 

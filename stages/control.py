@@ -1,8 +1,8 @@
-"""Stage `control` (generation K >= 1): params train, students.K and controls.
+"""Stage `control` (generation K >= 1): params train, students.K and train_controls.
 
-With `controls: true`, trains control-K (labels only, generation K's seed, initial weights and batch
+With `train_controls: true`, trains control-K (labels only, generation K's seed, initial weights and batch
 order; `pipeline.train.controls`) into controls/gen-K/: model.pt, test_logits.npy (float32, test rows in order)
-and metrics.json. With `controls: false` (the default) it writes only metrics.json saying so, so that
+and metrics.json. With `train_controls: false` (the default) it writes only metrics.json saying so, so that
 `dvc repro` costs nothing extra. `bancache report` reads controls/ for the paired table.
 """
 
@@ -15,6 +15,7 @@ import numpy as np
 from pipeline.core.devices import resolve_device
 from pipeline.core.errors import ParamsError
 from pipeline.core.files import atomic_path, write_json
+from pipeline.core.machine import with_machine
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import load_prepared
 from pipeline.models.checkpoint import save_checkpoint
@@ -28,11 +29,13 @@ from stages.train import epoch_hook
 
 
 def enabled(params: ParamsFile) -> bool:
-    value = params.get("controls")
+    value = params.get("train_controls")
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise ParamsError(f"controls = {value!r}: expected true or false (train a label-only control per student)")
+        raise ParamsError(
+            f"train_controls = {value!r}: expected true or false (train a label-only control per student)"
+        )
     return value
 
 
@@ -40,7 +43,7 @@ def run(params: ParamsFile, layout: ProjectPaths, gen: int) -> dict[str, Any]:
     """Train control-`gen` into controls/gen-`gen`/ (or record that controls are off)."""
     layout.control_dir(gen).mkdir(parents=True, exist_ok=True)
     if not enabled(params):
-        metrics: dict[str, Any] = {"generation": gen, "skipped": True, "why": "controls: false in params"}
+        metrics: dict[str, Any] = {"generation": gen, "skipped": True, "why": "train_controls: false in params"}
         write_json(layout.control_metrics(gen), metrics)
         return metrics
     recipe = parse_section(TrainParams, "train", params.get("train"))
@@ -59,5 +62,5 @@ def run(params: ParamsFile, layout: ProjectPaths, gen: int) -> dict[str, Any]:
     with atomic_path(layout.control_logits(gen)) as tmp, open(tmp, "wb") as f:
         np.save(f, logits.astype(np.float32))
     metrics = {"generation": gen, "seed": cp.seed, "loss": "ce", "test_acc": test_acc}
-    write_json(layout.control_metrics(gen), metrics)
+    write_json(layout.control_metrics(gen), with_machine(metrics))
     return metrics

@@ -13,12 +13,13 @@ from pipeline.core.files import write_text
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import open_labels
 from pipeline.results.columns import Ensemble, Generation
+from pipeline.results.ensemble import read_ensemble_metrics
 from pipeline.results.paired import control_columns, format_paired_table
 from pipeline.results.tables import chain_accuracy, chain_columns, format_table
 
 
 def run(layout: ProjectPaths) -> str:
-    metrics = json.loads(layout.ensemble_metrics.read_text())
+    metrics = read_ensemble_metrics(layout.ensemble_metrics)
     accuracy = chain_accuracy(metrics, where=str(layout.ensemble_metrics))
     gens = sorted(c.g for c in accuracy if isinstance(c, Generation))
     lines = ["# bancache report", "", format_table([chain_columns(metrics)], _network(layout, gens)), ""]
@@ -50,7 +51,7 @@ def run(layout: ProjectPaths) -> str:
 def headline(layout: ProjectPaths, text: str) -> str:
     """One line for the console (the report itself is in the file): where it is, the teacher, the last
     student and the last Ens*k of its table, and how many teacher-fitness flags it holds."""
-    columns = chain_columns(json.loads(layout.ensemble_metrics.read_text()))
+    columns = chain_columns(read_ensemble_metrics(layout.ensemble_metrics))
     gens = [c for c in columns if isinstance(c, Generation)]
     ens = [c for c in columns if isinstance(c, Ensemble)]
     picks = [gens[0]] + gens[1:][-1:] + ens[-1:]
@@ -82,7 +83,7 @@ def fitness_flags(layout: ProjectPaths, gens: list[int]) -> list[str]:
     flags, first = [], {}  # advice -> the generation it was given in full for
     for g in gens[1:]:
         path = layout.train_metrics(g)
-        fitness = json.loads(path.read_text()).get("teacher_fitness") if path.exists() else None
+        fitness = json.loads(path.read_text()).get("teacher") if path.exists() else None
         for w in (fitness or {}).get("warnings", []):
             finding, advice = split_warning(w)
             if advice in first:

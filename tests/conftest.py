@@ -19,7 +19,7 @@ TINY: dict[str, Any] = {
     "export": {"dtype": "float16", "chunk_rows": 128, "batch_size": 100, "device": "cpu"},
     "launch": {"nproc_per_node": 1},
     "inspect": {"temperature": 1.0, "ece_bins": 10, "noise_confidence": 0.9, "max_listed": 20},
-    "controls": False,  # dvc.yaml declares it for the control stages: DVC refuses a missing declared param
+    "train_controls": False,  # dvc.yaml declares it for the control stages: DVC refuses a missing declared param
 }
 
 

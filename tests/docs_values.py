@@ -3,7 +3,7 @@
 A number in README.md that a committed output holds carries its source in an HTML comment right after it
 (invisible when rendered): the file, the dotted key and a Python format spec,
 
-    train accuracy 99.22%<!-- value: inspect/gen-0/metrics.json train.accuracy .2% -->
+    train accuracy 99.22%<!-- value: inspect/gen-0/statistics.json train.accuracy .2% -->
 
 and every image the README shows is a committed output itself (a path under an output that dvc.lock
 records, not git-ignored), never a copy under docs/. Every such source must also be byte for byte the

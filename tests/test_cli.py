@@ -129,7 +129,7 @@ def test_export_inspect_and_sweep_report_progress_off_a_terminal(exported_root, 
 
 def test_control_off_a_terminal_prints_one_line_per_epoch(project) -> None:
     raw = tiny_params()
-    raw["controls"] = True
+    raw["train_controls"] = True
     r = _invoke(project.root, "control", "--gen", "1", raw=raw)
     assert r.exit_code == 0, r.output
     lines = [ln for ln in r.output.splitlines() if ln.startswith("control 1 epoch")]

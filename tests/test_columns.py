@@ -1,4 +1,4 @@
-"""Typed result columns: every kind reads back from each of its strings (metrics/ensemble.json keys, sweep
+"""Typed result columns: every kind reads back from each of its strings (metrics/ensemble/ file names, sweep
 labels), unknown or non-canonical strings are refused with the known forms, and the chain's Ens*k and the
 controls' Ens*k are one computation (same logits, same answers, argmax ties included)."""
 
@@ -62,11 +62,11 @@ def test_the_strings_on_disk_are_the_ones_bancache_has_always_written() -> None:
 
 @pytest.mark.parametrize("text", ["bogus", "gen", "gen01", "BAN-0", "ens2+student", "Control-", "ens", "BAN+L"])
 def test_an_unknown_or_non_canonical_string_is_refused_with_the_known_forms(text: str) -> None:
-    # "BAN+L" without the loss columns: a metrics/ensemble.json never holds a loss column.
+    # "BAN+L" without the loss columns: metrics/ensemble/ never holds a loss column.
     with pytest.raises(ResultsError, match="unknown result column") as info:
-        parse_column(text, where="metrics/ensemble.json")
+        parse_column(text, where="metrics/ensemble/gen1x.json")
     message = str(info.value)
-    assert repr(text) in message and "metrics/ensemble.json" in message
+    assert repr(text) in message and "metrics/ensemble/gen1x.json" in message
     assert "gen{g}" in message and "Control Ens*{k}" in message and "\n" not in message
 
 
@@ -90,11 +90,12 @@ def test_the_report_refuses_an_unknown_key_in_the_ensemble_metrics(tmp_path: Pat
     from stages import report
 
     layout = ProjectPaths(tmp_path)
-    layout.ensemble_metrics.parent.mkdir(parents=True)
-    layout.ensemble_metrics.write_text(json.dumps({"accuracy": {"gen0": 0.5, "gen1x": 0.6}, "members": {}}))
+    layout.ensemble_metrics.mkdir(parents=True)
+    for key, acc in (("gen0", 0.5), ("gen1x", 0.6)):
+        (layout.ensemble_metrics / f"{key}.json").write_text(json.dumps({"test_acc": acc, "members": [0]}))
     with pytest.raises(ResultsError, match="'gen1x'") as info:
         report.run(layout)
-    assert str(layout.ensemble_metrics) in str(info.value)
+    assert str(layout.ensemble_metrics / "gen1x.json") in str(info.value)
 
 
 FP = "cd" * 32

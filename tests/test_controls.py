@@ -186,22 +186,34 @@ def test_control_stage_reads_declared_params_and_report_pairs_it(project: Projec
         train.run(ParamsFile(raw), project, gen)
         export.run(ParamsFile(raw), project, gen)
     ensemble.run(ParamsFile(raw), project)
-    on = ParamsFile({**raw, "controls": True})
+    on = ParamsFile({**raw, "train_controls": True})
     m = control.run(on, project, 1)
-    assert on.used <= _declared_params()["control@1"] and "controls" in on.used
+    assert on.used <= _declared_params()["control@1"] and "train_controls" in on.used
     logits = np.load(project.control_dir(1) / "test_logits.npy")
     y = load_prepared(project.dataset).y_test
     assert m["test_acc"] == pytest.approx(float((logits.argmax(-1) == y).mean())) and m["seed"] == 1
     text = report.run(project)
-    ban1 = json.loads(project.ensemble_metrics.read_text())["accuracy"]["gen1"]
+    ban1 = json.loads((project.ensemble_metrics / "gen1.json").read_text())["test_acc"]
     assert f"| 1 | {100 * ban1:.2f} | {100 * m['test_acc']:.2f} | {100 * (ban1 - m['test_acc']):+.2f} (1 seed" in text
     assert "1 seed, 100 test rows" in text
     # The tiny teacher (2 epochs) is far from fitting its rows: the report flags its ban student.
     assert "## Teacher fitness flags" in text and "own fit rows" in text
 
 
-def test_controls_key_must_be_a_bool(tmp_path: Path) -> None:
+def test_train_controls_key_must_be_a_bool(tmp_path: Path) -> None:
     from pipeline.core.errors import ParamsError
 
-    with pytest.raises(ParamsError, match="controls = 'yes': expected true or false"):
-        ParamsFile({**tiny_params(), "controls": "yes"}).validate()
+    with pytest.raises(ParamsError, match="train_controls = 'yes': expected true or false"):
+        ParamsFile({**tiny_params(), "train_controls": "yes"}).validate()
+
+
+def test_old_controls_key_says_it_was_renamed(tmp_path: Path) -> None:
+    """`controls:` was both a params key and the controls/ folder (`dvc exp show --keep` crashed on it)."""
+    raw = {k: v for k, v in tiny_params().items() if k != "train_controls"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**raw, "controls": False}))
+    r = CliRunner().invoke(main, ["--params", str(tmp_path / "params.yaml"), "validate"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines() == [
+        f"bancache: error: {tmp_path / 'params.yaml'}: section 'controls' was renamed to 'train_controls' ('controls' "
+        "is also the controls/ output folder, and DVC cannot tell the param from the dependency); rename it"
+    ]

@@ -21,7 +21,7 @@ FIGURES = "inspect/gen-0/figures"
 def test_dvc_md5_is_the_hash_dvc_lock_records() -> None:
     """The hashes the check compares are DVC's own: a committed file's and a committed folder's."""
     outs = dv.locked_outputs(ROOT)
-    for rel in ("inspect/gen-0/metrics.json", "inspect/gen-1-vs-0/figures", "metrics/ensemble.json"):
+    for rel in ("inspect/gen-0/statistics.json", "inspect/gen-1-vs-0/figures", "metrics/ensemble"):
         assert dv.dvc_md5(ROOT / rel) == outs[rel], rel
     assert outs["inspect/gen-1-vs-0/figures"].endswith(".dir")
 
@@ -114,16 +114,16 @@ def test_a_regenerated_output_is_written_into_the_readme(copy: Path) -> None:
     metrics.write_text(json.dumps(m))
     before = (copy / "README.md").read_text()
     stale = dv.check(copy)
-    assert stale and all("inspect/gen-0/metrics.json is not the output dvc.lock records" in p for p in stale)
+    assert stale and all("inspect/gen-0/statistics.json is not the output dvc.lock records" in p for p in stale)
     assert dv.write(copy) == 0 and (copy / "README.md").read_text() == before
 
-    relock(copy, "inspect/gen-0/metrics.json")
+    relock(copy, "inspect/gen-0/statistics.json")
     problems = dv.check(copy)
     assert len(problems) == 2 and "gives 50.00%" in problems[0] and "gives 7777" in problems[1]
     assert dv.write(copy) == 2 and dv.check(copy) == []
     after = (copy / "README.md").read_text()
-    assert "50.00%<!-- value: inspect/gen-0/metrics.json train.accuracy .2% -->" in after
-    assert "7777<!-- value: inspect/gen-0/metrics.json train.likely_noisy d -->" in after
+    assert "50.00%<!-- value: inspect/gen-0/statistics.json train.accuracy .2% -->" in after
+    assert "7777<!-- value: inspect/gen-0/statistics.json train.likely_noisy d -->" in after
     assert len(after) == len(before) + len("50.00%7777") - len("".join(was))  # nothing else moved
 
 
@@ -131,21 +131,22 @@ def test_unreadable_sources_and_bare_comments_are_reported(copy: Path) -> None:
     readme = copy / "README.md"
     text = readme.read_text()
     extra = (
-        "\nmissing key 1<!-- value: inspect/gen-0/metrics.json train.acc .2% -->"
+        "\nmissing key 1<!-- value: inspect/gen-0/statistics.json train.acc .2% -->"
         "\nnot an output 1<!-- value: benchmarks/results/verify.json x .2% -->"
-        "\nno number <!-- value: inspect/gen-0/metrics.json train.likely_noisy d -->\n"
+        "\nno number <!-- value: inspect/gen-0/statistics.json train.likely_noisy d -->\n"
     )
     readme.write_text(text + extra)
     n = text.count("\n") + 1
-    noisy = json.loads((copy / "inspect/gen-0/metrics.json").read_text())["train"]["likely_noisy"]
+    noisy = json.loads((copy / "inspect/gen-0/statistics.json").read_text())["train"]["likely_noisy"]
     assert dv.check(copy) == [
-        f"README.md:{n + 1}: inspect/gen-0/metrics.json has no key 'train.acc' (missing 'acc'): fix the comment's key",
+        f"README.md:{n + 1}: inspect/gen-0/statistics.json has no key 'train.acc' (missing 'acc'): fix the "
+        "comment's key",
         f"README.md:{n + 2}: benchmarks/results/verify.json is not an output that dvc.lock records: take README "
         "numbers from the default chain's outputs",
         f"README.md:{n + 3}: no number before the comment (its source gives {noisy})",
     ]
     dv.write(copy)  # writes what it can read, leaves the rest for the lines above
-    end = f"no number {noisy}<!-- value: inspect/gen-0/metrics.json train.likely_noisy d -->\n"
+    end = f"no number {noisy}<!-- value: inspect/gen-0/statistics.json train.likely_noisy d -->\n"
     assert readme.read_text().endswith(end)
     assert "missing key 1<!--" in readme.read_text() and len(dv.check(copy)) == 2
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -15,13 +16,14 @@ import pytest
 import yaml
 
 from pipeline.models.checkpoint import load_checkpoint
+from pipeline.results.ensemble import read_ensemble_metrics
 from tests.conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(cmd: list[str], cwd: Path, timeout: float = 600) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+def _run(cmd: list[str], cwd: Path, timeout: float = 600, **env_extra: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env_extra}
     env["DVC_NO_ANALYTICS"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only contend on a shared CPU
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -37,7 +39,7 @@ def spelled_out_tiny_params() -> dict:
     for section, values in tiny_params().items():
         if isinstance(values, dict) and section != "students":
             raw[section].update(values)
-        elif section != "students":  # a scalar section such as `controls: false`
+        elif section != "students":  # a scalar section such as `train_controls: false`
             raw[section] = values
     return raw
 
@@ -97,7 +99,7 @@ def test_dvc_repro_runs_the_chain_then_nothing(chain: Chain, repo: Path) -> None
     log = chain.log
     for stage in ("prepare", "teacher", "export_teacher", "train@1", "export@3", "ensemble", "report", "compare@3"):
         assert f"Running stage '{stage}'" in log
-    acc = json.loads((repo / "metrics/ensemble.json").read_text())["accuracy"]
+    acc = read_ensemble_metrics(repo / "metrics/ensemble")["accuracy"]
     assert set(acc) >= {"gen0", "gen1", "gen2", "gen3", "ens2", "ens3"}
     report = (repo / "reports/report.md").read_text()
     assert "| Teacher | BAN-1 | BAN-2 | BAN-3 | Ens*2 | Ens*3 |" in report
@@ -122,6 +124,15 @@ def test_dvc_repro_runs_the_chain_then_nothing(chain: Chain, repo: Path) -> None
     assert load_checkpoint(repo / "models/gen-2/model.pt")["meta"]["temperature"] == 2.0
     assert load_checkpoint(repo / "models/gen-1/model.pt")["meta"]["temperature"] == 1.0
 
+    # With an experiment to show: the README's `dvc exp show` recipe, run exactly as written, fits 120
+    # columns with no cell elided and shows the changed param and Ens*3; the filter that crashed on the
+    # params key `controls` (also the controls/ folder) runs too.
+    out = _run([sys.executable, "-m", *readme_exp_show()], repo, COLUMNS="120")
+    lines = out.rstrip("\n").splitlines()
+    assert max(map(len, lines)) <= 120 and "…" not in out, out
+    assert "students.2.temperature" in out and "ens3.json:test_acc" in out, out
+    _run([sys.executable, "-m", "dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep", ".*test_acc"], repo)
+
     # Share the results through a DVC remote (a local folder); a fresh clone pulls them and has nothing to run.
     remote = repo.parent / "remote"
     _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(remote)], repo)
@@ -135,6 +146,23 @@ def test_dvc_repro_runs_the_chain_then_nothing(chain: Chain, repo: Path) -> None
     for rel in ("models/gen-3/model.pt", "cache/gen-3/complete/zarr.json", "data/dataset.h5"):
         assert (clone / rel).read_bytes() == (repo / rel).read_bytes(), rel
     assert _stages_to_run(clone) == set()
+
+
+def readme_exp_show() -> list[str]:
+    """The README's `dvc exp show` recipe (section "DVC tables") as an argv."""
+    line = next(ln for ln in (REPO / "README.md").read_text().splitlines() if ln.startswith("dvc exp show "))
+    return shlex.split(line)
+
+
+def test_dvc_metrics_show_fits_200_columns(chain: Chain) -> None:
+    """One name per quantity across the metrics files (README "DVC tables"): at the default chain's shape (3
+    students) the 19 files share 12 columns, and the machine records (one-item lists) add none."""
+    out = _run([sys.executable, "-m", "dvc", "metrics", "show"], chain.root)
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert max(map(len, lines)) <= 200, out
+    header = lines[0].split()
+    assert header[0] == "Path" and "test_acc" in header and len(lines) == 1 + 4 + 8 + 4 + 3, out
+    assert not any(h.startswith(("machine", "test.", "accuracy.")) for h in header), header
 
 
 def test_killed_dvc_repro_then_repro_equals_clean_run(chain: Chain, tmp_path: Path) -> None:
@@ -162,7 +190,7 @@ def test_killed_dvc_repro_then_repro_equals_clean_run(chain: Chain, tmp_path: Pa
     os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage it is running
     assert proc.wait() < 0, "the kill must land while dvc repro runs"
     _run([sys.executable, "-m", "dvc", "repro"], victim)
-    for rel in ("metrics/ensemble.json", "reports/report.md"):
+    for rel in ("metrics/ensemble/ens3.json", "reports/report.md"):
         assert (victim / rel).read_text() == (clean / rel).read_text(), rel
 
     # Every cached output (models, stores) is bit-identical; plots carry wall-clock seconds, so skip them.
@@ -196,10 +224,10 @@ def test_dvc_repro_two_generation_image_chain(tmp_path: Path) -> None:
     raw["data"] = {"dataset": "npz", "root": str(raw_dir), "n_train": 45, "val_fraction": 0.2}
     raw["train"].update({"arch": "cnn3", "epochs": 2, "batch_size": 16})
     raw["students"] = {"1": {"teacher": 0, "loss": "ban"}}
-    raw["controls"] = True  # dvc repro also trains control-1 and the report pairs it with BAN-1
+    raw["train_controls"] = True  # dvc repro also trains control-1 and the report pairs it with BAN-1
     root = _new_repo(tmp_path / "repo", raw)
     _run([sys.executable, "-m", "dvc", "repro"], root)
-    acc = json.loads((root / "metrics/ensemble.json").read_text())["accuracy"]
+    acc = read_ensemble_metrics(root / "metrics/ensemble")["accuracy"]
     assert set(acc) == {"gen0", "gen1"}
     from pipeline.cache.store import LogitStore
 
@@ -232,7 +260,7 @@ def test_dvc_repro_chain_on_images_kept_on_disk(tmp_path: Path) -> None:
     attrs = LogitStore.open(root / "cache/gen-0").attrs
     assert attrs["augmentation"]["kind"] == "resized-crop+flip" and attrs["splits"] == {"train": 24, "test": 12}
     assert load_checkpoint(root / "models/gen-1/model.pt")["meta"]["recipe"]["crop"] == "resized"
-    assert set(json.loads((root / "metrics/ensemble.json").read_text())["accuracy"]) == {"gen0", "gen1"}
+    assert set(read_ensemble_metrics(root / "metrics/ensemble")["accuracy"]) == {"gen0", "gen1"}
     assert (root / "inspect/gen-0/summary.md").exists() and (root / "reports/report.md").exists()
 
 
@@ -262,7 +290,7 @@ def test_dvc_repro_student_from_an_imported_teacher(tmp_path: Path) -> None:
     student = load_checkpoint(root / "models/gen-1/model.pt")["meta"]
     teacher_sha = LogitStore.open(root / "cache/gen-0").attrs["checkpoint_sha256"]
     assert student["teacher_store_checkpoint_sha256"] == teacher_sha
-    assert np.isfinite(json.loads((root / "metrics/ensemble.json").read_text())["accuracy"]["gen1"])
+    assert np.isfinite(json.loads((root / "metrics/ensemble/gen1.json").read_text())["test_acc"])
     assert f"{label} -> cnn3" in (root / "reports/report.md").read_text()
     assert _stages_to_run(root) == set()
 

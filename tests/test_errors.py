@@ -39,6 +39,12 @@ def _set(root: Path, dotted: str, value) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
 
 
+def _old_controls_key(root: Path) -> None:
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["controls"] = raw.pop("train_controls")
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+
+
 def _raw_params(root: Path, text: str) -> None:
     (root / "params.yaml").write_text(text)
 
@@ -125,8 +131,9 @@ def _member_with_other_views(root: Path) -> None:
 
 def _unknown_metrics_column(root: Path) -> None:
     path = ProjectPaths(root).ensemble_metrics
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"accuracy": {"gen0": 0.5, "gen1x": 0.5}, "members": {"gen0": [0], "gen1x": [1]}}))
+    path.mkdir(parents=True, exist_ok=True)
+    for key, members in (("gen0", [0]), ("gen1x", [1])):
+        (path / f"{key}.json").write_text(json.dumps({"test_acc": 0.5, "members": members}))
 
 
 class _Payload:
@@ -548,6 +555,12 @@ CASES = [
         _mse_on_a_topk_store,
         ("train", "--gen", "1"),
         "students.1.loss = 'mse' matches the teacher's logits, and the teacher's store",
+    ),
+    Case(
+        "the old `controls:` params key",
+        _old_controls_key,
+        ("validate",),
+        "section 'controls' was renamed to 'train_controls'",
     ),
 ]
 

@@ -83,13 +83,13 @@ def test_train_warns_on_unfit_teachers_and_records_fitness(project, caplog, marg
         m = train.run(ParamsFile(raw), project, 1)
     warned = [r.getMessage() for r in caplog.records if r.name == "pipeline.audit.fitness"]
     assert len(warned) == len(expect) and all(e in w for e, w in zip(expect, warned, strict=True))
-    recorded = json.loads(project.train_metrics(1).read_text())["teacher_fitness"]
-    assert recorded == m["teacher_fitness"] and len(recorded["warnings"]) == len(warned)
+    recorded = json.loads(project.train_metrics(1).read_text())["teacher"]
+    assert recorded == m["teacher"] and len(recorded["warnings"]) == len(warned)
     for short, full in zip(warned, recorded["warnings"], strict=True):  # the console's line, the record's advice
         finding, advice = split_warning(full)
         assert short.startswith(finding + ": ") and len(short) < 140 and advice not in short
         assert "Train the teacher longer" in advice or "Raise the student's temperature" in advice
-    assert (recorded["entropy_mean"] < MIN_ENTROPY) == (margin == 40.0)
+    assert (recorded["entropy"] < MIN_ENTROPY) == (margin == 40.0)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pipeline.audit.fitness"):
         train.run(ParamsFile(raw), project, 2)  # ban+l learns labels too: never warned
@@ -113,7 +113,7 @@ def test_cli_prints_each_fitness_warning_as_one_warning_line(project) -> None:
     warned = [ln for ln in r.stderr.splitlines() if "own fit rows" in ln]
     assert len(warned) == 1 and warned[0].startswith("warning: teacher generation 0 is 80."), r.stderr
     assert "Train the teacher longer" not in r.stderr and "pipeline.audit" not in r.stderr
-    full = json.loads(project.train_metrics(1).read_text())["teacher_fitness"]["warnings"]
+    full = json.loads(project.train_metrics(1).read_text())["teacher"]["warnings"]
     assert len(full) == 1 and "Train the teacher longer" in full[0]
 
 
@@ -180,8 +180,8 @@ def test_inspect_reports_fitness_of_a_one_hot_teacher(project: ProjectPaths) -> 
     params.write_text(json.dumps(tiny_params()))  # JSON is YAML
     r = CliRunner().invoke(main, ["--params", str(params), "--root", str(project.root), "inspect", "--gen", "0"])
     assert r.exit_code == 0, r.output
-    m = json.loads((project.root / "inspect/gen-0/metrics.json").read_text())["fitness"]
-    assert "rows" not in m  # metrics.json holds metrics only (the row count is in summary.md)
+    m = json.loads((project.root / "inspect/gen-0/statistics.json").read_text())["fitness"]
+    assert "rows" not in m  # statistics.json holds metrics only (the row count is in summary.md)
     assert m["fit_accuracy"] == pytest.approx(0.9, abs=0.01) and m["entropy_mean"] < 1e-6
     assert f"{100 * m['fit_accuracy']:.2f}% on its own fit rows" in r.output
     summary = (project.root / "inspect/gen-0/summary.md").read_text()
@@ -230,7 +230,7 @@ def test_trust_stores_and_the_memory_budget_reach_the_fitness_check_through_one_
     m = train.run(ParamsFile(raw), project, 1, verify=False)  # --trust-stores: nothing hashes the store
     assert seen == [0] and streamed == [True]
     assert opens.count(project.store(0)) == 1  # one open of the teacher's store: sha, fitness and training
-    assert m["teacher_fitness"]["fit_accuracy"] == pytest.approx(0.9, abs=0.01)
+    assert m["teacher"]["fit_acc"] == pytest.approx(0.9, abs=0.01)
 
 
 def test_trust_stores_reaches_the_fitness_in_inspect(project: ProjectPaths) -> None:
@@ -247,7 +247,7 @@ def test_trust_stores_reaches_the_fitness_in_inspect(project: ProjectPaths) -> N
     assert r.exit_code == 2 and "content differs from its marker" in r.output, r.output
     r = CliRunner().invoke(main, [*args, "--trust-stores", "inspect", "--gen", "0"])
     assert r.exit_code == 0, r.output  # neither the statistics nor the fitness re-hashed the store
-    m = json.loads((project.root / "inspect/gen-0/metrics.json").read_text())["fitness"]
+    m = json.loads((project.root / "inspect/gen-0/statistics.json").read_text())["fitness"]
     assert m["fit_accuracy"] == pytest.approx(0.9, abs=0.01)
 
 

@@ -394,7 +394,16 @@ def test_cli_inspect_compare_convert(project) -> None:
     figs = {p.name: imread(p) for p in (out / "figures").glob("*.png")}
     assert set(figs) == {"entropy.png", "max_prob.png", "similarity.png", "reliability.png"}
     assert all(img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200 for img in figs.values())
-    m = json.loads((out / "metrics.json").read_text())
+    m = json.loads((out / "statistics.json").read_text())
+    head = json.loads((out / "metrics.json").read_text())  # the headline, under the names every file shares
+    assert {k: v for k, v in head.items() if k != "machine"} == {
+        "test_acc": m["test"]["accuracy"],
+        "val_acc": m["train"]["accuracy_val"],
+        "ece": m["test"]["ece"],
+        "noisy": m["train"]["likely_noisy"],
+        "fit_acc": m["fitness"]["fit_accuracy"],
+        "entropy": m["fitness"]["entropy_mean"],
+    }
     y_train = load_prepared(project.dataset).y_train
     stored = LogitStore.open(project.store(0)).array("train")[:, 0, :]  # tiny: read whole, independently
     assert m["train"]["accuracy"] == pytest.approx(float((stored.argmax(-1) == y_train).mean()))
@@ -419,10 +428,12 @@ def test_cli_inspect_compare_convert(project) -> None:
     vs = root / "inspect" / "gen-1-vs-teacher"
     for rel in _dvc_paths("compare", 1):  # the --against output is declared in dvc.yaml
         assert (root / rel).exists(), rel
-    cm = json.loads((vs / "metrics.json").read_text())
+    cm = json.loads((vs / "statistics.json").read_text())
+    head = json.loads((vs / "metrics.json").read_text())
+    assert head["agreement"] == cm["test"]["agreement"] and head["kl"] == cm["test"]["kl_mean"] and len(head) == 3
     r = _cli(project, "inspect", "--gen", "1", "--against", "0")  # its teacher named: the same comparison
     assert r.exit_code == 0, r.output
-    assert json.loads((root / "inspect" / "gen-1-vs-0" / "metrics.json").read_text()) == cm
+    assert json.loads((root / "inspect" / "gen-1-vs-0" / "statistics.json").read_text()) == cm
     assert cm["train"]["kl_mean"] > 0 and 0 < cm["test"]["agreement"] <= 1
     assert imread(vs / "figures" / "per_class.png").ndim == 3
     chain = (vs / "chain.csv").read_text().splitlines()

@@ -279,4 +279,6 @@ def test_a_chain_of_label_trained_members_and_an_ensemble_student(project, monke
     assert "| 1 | cnn1d | ce | labels |" in text and "| 2 | cnn1d | ban | generations 0, 1 |" in text
     assert "Generations 1 train from labels (loss ce, no teacher): their BAN-k columns are label-trained" in text
     # a label-trained member's control is itself retrained: it runs like any control
-    assert control.run(ParamsFile({**tiny_params(students=students), "controls": True}), project, 1)["loss"] == "ce"
+    assert (
+        control.run(ParamsFile({**tiny_params(students=students), "train_controls": True}), project, 1)["loss"] == "ce"
+    )

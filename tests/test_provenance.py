@@ -102,3 +102,55 @@ def test_convert_adds_the_extension(exported_root: Path, tmp_path: Path, out: st
     assert sorted(p.name for p in tmp_path.iterdir()) == [written]
     bad = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "x.h5" if fmt == "npz" else tmp_path / "x.npz")])
     assert bad.exit_code == 2 and "does not match --format" in bad.output
+
+
+def test_checkpoints_and_metrics_files_record_the_machine(project: ProjectPaths) -> None:
+    """Every checkpoint (models/gen-K, controls/gen-K) and every metrics file the chain writes records the
+    machine that made it: results are bit-identical only on the same CPU kind, kernels, versions, threads."""
+    import torch
+
+    from pipeline.core.machine import cpu_model, machine
+    from pipeline.models.checkpoint import load_checkpoint
+    from stages import audit, control, ensemble
+
+    raw = {**tiny_params(students={"1": {"teacher": 0, "loss": "ban"}}), "train_controls": True}
+    for gen in (0, 1):
+        train.run(ParamsFile(raw), project, gen)
+        export.run(ParamsFile(raw), project, gen)
+    ensemble.run(ParamsFile(raw), project)
+    audit.run(ParamsFile(raw), project, 0)
+    audit.run(ParamsFile(raw), project, 1, against=0)
+    control.run(ParamsFile(raw), project, 1)
+    here = machine()
+    assert set(here) == {"cpu", "cpu_capability", "threads", "torch", "numpy", "zarr", "python", "cuda"}
+    assert here["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and here["torch"] == torch.__version__
+    assert here["numpy"] == np.__version__ and here["zarr"] == zarr.__version__
+    assert here["threads"] == tiny_params()["train"].get("threads", 1) == torch.get_num_threads()
+    assert here["cuda"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "model name" in cpuinfo.read_text():
+        assert here["cpu"] == cpu_model() and f": {here['cpu']}\n" in cpuinfo.read_text()
+    for ckpt in (project.model(0), project.model(1), project.control_model(1)):
+        assert load_checkpoint(ckpt)["meta"]["machine"] == here, ckpt
+    files = [project.train_metrics(0), project.train_metrics(1), project.control_metrics(1)]
+    files += sorted(project.ensemble_metrics.glob("*.json"))
+    files += [project.inspect(*g) / f for g in ((0, None), (1, 0)) for f in ("metrics.json", "statistics.json")]
+    assert len(files) == 3 + 2 + 4  # ensemble: gen0.json, gen1.json (no Ens*k with one student); 2 audits x 2
+    for path in files:
+        # a one-item list: DVC's tables skip lists, so the record adds no column to `dvc metrics show`
+        assert json.loads(path.read_text())["machine"] == [here], path
+
+
+def test_readme_one_liner_prints_a_checkpoints_machine(exported_root: Path) -> None:
+    """The README's `python -c` line, run as written in a project, prints the checkpoint's machine."""
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("python -c") and "'machine'" in ln)
+    code = line.split('"', 2)[1]
+    r = subprocess.run([sys.executable, "-c", code], cwd=exported_root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    from pipeline.core.machine import machine
+
+    assert all(str(v) in r.stdout for v in machine().values() if v is not None), r.stdout

@@ -71,9 +71,7 @@ def test_fitness_flags_give_each_advice_once(tmp_path) -> None:
     fits[4] = (Fitness(1.0, 0.03, 1.0, 9), "dkpp")  # the same finding for another loss: its own advice
     for g, (f, loss) in fits.items():
         layout.train_metrics(g).parent.mkdir(parents=True, exist_ok=True)
-        layout.train_metrics(g).write_text(
-            json.dumps({"teacher_fitness": {"warnings": fitness_warnings(f, loss, g - 1)}})
-        )
+        layout.train_metrics(g).write_text(json.dumps({"teacher": {"warnings": fitness_warnings(f, loss, g - 1)}}))
     lines = fitness_flags(layout, [0, 1, 2, 3, 4])
     text = "\n".join(lines)
     assert lines[:3] == ["", "## Teacher fitness flags", ""] and len(lines) == 3 + 5
@@ -90,7 +88,6 @@ def test_fitness_flags_give_each_advice_once(tmp_path) -> None:
 def test_report_says_generation_0_learned_from_labels(tmp_path) -> None:
     """The report's per-generation table names what each generation learned from: generation 0's store has
     no teacher (attribute None), shown as "labels", not Python's None; students name their teacher."""
-    import json
 
     import numpy as np
 
@@ -106,8 +103,11 @@ def test_report_says_generation_0_learned_from_labels(tmp_path) -> None:
         store.write("train", 0, np.zeros((4, 2)))
         store.write("test", 0, np.zeros((2, 2)))
         store.seal()
-    layout.ensemble_metrics.parent.mkdir(parents=True)
-    layout.ensemble_metrics.write_text(json.dumps({"accuracy": {"gen0": 0.5, "gen1": 1.0}, "members": {}}))
+    from pipeline.results.ensemble import write_ensemble_metrics
+
+    write_ensemble_metrics(
+        layout.ensemble_metrics, {"accuracy": {"gen0": 0.5, "gen1": 1.0}, "members": {"gen0": [0], "gen1": [1]}}
+    )
     text = report.run(layout)
     assert "| generation | arch | loss | learned from | seed | test acc % |" in text
     assert "| 0 | tiny | ce | labels | 0 | 50.00 |" in text

@@ -15,6 +15,7 @@ from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import load_prepared
 from pipeline.models.predict import accuracy, predict_logits
 from pipeline.params import TrainParams, parse_generation, parse_section
+from pipeline.results.ensemble import read_ensemble_metrics
 from pipeline.train.loop import train_generation
 from stages import sweep
 from stages.common import ParamsFile
@@ -59,7 +60,7 @@ def test_sweep_runs_each_seed_in_its_own_root_and_tabulates_them(tmp_path: Path,
     for i, (seed, run) in enumerate(zip(SEEDS, runs, strict=True)):
         layout = ProjectPaths(out / f"seed-{seed}")
         assert [LogitStore.open(layout.store(g)).attrs["seed"] for g in (0, 1)] == [100 * seed + g for g in (0, 1)]
-        chain = json.loads(layout.ensemble_metrics.read_text())["accuracy"]
+        chain = read_ensemble_metrics(layout.ensemble_metrics)["accuracy"]
         assert run["Teacher"] == chain["gen0"] and run["BAN-1"] == chain["gen1"]
         assert set(run) == {"Teacher", "BAN-1", "BAN+L", "CWTM"}
         data = load_prepared(layout.dataset)

@@ -22,6 +22,7 @@ from pipeline.audit.fitness import Fitness, fitness_warnings
 from pipeline.audit.statistics import VIEW, Agreement, Calibration, TargetStats
 from pipeline.cache.store import taught_by
 from pipeline.core.files import atomic_path, write_json, write_text
+from pipeline.core.machine import with_machine
 from pipeline.losses import label_free_losses
 from pipeline.params import InspectParams
 
@@ -79,6 +80,23 @@ def metrics_only(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics_only(v) if isinstance(v, dict) else v for k, v in metrics.items() if k not in NOT_METRICS}
 
 
+def write_metrics(out: Path, statistics: dict[str, Any], headline: dict[str, Any]) -> None:
+    """statistics.json (every statistic, nested by split) and metrics.json (the headline numbers under the
+    names every metrics file of the chain shares, flat, for `dvc metrics show`; README "DVC tables")."""
+    write_json(out / "statistics.json", with_machine(metrics_only(statistics)))
+    write_json(out / "metrics.json", with_machine(headline))
+
+
+def store_headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A store audit's headline: test_acc, val_acc, ece, noisy (likely-noisy train rows) and, as a teacher,
+    fit_acc and entropy (accuracy and mean entropy of p_T on its fit rows)."""
+    tr, te = metrics["train"], metrics["test"]
+    head = {"test_acc": te["accuracy"], "val_acc": tr["accuracy_val"], "ece": te["ece"], "noisy": tr["likely_noisy"]}
+    if "fitness" in metrics:
+        head |= {"fit_acc": metrics["fitness"]["fit_accuracy"], "entropy": metrics["fitness"]["entropy_mean"]}
+    return {k: v for k, v in head.items() if v is not None}
+
+
 def write_store_audit(
     out: Path,
     gen: int,
@@ -103,7 +121,7 @@ def write_store_audit(
     summary_metrics = metrics
     if fitness is not None:
         metrics = {**metrics, "fitness": fitness.as_dict()}
-    write_json(out / "metrics.json", metrics_only(metrics))
+    write_metrics(out, metrics, store_headline(metrics))
     sim, noisy = _write_audit_csvs(out, class_names, stats, calib)
     _write_audit_figures(out / "figures", f"generation {gen}, T = {params.temperature:g}", class_names, stats, calib)
     summary = _store_summary(gen, attrs, summary_metrics, sim, class_names, noisy, params)
@@ -320,8 +338,8 @@ def _store_summary(
     lines += _noisy_table(noisy)
     lines += [
         "",
-        "Data: [metrics.json](metrics.json), [entropy.csv](entropy.csv), [max_prob.csv](max_prob.csv), "
-        "[reliability.csv](reliability.csv).",
+        "Data: [statistics.json](statistics.json) (every statistic; the headline in [metrics.json](metrics.json)), "
+        "[entropy.csv](entropy.csv), [max_prob.csv](max_prob.csv), [reliability.csv](reliability.csv).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -391,7 +409,8 @@ def write_comparison(
             **{split: acc.metrics() for split, acc in pair.items()},
         }
     )
-    write_json(out / "metrics.json", metrics_only(metrics))
+    test = metrics.get("test", {})  # the headline: the test split's agreement and KL
+    write_metrics(out, metrics, {k: test[v] for k, v in (("agreement", "agreement"), ("kl", "kl_mean")) if v in test})
     per = {split: acc.per_class() for split, acc in pair.items()}
     rows = [[i, name, *(float(per[s][k][i]) for s in pair for k in (0, 1))] for i, name in enumerate(class_names)]
     header = ["class", "name", *(f"{k}_{s}" for s in pair for k in ("kl", "agreement"))]
@@ -457,7 +476,7 @@ def _pair_summary(gen: int, against: int | str, m: dict[str, Any], chain: list[d
         f"# Generation {gen} against {against if isinstance(against, str) else f'generation {against}'}",
         "",
         f"KL(p_{against} || p_{gen}) and top-1 agreement at T = {m['temperature']:g}, view {VIEW} "
-        "([metrics.json](metrics.json), per class of the true label in [per_class.csv](per_class.csv)).",
+        "([statistics.json](statistics.json), per class of the true label in [per_class.csv](per_class.csv)).",
         "",
         "| split | rows | mean KL, nats | top-1 agreement |",
         "|---|---|---|---|",

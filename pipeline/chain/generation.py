@@ -26,12 +26,13 @@ from pipeline.cache.store import LogitStore
 from pipeline.core.devices import resolve_device
 from pipeline.core.distributed import SINGLE_PROCESS, DistContext, barrier, partition_rows
 from pipeline.core.files import write_json, write_text
+from pipeline.core.machine import with_machine
 from pipeline.core.paths import ProjectPaths
 from pipeline.data.prepared import PreparedData, load_prepared
 from pipeline.losses import loss_spec
 from pipeline.models.predict import predict_accuracy
 from pipeline.params import ExportParams, GenParams, SourceParams, TrainParams
-from pipeline.results.ensemble import evaluate_chain
+from pipeline.results.ensemble import evaluate_chain, write_ensemble_metrics
 from pipeline.teachers.export import export_logits
 from pipeline.teachers.foreign import import_teacher, teacher_label
 from pipeline.train.loop import (
@@ -178,16 +179,21 @@ def write_outputs(
     and plots/train/gen-K.csv (one row per epoch)."""
     device = resolve_device(recipe.device, ctx)
     last = result.history[-1]
+    # The names every metrics file shares (README, "DVC tables"): epoch, train_loss, val_acc, test_acc.
     metrics: dict[str, Any] = {
-        "selected_epoch": result.selected_epoch,
-        "final_train_loss": last.train_loss,
-        "final_val_acc": last.val_acc,
+        "epoch": result.selected_epoch,
+        "train_loss": last.train_loss,
+        "val_acc": last.val_acc,
         # Reported only; nothing is selected on it.
         "test_acc": predict_accuracy(result.model, data.x_test, data.y_test, recipe.eval_batch_size, device)[1],
     }
-    if fitness is not None:  # its metrics and warnings (the report lists them); loss, rows and T are settings
-        metrics["teacher_fitness"] = {k: fitness[k] for k in ("fit_accuracy", "entropy_mean", "warnings")}
-    write_json(paths.train_metrics(gen), metrics)
+    if fitness is not None:  # the teacher's, named as inspect names a store's own; loss, rows and T are settings
+        metrics["teacher"] = {
+            "fit_acc": fitness["fit_accuracy"],
+            "entropy": fitness["entropy_mean"],
+            "warnings": fitness["warnings"],
+        }
+    write_json(paths.train_metrics(gen), with_machine(metrics))
     write_text(paths.train_plot(gen), plot_csv(result.history))
     return metrics
 
@@ -222,7 +228,7 @@ def import_generation(
     device = resolve_device(recipe.device, SINGLE_PROCESS)
     _, test_acc = predict_accuracy(model.to(device), data.x_test, data.y_test, recipe.eval_batch_size, device)
     metrics = {"imported": teacher_label(record), "test_acc": test_acc}
-    write_json(paths.train_metrics(0), metrics)
+    write_json(paths.train_metrics(0), with_machine(metrics))
     write_text(paths.train_plot(0), plot_csv([]))
     paths.train_state(0).unlink(missing_ok=True)  # a trained run's resume state is not this generation
     return metrics
@@ -264,9 +270,9 @@ def split_bars(
 
 
 def evaluate_project(paths: ProjectPaths, gens: list[int], verify: bool = True) -> dict[str, Any]:
-    """Accuracy of each generation and of Ens*k from the cached test logits, written to metrics/ensemble.json."""
+    """Accuracy of each generation and of Ens*k from the cached test logits, written to metrics/ensemble/."""
     data = load_prepared(paths.dataset, verify=verify)
     metrics = evaluate_chain({g: paths.store(g) for g in gens}, data, verify=verify)
     # metrics only, for `dvc metrics show` (members: lists, which it does not tabulate; the report names them)
-    write_json(paths.ensemble_metrics, {k: metrics[k] for k in ("accuracy", "members")})
+    write_ensemble_metrics(paths.ensemble_metrics, metrics)
     return metrics

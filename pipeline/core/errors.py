@@ -20,7 +20,7 @@ class DatasetError(BancacheError, ValueError):
 
 
 class ResultsError(BancacheError, ValueError):
-    """A results file (metrics/ensemble.json, a sweep's JSON) names a column this version does not know."""
+    """A results file (metrics/ensemble/, a sweep's JSON) names a column this version does not know."""
 
 
 class CheckpointError(BancacheError, ValueError):

@@ -67,7 +67,8 @@ class ProjectPaths:
 
     @property
     def ensemble_metrics(self) -> Path:
-        return self.root / "metrics" / "ensemble.json"
+        """Folder of the ensemble metrics: one <column>.json per generation and Ens*k (gen1.json, ens2.json)."""
+        return self.root / "metrics" / "ensemble"
 
     @property
     def report(self) -> Path:

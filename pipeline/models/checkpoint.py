@@ -15,6 +15,8 @@ from torch import nn
 
 from pipeline.core.errors import CheckpointError
 from pipeline.core.files import atomic_path
+from pipeline.core.machine import KEY as MACHINE
+from pipeline.core.machine import machine
 from pipeline.models.registry import build_model
 
 FORMAT = "bancache-checkpoint-v1"
@@ -25,12 +27,13 @@ REQUIRED_META = ("arch", "input_shape", "num_classes", "generation", "seed", "da
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: dict[str, Any], **extra: Any) -> None:
-    """Write {format, state_dict, meta, **extra} to `path` via a temp file and rename."""
+    """Write {format, state_dict, meta, **extra} to `path` via a temp file and rename; meta gains
+    "machine", the record of the machine that saved it (`pipeline.core.machine`)."""
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"checkpoint meta lacks {missing}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_atomic(path, {"format": FORMAT, "state_dict": state, "meta": meta, **extra})
+    save_atomic(path, {"format": FORMAT, "state_dict": state, "meta": {**meta, MACHINE: machine()}, **extra})
 
 
 def save_atomic(path: str | os.PathLike[str], obj: Any) -> None:

@@ -3,7 +3,7 @@ an ensemble of controls, a loss variant of generation 1.
 
 Tables, runs and paired rows hold these objects (a run is `dict[Column, float]`); text appears only when a
 table is formatted or a file is written. Two string forms exist on disk and neither changes: the keys of
-metrics/ensemble.json (`key`: "gen1", "ens2", "ens2+teacher") and the keys of a sweep's runs in sweep.json
+metrics/ensemble/ (`key`, its files' names: "gen1", "ens2", "ens2+teacher") and the keys of a sweep's runs in sweep.json
 (`label`, the table's column name: "Teacher", "BAN-1", "Ens*2", "BAN+L", "Control-1", "Control Ens*2").
 `parse_column` is the one place that reads either back; every object gives its own strings.
 
@@ -74,7 +74,7 @@ class Control:
 
     @property
     def key(self) -> str:
-        return self.label  # not in metrics/ensemble.json: its label is its only string
+        return self.label  # not in metrics/ensemble/: its label is its only string
 
     @property
     def sort_key(self) -> tuple[int, int, str]:
@@ -129,13 +129,13 @@ _FORMS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Column]]] = [
     (re.compile(r"Control Ens\*(\d+)"), lambda m: ControlEnsemble(int(m[1]))),
 ]
 KNOWN_FORMS = (
-    "gen{g}, ens{k}, ens{k}+teacher in metrics/ensemble.json; Teacher, BAN-{g}, Ens*{k}, Ens*{k}+teacher, "
+    "gen{g}, ens{k}, ens{k}+teacher as metrics/ensemble/<key>.json; Teacher, BAN-{g}, Ens*{k}, Ens*{k}+teacher, "
     "Control-{k}, Control Ens*{k} in a sweep's runs (numbers without leading zeros; gen0 is the Teacher)"
 )
 
 
 def parse_column(text: str, losses: Mapping[str, str] | None = None, where: str = "a results file") -> Column:
-    """The column that `text` (a metrics/ensemble.json key or a sweep run's label) names. `losses` maps loss
+    """The column that `text` (a metrics/ensemble/<key>.json name or a sweep run's label) names. `losses` maps loss
     names to their column labels (the loss variants a sweep may hold). Anything else is refused: a key this
     version does not know would otherwise vanish from the tables without a word."""
     for pattern, build in _FORMS:

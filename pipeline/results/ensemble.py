@@ -9,6 +9,9 @@ marker's sha256 as they are read (unless `verify=False`).
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,9 +20,12 @@ import numpy as np
 import torch
 
 from pipeline.cache.store import LogitStore, require_finite
+from pipeline.core.errors import ResultsError
+from pipeline.core.files import replace_dir, write_json
+from pipeline.core.machine import with_machine
 from pipeline.data.prepared import PreparedData
 from pipeline.losses import soften
-from pipeline.results.columns import Column, Ensemble, Generation
+from pipeline.results.columns import Column, Ensemble, Generation, parse_column
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -75,4 +81,33 @@ def evaluate_chain(stores: dict[int, Path], data: PreparedData, verify: bool = T
         "num_test": n,
         "accuracy": {column.key: correct[column] / n for column in groups},
         "members": {column.key: members for column, members in groups.items()},
+    }
+
+
+def write_ensemble_metrics(folder: Path, metrics: dict[str, Any]) -> None:
+    """`folder` (metrics/ensemble/) holds one file per column of `evaluate_chain`'s metrics, named by its
+    key (gen1.json, ens2.json, ens2+teacher.json), each {"test_acc", "members", "machine"}: `dvc metrics
+    show` gives every column a row and they all share one `test_acc` column with the other metrics files.
+    The folder is replaced as a whole (no file of an older chain stays behind)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for key, acc in metrics["accuracy"].items():
+            write_json(tmp / f"{key}.json", with_machine({"test_acc": acc, "members": metrics["members"][key]}))
+        replace_dir(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_ensemble_metrics(folder: Path) -> dict[str, Any]:
+    """metrics/ensemble/ read back as `evaluate_chain` returned it: {"accuracy": {key: test_acc},
+    "members": {key: generations}}, in the columns' table order."""
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not files:
+        raise ResultsError(f"{folder}: no ensemble metrics (a folder of <column>.json); run `bancache ensemble` first")
+    records = {f.stem: json.loads(f.read_text()) for f in files}
+    keys = sorted(records, key=lambda k: parse_column(k, where=str(folder / f"{k}.json")).sort_key)
+    return {
+        "accuracy": {k: records[k]["test_acc"] for k in keys},
+        "members": {k: records[k]["members"] for k in keys},
     }

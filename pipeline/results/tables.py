@@ -10,7 +10,7 @@ from typing import Any
 from pipeline.results.columns import Column, Ensemble, Generation, parse_columns
 
 
-def chain_accuracy(ensemble: Mapping[str, Any], where: str = "metrics/ensemble.json") -> dict[Column, float]:
+def chain_accuracy(ensemble: Mapping[str, Any], where: str = "metrics/ensemble") -> dict[Column, float]:
     """Every accuracy of one run's ensemble metrics (its `accuracy` keys read back into columns), in order."""
     return parse_columns(ensemble["accuracy"], where=where)
 
