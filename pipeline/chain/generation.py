@@ -38,6 +38,7 @@ from pipeline.teachers.foreign import import_teacher, teacher_label
 from pipeline.train.loop import (
     EpochLog,
     TrainResult,
+    check_all_targets,
     checkpoint_meta,
     open_teacher,
     save_generation,
@@ -100,6 +101,8 @@ def prepare_generation(
     data = load_prepared(paths.dataset, verify=verify)
     teacher_store = teacher_stores(paths, gp)
     targets = open_teacher(data, recipe, teacher_store, verify, gp) if teacher_store is not None else None
+    if targets is not None:  # a loss, view policy or temperature the stores cannot serve: before any work
+        check_all_targets(targets, gp, gen)
     teacher_sha: str | list[str] | None = None
     if isinstance(targets, EnsembleTargets):
         teacher_sha = targets.checkpoint_sha256  # one per member, in params order
