@@ -21,9 +21,9 @@ FIGURES = "inspect/gen-0/figures"
 def test_dvc_md5_is_the_hash_dvc_lock_records() -> None:
     """The hashes the check compares are DVC's own: a committed file's and a committed folder's."""
     outs = dv.locked_outputs(ROOT)
-    for rel in ("inspect/gen-0/statistics.json", "inspect/gen-1-vs-0/figures", "metrics/ensemble"):
+    for rel in ("inspect/gen-0/statistics.json", "inspect/gen-1-vs-teacher/figures", "metrics/ensemble"):
         assert dv.dvc_md5(ROOT / rel) == outs[rel], rel
-    assert outs["inspect/gen-1-vs-0/figures"].endswith(".dir")
+    assert outs["inspect/gen-1-vs-teacher/figures"].endswith(".dir")
 
 
 def test_readme_numbers_match_the_committed_outputs() -> None:
@@ -107,7 +107,7 @@ def test_a_regenerated_output_is_written_into_the_readme(copy: Path) -> None:
     """After `dvc repro` (a new metrics file, and its md5 in dvc.lock) the check fails until --write puts the
     new values, in the comments' formats, in their places; a metrics file that dvc.lock does not record is
     refused and not written."""
-    metrics = copy / "inspect" / "gen-0" / "metrics.json"
+    metrics = copy / "inspect" / "gen-0" / "statistics.json"
     m = json.loads(metrics.read_text())
     was = [format(m["train"]["accuracy"], ".2%"), str(m["train"]["likely_noisy"])]
     m["train"]["accuracy"], m["train"]["likely_noisy"] = 0.5, 7777
