@@ -17,8 +17,8 @@ The ImageFolder is generated once from the CIFAR-10 npz copy (`--source`, README
 `../shared/data/cifar10-jpeg`): 32 px images upscaled with PIL (bicubic) to `--px`, saved as JPEG quality
 90, class-balanced, under `--image-root` (default: the system temp dir), and kept for later runs.
 
-    .venv/bin/python benchmarks/imagefolder.py                  # 20,000 + 2,000 files at 96 px (~20 min, 2 cores)
-    .venv/bin/python benchmarks/imagefolder.py --files 200 --out /tmp/if.json   # smoke run (~1 min)
+    .venv/bin/python benchmarks/imagefolder.py                  # 20,000 + 2,000 files at 96 px (~22 min, 2 cores)
+    .venv/bin/python benchmarks/imagefolder.py --files 200 --out /tmp/if.json   # smoke run (~2 min)
 
 The model is `bench_patch96` (registered here, in this process only): a 4x4 stride-4 patch stem and one
 residual block, about 9M multiply-adds per 96 px image; the registry's cnn3/cnn4 cost 40+ ms per image
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -79,6 +80,12 @@ def make_folder(source: Path, root: Path, n_train: int, n_test: int, px: int) ->
     marker = root / "imagefolder.json"
     if marker.is_file() and json.loads(marker.read_text()) == recipe:
         return {**recipe, "generated_s": 0.0, "cached": True}
+    if marker.is_file():  # generated here with another recipe: replaced whole
+        marker.unlink()
+        for split in ("train", "test"):
+            shutil.rmtree(root / split, ignore_errors=True)
+    elif (root / "train").exists():
+        raise SystemExit(f"{root}: holds a train/ folder this benchmark did not generate; pass another --image-root")
     t0 = time.perf_counter()
     for split, n in (("train", n_train), ("test", n_test)):
         d = np.load(source / f"{split}.npz")
@@ -95,10 +102,14 @@ def make_folder(source: Path, root: Path, n_train: int, n_test: int, px: int) ->
 
 
 # -- bancache's path ------------------------------------------------------------------------------------
+def held_out_files(args: argparse.Namespace) -> int:
+    return max(10, args.files // 10)
+
+
 def data_params(args: argparse.Namespace, n: int) -> Any:
     from pipeline.params import DataParams
 
-    n_test = max(10, n // 10)
+    n_test = None if n // 10 >= held_out_files(args) else max(1, n // 10)  # None: every test file
     return DataParams(
         dataset="imagefolder", root=str(args.image_root), storage="files", size=args.px, n_train=n, n_test=n_test
     )
@@ -111,6 +122,7 @@ def recipe(args: argparse.Namespace) -> Any:
         arch=ARCH,
         epochs=1,
         batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
         lr=0.01,
         crop="resized",
         num_workers=args.workers,
@@ -297,6 +309,7 @@ def measure(args: argparse.Namespace, step: str, n: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", step, "--n", str(n), "--workdir", str(args.workdir)]
     cmd += ["--image-root", str(args.image_root), "--px", str(args.px), "--workers", str(args.workers)]
     cmd += ["--threads", str(args.threads), "--batch-size", str(args.batch_size)]
+    cmd += ["--eval-batch-size", str(args.eval_batch_size)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(bl.REPO)})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -413,6 +426,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--eval-batch-size", type=int, default=1024, help="validation batch (train.eval_batch_size)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--out", default="", help="results JSON (default: benchmarks/results/imagefolder.json)")
     p.add_argument("--child", choices=("prepare", "export", "student"), help=argparse.SUPPRESS)
@@ -431,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         return child(args)
     bl.set_threads(args.threads)
     info = bl.machine_info()
-    folder = make_folder(Path(args.source), Path(args.image_root), args.files, max(10, args.files // 10), args.px)
+    folder = make_folder(Path(args.source), Path(args.image_root), args.files, held_out_files(args), args.px)
     print(f"imagefolder: {folder}")
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [args.files // 10, args.files // 2, args.files]
     args.workdir = str(bl.pick_workdir(args.workdir, 64 * 2**20 + max(sizes) * 2000, "imagefolder-"))
