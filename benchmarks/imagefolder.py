@@ -428,6 +428,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--eval-batch-size", type=int, default=1024, help="validation batch (train.eval_batch_size)")
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--keep-workdir", action="store_true", help="keep the prepared data and stores (else removed)")
     p.add_argument("--out", default="", help="results JSON (default: benchmarks/results/imagefolder.json)")
     p.add_argument("--child", choices=("prepare", "export", "student"), help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
@@ -461,6 +462,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.out}")
     else:
         print(f"wrote {bl.write_results('imagefolder', payload)}")
+    if not args.keep_workdir:
+        shutil.rmtree(args.workdir, ignore_errors=True)
     return None
 
 

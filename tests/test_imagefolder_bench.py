@@ -76,7 +76,7 @@ def test_smallest_run_measures_every_arm_and_size(source: Path, tmp_path: Path) 
     out = tmp_path / "imagefolder.json"
     cmd = [sys.executable, "benchmarks/imagefolder.py", "--files", "60", "--sizes", "30,60", "--px", "40"]
     cmd += ["--source", str(source), "--image-root", str(tmp_path / "imgs"), "--workdir", str(tmp_path / "work")]
-    cmd += ["--reps", "1", "--batch-size", "8", "--out", str(out)]
+    cmd += ["--reps", "1", "--batch-size", "8", "--out", str(out), "--keep-workdir"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
