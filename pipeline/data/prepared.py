@@ -238,21 +238,13 @@ def subset_files(
     splits: dict[str, SplitFiles], k: int, n_train: int | None, n_test: int | None, seed: int
 ) -> tuple[dict[str, SplitFiles], dict[str, np.ndarray]]:
     """The class-balanced subset `pipeline.data.sources.subset` takes (same rows, same seed), of file lists."""
-    from pipeline.data.sources import balanced_rows
+    from pipeline.data.sources import subset_rows
 
-    rng = np.random.default_rng(seed)
-    out, source = dict(splits), {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        if n is None:
-            continue
-        y = splits[split].labels
-        if not 0 < n <= len(y):
-            raise DatasetError(f"subset: n_{split}={n} must be between 1 and the {len(y)} {split} files")
-        try:
-            rows = balanced_rows(y, n, k, rng)
-        except DatasetError as e:
-            raise DatasetError(f"subset of {split}: {e}; ask for fewer rows") from e
-        out[split], source[split] = splits[split].take(rows), rows
+    labels = {split: files.labels for split, files in splits.items()}
+    source = subset_rows(labels, k, n_train, n_test, seed, unit="files")
+    out = dict(splits)
+    for split, rows in source.items():
+        out[split] = splits[split].take(rows)
     return out, source
 
 

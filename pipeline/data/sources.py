@@ -218,25 +218,38 @@ def balanced_rows(y: np.ndarray, n: int, num_classes: int, rng: np.random.Genera
     return np.sort(np.concatenate(rows)).astype(np.int64)
 
 
+def subset_rows(
+    labels: dict[str, np.ndarray], k: int, n_train: int | None, n_test: int | None, seed: int, unit: str = "rows"
+) -> dict[str, np.ndarray]:
+    """The rows of the class-balanced subset of each split asked for (`n_train` train, `n_test` test; None
+    keeps a split whole and is left out), drawn train first from one generator seeded `seed`: the rows
+    `subset` takes of arrays and `pipeline.data.prepared.subset_files` of file lists. `unit` names what a
+    row is in the messages."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        if n is None:
+            continue
+        y = labels[split]
+        if not 0 < n <= len(y):
+            raise DatasetError(f"subset: n_{split}={n} must be between 1 and the {len(y)} {split} {unit}")
+        try:
+            out[split] = balanced_rows(y, n, k, rng)
+        except DatasetError as e:
+            raise DatasetError(f"subset of {split}: {e}; ask for fewer rows") from e
+    return out
+
+
 def subset(loaded: Loaded, n_train: int | None, n_test: int | None, seed: int = 0) -> Loaded:
     """A class-balanced random subset: `n_train` train and `n_test` test rows (None keeps a split whole).
 
     Rows keep their original order. The same (data, n_train, n_test, seed) always gives the same rows.
     `source_index_<split>` in the result maps each row to its index in the original split.
     """
-    rng = np.random.default_rng(seed)
-    k = len(loaded.class_names)
     arrays = dict(loaded.arrays)
-    for split, n in (("train", n_train), ("test", n_test)):
-        if n is None:
-            continue
+    labels = {split: arrays[f"y_{split}"] for split in ("train", "test")}
+    for split, rows in subset_rows(labels, len(loaded.class_names), n_train, n_test, seed).items():
         y = arrays[f"y_{split}"]
-        if not 0 < n <= len(y):
-            raise DatasetError(f"subset: n_{split}={n} must be between 1 and the {len(y)} {split} rows")
-        try:
-            rows = balanced_rows(y, n, k, rng)
-        except DatasetError as e:
-            raise DatasetError(f"subset of {split}: {e}; ask for fewer rows") from e
         arrays[f"x_{split}"], arrays[f"y_{split}"] = arrays[f"x_{split}"][rows], y[rows]
         # index of each kept row in the original split (composed with an earlier subset's)
         before = arrays.get(f"source_index_{split}", np.arange(len(y), dtype=np.int64))
