@@ -243,15 +243,16 @@ def _open_targets(
     verify: bool,
     targets: Targets | None = None,
 ) -> Targets | None:
-    """The teacher's reader: `targets` when the caller already opened it (one open per store per run),
-    else opened here."""
+    """The teacher's reader: `targets` when the caller already opened and checked it (`check_all_targets`:
+    one open and one check per store per run, as `pipeline.chain.generation.prepare_generation` does), else
+    opened and checked here."""
     if not loss_spec(gp.loss).needs_teacher:
         return None
     if targets is None:
         if teacher_store is None:
             raise ValueError(f"generation {gen}: loss {gp.loss!r} needs a teacher store")
         targets = open_teacher(data, recipe, teacher_store, verify, gp)
-    check_all_targets(targets, gp, gen)
+        check_all_targets(targets, gp, gen)
     return targets
 
 
@@ -324,7 +325,7 @@ def train_generation(
     saved by an interrupted run with the same `state_key` is resumed: on CPU in deterministic mode the
     result is bit-identical to an uninterrupted run. Under torchrun (`ctx.enabled`) the model is wrapped
     in DistributedDataParallel and each rank trains its DistributedSampler shard; rank 0 saves the state.
-    `verify` False: the teacher's store is not hashed; `targets`: its reader, if open; `on_epoch`: each epoch's log.
+    `verify` False: the store is not hashed; `targets`: its reader, opened and checked; `on_epoch`: each epoch's log.
     """
     seed, device = generation_seed(recipe, gen, gp), resolve_device(recipe.device, ctx)
     gens = _generators(seed, recipe, device)
