@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +69,20 @@ def exported_root(tmp_path_factory: pytest.TempPathFactory, prepared_root: Path)
     train.run(params, layout, 0)
     export.run(params, layout, 0)
     return root
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """benchmarks/<name>.py imported, and undone after: importing a benchmark registers its architectures,
+    which would change the registry's list in other tests, and imports benchmarks/_benchlib.py."""
+    from pipeline.models.registry import ARCHS
+
+    before = set(ARCHS)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        for arch in set(ARCHS) - before:
+            del ARCHS[arch]
+        for module in (name, "_benchlib"):
+            sys.modules.pop(module, None)

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import benchmark_module
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("student_step-b512", "student_step-b128", "export-50k", "chain", "syncs", "deterministic", "compile")
 ARMS = ("plain", "offline", "online", "plain-stream", "offline-stream", "reference", "reference-offline")
@@ -122,19 +124,9 @@ def test_summary_lists_every_benchmark_ratio_and_target(dry_run: tuple[subproces
 
 @pytest.fixture
 def gpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """benchmarks/gpu.py imported here, and undone after: importing the benchmarks registers their two
-    architectures (bench_cnn2d, bench_resnet8), which would change the registry's list in other tests."""
-    from pipeline.models.registry import ARCHS
-
-    before = set(ARCHS)
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import gpu as module
-
-    yield module
-    for name in set(ARCHS) - before:
-        del ARCHS[name]
-    for name in ("gpu", "_benchlib"):
-        sys.modules.pop(name, None)
+    """benchmarks/gpu.py imported here, and undone after (it registers bench_cnn2d and bench_resnet8)."""
+    with benchmark_module("gpu", monkeypatch) as module:
+        yield module
 
 
 def test_sync_counts_per_epoch(gpu: Any, monkeypatch: pytest.MonkeyPatch) -> None:

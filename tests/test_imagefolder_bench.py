@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.conftest import benchmark_module
+
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("airplane", "automobile", "bird")
 
@@ -40,17 +42,8 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """benchmarks/imagefolder.py imported, and undone after (it registers its architecture in-process)."""
-    from pipeline.models.registry import ARCHS
-
-    before = set(ARCHS)
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import imagefolder as module
-
-    yield module
-    for name in set(ARCHS) - before:
-        del ARCHS[name]
-    for name in ("imagefolder", "_benchlib"):
-        sys.modules.pop(name, None)
+    with benchmark_module("imagefolder", monkeypatch) as module:
+        yield module
 
 
 def test_folder_is_generated_once_upscaled_and_balanced(bench: Any, source: Path, tmp_path: Path) -> None:
