@@ -56,3 +56,26 @@ def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Paire
         return Paired(1, d[0], math.nan, math.nan, level)
     sd = statistics.stdev(d)
     return Paired(n, statistics.mean(d), sd, t_quantile(level, n - 1) * sd / math.sqrt(n), level)
+
+
+def detectable_effect(sd: float, n: int, level: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true mean difference that a two-sided paired t-test at `level` over `n` seeds detects
+    with probability `power`, when the per-seed differences have standard deviation `sd`: the delta with
+    P(|T'| > t_crit) = power, T' noncentral t with n - 1 degrees of freedom and noncentrality
+    delta * sqrt(n) / sd (scipy's nct; no normal approximation). Same units as `sd`; nan for n < 2."""
+    from scipy import optimize, stats
+
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    if not 0.0 < power < 1.0:
+        raise ValueError(f"power = {power}: must be strictly between 0 and 1")
+    if sd == 0.0:
+        return 0.0
+    df, crit = n - 1, t_quantile(level, n - 1)
+
+    def short(nc: float) -> float:  # power at noncentrality nc, minus the power asked for
+        upper, lower = stats.nct.sf(crit, df, nc), stats.nct.sf(crit, df, -nc)  # P(T' > c), P(T' < -c)
+        return float(upper) + (float(lower) if math.isfinite(lower) else 0.0) - power
+
+    nc = optimize.brentq(short, 0.0, 200.0, xtol=1e-10)  # power(200) ~ 1 for every df >= 1
+    return nc * sd / math.sqrt(n)
