@@ -45,10 +45,14 @@ def _data(data: PreparedData | PathLike) -> PreparedData:
 def describe_dataset(p: DataParams, arrays: dict[str, Any]) -> str:
     """A dataset name a person can read: source, where it came from, rows, and the subset if any."""
     rows = f"{len(arrays['y_train'])} train, {len(arrays['y_test'])} test rows"
+    if p.n_unlabelled is not None:
+        rows += f"; {p.n_unlabelled} of the train rows unlabelled"
+    subset = p.n_train is not None or p.n_test is not None
     if p.dataset == "mnist1d":
-        return f"MNIST-1D ({p.num_samples} samples: {rows})"
+        part = f", class-balanced subset, seed {p.split_seed}" if subset else ""
+        return f"MNIST-1D ({p.num_samples} samples{part}: {rows})"
     where = f"{p.dataset} from {Path(p.root).resolve().name or p.root}"
-    if p.n_train is not None or p.n_test is not None:
+    if subset:
         return f"{where} (class-balanced subset, seed {p.split_seed}: {rows})"
     return f"{where} ({rows})"
 
@@ -62,17 +66,29 @@ def prepare_data(
     if p.storage == "files":  # an index of the files, no pixels (pipeline.data.files)
         recipe = {"size": p.size, "eval_resize": p.eval_side}
         subset = (p.n_train, p.n_test)
-        write_files_index(path, p.root, recipe, p.val_fraction, p.split_seed, subset, on_files=on_files)
-        return load_prepared(path)
-    if p.dataset == "mnist1d":
-        arrays, names = make_mnist1d(p.num_samples), MNIST1D_CLASSES
-    else:
-        from pipeline.data.sources import load_dataset
-
-        loaded = load_dataset(
-            p.dataset, p.root, download=p.download, size=p.size, n_train=p.n_train, n_test=p.n_test, seed=p.split_seed
+        write_files_index(
+            path, p.root, recipe, p.val_fraction, p.split_seed, subset, on_files=on_files, n_unlabelled=p.n_unlabelled
         )
-        arrays, names = loaded.arrays, loaded.class_names
+        return load_prepared(path)
+    from pipeline.data.sources import Loaded, load_dataset
+    from pipeline.data.sources import subset as take_subset
+
+    if p.dataset == "mnist1d":
+        loaded = Loaded(make_mnist1d(p.num_samples), MNIST1D_CLASSES)
+        if p.n_train is not None or p.n_test is not None or p.n_unlabelled is not None:
+            loaded = take_subset(loaded, p.n_train, p.n_test, p.split_seed, p.n_unlabelled)
+    else:
+        loaded = load_dataset(
+            p.dataset,
+            p.root,
+            download=p.download,
+            size=p.size,
+            n_train=p.n_train,
+            n_test=p.n_test,
+            seed=p.split_seed,
+            n_unlabelled=p.n_unlabelled,
+        )
+    arrays, names = loaded.arrays, loaded.class_names
     desc = describe_dataset(p, arrays)
     write_prepared(path, arrays, names, p.dataset, p.val_fraction, p.split_seed, description=desc)
     return load_prepared(path)

@@ -10,6 +10,11 @@ Every `teacher` argument also accepts a `Probs`: a teacher distribution given di
 as sparse stores provide (top-k or sampled classes, `pipeline.cache.reader.CachedTargets.target`). Its
 temperature was applied when it was built, so `soften` returns it unchanged.
 
+Transfer sets: a label y = -1 (`pipeline.core.labels.UNLABELLED`) marks a row without a label. Every label
+term is a sum over the batch's labelled rows divided by the whole batch size B (an unlabelled row adds 0 to
+it, its soft term as usual), so each row's loss is the same whether or not the batch holds unlabelled rows;
+DKD splits an unlabelled row into target and non-target classes at the teacher's argmax.
+
 Each loss is declared once, as a `LossSpec` in the registry `LOSSES` (`register_loss`): params validates
 loss names against it, training builds its criterion from it, fitness asks it which losses are label-free
 and the tables take their loss columns from it. Nothing else lists the losses.
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.core.errors import ParamsError
+from pipeline.core.labels import UNLABELLED
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,10 @@ def soft_cross_entropy(student: torch.Tensor, target: torch.Tensor, temperature:
 
 
 def ce_loss(student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Label cross-entropy, mean_b [ -log q_b,y_b ] at T = 1 (generation 0)."""
-    return F.cross_entropy(student.float(), labels)
+    """Label cross-entropy at T = 1 (generation 0), (1/B) sum_b [ -log q_b,y_b ] over the labelled rows b
+    (an unlabelled row, y = -1, adds 0). Without unlabelled rows this is exactly the mean: on the CPU the
+    same bits as F.cross_entropy's default reduction, value and gradient."""
+    return F.cross_entropy(student.float(), labels, ignore_index=UNLABELLED, reduction="sum") / max(len(labels), 1)
 
 
 def ban_loss(student: torch.Tensor, teacher: Teacher, temperature: float = 1.0) -> torch.Tensor:
@@ -89,7 +97,7 @@ def cwtm_loss(student: torch.Tensor, teacher: Teacher, labels: torch.Tensor, tem
     max_c p_T,bc / sum_u max_c p_T,uc (the teacher's confidence, even where it is wrong)."""
     conf = soften(teacher, temperature).max(dim=-1).values
     weights = conf / conf.sum()
-    per_sample = F.cross_entropy(student.float(), labels, reduction="none")
+    per_sample = F.cross_entropy(student.float(), labels, reduction="none", ignore_index=UNLABELLED)
     return (weights * per_sample).sum()
 
 
@@ -154,8 +162,10 @@ def dkd_loss(
     Teacher logits give p^_T as the softmax of the non-target logits (the target logit excluded exactly, where
     mdistiller subtracts 1000 from it: the same up to exp(-1000)); a `Probs` teacher gives it by renormalising
     its non-target probabilities, the same distribution up to float rounding (a row with no non-target mass
-    adds no NCKD). The student is always taken from its logits, in log space."""
-    gt = F.one_hot(labels, student.shape[-1]).bool()
+    adds no NCKD). The student is always taken from its logits, in log space. An unlabelled row (y = -1)
+    has no CE term, and its target class for TCKD and NCKD is the teacher's argmax."""
+    t_arg = (teacher.p if isinstance(teacher, Probs) else teacher).argmax(dim=-1)
+    gt = F.one_hot(torch.where(labels == UNLABELLED, t_arg, labels), student.shape[-1]).bool()
     log_b_s, log_rest_s = _log_binary_and_rest(student.float() / temperature, gt)
     if isinstance(teacher, Probs):
         p = teacher.p.detach().float()
@@ -206,7 +216,9 @@ class LossSpec:
     needs no teacher: generation 0 is the table's Teacher column). `params`: the generation keys (GenParams
     fields) the loss reads; it ignores the others. `needs_logits`: the loss matches the teacher's logits
     themselves, so a store that holds a distribution only (a sparse layout) cannot serve it; training refuses
-    such a store before its first step.
+    such a store before its first step. `label_rows_only`: a teacher loss that learns nothing from a row
+    without a label (CWTM weights the label term only), so on a transfer set it trains on the labelled rows
+    as label losses do (`learns_unlabelled`).
     """
 
     name: str
@@ -216,6 +228,12 @@ class LossSpec:
     column: str | None
     params: tuple[str, ...] = ()
     needs_logits: bool = False
+    label_rows_only: bool = False
+
+    @property
+    def learns_unlabelled(self) -> bool:
+        """Whether a student with this loss trains on a transfer set's unlabelled rows too."""
+        return self.needs_teacher and not self.label_rows_only
 
     def __call__(
         self,
@@ -330,6 +348,7 @@ register_loss(
         label_free=False,
         column="CWTM",
         params=("temperature",),
+        label_rows_only=True,
     )
 )
 register_loss(

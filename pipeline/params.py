@@ -191,8 +191,11 @@ class DataParams(Checked):
     root: str = ""  # image datasets: torchvision root, npz folder (train.npz, test.npz) or ImageFolder root
     download: bool = False  # cifar10/cifar100: let torchvision download into root (needs internet)
     size: int = 32  # imagefolder: images are resized to size x size
-    n_train: int | None = None  # image datasets: class-balanced seeded subset of train rows (None: all)
+    n_train: int | None = None  # class-balanced seeded subset of train rows (None: all)
     n_test: int | None = None
+    # a transfer set: this many of the train rows the n_train subset leaves out, kept without their labels
+    # (a teacher exports logits for them, a student learns from those; None: none)
+    n_unlabelled: int | None = None
     # memory: pixels copied into data/dataset.h5 and read whole (small datasets); files (imagefolder only):
     # prepare writes an index of the files (paths, labels, sizes, sha256) and every stage decodes them
     storage: str = "memory"
@@ -220,6 +223,13 @@ class DataParams(Checked):
             raise ParamsError(f"{section}.root: required for dataset {self.dataset!r} (the folder holding its files)")
         _range(f"{section}.num_samples", self.num_samples, 10, None)
         _range(f"{section}.val_fraction", self.val_fraction, 0.0, 0.9)
+        if self.n_unlabelled is not None:
+            _range(f"{section}.n_unlabelled", self.n_unlabelled, 1, None)
+            if self.n_train is None:
+                raise ParamsError(
+                    f"{section}.n_unlabelled = {self.n_unlabelled}: the unlabelled rows are the train rows a labelled "
+                    f"subset leaves out; set {section}.n_train (the labelled rows) too, or n_unlabelled: null"
+                )
 
 
 @dataclass(frozen=True)

@@ -361,6 +361,18 @@ CASES = [
         "unreadable prepared dataset",
     ),
     Case(
+        "unlabelled rows without a labelled subset (transfer set)",
+        lambda r: _set(r, "data.n_unlabelled", 100),
+        ("prepare",),
+        "data.n_unlabelled = 100: the unlabelled rows are the train rows a labelled subset leaves out; set data.n_tr",
+    ),
+    Case(
+        "more unlabelled rows than the labelled subset leaves out",
+        lambda r: (_set(r, "data.n_train", 300), _set(r, "data.n_unlabelled", 200)),
+        ("prepare",),
+        "data.n_unlabelled = 200: of the 400 train rows, 100 are outside the 300-row labelled subset (data.n_train)",
+    ),
+    Case(
         "checkpoint missing",
         lambda r: ProjectPaths(r).model(0).unlink(),
         ("export-logits", "--gen", "0"),

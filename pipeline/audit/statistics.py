@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.store import LogitStore, require_finite
+from pipeline.core.labels import UNLABELLED
 from pipeline.data.prepared import DatasetLabels, Labels
 from pipeline.params import InspectParams
 
@@ -98,6 +99,7 @@ class TargetStats:
     correct_val: int = 0
     sums: dict[str, float] = field(default_factory=dict)
     noisy_count: int = 0
+    n_unlabelled: int = 0  # a transfer set's rows without a label (in `n`, not in any label statistic)
 
     def __post_init__(self) -> None:
         c, b = self.num_classes, self.hist_bins
@@ -119,8 +121,10 @@ class TargetStats:
         logp = log_softmax(logits, self.temperature)
         h, m, pred = entropy(logp), max_prob(logp), logp.argmax(axis=-1)
         c, b = self.num_classes, self.hist_bins
+        known = labels != UNLABELLED  # a transfer set's unlabelled rows count in the label-free statistics only
         self.n += len(labels)
-        self.correct += int((pred == labels).sum())
+        self.n_unlabelled += int(len(labels) - known.sum())
+        self.correct += int((pred == labels).sum())  # an argmax is never -1: unlabelled rows add nothing
         self.n_val += int(val.sum())
         self.correct_val += int((pred == labels)[val].sum())
         for key, v in (("entropy", h), ("entropy_sq", h * h), ("max_prob", m), ("max_prob_sq", m * m)):
@@ -128,11 +132,12 @@ class TargetStats:
         self.sums["dark_mass"] += float((1.0 - m).sum())
         self.entropy_hist += np.bincount(_bin(h, 0.0, float(np.log(c)), b), minlength=b)
         self.max_prob_hist += np.bincount(_bin(m, 0.0, 1.0, b), minlength=b)
-        onehot = np.zeros((len(labels), c))
-        onehot[np.arange(len(labels)), labels] = 1.0
-        self.similarity_sum += onehot.T @ non_target_probs(logits, labels, self.temperature)
-        self.class_counts += np.bincount(labels, minlength=c)
-        wrong = (pred != labels) & (m >= self.noise_confidence)
+        lk, yk = (logits, labels) if known.all() else (logits[known], labels[known])
+        onehot = np.zeros((len(yk), c))
+        onehot[np.arange(len(yk)), yk] = 1.0
+        self.similarity_sum += onehot.T @ non_target_probs(lk, yk, self.temperature)
+        self.class_counts += np.bincount(yk, minlength=c)
+        wrong = (pred != labels) & (m >= self.noise_confidence) & known
         self.noisy_count += int(wrong.sum())
         self.noisy_val += int((wrong & val).sum())
         if self.max_listed and wrong.any():
@@ -176,13 +181,17 @@ class TargetStats:
         return rows
 
     def metrics(self) -> dict[str, Any]:
+        """Label-free statistics over every row; accuracy and noise over the labelled rows only (a transfer
+        set's store adds `rows_unlabelled`; a labelled dataset's metrics keep their keys)."""
         n = max(self.n, 1)
+        labelled = max(self.n - self.n_unlabelled, 1)
         mean = {k: v / n for k, v in self.sums.items()}
         mp_std = _std(mean["max_prob"], mean["max_prob_sq"])
         return {
             "rows": self.n,
-            "accuracy": self.correct / n,
-            "accuracy_fit": (self.correct - self.correct_val) / max(self.n - self.n_val, 1),
+            **({"rows_unlabelled": self.n_unlabelled} if self.n_unlabelled else {}),
+            "accuracy": self.correct / labelled,
+            "accuracy_fit": (self.correct - self.correct_val) / max(self.n - self.n_unlabelled - self.n_val, 1),
             "accuracy_val": self.correct_val / self.n_val if self.n_val else float("nan"),
             "entropy_mean": mean["entropy"],
             "entropy_std": _std(mean["entropy"], mean["entropy_sq"]),
@@ -193,7 +202,7 @@ class TargetStats:
             "cwtm_weight_cv": mp_std / mean["max_prob"] if mean["max_prob"] else 0.0,
             "dark_mass_mean": mean["dark_mass"],
             "likely_noisy": self.noisy_count,
-            "likely_noisy_fraction": self.noisy_count / n,
+            "likely_noisy_fraction": self.noisy_count / labelled,
             "likely_noisy_in_val": self.noisy_val,
         }
 
@@ -246,7 +255,8 @@ class Calibration:
 
 @dataclass
 class Agreement:
-    """KL(p_J || p_K) and top-1 agreement of generation K with reference J, per class of the label."""
+    """KL(p_J || p_K) and top-1 agreement of generation K with reference J, per class of the label (over the
+    labelled rows: a transfer set's unlabelled rows have no class)."""
 
     num_classes: int
     temperature: float = 1.0
@@ -258,6 +268,9 @@ class Agreement:
 
     def update(self, start: int, logits: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray) -> None:
         labels = np.asarray(labels, dtype=np.int64)
+        known = labels != UNLABELLED  # per class by label: a transfer set's unlabelled rows are left out
+        if not known.all():
+            logits, ref_logits, labels = logits[known], ref_logits[known], labels[known]
         logp, logp_ref = log_softmax(logits, self.temperature), log_softmax(ref_logits, self.temperature)
         c = self.num_classes
         self.kl_sum += np.bincount(labels, weights=kl_divergence(logp_ref, logp), minlength=c)

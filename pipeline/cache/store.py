@@ -243,14 +243,17 @@ class LogitStore:
         return name, logits.astype(arr.dtype, copy=False)
 
     def seal(self) -> dict[str, Any]:
-        """Check every row of every split (finite, so no missing chunk), then write the marker last."""
+        """Check every row of every split (finite, so no missing chunk), then write the marker last. The
+        provenance arrays are hashed, not checked for fill values: they are written whole when the store is
+        created, and a transfer set's train_labels holds -1 (no label) on purpose."""
         marker: dict[str, Any] = {"format": FORMAT, "rows": {}, "sha256": {}}
+        whole = set(self.attrs.get("provenance") or ())
         for split in self.array_names():
             arr = self.array(split)
             h = hashlib.sha256()
             n_bad, first = 0, -1
             for start, block in iter_blocks(arr):
-                bad = bad_rows(block)
+                bad = np.zeros(len(block), bool) if split in whole else bad_rows(block)
                 if bad.any() and not n_bad:
                     first = start + int(np.flatnonzero(bad)[0])
                 n_bad += int(bad.sum())

@@ -76,6 +76,13 @@ class SplitFiles:
         sha = None if self.sha256 is None else [self.sha256[r] for r in rows]
         return SplitFiles([self.paths[r] for r in rows], self.labels[rows], sizes, sha)
 
+    def joined(self, more: SplitFiles, label: int) -> SplitFiles:
+        """These files, then `more`'s, every one of `more` given `label` (a transfer set's unlabelled rows)."""
+        sizes = None if self.sizes is None or more.sizes is None else np.concatenate([self.sizes, more.sizes])
+        sha = None if self.sha256 is None or more.sha256 is None else [*self.sha256, *more.sha256]
+        labels = np.concatenate([self.labels, np.full(len(more.labels), label, dtype=np.int64)])
+        return SplitFiles([*self.paths, *more.paths], labels, sizes, sha)
+
 
 def _images_under(folder: Path, root: Path) -> list[str]:
     return sorted(

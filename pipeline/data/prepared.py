@@ -7,6 +7,10 @@ The file (all at the root):
     val_index (V,) int64 (rows of the train arrays held out for checkpoint selection),
     attrs: format, dataset, class_names (JSON list), fingerprint (sha256 hex), num_classes.
 
+A transfer set (`data.n_unlabelled`) keeps its unlabelled rows in the train split after the labelled ones,
+with label -1 (`UNLABELLED`) and attribute num_unlabelled: inputs a teacher exports logits for and a
+student learns from; the validation split is drawn from the labelled rows only.
+
 With `data.storage: files` (`write_files_index`) the file holds no pixels: per split `files_<split>`
 (paths relative to attribute `root`), `bytes_<split>` (int64) and `sha256_<split>` (hex), beside
 y_train, y_test, val_index and a subset's source_index_<split>; attrs add storage = "files", root, size
@@ -32,6 +36,7 @@ from torch.utils.data import Dataset
 
 from pipeline.core.errors import DatasetError
 from pipeline.core.files import atomic_path
+from pipeline.core.labels import UNLABELLED
 from pipeline.data.files import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, SplitFiles, hash_files, index_fingerprint, scan
 
 log = logging.getLogger(__name__)
@@ -67,9 +72,15 @@ class PreparedData:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
-    def fit_index(self) -> np.ndarray:
-        """Train rows used for fitting: all train rows except the validation split."""
-        mask = np.ones(len(self.y_train), dtype=bool)
+    @property
+    def num_unlabelled(self) -> int:
+        """Train rows without a label (a transfer set's, label `UNLABELLED`); 0 for a labelled dataset."""
+        return int(np.count_nonzero(self.y_train == UNLABELLED))
+
+    def fit_index(self, unlabelled: bool = False) -> np.ndarray:
+        """Train rows used for fitting: the labelled train rows except the validation split, and with
+        `unlabelled` the rows without a label too (what a student learns from a teacher's targets on)."""
+        mask = np.ones(len(self.y_train), dtype=bool) if unlabelled else self.y_train != UNLABELLED
         mask[self.val_index] = False
         return np.flatnonzero(mask)
 
@@ -107,11 +118,29 @@ def make_mnist1d(num_samples: int = 5000) -> dict[str, np.ndarray]:
     }
 
 
-def carve_val(n_train: int, fraction: float, seed: int) -> np.ndarray:
-    """Sorted random subset of train rows for validation (seeded, so the split is reproducible)."""
-    n_val = int(round(n_train * fraction))
+def carve_val(n_train: int, fraction: float, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
+    """Sorted random subset of train rows for validation (seeded, so the split is reproducible): `fraction`
+    of the labelled rows (those of `labels` other than `UNLABELLED`; all `n_train` rows without `labels`)."""
+    rows = np.arange(n_train) if labels is None else np.flatnonzero(labels != UNLABELLED)
+    n_val = int(round(len(rows) * fraction))
     rng = np.random.default_rng(seed)
-    return np.sort(rng.permutation(n_train)[:n_val]).astype(np.int64)
+    return np.sort(rows[rng.permutation(len(rows))[:n_val]]).astype(np.int64)
+
+
+def check_labels(y: np.ndarray, split: str, n_classes: int, name: str) -> int:
+    """Refuse labels outside 0..n_classes-1 (the train split may also hold `UNLABELLED` rows, but not only
+    those); returns the number of unlabelled rows."""
+    unlabelled = int(np.count_nonzero(y == UNLABELLED)) if split == "train" else 0
+    known = y[y != UNLABELLED] if unlabelled else y
+    if len(known) and (known.min() < 0 or known.max() >= n_classes):
+        allowed = f"0..{n_classes - 1}" + (f" or {UNLABELLED} (no label)" if split == "train" else "")
+        raise DatasetError(f"dataset {name!r}: y_{split} has labels outside {allowed}")
+    if unlabelled and unlabelled == len(y):
+        raise DatasetError(
+            f"dataset {name!r}: every train row is unlabelled; a transfer set needs labelled rows to train and "
+            "select the teacher on (set data.n_train)"
+        )
+    return unlabelled
 
 
 def write_prepared(
@@ -133,9 +162,9 @@ def write_prepared(
         y = arrays[f"y_{split}"]
         if len(y) != len(arrays[f"x_{split}"]):
             raise DatasetError(f"dataset {name!r}: x_{split} and y_{split} have different lengths")
-        if len(y) and (y.min() < 0 or y.max() >= n_classes):
-            raise DatasetError(f"dataset {name!r}: y_{split} has labels outside 0..{n_classes - 1}")
-    val_index = carve_val(len(arrays["y_train"]), val_fraction, split_seed)
+    unlabelled = check_labels(arrays["y_train"], "train", n_classes, name)
+    check_labels(arrays["y_test"], "test", n_classes, name)
+    val_index = carve_val(len(arrays["y_train"]), val_fraction, split_seed, arrays["y_train"] if unlabelled else None)
     fp = fingerprint({**{k: arrays[k] for k in ARRAYS}, "val_index": val_index})
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -151,6 +180,8 @@ def write_prepared(
             f.attrs["class_names"] = json.dumps(class_names)
             f.attrs["num_classes"] = n_classes
             f.attrs["fingerprint"] = fp
+            if unlabelled:
+                f.attrs["num_unlabelled"] = unlabelled
             if arrays["x_train"].dtype == np.uint8 and arrays["x_train"].ndim == 4:
                 from pipeline.data.augment import channel_stats
 
@@ -158,7 +189,12 @@ def write_prepared(
                 f.attrs["channel_mean"] = json.dumps(list(mean))
                 f.attrs["channel_std"] = json.dumps(list(std))
     log.info(
-        "wrote %s: %d train (%d val), %d test rows", path, len(arrays["y_train"]), len(val_index), len(arrays["y_test"])
+        "wrote %s: %d train (%d val, %d unlabelled), %d test rows",
+        path,
+        len(arrays["y_train"]),
+        len(val_index),
+        unlabelled,
+        len(arrays["y_test"]),
     )
     return fp
 
@@ -235,16 +271,26 @@ def load_prepared(path: str | os.PathLike[str], verify: bool = True, workers: in
 
 
 def subset_files(
-    splits: dict[str, SplitFiles], k: int, n_train: int | None, n_test: int | None, seed: int
+    splits: dict[str, SplitFiles],
+    k: int,
+    n_train: int | None,
+    n_test: int | None,
+    seed: int,
+    n_unlabelled: int | None = None,
 ) -> tuple[dict[str, SplitFiles], dict[str, np.ndarray]]:
-    """The class-balanced subset `pipeline.data.sources.subset` takes (same rows, same seed), of file lists."""
+    """The class-balanced subset `pipeline.data.sources.subset` takes (same rows, same seed), of file lists,
+    with `n_unlabelled` left-out train files after the subset's, labelled `UNLABELLED`."""
     from pipeline.data.sources import subset_rows
 
     labels = {split: files.labels for split, files in splits.items()}
-    source = subset_rows(labels, k, n_train, n_test, seed, unit="files")
+    source = subset_rows(labels, k, n_train, n_test, seed, unit="files", n_unlabelled=n_unlabelled)
+    extra = source.pop("unlabelled", None)
     out = dict(splits)
     for split, rows in source.items():
         out[split] = splits[split].take(rows)
+    if extra is not None:
+        out["train"] = out["train"].joined(splits["train"].take(extra), UNLABELLED)
+        source["train"] = np.concatenate([source["train"], extra])
     return out, source
 
 
@@ -257,17 +303,20 @@ def write_files_index(
     subset: tuple[int | None, int | None] = (None, None),
     workers: int = 8,
     on_files: Callable[[int, int], None] | None = None,
+    n_unlabelled: int | None = None,
 ) -> str:
     """Index the images under `root` (`pipeline.data.files.scan`) into `path`, no pixels: each file's path,
     label, size and sha256 (hashed by `workers` threads, `on_files(n, total)` as files are done); `recipe` holds
     size and eval_resize. Returns the fingerprint, which is derived from the index."""
     root = Path(root).resolve()
     splits, names = scan(root)
-    splits, source = subset_files(splits, len(names), subset[0], subset[1], split_seed)
+    splits, source = subset_files(splits, len(names), subset[0], subset[1], split_seed, n_unlabelled)
     total = sum(len(files.paths) for files in splits.values())
     tick = None if on_files is None else (lambda n: on_files(n, total))
     splits = {split: hash_files(root, files, workers, tick) for split, files in splits.items()}
-    val_index = carve_val(len(splits["train"].labels), val_fraction, split_seed)
+    y = splits["train"].labels
+    unlabelled = check_labels(y, "train", len(names), "imagefolder")
+    val_index = carve_val(len(y), val_fraction, split_seed, y if unlabelled else None)
     fp = index_fingerprint(splits, names, val_index, recipe)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for split, files in splits.items():
@@ -283,6 +332,8 @@ def write_files_index(
         f.attrs.update({"format": FORMAT, "storage": "files", "dataset": "imagefolder", "description": desc})
         f.attrs.update({"root": str(root), "class_names": json.dumps(names), "num_classes": len(names)})
         f.attrs["fingerprint"] = fp
+        if unlabelled:
+            f.attrs["num_unlabelled"] = unlabelled
         f.attrs.update({"channel_mean": json.dumps(IMAGENET_MEAN), "channel_std": json.dumps(IMAGENET_STD), **recipe})
     log.info("indexed %s: %s files (no pixels copied)", path, n)
     return fp

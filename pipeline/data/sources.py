@@ -13,7 +13,9 @@ Sources:
   (N,) and `classes` (K,) strings (the layout of the shared cifar10-jpeg copy).
 - `load_imagefolder(root, size)`: `root/train/<class>/*.png|jpg` and `root/test/<class>/...`, resized to
   size x size RGB with `torchvision.datasets.ImageFolder`.
-- `subset(loaded, n_train, n_test, seed)`: a class-balanced, seeded sample of rows (CPU experiments).
+- `subset(loaded, n_train, n_test, seed, n_unlabelled)`: a class-balanced, seeded sample of rows (CPU
+  experiments), and with `n_unlabelled` a transfer set: that many of the train rows the subset leaves out,
+  appended after it with label -1 (`pipeline.core.labels.UNLABELLED`), their inputs only.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.core.errors import DatasetError
+from pipeline.core.labels import UNLABELLED
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,10 @@ def load_dataset(
     n_train: int | None = None,
     n_test: int | None = None,
     seed: int = 0,
+    n_unlabelled: int | None = None,
 ) -> Loaded:
-    """Load `source` (one of SOURCES) from `root`, then take a balanced subset when n_train/n_test are set.
+    """Load `source` (one of SOURCES) from `root`, then take a balanced subset when n_train/n_test are set
+    (and `n_unlabelled` of the train rows it leaves out, without their labels: `subset`).
 
     `download` applies to CIFAR only (torchvision fetches the archive); `size` to ImageFolder only.
     """
@@ -63,9 +68,9 @@ def load_dataset(
         loaded = load_imagefolder(root, size=size)
     else:
         raise DatasetError(f"unknown dataset source {source!r}; expected one of {', '.join(SOURCES)}")
-    if n_train is None and n_test is None:
+    if n_train is None and n_test is None and n_unlabelled is None:
         return loaded
-    return subset(loaded, n_train, n_test, seed)
+    return subset(loaded, n_train, n_test, seed, n_unlabelled)
 
 
 def _require_dir(root: Path, what: str, fix: str) -> None:
@@ -219,12 +224,20 @@ def balanced_rows(y: np.ndarray, n: int, num_classes: int, rng: np.random.Genera
 
 
 def subset_rows(
-    labels: dict[str, np.ndarray], k: int, n_train: int | None, n_test: int | None, seed: int, unit: str = "rows"
+    labels: dict[str, np.ndarray],
+    k: int,
+    n_train: int | None,
+    n_test: int | None,
+    seed: int,
+    unit: str = "rows",
+    n_unlabelled: int | None = None,
 ) -> dict[str, np.ndarray]:
     """The rows of the class-balanced subset of each split asked for (`n_train` train, `n_test` test; None
     keeps a split whole and is left out), drawn train first from one generator seeded `seed`: the rows
-    `subset` takes of arrays and `pipeline.data.prepared.subset_files` of file lists. `unit` names what a
-    row is in the messages."""
+    `subset` takes of arrays and `pipeline.data.prepared.subset_files` of file lists. With `n_unlabelled`,
+    key "unlabelled" holds that many of the train rows the train subset leaves out, drawn uniformly (not by
+    class: their labels are not used) from the same generator after the test rows, so the labelled subset is
+    the one drawn without them. `unit` names what a row is in the messages."""
     rng = np.random.default_rng(seed)
     out = {}
     for split, n in (("train", n_train), ("test", n_test)):
@@ -237,22 +250,59 @@ def subset_rows(
             out[split] = balanced_rows(y, n, k, rng)
         except DatasetError as e:
             raise DatasetError(f"subset of {split}: {e}; ask for fewer rows") from e
+    if n_unlabelled is not None:
+        out["unlabelled"] = _unlabelled_rows(len(labels["train"]), out.get("train"), n_unlabelled, rng, unit)
     return out
 
 
-def subset(loaded: Loaded, n_train: int | None, n_test: int | None, seed: int = 0) -> Loaded:
+def _unlabelled_rows(
+    n: int, labelled: np.ndarray | None, count: int, rng: np.random.Generator, unit: str
+) -> np.ndarray:
+    """`count` sorted train rows outside `labelled`, drawn uniformly with `rng`."""
+    if labelled is None:
+        raise DatasetError(
+            "data.n_unlabelled needs data.n_train: the unlabelled rows are train rows the labelled subset leaves out; "
+            "set n_train to the number of labelled rows"
+        )
+    rest = np.setdiff1d(np.arange(n, dtype=np.int64), labelled)
+    if not 0 < count <= len(rest):
+        raise DatasetError(
+            f"data.n_unlabelled = {count}: of the {n} train {unit}, {len(rest)} are outside the {len(labelled)}-row "
+            f"labelled subset (data.n_train); ask for between 1 and {len(rest)}"
+        )
+    return np.sort(rng.choice(rest, count, replace=False)).astype(np.int64)
+
+
+def subset(
+    loaded: Loaded, n_train: int | None, n_test: int | None, seed: int = 0, n_unlabelled: int | None = None
+) -> Loaded:
     """A class-balanced random subset: `n_train` train and `n_test` test rows (None keeps a split whole).
 
     Rows keep their original order. The same (data, n_train, n_test, seed) always gives the same rows.
-    `source_index_<split>` in the result maps each row to its index in the original split.
+    `source_index_<split>` in the result maps each row to its index in the original split. With
+    `n_unlabelled` (a transfer set), that many of the train rows the subset leaves out follow its rows in
+    the train split, in their original order, with label -1 (`pipeline.core.labels.UNLABELLED`).
     """
     arrays = dict(loaded.arrays)
     labels = {split: arrays[f"y_{split}"] for split in ("train", "test")}
-    for split, rows in subset_rows(labels, len(loaded.class_names), n_train, n_test, seed).items():
+    drawn = subset_rows(labels, len(loaded.class_names), n_train, n_test, seed, n_unlabelled=n_unlabelled)
+    extra = drawn.pop("unlabelled", None)
+    for split, rows in drawn.items():
         y = arrays[f"y_{split}"]
-        arrays[f"x_{split}"], arrays[f"y_{split}"] = arrays[f"x_{split}"][rows], y[rows]
+        x_all = arrays[f"x_{split}"]
         # index of each kept row in the original split (composed with an earlier subset's)
         before = arrays.get(f"source_index_{split}", np.arange(len(y), dtype=np.int64))
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = x_all[rows], y[rows]
         arrays[f"source_index_{split}"] = before[rows].astype(np.int64)
-    log.info("subset (seed %d): %d train, %d test rows", seed, len(arrays["y_train"]), len(arrays["y_test"]))
+        if split == "train" and extra is not None:
+            arrays["x_train"] = np.concatenate([arrays["x_train"], x_all[extra]])
+            arrays["y_train"] = np.concatenate([arrays["y_train"], np.full(len(extra), UNLABELLED, dtype=np.int64)])
+            arrays["source_index_train"] = np.concatenate([arrays["source_index_train"], before[extra]])
+    log.info(
+        "subset (seed %d): %d train (%d unlabelled), %d test rows",
+        seed,
+        len(arrays["y_train"]),
+        0 if extra is None else len(extra),
+        len(arrays["y_test"]),
+    )
     return Loaded(arrays, loaded.class_names)

@@ -183,13 +183,16 @@ def encode_chunk(
 def write_provenance(store: LogitStore, data: PreparedData) -> None:
     """Arrays beside the logits: `<split>_labels`, `val_index` (the validation rows of train) and, for a
     subset, `<split>_source_index` (each row's index in the original dataset); attribute `provenance` lists
-    them, so `seal` hashes them with the rest."""
+    them, so `seal` hashes them with the rest. A transfer set's store says which rows carry labels:
+    train_labels is -1 (`UNLABELLED`) on the others, and attribute `unlabelled_rows` counts them per split."""
     arrays = {"train_labels": data.y_train, "test_labels": data.y_test, "val_index": data.val_index}
     for split, index in (data.source_index or {}).items():
         arrays[f"{split}_source_index"] = index
     for name, values in arrays.items():
         store.group.create_array(name, data=np.asarray(values, dtype=np.int64))
     store.group.attrs.update({"provenance": sorted(arrays)})
+    if data.num_unlabelled:  # absent on a labelled dataset's store, whose attributes stay as they were
+        store.group.attrs.update({"unlabelled_rows": {"train": data.num_unlabelled}})
 
 
 class ChunkWriter:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -28,7 +29,7 @@ from pipeline.core.distributed import DistContext
 from pipeline.data.augment import RESIZED_KIND, apply_params
 from pipeline.data.files import CropRecipe, FilesDataset, ImageFiles
 from pipeline.data.prepared import IndexedDataset, PreparedData
-from pipeline.losses import Teacher
+from pipeline.losses import Teacher, loss_spec
 from pipeline.models.predict import device_accuracy, predict_accuracy
 from pipeline.params import GenParams, TrainParams
 from pipeline.train.epochs import EpochOrderSampler, LiveAugment, ViewPolicy, batch_aug, epoch_aug, pick_views
@@ -95,9 +96,10 @@ def _resident_input(
     targets: Targets | None,
     views: ViewPolicy | None,
     gens: tuple[torch.Generator, torch.Generator | None],
+    rows: np.ndarray,
 ) -> TrainInput:
-    res = ResidentInput(data, device, recipe.batch_size, gens[0], gens[1])
-    dev_targets = None if targets is None else device_targets(targets, device, data.fit_index(), views is not None)
+    res = ResidentInput(data, device, recipe.batch_size, gens[0], gens[1], rows)
+    dev_targets = None if targets is None else device_targets(targets, device, rows, views is not None)
     x_val, y_val = res.val_xy()
     return TrainInput(
         batches=lambda epoch: res.epoch(epoch, dev_targets, gp.temperature, views),
@@ -106,23 +108,28 @@ def _resident_input(
 
 
 def _fit_dataset(
-    data: PreparedData, recipe: TrainParams, targets: Targets | None, views: ViewPolicy | None, seed: int
+    data: PreparedData,
+    recipe: TrainParams,
+    targets: Targets | None,
+    views: ViewPolicy | None,
+    seed: int,
+    rows: np.ndarray | None = None,
 ) -> IndexedDataset | FilesDataset:
-    """The fit rows as (x, y, index) items: in-memory arrays, or files decoded in the workers. On files,
+    """The fit rows (`rows`, default the labelled ones: `data.fit_index()`) as (x, y, index) items: in-memory
+    arrays, or files decoded in the workers. On files,
     `train.crop: resized` cuts a fresh RandomResizedCrop per (epoch, row); under a view policy a stored
     resized-crop view is cut from its (i, j, h, w, flip), drawn again from the store's recipe and seed."""
+    rows = data.fit_index() if rows is None else rows
     if not isinstance(data.x_train, ImageFiles):
-        return IndexedDataset(data.x_train, data.y_train, data.fit_index())
+        return IndexedDataset(data.x_train, data.y_train, rows)
     crop = CropRecipe(data.x_train.size, recipe.crop_scale, recipe.crop_ratio)
     live = crop if recipe.augment and recipe.crop == "resized" else None
     recipe_of_views = None if targets is None else targets.attrs.get("augmentation")
     if views is None or not recipe_of_views or recipe_of_views.get("kind") != RESIZED_KIND:
-        return FilesDataset(data.x_train, data.y_train, data.fit_index(), live, seed)
+        return FilesDataset(data.x_train, data.y_train, rows, live, seed)
     stored = CropRecipe(int(recipe_of_views["size"]), *(tuple(recipe_of_views[k]) for k in ("scale", "ratio")))  # type: ignore[arg-type]
     keys = (int(recipe_of_views["seed"]), int(recipe_of_views["split_ids"]["train"]))
-    return FilesDataset(
-        data.x_train, data.y_train, data.fit_index(), stored, seed, functools.partial(pick_views, views), keys
-    )
+    return FilesDataset(data.x_train, data.y_train, rows, stored, seed, functools.partial(pick_views, views), keys)
 
 
 def _sampler(
@@ -153,8 +160,9 @@ def _streaming_input(
     generator: torch.Generator,
     augment: LiveAugment | None,
     seed: int,
+    rows: np.ndarray,
 ) -> TrainInput:
-    fit = _fit_dataset(data, recipe, targets, views, seed)
+    fit = _fit_dataset(data, recipe, targets, views, seed, rows)
     sampler = _sampler(fit, ctx, targets, seed, generator)
     loader = DataLoader(
         fit,
@@ -194,16 +202,30 @@ def make_input(
     seed: int,
 ) -> TrainInput:
     """Batches and validation of a run: the resident path when a single process's train data and teacher arrays fit
-    `recipe.memory_budget_mib` on `device`, else the streaming path (and always under torchrun)."""
+    `recipe.memory_budget_mib` on `device`, else the streaming path (and always under torchrun). The rows are
+    the fit rows with a label, and on a transfer set also those without when the loss learns from a teacher
+    there (`fit_rows`)."""
+    rows = fit_rows(data, gp, targets)
     if isinstance(data.x_train, ImageFiles):  # decoded in the loader's workers, never held whole
         log.info("training input decoded from %d files by %d workers", len(data.x_train), recipe.num_workers)
-        return _streaming_input(data, recipe, gp, device, ctx, targets, views, gens[0], augment, seed)
+        return _streaming_input(data, recipe, gp, device, ctx, targets, views, gens[0], augment, seed, rows)
     need = resident_bytes(data, targets, views is not None)
     if not ctx.enabled and need <= recipe.memory_budget_mib * MIB:
         log.info("training input resident on %s (%.1f MiB)", device, need / MIB)
         aug_gen = gens[1] if augment is not None else None
-        return _resident_input(data, recipe, gp, device, targets, views, (gens[0], aug_gen))
+        return _resident_input(data, recipe, gp, device, targets, views, (gens[0], aug_gen), rows)
     log.info(
         "training input streamed (%.1f MiB over the %d MiB budget, or torchrun)", need / MIB, recipe.memory_budget_mib
     )
-    return _streaming_input(data, recipe, gp, device, ctx, targets, views, gens[0], augment, seed)
+    return _streaming_input(data, recipe, gp, device, ctx, targets, views, gens[0], augment, seed, rows)
+
+
+def fit_rows(data: PreparedData, gp: GenParams, targets: Targets | None) -> np.ndarray:
+    """The train rows a generation fits: the labelled ones except validation (generation 0, label-trained
+    members, controls, CWTM), plus a transfer set's unlabelled rows for a student whose loss learns from its
+    teacher's targets there (`LossSpec.learns_unlabelled`): every row with a teacher row."""
+    unlabelled = targets is not None and loss_spec(gp.loss).learns_unlabelled and data.num_unlabelled > 0
+    rows = data.fit_index(unlabelled=unlabelled)
+    if unlabelled:
+        log.info("transfer set: %d fit rows, %d of them without a label", len(rows), data.num_unlabelled)
+    return rows

@@ -44,12 +44,14 @@ class ResidentInput:
         batch_size: int,
         generator: torch.Generator,
         aug_gen: torch.Generator | None,
+        rows: np.ndarray | None = None,
     ) -> None:
+        """`rows`: the train rows an epoch visits (default `data.fit_index()`, the labelled fit rows)."""
         self.device, self.batch_size = device, batch_size
         self.generator, self.aug_gen = generator, aug_gen
         self.x = to_device(torch.from_numpy(np.ascontiguousarray(data.x_train)), device)
         self.y = to_device(torch.from_numpy(np.ascontiguousarray(data.y_train)), device)
-        self.fit = torch.from_numpy(data.fit_index())
+        self.fit = torch.from_numpy(data.fit_index() if rows is None else rows)
         self.val = to_device(torch.from_numpy(data.val_index), device)
         self.size = data.x_train.shape[-1]
 
