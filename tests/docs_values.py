@@ -9,7 +9,12 @@ and every image the README shows is a committed output itself (a path under an o
 records, not git-ignored), never a copy under docs/. Every such source must also be byte for byte the
 output dvc.lock records (its md5, a folder's `.dir` md5), so numbers and figures come from one committed run.
 The Results section's tables of bancache's own experiments carry `<!-- rows: benchmarks/results/X.md -->`
-(the table the experiment wrote): their rows are checked against it, not rewritten.
+(the table the experiment wrote): their rows are checked against it, not rewritten. A table that also
+carries `<!-- paired: benchmarks/results/X.json -->` (the experiment's per-seed numbers, a "runs" list) has
+each difference column ("BAN-k − Control-k": JSON columns BAN-k minus Control-k of row k) recomputed from
+that JSON, mean [95% t-interval], and followed by a "detectable (80% power)" column: the smallest mean
+difference its seeds could have detected (`pipeline.core.stats.detectable_effect` of the differences' sample
+sd), also recomputed; the rows check reads a row without its detectable cells.
 Check, or rewrite every number from its source:
 
     python -m tests.docs_values            # one line per drifted number or bad figure, exit 1; else exit 0
@@ -33,12 +38,18 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from pipeline.core.stats import detectable_effect
+from pipeline.results.paired import DASH, format_diff, paired_columns
+
 README = "README.md"
 NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?%?"
 COMMENT = r"<!-- value: (?P<file>\S+) (?P<key>\S+) (?P<spec>\S+) -->"
 MARKED = re.compile(rf"(?P<shown>{NUMBER})?{COMMENT}")
 IMAGE = re.compile(r"!\[[^\]]*\]\((?P<path>[^)\s]+)\)")
 ROWS = re.compile(r"<!-- rows: (?P<file>\S+) -->")
+PAIRED = re.compile(r"<!-- paired: (?P<file>\S+) -->")
+DETECTABLE = "detectable (80% power)"  # the header of a difference column's power column
+MINUS = " − "  # in a header, a difference column: "BAN-k − Control-k"
 
 
 @dataclass(frozen=True)
@@ -159,30 +170,84 @@ def figure_problems(committed: Committed, text: str) -> list[str]:
     return problems
 
 
+def cells(row: str) -> tuple[str, ...]:
+    """A markdown table row's cells, stripped, bold marks aside."""
+    return tuple(cell.strip() for cell in row.replace("**", "").strip().strip("|").split("|"))
+
+
+def next_table(text: str, end: int) -> tuple[int, list[str]]:
+    """(the README line of its header, its lines) of the first table after offset `end` (a marker's end)."""
+    lines = text[end:].split("\n")
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[first:]))
+    return text.count("\n", 0, end) + 1 + first, table
+
+
 def table_problems(root: Path, text: str) -> list[str]:
     """One line per body row of a README table marked `<!-- rows: FILE -->` (the next table after the
-    comment) that is not a row of FILE, the experiment's own table (bold marks aside; headers may differ)."""
+    comment) that is not a row of FILE, the experiment's own table (bold marks, spacing and the README's
+    detectable columns aside; headers may differ)."""
     problems = []
     for m in ROWS.finditer(text):
         path = root / m["file"]
         if not path.is_file():
             problems.append(f"{README}:{text.count(chr(10), 0, m.start()) + 1}: {m['file']} does not exist")
             continue
-        theirs = {line.strip() for line in path.read_text().splitlines()}
-        lines = text[m.end() :].split("\n")
-        first = next(i for i, line in enumerate(lines) if line.startswith("|"))
-        table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[first:]))
-        start = text.count("\n", 0, m.end()) + 1 + first
+        theirs = {cells(line) for line in path.read_text().splitlines() if line.startswith("|")}
+        start, table = next_table(text, m.end())
+        keep = [j for j, head in enumerate(cells(table[0])) if head != DETECTABLE]
         for i, row in enumerate(table[2:], start=start + 2):  # after the header and its separator
-            if row.replace("**", "").strip() not in theirs:
+            shown = cells(row)
+            if tuple(shown[j] for j in keep if j < len(shown)) not in theirs:
                 problems.append(f"{README}:{i}: table row not in {m['file']}: {row}")
+    return problems
+
+
+def difference_cells(runs: list[dict[str, Any]], header: tuple[str, ...], k: str) -> dict[int, str]:
+    """What row `k`'s difference cells and their detectable cells show, by column: from the JSON's runs
+    (empty on a row that is not a generation, a dash where the runs lack the columns)."""
+    want = {}
+    for j, head in enumerate(header):
+        if MINUS not in head:
+            continue
+        a, b = (re.sub(r"(?<=[-*])k\b", k, side.strip()) for side in head.split(MINUS))
+        p = paired_columns(runs, a, b) if k.isdigit() else None
+        want[j] = format_diff(p) if p else DASH if k.isdigit() else ""
+        if j + 1 < len(header) and header[j + 1] == DETECTABLE:
+            want[j + 1] = f"{detectable_effect(p.sd, p.n):.2f}" if p else want[j]
+    return want
+
+
+def paired_problems(root: Path, text: str) -> list[str]:
+    """One line per difference or detectable cell of a table marked `<!-- paired: FILE.json -->` that its
+    JSON's runs do not give, and per difference column without a detectable column after it."""
+    problems = []
+    for m in PAIRED.finditer(text):
+        path = root / m["file"]
+        if not path.is_file():
+            problems.append(f"{README}:{text.count(chr(10), 0, m.start()) + 1}: {m['file']} does not exist")
+            continue
+        runs = json.loads(path.read_text())["runs"]
+        start, table = next_table(text, m.end())
+        header = cells(table[0])
+        for j, head in enumerate(header):
+            if MINUS in head and header[j + 1 : j + 2] != (DETECTABLE,):
+                problems.append(f"{README}:{start}: column {head!r} has no {DETECTABLE!r} column after it: add one")
+        for i, row in enumerate(table[2:], start=start + 2):
+            shown = cells(row)
+            for j, want in difference_cells(runs, header, shown[0]).items():
+                got = shown[j] if j < len(shown) else ""
+                if got != want:
+                    cell = header[j] if MINUS in header[j] else f"{DETECTABLE} of {header[j - 1]}"
+                    problems.append(f"{README}:{i}: {cell}, row {shown[0]}, shows {got}, but {m['file']} gives {want}")
     return problems
 
 
 def check(root: Path) -> list[str]:
     """Every problem of the README under `root`: drifted numbers, figures, then experiment tables."""
     text, committed = (root / README).read_text(), Committed(root)
-    return number_problems(committed, text) + figure_problems(committed, text) + table_problems(root, text)
+    tables = table_problems(root, text) + paired_problems(root, text)
+    return number_problems(committed, text) + figure_problems(committed, text) + tables
 
 
 def write(root: Path) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
+from pipeline.core import stats
 from tests import docs_values as dv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,21 @@ def test_readme_experiment_tables_are_the_experiments_own() -> None:
     assert tables.count("benchmarks/results/controls_mnist1d.md") == 2
     assert tables.count("benchmarks/results/controls_cifar10_cpu.md") == 2
     assert dv.table_problems(ROOT, text) == []
+
+
+def test_readme_paired_tables_state_their_power() -> None:
+    """Every paired difference of the Results section, against control-k, the controls' ensemble and the
+    compute-matched control, is recomputed from the experiment's per-seed JSON and stands beside the
+    smallest difference its seeds could have detected (80% power), also recomputed."""
+    text = (ROOT / "README.md").read_text()
+    marked = dv.PAIRED.findall(text)
+    for name in ("controls_mnist1d", "controls_cifar10_cpu", "long_controls_cifar10-cpu"):
+        assert marked.count(f"benchmarks/results/{name}.json") == 1, name
+    for m in dv.PAIRED.finditer(text):
+        header = dv.cells(dv.next_table(text, m.end())[1][0])
+        differences = [h for h in header if dv.MINUS in h]
+        assert len(differences) == 2 and header.count(dv.DETECTABLE) == 2, header
+    assert dv.paired_problems(ROOT, text) == []
 
 
 def test_readme_figures_are_the_committed_outputs() -> None:
@@ -76,7 +92,7 @@ def copy(tmp_path: Path) -> Path:
     """A project root holding the README, dvc.lock and every file the README's numbers read, with made-up
     figures recorded in its dvc.lock (the committed ones are not needed to test the check)."""
     text = (ROOT / "README.md").read_text()
-    tables = dv.ROWS.findall(text)
+    tables = dv.ROWS.findall(text) + dv.PAIRED.findall(text)
     for rel in ["README.md", "dvc.lock", *{v.file for v in dv.marked_values(text)}, *tables]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ROOT / rel, tmp_path / rel)
@@ -172,12 +188,44 @@ def test_a_copied_missing_or_other_runs_figure_is_reported(copy: Path) -> None:
 def test_a_changed_experiment_table_row_is_reported(copy: Path) -> None:
     readme = copy / "README.md"
     text = readme.read_text()
-    row = "| 3 | 92.80 ± 0.89 | 91.84 ± 0.92 | +0.96 [+0.06, +1.86] | 94.42 ± 0.62 | 94.88 ± 0.86 | "
-    row += "-0.46 [-1.68, +0.76] |"
+    row = "| 3 | 92.80 ± 0.89 | 91.84 ± 0.92 | +0.96 [+0.06, +1.86] | 1.22 | 94.42 ± 0.62 | 94.88 ± 0.86 | "
+    row += "-0.46 [-1.68, +0.76] | 1.65 |"
     bold = "| 2 | 66.45 ± 0.36 | 65.29 ± 0.51 | **+1.16 [+0.83, +1.49]** |"
     assert text.count(row) == 1 and text.count(bold) == 1  # a bold cell still matches its plain row
     readme.write_text(text.replace(row, row.replace("+0.96", "+1.96")))
     line = text[: text.index(row)].count("\n") + 1
     assert dv.check(copy) == [
-        f"README.md:{line}: table row not in benchmarks/results/controls_mnist1d.md: {row.replace('+0.96', '+1.96')}"
+        f"README.md:{line}: table row not in benchmarks/results/controls_mnist1d.md: {row.replace('+0.96', '+1.96')}",
+        f"README.md:{line}: BAN-k − Control-k, row 3, shows +1.96 [+0.06, +1.86], but "
+        "benchmarks/results/controls_mnist1d.json gives +0.96 [+0.06, +1.86]",
+    ]
+
+
+def test_a_wrong_power_or_difference_is_reported(copy: Path) -> None:
+    """A detectable cell (not in the sweep's own .md table) or a difference of the compute-matched table
+    (which has no .md table) that the JSON does not give is reported; so is a difference column that lost
+    its detectable column."""
+    readme = copy / "README.md"
+    text = readme.read_text()
+    runs = json.loads((copy / "benchmarks/results/controls_cifar10_cpu.json").read_text())["runs"]
+    d = stats.paired([100 * r["BAN-2"] for r in runs], [100 * r["Control-2"] for r in runs])
+    want = f"{stats.detectable_effect(d.sd, d.n):.2f}"  # BAN-2 − control-2's power, from the JSON
+    power = f"| **+1.16 [+0.83, +1.49]** | {want} |"
+    long = "| 2 | 66.96 ± 0.85 (180) | -0.51 [-1.26, +0.24] | 1.02 |"
+    assert text.count(power) == 1 and text.count(long) == 1 and want != "0.40"
+    drifted = text.replace(power, power.replace(want, "0.40")).replace(long, long.replace("-0.51", "-0.61"))
+    readme.write_text(drifted)
+    at = {cell: text[: text.index(cell)].count("\n") + 1 for cell in (power, long)}
+    assert dv.check(copy) == [
+        f"README.md:{at[power]}: detectable (80% power) of BAN-k − Control-k, row 2, shows 0.40, but "
+        f"benchmarks/results/controls_cifar10_cpu.json gives {want}",
+        f"README.md:{at[long]}: BAN-k − Long-control-k, row 2, shows -0.61 [-1.26, +0.24], but "
+        "benchmarks/results/long_controls_cifar10-cpu.json gives -0.51 [-1.26, +0.24]",
+    ]
+    header = "| k | Long-control-k (epochs) | BAN-k − Long-control-k | detectable (80% power) |"
+    assert text.count(header) == 1
+    readme.write_text(text.replace(header, "| k | Long-control-k (epochs) | BAN-k − Long-control-k | power |"))
+    assert dv.check(copy) == [
+        f"README.md:{text[: text.index(header)].count(chr(10)) + 1}: column 'BAN-k − Long-control-k' has no "
+        "'detectable (80% power)' column after it: add one"
     ]
