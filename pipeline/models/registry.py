@@ -94,6 +94,13 @@ def cnn4(input_shape: tuple[int, ...], num_classes: int, width: int = 24) -> nn.
     return conv_stack(input_shape, num_classes, (width, 2 * width, 4 * width, 8 * width))
 
 
+@register("cnn4s")
+def cnn4s(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """cnn4 at half width (12-24-48-96, 56k parameters, about a quarter of cnn4's multiply-adds): the small
+    student of the CPU CIFAR compression experiment (README Results)."""
+    return cnn4(input_shape, num_classes, width=12)
+
+
 @register("mlp")
 def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 128) -> nn.Module:
     """Two hidden layers of `hidden` units (the MNIST-1D paper's MLP baseline)."""
