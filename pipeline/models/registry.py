@@ -98,7 +98,7 @@ def cnn4(input_shape: tuple[int, ...], num_classes: int, width: int = 24) -> nn.
 def cnn4s(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """cnn4 at half width (12-24-48-96, 56k parameters, about a quarter of cnn4's multiply-adds): the small
     student of the CPU CIFAR compression experiment (README Results)."""
-    return cnn4(input_shape, num_classes, width=12)
+    return conv_stack(input_shape, num_classes, (12, 24, 48, 96))
 
 
 @register("mlp")
