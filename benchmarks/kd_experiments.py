@@ -66,6 +66,10 @@ from stages.common import ParamsFile
 PILOT_SEED = 0  # the selection's seed: never one of the reported seeds
 
 
+def say(line: str) -> None:
+    print(line, flush=True)  # one line per network, seen as it ends (also when stdout is a file)
+
+
 # -- one experiment's context ----------------------------------------------------------------------------
 @dataclass
 class Context:
@@ -79,7 +83,7 @@ class Context:
     student_arch: str
     epoch_grid: list[int]
     quick: bool
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = field(default=say)
 
     def recipe(self, seed: int, epochs: int) -> TrainParams:
         train = {**self.raw.get("train", {}), "seed": 100 * seed, "epochs": epochs, "arch": self.teacher_arch}
@@ -177,24 +181,32 @@ def ensemble_record(paths: ProjectPaths, data: PreparedData, gens: list[int]) ->
 
 
 # -- selection on validation rows (pilot seed 0) ---------------------------------------------------------
-def converged_epochs(scores: dict[int, float], tolerance: float) -> int:
-    """The smallest epochs of the grid whose validation accuracy is within `tolerance` of the best: where
-    validation accuracy stops rising with more epochs."""
-    best = max(scores.values())
-    return min(e for e, v in scores.items() if v >= best - tolerance)
+def converged_epochs(scores: dict[int, float]) -> int:
+    """Where validation accuracy stops rising with epochs: the smallest epochs of the grid whose validation
+    accuracy no longer run of the grid beats (the earliest best)."""
+    return min(e for e, v in scores.items() if all(v >= w for f, w in scores.items() if f > e))
 
 
-def convergence(ctx: Context, arch: str, grid: list[int], tolerance: float) -> tuple[dict, dict[int, TrainResult]]:
-    """Label-trained `arch` at every epochs of `grid` (pilot seed, gen 0): validation accuracy of each, the
-    epochs chosen, and the trained runs (the chosen one is reused as the pilot's teacher)."""
-    scores, runs = {}, {}
-    for epochs in grid:
+EXTEND = 2  # times the grid is doubled past its end while the longest run is still the best
+
+
+def convergence(ctx: Context, arch: str, grid: list[int]) -> tuple[dict, dict[int, TrainResult]]:
+    """Label-trained `arch` at every epochs of `grid` (pilot seed, gen 0), doubled past the grid's end while
+    the longest is still the best (at most EXTEND times): validation accuracy of each, the epochs chosen, and
+    the trained runs (the chosen one is reused as the pilot's teacher)."""
+    scores: dict[int, float] = {}
+    runs: dict[int, TrainResult] = {}
+    todo = list(grid)
+    while todo:
+        epochs = todo.pop(0)
         recipe = replace(ctx.recipe(PILOT_SEED, epochs), arch=arch)
         t0 = time.perf_counter()
         runs[epochs] = train_generation(ctx.data, recipe, 0, GenParams(loss="ce"), None)
         scores[epochs] = runs[epochs].history[-1].val_acc
         ctx.log(f"  select {arch} {epochs} ep: val {100 * scores[epochs]:.2f} ({time.perf_counter() - t0:.0f} s)")
-    chosen = converged_epochs(scores, tolerance)
+        if not todo and converged_epochs(scores) == epochs and len(scores) < len(grid) + EXTEND:
+            todo.append(2 * epochs)
+    chosen = converged_epochs(scores)
     curve = {str(e): [round(h.val_acc, 4) for h in r.history] for e, r in runs.items()}
     return {"val_acc": {str(e): v for e, v in scores.items()}, "chosen": chosen, "curves": curve}, runs
 
@@ -220,11 +232,6 @@ def pick(scores: list[tuple[dict[str, Any], float]]) -> dict[str, Any]:
     return next(k for k, v in scores if v == best)
 
 
-def tolerance(ctx: Context) -> float:
-    """Convergence tolerance: 1 point of validation accuracy, or one row when there are fewer than 100."""
-    return max(0.01, 1.0 / len(ctx.data.val_index))
-
-
 # -- experiment (a): compression -------------------------------------------------------------------------
 KD_ALPHAS = [0.1, 0.5, 0.9]
 DKD_BETAS = [1.0, 2.0, 8.0]
@@ -237,10 +244,9 @@ def arm_name(loss: str, t: float) -> str:
 
 
 def select_compression(ctx: Context) -> dict[str, Any]:
-    tol = tolerance(ctx)
-    teacher, runs = convergence(ctx, ctx.teacher_arch, ctx.epoch_grid, tol)
+    teacher, runs = convergence(ctx, ctx.teacher_arch, ctx.epoch_grid)
     student_grid = [2 * e for e in ctx.epoch_grid]  # an mlp epoch is cheap: the grid reaches twice as far
-    student, _ = convergence(ctx, ctx.student_arch, student_grid, tol)
+    student, _ = convergence(ctx, ctx.student_arch, student_grid)
     paths = ctx.root("select-compression")
     pilot_teacher(ctx, paths, runs[teacher["chosen"]], teacher["chosen"])
     recipe = ctx.recipe(PILOT_SEED, student["chosen"])
@@ -254,7 +260,7 @@ def select_compression(ctx: Context) -> dict[str, Any]:
             scores.append((knob, val_score(ctx, paths, recipe, 1, gp)))
             ctx.log(f"  select {arm_name(loss, t)} {knob}: val {100 * scores[-1][1]:.2f}")
         knobs[arm_name(loss, t)] = {"chosen": pick(scores), "val_acc": [{**k, "val_acc": v} for k, v in scores]}
-    return {"teacher_epochs": teacher, "student_epochs": student, "knobs": knobs, "tolerance": tol}
+    return {"teacher_epochs": teacher, "student_epochs": student, "knobs": knobs}
 
 
 def run_compression(ctx: Context, sel: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -287,7 +293,7 @@ STUDENT_GEN, BAN_GEN = 3, 4
 
 
 def select_ensemble(ctx: Context) -> dict[str, Any]:
-    teacher, runs = convergence(ctx, ctx.teacher_arch, ctx.epoch_grid, tolerance(ctx))
+    teacher, runs = convergence(ctx, ctx.teacher_arch, ctx.epoch_grid)
     e = teacher["chosen"]
     paths = ctx.root("select-ensemble")
     pilot_teacher(ctx, paths, runs[e], e)  # member 0 of the pilot: seed 0, as gen 0 of seed 0 trains
@@ -300,7 +306,7 @@ def select_ensemble(ctx: Context) -> dict[str, Any]:
         scores.append((knob, val_score(ctx, paths, recipe, STUDENT_GEN, gp)))
         ctx.log(f"  select ensemble student {knob}: val {100 * scores[-1][1]:.2f}")
     knobs = {"student": {"chosen": {"loss": "kd", **pick(scores)}, "val_acc": [{**k, "val_acc": v} for k, v in scores]}}
-    return {"teacher_epochs": teacher, "student_epochs": {"chosen": e}, "knobs": knobs, "tolerance": tolerance(ctx)}
+    return {"teacher_epochs": teacher, "student_epochs": {"chosen": e}, "knobs": knobs}
 
 
 def run_ensemble(ctx: Context, sel: dict[str, Any], seed: int) -> dict[str, Any]:
