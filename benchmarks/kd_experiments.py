@@ -287,7 +287,7 @@ def compression_comparisons() -> list[tuple[str, str]]:
 
 
 # -- experiment (b): an ensemble teacher -----------------------------------------------------------------
-ENSEMBLE_KNOBS = [{"temperature": t, "alpha": 0.5} for t in (1.0, 2.0, 4.0)]
+ENSEMBLE_KNOBS = [{"temperature": t, "alpha": a} for t in (1.0, 2.0, 4.0) for a in (0.1, 0.5, 0.9)]
 MEMBERS = [0, 1, 2]
 STUDENT_GEN, BAN_GEN = 3, 4
 
