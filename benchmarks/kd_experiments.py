@@ -1,0 +1,479 @@
+"""Experiments (issue 24): does distillation beat its label-trained and compute-matched controls?
+
+  compression  a label-trained `cnn1d` teacher -> `mlp` students with kd and dkd at T = 2 and T = 4
+  ensemble     three label-trained `cnn1d` members -> one `cnn1d` student (teacher [0, 1, 2]); compared
+               with BAN from one teacher (gen 0 alone, same loss and T), the controls and the ensemble
+
+Two phases. `--select` (pilot seed 0, never a reported seed) chooses every recipe on the validation rows
+(`data.val_index`) only: the epochs where validation accuracy stops rising (grid `--epoch-grid`, cosine
+schedule, so each length is its own run), then per loss the knobs the issue leaves open (kd alpha, dkd beta
+with alpha = 1; for the ensemble the kd T and alpha). Without `--select` the choices are read back from the
+results JSON. The report phase then runs `--seeds` (default 1..5) in sequence, each in its own project
+root through the library's steps (prepare_generation / train_job / export_generation / train_control);
+seed s trains with train.seed = 100 * s, generation K with 100 * s + K unless said otherwise.
+
+Per seed, every student of a seed shares one seed (so one paired control serves them all: same initial
+weights and batch order, labels only, `train_control`), and the compute-matched control is the same network
+from labels with that seed and the epochs of every training behind the student (compression: E_t + E_s;
+ensemble: 4 E). Writes, after every seed, benchmarks/results/kd_<experiment>_<dataset>.json (machine, args,
+selection with every pilot score, per-seed records: test and val accuracy, epochs, seconds of each network)
+and the .md table beside it: mean ± sd per arm and, per comparison, the paired mean [95% t-interval] and
+the effect its seeds detect with 80% power (`pipeline.core.stats.detectable_effect`), in accuracy points.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kd_experiments.py --experiment compression --select
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kd_experiments.py --experiment ensemble --select
+    .venv/bin/python benchmarks/kd_experiments.py --experiment compression --quick --select --out /tmp/kd
+
+A new experiment is one more `Experiment` in EXPERIMENTS: its selection, its per-seed run, its arms and
+its comparisons. `--params` (e.g. configs/cifar10-cpu.yaml) and `--num-samples`, `--teacher-arch`,
+`--student-arch` run the same experiments on another dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _benchlib import RESULTS, machine_info, pick_workdir, table
+
+from pipeline.api import prepare_data
+from pipeline.cache.store import LogitStore
+from pipeline.chain.generation import export_generation, prepare_generation, train_job
+from pipeline.core.devices import resolve_device
+from pipeline.core.distributed import SINGLE_PROCESS
+from pipeline.core.files import write_json, write_text
+from pipeline.core.paths import ProjectPaths
+from pipeline.core.stats import detectable_effect, paired
+from pipeline.data.prepared import PreparedData, load_prepared
+from pipeline.models.predict import predict_accuracy
+from pipeline.params import DataParams, ExportParams, GenParams, TrainParams, generation_seed, parse_section
+from pipeline.results.ensemble import mean_probs, softmax
+from pipeline.train.controls import train_control
+from pipeline.train.loop import TrainResult, checkpoint_meta, save_generation, train_generation
+from stages.common import ParamsFile
+
+PILOT_SEED = 0  # the selection's seed: never one of the reported seeds
+
+
+def say(line: str) -> None:
+    print(line, flush=True)  # one line per network, seen as it ends (also when stdout is a file)
+
+
+# -- one experiment's context ----------------------------------------------------------------------------
+@dataclass
+class Context:
+    """What every phase needs: the parsed base params, the prepared dataset, the grids and the work folder."""
+
+    raw: dict[str, Any]
+    dataset: Path
+    data: PreparedData
+    work: Path
+    teacher_arch: str
+    student_arch: str
+    epoch_grid: list[int]
+    quick: bool
+    log: Callable[[str], None] = field(default=say)
+
+    def recipe(self, seed: int, epochs: int) -> TrainParams:
+        train = {**self.raw.get("train", {}), "seed": 100 * seed, "epochs": epochs, "arch": self.teacher_arch}
+        return parse_section(TrainParams, "train", train)
+
+    def export_params(self) -> ExportParams:
+        return parse_section(ExportParams, "export", {**self.raw.get("export", {}), "views": 1})
+
+    def root(self, name: str) -> ProjectPaths:
+        """A fresh project root under the work folder holding a copy of the prepared dataset."""
+        paths = ProjectPaths(self.work / name)
+        if paths.root.exists():
+            shutil.rmtree(paths.root)
+        paths.dataset.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.dataset, paths.dataset)
+        return paths
+
+
+class _Quiet:
+    done = 0
+
+    def update(self, n: int = 1, /, **values: float) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def quiet_bar(*args: Any, **kwargs: Any) -> Iterator[_Quiet]:
+    """The progress display export_generation wants, showing nothing (the script prints one line a network)."""
+    yield _Quiet()
+
+
+# -- networks: one record each ---------------------------------------------------------------------------
+def net_record(gp: GenParams, recipe: TrainParams, gen: int, seconds: float, val: float, test: float) -> dict:
+    rec: dict[str, Any] = {
+        "arch": gp.arch or recipe.arch,
+        "seed": generation_seed(recipe, gen, gp),
+        "epochs": recipe.epochs,
+        "seconds": round(seconds, 1),
+        "val_acc": val,
+        "test_acc": test,
+        "loss": gp.loss,
+    }
+    if gp.teacher is not None:
+        rec.update(teacher=gp.teacher, temperature=gp.temperature, alpha=gp.alpha, beta=gp.beta)
+    return rec
+
+
+def train_gen(ctx: Context, paths: ProjectPaths, recipe: TrainParams, gen: int, gp: GenParams, export: bool) -> dict:
+    """Generation `gen` trained into `paths` (`bancache train`'s steps) and, with `export`, its logits cached."""
+    t0 = time.perf_counter()
+    job = prepare_generation(paths, recipe, gen, gp)
+    metrics = train_job(job, SINGLE_PROCESS)
+    rec = net_record(gp, recipe, gen, time.perf_counter() - t0, metrics["val_acc"], metrics["test_acc"])
+    if "teacher" in metrics:  # the teacher's fitness on the fit rows, at the student's T
+        rec["teacher_fit_acc"], rec["teacher_entropy"] = metrics["teacher"]["fit_acc"], metrics["teacher"]["entropy"]
+    if export:
+        export_generation(paths, gen, ctx.export_params(), SINGLE_PROCESS, quiet_bar)
+    ctx.log(f"  gen {gen}: {_short(rec)}")
+    return rec
+
+
+def control(ctx: Context, recipe: TrainParams, gen: int, gp: GenParams, name: str) -> dict:
+    """Generation `gen`'s label-only control (its seed, initial weights and batch order) at recipe.epochs."""
+    t0 = time.perf_counter()
+    result = train_control(ctx.data, recipe, gen, gp)
+    device = resolve_device(recipe.device)
+    test = predict_accuracy(result.model, ctx.data.x_test, ctx.data.y_test, recipe.eval_batch_size, device)[1]
+    rec = net_record(
+        replace(gp, loss="ce", teacher=None), recipe, gen, time.perf_counter() - t0, result.history[-1].val_acc, test
+    )
+    ctx.log(f"  {name}: {_short(rec)}")
+    return rec
+
+
+def _short(rec: dict[str, Any]) -> str:
+    return (
+        f"{rec['arch']} seed {rec['seed']} {rec['loss']} {rec['epochs']} ep: val {100 * rec['val_acc']:.2f} "
+        f"test {100 * rec['test_acc']:.2f} ({rec['seconds']:.0f} s)"
+    )
+
+
+def ensemble_record(paths: ProjectPaths, data: PreparedData, gens: list[int]) -> dict[str, Any]:
+    """The ensemble itself: argmax of the mean of the members' softmax (T = 1) over their cached logits,
+    on the test rows and on the validation rows (the train split's `val_index` rows)."""
+    rec: dict[str, Any] = {"members": gens, "seconds": 0.0, "epochs": 0}
+    for split, rows, y in (("test", None, data.y_test), ("train", data.val_index, data.y_train)):
+        probs = []
+        for g in gens:
+            store = LogitStore.open(paths.store(g), fingerprint=data.fingerprint)
+            logits = store.read(split, 0, store.array(split).shape[0])[:, 0, :].astype(np.float32)
+            probs.append(softmax(logits if rows is None else logits[rows]))
+        labels = y if rows is None else y[rows]
+        rec["test_acc" if rows is None else "val_acc"] = float((mean_probs(probs).argmax(-1) == labels).mean())
+    return rec
+
+
+# -- selection on validation rows (pilot seed 0) ---------------------------------------------------------
+def converged_epochs(scores: dict[int, float]) -> int:
+    """Where validation accuracy stops rising with epochs: the smallest epochs of the grid whose validation
+    accuracy no longer run of the grid beats (the earliest best)."""
+    return min(e for e, v in scores.items() if all(v >= w for f, w in scores.items() if f > e))
+
+
+EXTEND = 2  # times the grid is doubled past its end while the longest run is still the best
+
+
+def convergence(ctx: Context, arch: str, grid: list[int]) -> tuple[dict, dict[int, TrainResult]]:
+    """Label-trained `arch` at every epochs of `grid` (pilot seed, gen 0), doubled past the grid's end while
+    the longest is still the best (at most EXTEND times): validation accuracy of each, the epochs chosen, and
+    the trained runs (the chosen one is reused as the pilot's teacher)."""
+    scores: dict[int, float] = {}
+    runs: dict[int, TrainResult] = {}
+    todo = list(grid)
+    while todo:
+        epochs = todo.pop(0)
+        recipe = replace(ctx.recipe(PILOT_SEED, epochs), arch=arch)
+        t0 = time.perf_counter()
+        runs[epochs] = train_generation(ctx.data, recipe, 0, GenParams(loss="ce"), None)
+        scores[epochs] = runs[epochs].history[-1].val_acc
+        ctx.log(f"  select {arch} {epochs} ep: val {100 * scores[epochs]:.2f} ({time.perf_counter() - t0:.0f} s)")
+        if not todo and converged_epochs(scores) == epochs and len(scores) < len(grid) + EXTEND:
+            todo.append(2 * epochs)
+    chosen = converged_epochs(scores)
+    curve = {str(e): [round(h.val_acc, 4) for h in r.history] for e, r in runs.items()}
+    return {"val_acc": {str(e): v for e, v in scores.items()}, "chosen": chosen, "curves": curve}, runs
+
+
+def pilot_teacher(ctx: Context, paths: ProjectPaths, run: TrainResult, epochs: int) -> None:
+    """The convergence run chosen, saved as the pilot's generation 0 and exported (it is trained once)."""
+    recipe = ctx.recipe(PILOT_SEED, epochs)
+    gp = GenParams(loss="ce")
+    save_generation(paths.model(0), run, checkpoint_meta(ctx.data, recipe, 0, gp, None))
+    export_generation(paths, 0, ctx.export_params(), SINGLE_PROCESS, quiet_bar)
+
+
+def val_score(ctx: Context, paths: ProjectPaths, recipe: TrainParams, gen: int, gp: GenParams) -> float:
+    """A student's validation accuracy (its last epoch's, as train.select: last keeps it); no test rows."""
+    stores = [paths.store(g) for g in gp.members]
+    result = train_generation(ctx.data, recipe, gen, gp, stores if isinstance(gp.teacher, list) else stores[0])
+    return result.history[-1].val_acc
+
+
+def pick(scores: list[tuple[dict[str, Any], float]]) -> dict[str, Any]:
+    """The knobs with the best validation accuracy; ties go to the first in grid order."""
+    best = max(v for _, v in scores)
+    return next(k for k, v in scores if v == best)
+
+
+# -- experiment (a): compression -------------------------------------------------------------------------
+KD_ALPHAS = [0.1, 0.5, 0.9]
+DKD_BETAS = [1.0, 2.0, 8.0]
+TEMPERATURES = [2.0, 4.0]
+STUDENT_ARMS = [("kd", 2.0), ("kd", 4.0), ("dkd", 2.0), ("dkd", 4.0)]
+
+
+def arm_name(loss: str, t: float) -> str:
+    return f"{loss} T={t:g}"
+
+
+def select_compression(ctx: Context) -> dict[str, Any]:
+    teacher, runs = convergence(ctx, ctx.teacher_arch, ctx.epoch_grid)
+    student_grid = [2 * e for e in ctx.epoch_grid]  # an mlp epoch is cheap: the grid reaches twice as far
+    student, _ = convergence(ctx, ctx.student_arch, student_grid)
+    paths = ctx.root("select-compression")
+    pilot_teacher(ctx, paths, runs[teacher["chosen"]], teacher["chosen"])
+    recipe = ctx.recipe(PILOT_SEED, student["chosen"])
+    knobs: dict[str, Any] = {}
+    for loss, t in STUDENT_ARMS:
+        grid = [{"alpha": a} for a in KD_ALPHAS] if loss == "kd" else [{"alpha": 1.0, "beta": b} for b in DKD_BETAS]
+        grid = grid[1:2] if ctx.quick else grid
+        scores = []
+        for knob in grid:
+            gp = GenParams(loss=loss, teacher=0, temperature=t, arch=ctx.student_arch, **knob)
+            scores.append((knob, val_score(ctx, paths, recipe, 1, gp)))
+            ctx.log(f"  select {arm_name(loss, t)} {knob}: val {100 * scores[-1][1]:.2f}")
+        knobs[arm_name(loss, t)] = {"chosen": pick(scores), "val_acc": [{**k, "val_acc": v} for k, v in scores]}
+    return {"teacher_epochs": teacher, "student_epochs": student, "knobs": knobs}
+
+
+def run_compression(ctx: Context, sel: dict[str, Any], seed: int) -> dict[str, Any]:
+    e_t, e_s = sel["teacher_epochs"]["chosen"], sel["student_epochs"]["chosen"]
+    paths = ctx.root(f"compression-seed-{seed}")
+    teacher_recipe, student_recipe = ctx.recipe(seed, e_t), ctx.recipe(seed, e_s)
+    arms = {"teacher": train_gen(ctx, paths, teacher_recipe, 0, GenParams(loss="ce"), export=True)}
+    student_seed = 100 * seed + 1  # every student the same seed: one paired control serves all four
+    gps = {}
+    for gen, (loss, t) in enumerate(STUDENT_ARMS, 1):
+        knob = sel["knobs"][arm_name(loss, t)]["chosen"]
+        gps[gen] = GenParams(loss=loss, teacher=0, temperature=t, seed=student_seed, arch=ctx.student_arch, **knob)
+        arms[arm_name(loss, t)] = train_gen(ctx, paths, student_recipe, gen, gps[gen], export=False)
+    arms["paired control"] = control(ctx, student_recipe, 1, gps[1], "paired control")
+    arms["compute-matched control"] = control(ctx, ctx.recipe(seed, e_t + e_s), 1, gps[1], "compute-matched")
+    return {"seed": seed, "arms": arms, "chain_epochs": e_t + e_s}
+
+
+def compression_comparisons() -> list[tuple[str, str]]:
+    out = []
+    for loss, t in STUDENT_ARMS:
+        out += [(arm_name(loss, t), "paired control"), (arm_name(loss, t), "compute-matched control")]
+    return out
+
+
+# -- experiment (b): an ensemble teacher -----------------------------------------------------------------
+ENSEMBLE_KNOBS = [{"temperature": t, "alpha": a} for t in (1.0, 2.0, 4.0) for a in (0.1, 0.5, 0.9)]
+MEMBERS = [0, 1, 2]
+STUDENT_GEN, BAN_GEN = 3, 4
+
+
+def select_ensemble(ctx: Context) -> dict[str, Any]:
+    teacher, runs = convergence(ctx, ctx.teacher_arch, ctx.epoch_grid)
+    e = teacher["chosen"]
+    paths = ctx.root("select-ensemble")
+    pilot_teacher(ctx, paths, runs[e], e)  # member 0 of the pilot: seed 0, as gen 0 of seed 0 trains
+    recipe = ctx.recipe(PILOT_SEED, e)
+    for gen in MEMBERS[1:]:
+        train_gen(ctx, paths, recipe, gen, GenParams(loss="ce"), export=True)
+    scores = []
+    for knob in ENSEMBLE_KNOBS[1:2] if ctx.quick else ENSEMBLE_KNOBS:
+        gp = GenParams(loss="kd", teacher=MEMBERS, arch=ctx.student_arch, **knob)
+        scores.append((knob, val_score(ctx, paths, recipe, STUDENT_GEN, gp)))
+        ctx.log(f"  select ensemble student {knob}: val {100 * scores[-1][1]:.2f}")
+    knobs = {"student": {"chosen": {"loss": "kd", **pick(scores)}, "val_acc": [{**k, "val_acc": v} for k, v in scores]}}
+    return {"teacher_epochs": teacher, "student_epochs": {"chosen": e}, "knobs": knobs}
+
+
+def run_ensemble(ctx: Context, sel: dict[str, Any], seed: int) -> dict[str, Any]:
+    e = sel["teacher_epochs"]["chosen"]
+    paths = ctx.root(f"ensemble-seed-{seed}")
+    recipe = ctx.recipe(seed, e)
+    arms = {}
+    for gen in MEMBERS:  # label-trained members, each its own seed (100 s + gen)
+        arms[f"member {gen}"] = train_gen(ctx, paths, recipe, gen, GenParams(loss="ce"), export=True)
+    arms["ensemble"] = ensemble_record(paths, ctx.data, MEMBERS)
+    knob = dict(sel["knobs"]["student"]["chosen"])
+    student_seed = 100 * seed + STUDENT_GEN  # the BAN-from-one student shares it: same init and batch order
+    gp = GenParams(teacher=MEMBERS, seed=student_seed, arch=ctx.student_arch, **knob)
+    arms["ensemble student"] = train_gen(ctx, paths, recipe, STUDENT_GEN, gp, export=False)
+    arms["BAN from one"] = train_gen(ctx, paths, recipe, BAN_GEN, replace(gp, teacher=0), export=False)
+    arms["paired control"] = control(ctx, recipe, STUDENT_GEN, gp, "paired control")
+    chain = (len(MEMBERS) + 1) * e  # the three members and the student
+    arms["compute-matched control"] = control(ctx, ctx.recipe(seed, chain), STUDENT_GEN, gp, "compute-matched")
+    return {"seed": seed, "arms": arms, "chain_epochs": chain}
+
+
+ENSEMBLE_COMPARISONS = [
+    ("ensemble student", "paired control"),
+    ("ensemble student", "compute-matched control"),
+    ("ensemble student", "BAN from one"),
+    ("ensemble student", "ensemble"),
+]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment: its selection on the pilot seed, one reported seed's run, its comparisons."""
+
+    select: Callable[[Context], dict[str, Any]]
+    run_seed: Callable[[Context, dict[str, Any], int], dict[str, Any]]
+    comparisons: list[tuple[str, str]] = field(default_factory=list)
+    student_arch: str = "mlp"
+
+
+EXPERIMENTS = {
+    "compression": Experiment(select_compression, run_compression, compression_comparisons(), "mlp"),
+    "ensemble": Experiment(select_ensemble, run_ensemble, ENSEMBLE_COMPARISONS, "cnn1d"),
+}
+
+
+# -- tables ----------------------------------------------------------------------------------------------
+def comparisons(runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Per comparison a - b (test accuracy, points): paired mean, 95% t-interval, sd of the differences and
+    the smallest mean difference these seeds detect with 80% power."""
+    out = []
+    for a, b in pairs:
+        p = paired([100 * r["arms"][a]["test_acc"] for r in runs], [100 * r["arms"][b]["test_acc"] for r in runs])
+        out.append(
+            {
+                "a": a,
+                "b": b,
+                "n": p.n,
+                "mean": p.mean,
+                "low": p.low,
+                "high": p.high,
+                "sd": p.sd,
+                "detectable": detectable_effect(p.sd, p.n),
+            }  # fmt: skip
+        )
+    return out
+
+
+def _mean_sd(xs: list[float]) -> str:
+    sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
+    return f"{statistics.mean(xs):.2f} ± {sd:.2f}"
+
+
+def format_tables(runs: list[dict[str, Any]], compared: list[dict[str, Any]], num_test: int) -> str:
+    names = list(runs[0]["arms"])
+    rows = []
+    for name in names:
+        recs = [r["arms"][name] for r in runs]
+        test, val = _mean_sd([100 * x["test_acc"] for x in recs]), _mean_sd([100 * x["val_acc"] for x in recs])
+        rows.append([name, recs[0]["arch"] if "arch" in recs[0] else "-", recs[0]["epochs"], test, val])
+    arms = table(["arm", "arch", "epochs", "test acc %", "val acc %"], rows)
+    diff_rows = [
+        [f"{c['a']} − {c['b']}", f"{c['mean']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]", f"{c['detectable']:.2f}"]
+        for c in compared
+    ]
+    diffs = table(["comparison", "paired mean [95% t-interval], points", "detectable (80% power), points"], diff_rows)
+    head = f"Test accuracy %, mean ± sample sd over {len(runs)} seeds ({num_test} test rows):"
+    tail = f"Paired differences of test accuracy over {len(runs)} seeds, in points:"
+    return f"{head}\n\n{arms}\n\n{tail}\n\n{diffs}\n"
+
+
+# -- main ------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", required=True, choices=sorted(EXPERIMENTS))
+    ap.add_argument("--seeds", default="1,2,3,4,5", help="reported seeds (the pilot seed 0 is never one)")
+    ap.add_argument("--select", action="store_true", help="choose the recipes on pilot seed 0's validation rows")
+    ap.add_argument("--quick", action="store_true", help="600 samples, 2 seeds, 2-3 epochs: proves the script runs")
+    ap.add_argument("--params", default="params.yaml", help="the params base (data, train, export sections)")
+    ap.add_argument("--num-samples", type=int, default=None, help="override data.num_samples (MNIST-1D)")
+    ap.add_argument("--teacher-arch", default=None, help="default: train.arch of the params")
+    ap.add_argument("--student-arch", default=None, help="default: mlp (compression), the teacher's (ensemble)")
+    ap.add_argument("--epoch-grid", default="15,30,60,120", help="teacher epochs tried for convergence")
+    ap.add_argument("--out", default=str(RESULTS), help="folder of the results JSON and table")
+    ap.add_argument("--name", default=None, help="results file stem (default kd_<experiment>_<dataset>)")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.num_samples, args.epoch_grid = args.num_samples or 600, "2,3"
+        args.seeds = ",".join(args.seeds.split(",")[:2])
+    return args
+
+
+def make_context(args: argparse.Namespace) -> Context:
+    raw = copy.deepcopy(ParamsFile.load(args.params).raw)
+    if args.num_samples is not None:
+        raw.setdefault("data", {})["num_samples"] = args.num_samples
+    raw.setdefault("train", {}).update(threads=1, select="last")
+    work = pick_workdir(args.workdir, 200 * 2**20, f"kd-{args.experiment}-")
+    dataset = work / "dataset.h5"
+    prepare_data(dataset, params=parse_section(DataParams, "data", raw.get("data")))
+    teacher = args.teacher_arch or parse_section(TrainParams, "train", raw["train"]).arch
+    student = args.student_arch or (EXPERIMENTS[args.experiment].student_arch if args.teacher_arch is None else teacher)
+    grid = [int(e) for e in args.epoch_grid.split(",")]
+    return Context(raw, dataset, load_prepared(dataset), work, teacher, student, grid, args.quick)
+
+
+def results_path(args: argparse.Namespace, raw: dict[str, Any]) -> Path:
+    dataset = raw.get("data", {}).get("dataset", "mnist1d")
+    name = args.name or f"kd_{args.experiment}_{dataset}" + ("-quick" if args.quick else "")
+    return Path(args.out) / f"{name}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if PILOT_SEED in seeds:
+        raise SystemExit(f"--seeds {args.seeds}: seed {PILOT_SEED} is the selection's pilot; report other seeds")
+    exp, ctx = EXPERIMENTS[args.experiment], make_context(args)
+    path, start = results_path(args, ctx.raw), time.perf_counter()
+    if args.select:
+        ctx.log(f"{args.experiment}: selection on pilot seed {PILOT_SEED}'s {len(ctx.data.val_index)} validation rows")
+        selection = {"pilot_seed": PILOT_SEED, "val_rows": len(ctx.data.val_index), **exp.select(ctx)}
+        selection["seconds"] = round(time.perf_counter() - start, 1)
+    elif path.is_file() and "selection" in (old := json.loads(path.read_text())):
+        selection = old["selection"]
+    else:
+        raise SystemExit(f"{path}: no selection recorded; run with --select first")
+    runs: list[dict[str, Any]] = []
+    info = machine_info()
+    rows = {"fit": len(ctx.data.fit_index()), "val": len(ctx.data.val_index), "test": len(ctx.data.y_test)}
+    for seed in seeds:
+        ctx.log(f"{args.experiment}: seed {seed} ({time.perf_counter() - start:.0f} s so far)")
+        runs.append(exp.run_seed(ctx, selection, seed))
+        compared = comparisons(runs, exp.comparisons)
+        payload = {
+            "experiment": args.experiment, "machine": info, "args": vars(args), "rows": rows,
+            "teacher_arch": ctx.teacher_arch, "student_arch": ctx.student_arch, "selection": selection,
+            "seeds": seeds[: len(runs)], "runs": runs, "comparisons": compared,
+            "minutes": round((time.perf_counter() - start) / 60, 1),
+        }  # fmt: skip
+        write_json(path, payload)
+        write_text(path.with_suffix(".md"), format_tables(runs, compared, rows["test"]))
+    print(path.with_suffix(".md").read_text())
+    print(f"wrote {path} ({(time.perf_counter() - start) / 60:.1f} min)", file=sys.stderr)
+    shutil.rmtree(ctx.work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""benchmarks/kd_experiments.py (issue 24's distillation experiments) at its smallest size (--quick: 600
+MNIST-1D samples, 2 seeds, 2-3 epochs): every arm is recorded per seed, the controls are what they claim
+(the paired control starts from the student's very weights and sees its batches; the compute-matched one
+trains the chain's epochs) and the tables' differences are the per-seed numbers' paired statistics.
+Accuracies are not asserted: targets are reported, not tested."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import pipeline.train.loop
+from pipeline.core.stats import detectable_effect, t_quantile
+from tests.conftest import benchmark_module
+
+COMPRESSION_ARMS = {"teacher", "kd T=2", "kd T=4", "dkd T=2", "dkd T=4", "paired control", "compute-matched control"}
+ENSEMBLE_ARMS = {
+    "member 0", "member 1", "member 2", "ensemble", "ensemble student", "BAN from one",
+    "paired control", "compute-matched control",
+}  # fmt: skip
+
+
+class _Spy:
+    """Per training run: the torch seed it was built with, its weights before the first step and its
+    batches (labels and a hash of the inputs). A run starts at make_criterion, called once per training."""
+
+    def __init__(self) -> None:
+        self.runs: list[dict[str, Any]] = []
+        self.real = pipeline.train.loop.train_one_epoch
+        self.real_make = pipeline.train.loop.make_criterion
+        self.new_run: dict[str, Any] | None = None
+
+    def make_criterion(self, gp, *args, **kwargs):
+        self.new_run = {"seed": torch.initial_seed(), "loss": gp.loss, "arch": gp.arch, "batches": []}
+        return self.real_make(gp, *args, **kwargs)
+
+    def __call__(self, model, batches, *args, **kwargs):
+        if self.new_run is not None:
+            self.new_run["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.runs.append(self.new_run)
+            self.new_run = None
+        run = self.runs[-1]
+
+        def recording():
+            for x, y, teacher in batches:
+                run["batches"].append((y.tolist(), hashlib.sha256(x.cpu().numpy().tobytes()).hexdigest()))
+                yield x, y, teacher
+
+        return self.real(model, recording(), *args, **kwargs)
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    with benchmark_module("kd_experiments", monkeypatch) as module:
+        yield module
+
+
+def _run(bench: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, experiment: str) -> tuple[dict, str, _Spy]:
+    spy = _Spy()
+    monkeypatch.setattr(pipeline.train.loop, "train_one_epoch", spy)
+    monkeypatch.setattr(pipeline.train.loop, "make_criterion", spy.make_criterion)
+    args = ["--experiment", experiment, "--quick", "--select", "--out", str(tmp_path), "--workdir", str(tmp_path)]
+    assert bench.main(args) == 0
+    stem = tmp_path / f"kd_{experiment}_mnist1d-quick"
+    return json.loads(stem.with_suffix(".json").read_text()), stem.with_suffix(".md").read_text(), spy
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _check_tables(record: dict[str, Any], md: str, pairs: list[tuple[str, str]]) -> None:
+    """Every comparison row of the .md is the paired mean, t-interval and detectable effect of the per-seed
+    test accuracies in the JSON, recomputed here."""
+    runs = record["runs"]
+    assert [c["a"] for c in record["comparisons"]] == [a for a, _ in pairs]
+    for a, b in pairs:
+        d = [100 * (r["arms"][a]["test_acc"] - r["arms"][b]["test_acc"]) for r in runs]
+        n, mean = len(d), sum(d) / len(d)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+        half = t_quantile(0.95, n - 1) * sd / math.sqrt(n)
+        row = re.search(rf"^\| {re.escape(a)} − {re.escape(b)} \| (.+?) \[(.+?), (.+?)\] \| (.+?) \|$", md, re.M)
+        assert row is not None, f"{a} − {b} not in the table"
+        shown = [float(v) for v in row.groups()]
+        assert shown[:3] == pytest.approx([mean, mean - half, mean + half], abs=0.006)
+        assert shown[3] == pytest.approx(detectable_effect(sd, n), abs=0.006)
+    for arm in runs[0]["arms"]:  # each arm's row: the mean of its per-seed test accuracies
+        accs = [100 * r["arms"][arm]["test_acc"] for r in runs]
+        assert re.search(rf"^\| {re.escape(arm)} \|.*\| {sum(accs) / len(accs):.2f} ± ", md, re.M), arm
+
+
+def _check_selection(selection: dict[str, Any], bench: Any) -> None:
+    """The choices are the recorded validation scores' own: the converged epochs and the best knob."""
+    teacher = selection["teacher_epochs"]
+    scores = {int(e): v for e, v in teacher["val_acc"].items()}
+    assert teacher["chosen"] == bench.converged_epochs(scores)
+    assert selection["pilot_seed"] == 0 and selection["val_rows"] > 0
+    for knob in selection["knobs"].values():
+        best = max(k["val_acc"] for k in knob["val_acc"])
+        chosen = next(k for k in knob["val_acc"] if k["val_acc"] == best)
+        assert all(chosen[key] == value for key, value in knob["chosen"].items() if key != "loss")
+
+
+def test_compression_records_every_arm_and_pairs_its_controls(bench, monkeypatch, tmp_path: Path) -> None:
+    record, md, spy = _run(bench, monkeypatch, tmp_path, "compression")
+    assert record["seeds"] == [1, 2] and [r["seed"] for r in record["runs"]] == [1, 2]
+    assert record["rows"]["val"] == record["selection"]["val_rows"] and record["machine"]["git_commit"]
+    _check_selection(record["selection"], bench)
+    for run in record["runs"]:
+        arms = run["arms"]
+        assert set(arms) == COMPRESSION_ARMS
+        assert all({"test_acc", "val_acc", "epochs", "seconds"} <= set(a) for a in arms.values())
+        e_t, e_s = arms["teacher"]["epochs"], arms["kd T=2"]["epochs"]
+        assert arms["compute-matched control"]["epochs"] == e_t + e_s == run["chain_epochs"]
+        assert arms["paired control"]["epochs"] == e_s and arms["teacher"]["arch"] == "cnn1d"
+        seed = 100 * run["seed"] + 1
+        assert {arms[a]["seed"] for a in COMPRESSION_ARMS - {"teacher"}} == {seed}
+        mine = [r for r in spy.runs if r["seed"] == seed]  # four students, the two controls
+        assert [r["loss"] for r in mine] == ["kd", "kd", "dkd", "dkd", "ce", "ce"]
+        assert all(_same(mine[0]["weights"], r["weights"]) for r in mine)
+        assert mine[0]["batches"] == mine[4]["batches"]  # the paired control: the student's batch order
+    seeds = {r["seed"] for r in spy.runs}
+    assert 101 in seeds and 201 in seeds and len(seeds) > 2  # the spy tells runs apart
+    _check_tables(record, md, bench.compression_comparisons())
+
+
+def test_ensemble_records_every_arm_and_pairs_its_controls(bench, monkeypatch, tmp_path: Path) -> None:
+    record, md, spy = _run(bench, monkeypatch, tmp_path, "ensemble")
+    _check_selection(record["selection"], bench)
+    for run in record["runs"]:
+        arms = run["arms"]
+        assert set(arms) == ENSEMBLE_ARMS
+        chain = sum(arms[a]["epochs"] for a in ("member 0", "member 1", "member 2", "ensemble student"))
+        assert arms["compute-matched control"]["epochs"] == chain == run["chain_epochs"]
+        assert [arms[f"member {g}"]["seed"] for g in range(3)] == [100 * run["seed"] + g for g in range(3)]
+        assert arms["ensemble student"]["teacher"] == [0, 1, 2] and arms["BAN from one"]["teacher"] == 0
+        mine = [r for r in spy.runs if r["seed"] == 100 * run["seed"] + 3]  # student, BAN, the two controls
+        assert [r["loss"] for r in mine] == ["kd", "kd", "ce", "ce"]
+        assert all(_same(mine[0]["weights"], r["weights"]) for r in mine)
+        assert mine[0]["batches"] == mine[1]["batches"] == mine[2]["batches"]
+        members = [r for r in spy.runs if r["seed"] in {100 * run["seed"] + g for g in range(3)}]
+        assert len(members) == 3 and not _same(members[0]["weights"], members[1]["weights"])
+    _check_tables(record, md, bench.ENSEMBLE_COMPARISONS)
+
+
+def test_report_without_a_selection_says_to_select_first(bench, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no selection recorded; run with --select first"):
+        bench.main(["--experiment", "ensemble", "--quick", "--out", str(tmp_path), "--workdir", str(tmp_path)])
+
+
+def test_converged_epochs_is_where_validation_stops_rising(bench) -> None:
+    assert bench.converged_epochs({15: 0.8575, 30: 0.915, 60: 0.925, 120: 0.9125}) == 60
+    assert bench.converged_epochs({30: 0.60, 60: 0.65, 120: 0.65}) == 60  # a tie: the shorter
+    assert bench.converged_epochs({30: 0.60, 60: 0.66, 120: 0.64, 240: 0.66}) == 60
+    assert bench.converged_epochs({30: 0.60, 60: 0.66, 120: 0.64, 240: 0.67}) == 240  # still rising at the end
