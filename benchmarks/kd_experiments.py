@@ -3,10 +3,14 @@
   compression  a label-trained `cnn1d` teacher -> `mlp` students with kd and dkd at T = 2 and T = 4
   ensemble     three label-trained `cnn1d` members -> one `cnn1d` student (teacher [0, 1, 2]); compared
                with BAN from one teacher (gen 0 alone, same loss and T), the controls and the ensemble
+  transfer     a teacher trained on the labelled rows of a transfer set (`data.n_unlabelled`), its logits
+               over labelled and unlabelled rows; a kd student on every row against label-trained controls
+               of equal epochs, equal steps and the chain's steps (configs/mnist1d-transfer.yaml)
 
-Two phases. `--select` (pilot seed 0, never a reported seed) chooses every recipe on the validation rows
-(`data.val_index`) only: the epochs where validation accuracy stops rising (grid `--epoch-grid`, cosine
-schedule, so each length is its own run), then per loss the knobs the issue leaves open (kd alpha, dkd beta
+Two phases. `--select` (pilot seeds, never reported) chooses every recipe on the validation rows
+(`data.val_index`) only: the epochs where the mean validation accuracy over `--convergence-seeds` (0, 6, 7)
+stops rising (grid `--epoch-grid`, the params' schedule, so each length is its own run), then on pilot seed
+0 per loss the knobs the issue leaves open (kd alpha, dkd beta
 with alpha = 1; for the ensemble the kd T and alpha). Without `--select` the choices are read back from the
 results JSON. The report phase then runs `--seeds` (default 1..5) in sequence, each in its own project
 root through the library's steps (prepare_generation / train_job / export_generation / train_control);
@@ -26,7 +30,9 @@ the effect its seeds detect with 80% power (`pipeline.core.stats.detectable_effe
 
 A new experiment is one more `Experiment` in EXPERIMENTS: its selection, its per-seed run, its arms and
 its comparisons. `--params` (e.g. configs/cifar10-cpu.yaml) and `--num-samples`, `--teacher-arch`,
-`--student-arch` run the same experiments on another dataset.
+`--student-arch` run the same experiments on another dataset. With `export.views` > 1 (image datasets) the
+students replay the stored views (`view_policy: random`), and every store draws its views with its
+generation's seed, so views differ between seeds and generations.
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ from pipeline.train.controls import train_control
 from pipeline.train.loop import TrainResult, checkpoint_meta, save_generation, train_generation
 from stages.common import ParamsFile
 
-PILOT_SEED = 0  # the selection's seed: never one of the reported seeds
+PILOT_SEED = 0  # the selection's seed (knobs; its runs are the pilot's networks): never a reported seed
+CONVERGENCE_SEEDS = (0, 6, 7)  # convergence: mean validation accuracy over these pilot seeds, none reported
 
 
 def say(line: str) -> None:
@@ -84,13 +91,26 @@ class Context:
     epoch_grid: list[int]
     quick: bool
     log: Callable[[str], None] = field(default=say)
+    convergence_seeds: tuple[int, ...] = CONVERGENCE_SEEDS
+
+    @property
+    def views(self) -> int:
+        """export.views of the params: image datasets replay that many stored views (view_policy random)."""
+        return parse_section(ExportParams, "export", self.raw.get("export", {})).views
+
+    def student(self, gp: GenParams) -> GenParams:
+        """A student's params: with stored views (export.views > 1) it replays them, the image and the target
+        from the same crop and flip (README "Cached views and sparse caches")."""
+        return replace(gp, view_policy="random") if self.views > 1 else gp
 
     def recipe(self, seed: int, epochs: int) -> TrainParams:
         train = {**self.raw.get("train", {}), "seed": 100 * seed, "epochs": epochs, "arch": self.teacher_arch}
         return parse_section(TrainParams, "train", train)
 
-    def export_params(self) -> ExportParams:
-        return parse_section(ExportParams, "export", {**self.raw.get("export", {}), "views": 1})
+    def export_params(self, seed: int = 0) -> ExportParams:
+        """The params' export section; its views (their crops and flips) drawn with `seed`, which callers make
+        the generation's seed, so views differ between seeds and generations."""
+        return parse_section(ExportParams, "export", {**self.raw.get("export", {}), "seed": seed})
 
     def root(self, name: str) -> ProjectPaths:
         """A fresh project root under the work folder holding a copy of the prepared dataset."""
@@ -140,7 +160,7 @@ def train_gen(ctx: Context, paths: ProjectPaths, recipe: TrainParams, gen: int, 
     if "teacher" in metrics:  # the teacher's fitness on the fit rows, at the student's T
         rec["teacher_fit_acc"], rec["teacher_entropy"] = metrics["teacher"]["fit_acc"], metrics["teacher"]["entropy"]
     if export:
-        export_generation(paths, gen, ctx.export_params(), SINGLE_PROCESS, quiet_bar)
+        export_generation(paths, gen, ctx.export_params(generation_seed(recipe, gen, gp)), SINGLE_PROCESS, quiet_bar)
     ctx.log(f"  gen {gen}: {_short(rec)}")
     return rec
 
@@ -191,24 +211,39 @@ EXTEND = 2  # times the grid is doubled past its end while the longest run is st
 
 
 def convergence(ctx: Context, arch: str, grid: list[int]) -> tuple[dict, dict[int, TrainResult]]:
-    """Label-trained `arch` at every epochs of `grid` (pilot seed, gen 0), doubled past the grid's end while
-    the longest is still the best (at most EXTEND times): validation accuracy of each, the epochs chosen, and
-    the trained runs (the chosen one is reused as the pilot's teacher)."""
+    """Label-trained `arch` at every epochs of `grid` (gen 0) for each of `ctx.convergence_seeds`, doubled past
+    the grid's end while the longest is still the best (at most EXTEND times): the mean validation accuracy
+    over those seeds at each epochs (one pilot seed's 250-400 validation rows move by a point from seed
+    noise alone), each seed's, the epochs chosen, and pilot seed 0's runs (the chosen one is reused as the
+    pilot's teacher)."""
     scores: dict[int, float] = {}
+    per_seed: dict[int, list[float]] = {}
     runs: dict[int, TrainResult] = {}
     todo = list(grid)
     while todo:
         epochs = todo.pop(0)
-        recipe = replace(ctx.recipe(PILOT_SEED, epochs), arch=arch)
-        t0 = time.perf_counter()
-        runs[epochs] = train_generation(ctx.data, recipe, 0, GenParams(loss="ce"), None)
-        scores[epochs] = runs[epochs].history[-1].val_acc
-        ctx.log(f"  select {arch} {epochs} ep: val {100 * scores[epochs]:.2f} ({time.perf_counter() - t0:.0f} s)")
+        t0, vals = time.perf_counter(), []
+        for seed in ctx.convergence_seeds:
+            recipe = replace(ctx.recipe(seed, epochs), arch=arch)
+            result = train_generation(ctx.data, recipe, 0, GenParams(loss="ce"), None)
+            vals.append(result.history[-1].val_acc)
+            if seed == PILOT_SEED:
+                runs[epochs] = result
+        scores[epochs], per_seed[epochs] = statistics.mean(vals), vals
+        shown = ", ".join(f"{100 * v:.2f}" for v in vals)
+        took = time.perf_counter() - t0
+        ctx.log(f"  select {arch} {epochs} ep: val {100 * scores[epochs]:.2f} (seeds: {shown}; {took:.0f} s)")
         if not todo and converged_epochs(scores) == epochs and len(scores) < len(grid) + EXTEND:
             todo.append(2 * epochs)
     chosen = converged_epochs(scores)
     curve = {str(e): [round(h.val_acc, 4) for h in r.history] for e, r in runs.items()}
-    return {"val_acc": {str(e): v for e, v in scores.items()}, "chosen": chosen, "curves": curve}, runs
+    return {
+        "val_acc": {str(e): v for e, v in scores.items()},
+        "val_acc_per_seed": {str(e): v for e, v in per_seed.items()},
+        "seeds": list(ctx.convergence_seeds),
+        "chosen": chosen,
+        "curves": curve,
+    }, runs
 
 
 def pilot_teacher(ctx: Context, paths: ProjectPaths, run: TrainResult, epochs: int) -> None:
@@ -216,7 +251,7 @@ def pilot_teacher(ctx: Context, paths: ProjectPaths, run: TrainResult, epochs: i
     recipe = ctx.recipe(PILOT_SEED, epochs)
     gp = GenParams(loss="ce")
     save_generation(paths.model(0), run, checkpoint_meta(ctx.data, recipe, 0, gp, None))
-    export_generation(paths, 0, ctx.export_params(), SINGLE_PROCESS, quiet_bar)
+    export_generation(paths, 0, ctx.export_params(generation_seed(recipe, 0, gp)), SINGLE_PROCESS, quiet_bar)
 
 
 def val_score(ctx: Context, paths: ProjectPaths, recipe: TrainParams, gen: int, gp: GenParams) -> float:
@@ -256,7 +291,7 @@ def select_compression(ctx: Context) -> dict[str, Any]:
         grid = grid[1:2] if ctx.quick else grid
         scores = []
         for knob in grid:
-            gp = GenParams(loss=loss, teacher=0, temperature=t, arch=ctx.student_arch, **knob)
+            gp = ctx.student(GenParams(loss=loss, teacher=0, temperature=t, arch=ctx.student_arch, **knob))
             scores.append((knob, val_score(ctx, paths, recipe, 1, gp)))
             ctx.log(f"  select {arm_name(loss, t)} {knob}: val {100 * scores[-1][1]:.2f}")
         knobs[arm_name(loss, t)] = {"chosen": pick(scores), "val_acc": [{**k, "val_acc": v} for k, v in scores]}
@@ -272,7 +307,8 @@ def run_compression(ctx: Context, sel: dict[str, Any], seed: int) -> dict[str, A
     gps = {}
     for gen, (loss, t) in enumerate(STUDENT_ARMS, 1):
         knob = sel["knobs"][arm_name(loss, t)]["chosen"]
-        gps[gen] = GenParams(loss=loss, teacher=0, temperature=t, seed=student_seed, arch=ctx.student_arch, **knob)
+        gp = GenParams(loss=loss, teacher=0, temperature=t, seed=student_seed, arch=ctx.student_arch, **knob)
+        gps[gen] = ctx.student(gp)
         arms[arm_name(loss, t)] = train_gen(ctx, paths, student_recipe, gen, gps[gen], export=False)
     arms["paired control"] = control(ctx, student_recipe, 1, gps[1], "paired control")
     arms["compute-matched control"] = control(ctx, ctx.recipe(seed, e_t + e_s), 1, gps[1], "compute-matched")
@@ -302,7 +338,7 @@ def select_ensemble(ctx: Context) -> dict[str, Any]:
         train_gen(ctx, paths, recipe, gen, GenParams(loss="ce"), export=True)
     scores = []
     for knob in ENSEMBLE_KNOBS[1:2] if ctx.quick else ENSEMBLE_KNOBS:
-        gp = GenParams(loss="kd", teacher=MEMBERS, arch=ctx.student_arch, **knob)
+        gp = ctx.student(GenParams(loss="kd", teacher=MEMBERS, arch=ctx.student_arch, **knob))
         scores.append((knob, val_score(ctx, paths, recipe, STUDENT_GEN, gp)))
         ctx.log(f"  select ensemble student {knob}: val {100 * scores[-1][1]:.2f}")
     knobs = {"student": {"chosen": {"loss": "kd", **pick(scores)}, "val_acc": [{**k, "val_acc": v} for k, v in scores]}}
@@ -319,7 +355,7 @@ def run_ensemble(ctx: Context, sel: dict[str, Any], seed: int) -> dict[str, Any]
     arms["ensemble"] = ensemble_record(paths, ctx.data, MEMBERS)
     knob = dict(sel["knobs"]["student"]["chosen"])
     student_seed = 100 * seed + STUDENT_GEN  # the BAN-from-one student shares it: same init and batch order
-    gp = GenParams(teacher=MEMBERS, seed=student_seed, arch=ctx.student_arch, **knob)
+    gp = ctx.student(GenParams(teacher=MEMBERS, seed=student_seed, arch=ctx.student_arch, **knob))
     arms["ensemble student"] = train_gen(ctx, paths, recipe, STUDENT_GEN, gp, export=False)
     arms["BAN from one"] = train_gen(ctx, paths, recipe, BAN_GEN, replace(gp, teacher=0), export=False)
     arms["paired control"] = control(ctx, recipe, STUDENT_GEN, gp, "paired control")
@@ -336,6 +372,61 @@ ENSEMBLE_COMPARISONS = [
 ]
 
 
+# -- experiment (c): a transfer set ----------------------------------------------------------------------
+TRANSFER_KNOBS = [{"temperature": t, "alpha": a} for t in (1.0, 2.0, 4.0) for a in (0.1, 0.5, 0.9)]
+TRANSFER_CONTROLS = ("control, equal epochs", "control, equal steps", "control, the chain's steps")
+
+
+def _steps(rows: int, batch: int) -> int:
+    return -(-rows // batch)
+
+
+def transfer_control_epochs(ctx: Context, e_t: int, e_s: int) -> dict[str, int]:
+    """Label-only epochs (over the labelled fit rows) of each control: the student's epochs; as many steps as
+    the student (whose epochs hold every fit row, labelled or not); the steps of the whole chain, the
+    teacher's epochs (labelled rows) plus the student's steps. Steps are batches of train.batch_size."""
+    if not ctx.data.num_unlabelled:
+        raise SystemExit("experiment transfer: the dataset has no unlabelled rows; set data.n_unlabelled in --params")
+    bs = ctx.recipe(PILOT_SEED, 1).batch_size
+    labelled, every = _steps(len(ctx.data.fit_index()), bs), _steps(len(ctx.data.fit_index(unlabelled=True)), bs)
+    same_steps = round(e_s * every / labelled)
+    return dict(zip(TRANSFER_CONTROLS, (e_s, same_steps, e_t + same_steps), strict=True))
+
+
+def select_transfer(ctx: Context) -> dict[str, Any]:
+    """The teacher's epochs on the labelled rows (convergence), then the kd student's T and alpha over the
+    transfer set at the teacher's epochs, each scored on the validation rows (labelled, never trained on)."""
+    teacher, runs = convergence(ctx, ctx.teacher_arch, ctx.epoch_grid)
+    e = teacher["chosen"]
+    paths = ctx.root("select-transfer")
+    pilot_teacher(ctx, paths, runs[e], e)
+    recipe = ctx.recipe(PILOT_SEED, e)
+    scores = []
+    for knob in TRANSFER_KNOBS[1:2] if ctx.quick else TRANSFER_KNOBS:
+        gp = ctx.student(GenParams(loss="kd", teacher=0, arch=ctx.student_arch, **knob))
+        scores.append((knob, val_score(ctx, paths, recipe, 1, gp)))
+        ctx.log(f"  select transfer-set student {knob}: val {100 * scores[-1][1]:.2f}")
+    knobs = {"student": {"chosen": {"loss": "kd", **pick(scores)}, "val_acc": [{**k, "val_acc": v} for k, v in scores]}}
+    return {"teacher_epochs": teacher, "student_epochs": {"chosen": e}, "knobs": knobs}
+
+
+def run_transfer(ctx: Context, sel: dict[str, Any], seed: int) -> dict[str, Any]:
+    e_t, e_s = sel["teacher_epochs"]["chosen"], sel["student_epochs"]["chosen"]
+    paths = ctx.root(f"transfer-seed-{seed}")
+    arms = {"teacher": train_gen(ctx, paths, ctx.recipe(seed, e_t), 0, GenParams(loss="ce"), export=True)}
+    knob = sel["knobs"]["student"]["chosen"]
+    gp = ctx.student(GenParams(teacher=0, seed=100 * seed + 1, arch=ctx.student_arch, **knob))
+    arms["transfer-set student"] = train_gen(ctx, paths, ctx.recipe(seed, e_s), 1, gp, export=False)
+    epochs = transfer_control_epochs(ctx, e_t, e_s)
+    for name, n in epochs.items():
+        arms[name] = control(ctx, ctx.recipe(seed, n), 1, gp, name)
+    rows = {"labelled_fit": len(ctx.data.fit_index()), "unlabelled": ctx.data.num_unlabelled}
+    return {"seed": seed, "arms": arms, "chain_epochs": epochs[TRANSFER_CONTROLS[2]], "rows": rows}
+
+
+TRANSFER_COMPARISONS = [("transfer-set student", c) for c in TRANSFER_CONTROLS] + [("transfer-set student", "teacher")]
+
+
 @dataclass(frozen=True)
 class Experiment:
     """One experiment: its selection on the pilot seed, one reported seed's run, its comparisons."""
@@ -349,6 +440,7 @@ class Experiment:
 EXPERIMENTS = {
     "compression": Experiment(select_compression, run_compression, compression_comparisons(), "mlp"),
     "ensemble": Experiment(select_ensemble, run_ensemble, ENSEMBLE_COMPARISONS, "cnn1d"),
+    "transfer": Experiment(select_transfer, run_transfer, TRANSFER_COMPARISONS, "cnn1d"),
 }
 
 
@@ -406,9 +498,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="600 samples, 2 seeds, 2-3 epochs: proves the script runs")
     ap.add_argument("--params", default="params.yaml", help="the params base (data, train, export sections)")
     ap.add_argument("--num-samples", type=int, default=None, help="override data.num_samples (MNIST-1D)")
+    ap.add_argument("--n-train", type=int, default=None, help="override data.n_train (labelled rows)")
+    ap.add_argument("--n-unlabelled", type=int, default=None, help="override data.n_unlabelled (transfer set)")
     ap.add_argument("--teacher-arch", default=None, help="default: train.arch of the params")
     ap.add_argument("--student-arch", default=None, help="default: mlp (compression), the teacher's (ensemble)")
     ap.add_argument("--epoch-grid", default="15,30,60,120", help="teacher epochs tried for convergence")
+    ap.add_argument("--convergence-seeds", default=",".join(map(str, CONVERGENCE_SEEDS)), help="pilot seeds averaged")
     ap.add_argument("--out", default=str(RESULTS), help="folder of the results JSON and table")
     ap.add_argument("--name", default=None, help="results file stem (default kd_<experiment>_<dataset>)")
     ap.add_argument("--workdir", default=None)
@@ -421,8 +516,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_context(args: argparse.Namespace) -> Context:
     raw = copy.deepcopy(ParamsFile.load(args.params).raw)
-    if args.num_samples is not None:
-        raw.setdefault("data", {})["num_samples"] = args.num_samples
+    for key in ("num_samples", "n_train", "n_unlabelled"):
+        if getattr(args, key) is not None:
+            raw.setdefault("data", {})[key] = getattr(args, key)
     raw.setdefault("train", {}).update(threads=1, select="last")
     work = pick_workdir(args.workdir, 200 * 2**20, f"kd-{args.experiment}-")
     dataset = work / "dataset.h5"
@@ -430,7 +526,8 @@ def make_context(args: argparse.Namespace) -> Context:
     teacher = args.teacher_arch or parse_section(TrainParams, "train", raw["train"]).arch
     student = args.student_arch or (EXPERIMENTS[args.experiment].student_arch if args.teacher_arch is None else teacher)
     grid = [int(e) for e in args.epoch_grid.split(",")]
-    return Context(raw, dataset, load_prepared(dataset), work, teacher, student, grid, args.quick)
+    pilots = tuple(int(x) for x in args.convergence_seeds.split(","))
+    return Context(raw, dataset, load_prepared(dataset), work, teacher, student, grid, args.quick, say, pilots)
 
 
 def results_path(args: argparse.Namespace, raw: dict[str, Any]) -> Path:
@@ -442,13 +539,19 @@ def results_path(args: argparse.Namespace, raw: dict[str, Any]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    if PILOT_SEED in seeds:
-        raise SystemExit(f"--seeds {args.seeds}: seed {PILOT_SEED} is the selection's pilot; report other seeds")
+    pilots = {PILOT_SEED, *(int(x) for x in args.convergence_seeds.split(","))}
+    if pilots & set(seeds):
+        raise SystemExit(f"--seeds {args.seeds}: seeds {sorted(pilots)} are the selection's pilots; report other seeds")
     exp, ctx = EXPERIMENTS[args.experiment], make_context(args)
     path, start = results_path(args, ctx.raw), time.perf_counter()
     if args.select:
-        ctx.log(f"{args.experiment}: selection on pilot seed {PILOT_SEED}'s {len(ctx.data.val_index)} validation rows")
-        selection = {"pilot_seed": PILOT_SEED, "val_rows": len(ctx.data.val_index), **exp.select(ctx)}
+        ctx.log(f"{args.experiment}: selection on pilot seeds' {len(ctx.data.val_index)} validation rows")
+        selection = {
+            "pilot_seed": PILOT_SEED,
+            "convergence_seeds": list(ctx.convergence_seeds),
+            "val_rows": len(ctx.data.val_index),
+            **exp.select(ctx),
+        }
         selection["seconds"] = round(time.perf_counter() - start, 1)
     elif path.is_file() and "selection" in (old := json.loads(path.read_text())):
         selection = old["selection"]
@@ -457,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     info = machine_info()
     rows = {"fit": len(ctx.data.fit_index()), "val": len(ctx.data.val_index), "test": len(ctx.data.y_test)}
+    if ctx.data.num_unlabelled:
+        rows["unlabelled"] = ctx.data.num_unlabelled
     for seed in seeds:
         ctx.log(f"{args.experiment}: seed {seed} ({time.perf_counter() - start:.0f} s so far)")
         runs.append(exp.run_seed(ctx, selection, seed))

@@ -63,11 +63,14 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         yield module
 
 
-def _run(bench: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, experiment: str) -> tuple[dict, str, _Spy]:
+def _run(
+    bench: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, experiment: str, *more: str
+) -> tuple[dict, str, _Spy]:
     spy = _Spy()
     monkeypatch.setattr(pipeline.train.loop, "train_one_epoch", spy)
     monkeypatch.setattr(pipeline.train.loop, "make_criterion", spy.make_criterion)
     args = ["--experiment", experiment, "--quick", "--select", "--out", str(tmp_path), "--workdir", str(tmp_path)]
+    args += list(more)
     assert bench.main(args) == 0
     stem = tmp_path / f"kd_{experiment}_mnist1d-quick"
     return json.loads(stem.with_suffix(".json").read_text()), stem.with_suffix(".md").read_text(), spy
@@ -102,6 +105,9 @@ def _check_selection(selection: dict[str, Any], bench: Any) -> None:
     teacher = selection["teacher_epochs"]
     scores = {int(e): v for e, v in teacher["val_acc"].items()}
     assert teacher["chosen"] == bench.converged_epochs(scores)
+    assert teacher["seeds"] == [0, 6, 7] == selection["convergence_seeds"]
+    for e, per_seed in teacher["val_acc_per_seed"].items():  # the mean over the convergence seeds
+        assert len(per_seed) == 3 and scores[int(e)] == pytest.approx(sum(per_seed) / 3, abs=1e-12)
     assert selection["pilot_seed"] == 0 and selection["val_rows"] > 0
     for knob in selection["knobs"].values():
         best = max(k["val_acc"] for k in knob["val_acc"])
@@ -161,3 +167,35 @@ def test_converged_epochs_is_where_validation_stops_rising(bench) -> None:
     assert bench.converged_epochs({30: 0.60, 60: 0.65, 120: 0.65}) == 60  # a tie: the shorter
     assert bench.converged_epochs({30: 0.60, 60: 0.66, 120: 0.64, 240: 0.66}) == 60
     assert bench.converged_epochs({30: 0.60, 60: 0.66, 120: 0.64, 240: 0.67}) == 240  # still rising at the end
+
+
+TRANSFER_ARMS = {
+    "teacher", "transfer-set student", "control, equal epochs", "control, equal steps", "control, the chain's steps"
+}  # fmt: skip
+
+
+def test_transfer_records_every_arm_and_matches_steps(bench, monkeypatch, tmp_path: Path) -> None:
+    """Experiment (c) on a small transfer set (100 labelled train rows, 300 unlabelled): the teacher trains on
+    labelled rows, the student on every row (the unlabelled ones in each epoch), the controls on labelled rows
+    from the student's weights, for its epochs, its steps and the chain's steps."""
+    more = ["--params", "configs/mnist1d-transfer.yaml", "--n-train", "100", "--n-unlabelled", "300"]
+    record, md, spy = _run(bench, monkeypatch, tmp_path, "transfer", *more)
+    _check_selection(record["selection"], bench)
+    assert record["rows"]["unlabelled"] == 300 and record["rows"]["fit"] == 90
+    for run in record["runs"]:
+        arms = run["arms"]
+        assert set(arms) == TRANSFER_ARMS
+        e_t, e_s = arms["teacher"]["epochs"], arms["transfer-set student"]["epochs"]
+        per_epoch = (-(-(90 + 300) // 128), -(-90 // 128))  # batches of the student's and a control's epoch
+        steps = round(e_s * per_epoch[0] / per_epoch[1])
+        assert arms["control, equal epochs"]["epochs"] == e_s
+        assert arms["control, equal steps"]["epochs"] == steps
+        assert arms["control, the chain's steps"]["epochs"] == e_t + steps == run["chain_epochs"]
+        teacher = next(r for r in spy.runs if r["seed"] == 100 * run["seed"])
+        mine = [r for r in spy.runs if r["seed"] == 100 * run["seed"] + 1]  # the student, then its 3 controls
+        assert [r["loss"] for r in mine] == ["kd", "ce", "ce", "ce"]
+        assert all(_same(mine[0]["weights"], r["weights"]) for r in mine)
+        labels = [[y for ys, _ in r["batches"] for y in ys] for r in (teacher, *mine)]
+        assert labels[1].count(-1) == 300 * e_s and len(labels[1]) == 390 * e_s
+        assert all(-1 not in ys for ys in (labels[0], *labels[2:]))
+    _check_tables(record, md, bench.TRANSFER_COMPARISONS)
