@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -92,6 +93,8 @@ class Context:
     quick: bool
     log: Callable[[str], None] = field(default=say)
     convergence_seeds: tuple[int, ...] = CONVERGENCE_SEEDS
+    params: str = "params.yaml"
+    reuse: str | None = None  # a results JSON whose convergence records (same data, arch, grid) are reused
 
     @property
     def views(self) -> int:
@@ -201,10 +204,17 @@ def ensemble_record(paths: ProjectPaths, data: PreparedData, gens: list[int]) ->
 
 
 # -- selection on validation rows (pilot seed 0) ---------------------------------------------------------
-def converged_epochs(scores: dict[int, float]) -> int:
-    """Where validation accuracy stops rising with epochs: the smallest epochs of the grid whose validation
-    accuracy no longer run of the grid beats (the earliest best)."""
-    return min(e for e, v in scores.items() if all(v >= w for f, w in scores.items() if f > e))
+def converged_epochs(scores: dict[int, float], rows: int | None = None) -> int:
+    """Where validation accuracy stops rising with epochs. Without `rows`: the smallest epochs of the grid
+    whose accuracy no longer run of the grid beats. With `rows` (validation rows times seeds behind each
+    mean): the one-standard-error rule, the smallest epochs within one binomial standard error
+    sqrt(p (1 - p) / rows) of the best mean p, so that a longer run better by less than the noise of
+    `rows` rows does not count as still rising."""
+    if rows is None:
+        return min(e for e, v in scores.items() if all(v >= w for f, w in scores.items() if f > e))
+    best = max(scores.values())
+    tol = math.sqrt(best * (1.0 - best) / rows)
+    return min(e for e, v in scores.items() if v >= best - tol)
 
 
 EXTEND = 2  # times the grid is doubled past its end while the longest run is still the best
@@ -216,6 +226,12 @@ def convergence(ctx: Context, arch: str, grid: list[int]) -> tuple[dict, dict[in
     over those seeds at each epochs (one pilot seed's 250-400 validation rows move by a point from seed
     noise alone), each seed's, the epochs chosen, and pilot seed 0's runs (the chosen one is reused as the
     pilot's teacher)."""
+    reused = reuse_convergence(ctx, arch, grid)
+    if reused is not None:  # the same runs, already made and recorded: train only pilot seed 0's chosen one
+        e = reused["chosen"]
+        pilot = train_generation(ctx.data, replace(ctx.recipe(PILOT_SEED, e), arch=arch), 0, GenParams(loss="ce"), None)
+        ctx.log(f"  select {arch}: {e} epochs, reused from {reused['reused_from']}")
+        return reused, {e: pilot}
     scores: dict[int, float] = {}
     per_seed: dict[int, list[float]] = {}
     runs: dict[int, TrainResult] = {}
@@ -233,17 +249,39 @@ def convergence(ctx: Context, arch: str, grid: list[int]) -> tuple[dict, dict[in
         shown = ", ".join(f"{100 * v:.2f}" for v in vals)
         took = time.perf_counter() - t0
         ctx.log(f"  select {arch} {epochs} ep: val {100 * scores[epochs]:.2f} (seeds: {shown}; {took:.0f} s)")
-        if not todo and converged_epochs(scores) == epochs and len(scores) < len(grid) + EXTEND:
+        rows = len(ctx.data.val_index) * len(ctx.convergence_seeds)
+        if not todo and converged_epochs(scores, rows) == epochs and len(scores) < len(grid) + EXTEND:
             todo.append(2 * epochs)
-    chosen = converged_epochs(scores)
+    chosen = converged_epochs(scores, rows)
     curve = {str(e): [round(h.val_acc, 4) for h in r.history] for e, r in runs.items()}
     return {
+        "arch": arch,
+        "grid": list(grid),
         "val_acc": {str(e): v for e, v in scores.items()},
         "val_acc_per_seed": {str(e): v for e, v in per_seed.items()},
         "seeds": list(ctx.convergence_seeds),
         "chosen": chosen,
         "curves": curve,
     }, runs
+
+
+def reuse_convergence(ctx: Context, arch: str, grid: list[int]) -> dict[str, Any] | None:
+    """The convergence record of `arch` in the results JSON `ctx.reuse` (another experiment's selection on the
+    same data and recipe), when it was made over the same grid, seeds and validation rows; else None."""
+    if ctx.reuse is None:
+        return None
+    old = json.loads(Path(ctx.reuse).read_text())
+    same = old["args"]["params"] == ctx.params and old["rows"]["val"] == len(ctx.data.val_index)
+    for key in ("teacher_epochs", "student_epochs"):
+        rec = old["selection"].get(key, {})
+        if (
+            same
+            and rec.get("arch") == arch
+            and rec.get("grid") == grid
+            and rec.get("seeds") == list(ctx.convergence_seeds)
+        ):
+            return {**rec, "reused_from": str(ctx.reuse)}
+    raise SystemExit(f"--reuse-convergence {ctx.reuse}: no convergence of {arch} on these params, grid and seeds there")
 
 
 def pilot_teacher(ctx: Context, paths: ProjectPaths, run: TrainResult, epochs: int) -> None:
@@ -504,6 +542,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--student-arch", default=None, help="default: mlp (compression), the teacher's (ensemble)")
     ap.add_argument("--epoch-grid", default="15,30,60,120", help="teacher epochs tried for convergence")
     ap.add_argument("--convergence-seeds", default=",".join(map(str, CONVERGENCE_SEEDS)), help="pilot seeds averaged")
+    ap.add_argument("--reuse-convergence", default=None, help="a results JSON: reuse its convergence of the same arch")
     ap.add_argument("--out", default=str(RESULTS), help="folder of the results JSON and table")
     ap.add_argument("--name", default=None, help="results file stem (default kd_<experiment>_<dataset>)")
     ap.add_argument("--workdir", default=None)
@@ -527,7 +566,10 @@ def make_context(args: argparse.Namespace) -> Context:
     student = args.student_arch or (EXPERIMENTS[args.experiment].student_arch if args.teacher_arch is None else teacher)
     grid = [int(e) for e in args.epoch_grid.split(",")]
     pilots = tuple(int(x) for x in args.convergence_seeds.split(","))
-    return Context(raw, dataset, load_prepared(dataset), work, teacher, student, grid, args.quick, say, pilots)
+    data = load_prepared(dataset)
+    return Context(
+        raw, dataset, data, work, teacher, student, grid, args.quick, say, pilots, args.params, args.reuse_convergence
+    )
 
 
 def results_path(args: argparse.Namespace, raw: dict[str, Any]) -> Path:
@@ -568,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         compared = comparisons(runs, exp.comparisons)
         payload = {
             "experiment": args.experiment, "machine": info, "args": vars(args), "rows": rows,
+            "dataset_fingerprint": ctx.data.fingerprint,
             "teacher_arch": ctx.teacher_arch, "student_arch": ctx.student_arch, "selection": selection,
             "seeds": seeds[: len(runs)], "runs": runs, "comparisons": compared,
             "minutes": round((time.perf_counter() - start) / 60, 1),

@@ -104,7 +104,8 @@ def _check_selection(selection: dict[str, Any], bench: Any) -> None:
     """The choices are the recorded validation scores' own: the converged epochs and the best knob."""
     teacher = selection["teacher_epochs"]
     scores = {int(e): v for e, v in teacher["val_acc"].items()}
-    assert teacher["chosen"] == bench.converged_epochs(scores)
+    rows = selection["val_rows"] * len(teacher["seeds"])
+    assert teacher["chosen"] == bench.converged_epochs(scores, rows)
     assert teacher["seeds"] == [0, 6, 7] == selection["convergence_seeds"]
     for e, per_seed in teacher["val_acc_per_seed"].items():  # the mean over the convergence seeds
         assert len(per_seed) == 3 and scores[int(e)] == pytest.approx(sum(per_seed) / 3, abs=1e-12)
@@ -167,6 +168,11 @@ def test_converged_epochs_is_where_validation_stops_rising(bench) -> None:
     assert bench.converged_epochs({30: 0.60, 60: 0.65, 120: 0.65}) == 60  # a tie: the shorter
     assert bench.converged_epochs({30: 0.60, 60: 0.66, 120: 0.64, 240: 0.66}) == 60
     assert bench.converged_epochs({30: 0.60, 60: 0.66, 120: 0.64, 240: 0.67}) == 240  # still rising at the end
+    # one standard error: 1,200 rows (400 validation rows x 3 seeds) at 93.5% give sqrt(.935 x .065 / 1200) =
+    # 0.71 points, so 240 epochs (93.17) count as converged beside 480 (93.50), 60 (92.17) do not
+    means = {30: 0.9067, 60: 0.9217, 120: 0.92, 240: 0.9317, 480: 0.935}
+    assert bench.converged_epochs(means, 1200) == 240 and bench.converged_epochs(means) == 480
+    assert bench.converged_epochs(means, 100) == 60  # 100 rows: 2.5 points of noise
 
 
 TRANSFER_ARMS = {
