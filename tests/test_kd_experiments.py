@@ -205,3 +205,22 @@ def test_transfer_records_every_arm_and_matches_steps(bench, monkeypatch, tmp_pa
         assert labels[1].count(-1) == 300 * e_s and len(labels[1]) == 390 * e_s
         assert all(-1 not in ys for ys in (labels[0], *labels[2:]))
     _check_tables(record, md, bench.TRANSFER_COMPARISONS)
+
+
+def test_ensemble_reuses_the_compression_convergence(bench, monkeypatch, tmp_path: Path) -> None:
+    """--reuse-convergence: the ensemble's members take the compression run's cnn1d convergence record (same
+    params, data, grid and seeds) and train only pilot seed 0's chosen run, not the grid again."""
+    first, _, _ = _run(bench, monkeypatch, tmp_path / "a", "compression")
+    reuse = tmp_path / "a" / "kd_compression_mnist1d-quick.json"
+    record, _, spy = _run(bench, monkeypatch, tmp_path / "b", "ensemble", "--reuse-convergence", str(reuse))
+    teacher = record["selection"]["teacher_epochs"]
+    assert teacher["reused_from"] == str(reuse)
+    assert {k: teacher[k] for k in ("val_acc", "chosen", "seeds")} == {
+        k: first["selection"]["teacher_epochs"][k] for k in ("val_acc", "chosen", "seeds")
+    }
+    assert not [r for r in spy.runs if r["seed"] in (600, 700)]  # no convergence run of pilot seeds 6 and 7
+    with pytest.raises(SystemExit, match="no convergence of cnn1d on these params, grid and seeds"):
+        bench.main(
+            ["--experiment", "ensemble", "--quick", "--select", "--convergence-seeds", "0,6"]
+            + ["--out", str(tmp_path / "c"), "--workdir", str(tmp_path / "c"), "--reuse-convergence", str(reuse)]
+        )
