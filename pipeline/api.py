@@ -74,9 +74,9 @@ def prepare_data(
     from pipeline.data.sources import subset as take_subset
 
     if p.dataset == "mnist1d":
-        loaded = Loaded(make_mnist1d(p.num_samples), MNIST1D_CLASSES)
-        if p.n_train is not None or p.n_test is not None or p.n_unlabelled is not None:
-            loaded = take_subset(loaded, p.n_train, p.n_test, p.split_seed, p.n_unlabelled)
+        loaded = take_subset(
+            Loaded(make_mnist1d(p.num_samples), MNIST1D_CLASSES), p.n_train, p.n_test, p.split_seed, p.n_unlabelled
+        )
     else:
         loaded = load_dataset(
             p.dataset,

@@ -15,9 +15,8 @@ from pipeline.audit.files import write_comparison, write_store_audit
 from pipeline.audit.fitness import Fitness, store_fitness
 from pipeline.audit.statistics import EnsembleRef, audit_store, compare_stores, open_checked
 from pipeline.cache.store import MARKER, LogitStore
-from pipeline.core.labels import UNLABELLED
 from pipeline.core.paths import ProjectPaths
-from pipeline.data.prepared import DatasetLabels, open_labels
+from pipeline.data.prepared import DatasetLabels, fit_rows, open_labels
 from pipeline.params import InspectParams, parse_generation, parse_section, section_of, student_keys
 from stages.common import ParamsFile
 from stages.progress import Progress
@@ -70,8 +69,7 @@ def teacher_fitness_of(
     should be the students' temperature); `verify` False (--trust-stores) skips hashing the store; `opened`:
     the audit's own open of it (one open per store per run)."""
     y = np.asarray(labels.train[:])
-    labelled = np.flatnonzero(y != UNLABELLED)  # a transfer set's unlabelled rows have no accuracy to fit
-    fit = np.setdiff1d(labelled, labels.val_index if labels.val_index is not None else [])
+    fit = fit_rows(y, labels.val_index)  # labelled rows only: a transfer set's unlabelled ones have no accuracy
     return store_fitness(store, labels.fingerprint, y, fit, len(labels.class_names), t, verify=verify, opened=opened)
 
 

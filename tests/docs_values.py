@@ -32,6 +32,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,16 +184,23 @@ def next_table(text: str, end: int) -> tuple[int, list[str]]:
     return text.count("\n", 0, end) + 1 + first, table
 
 
+def marked(root: Path, text: str, marker: re.Pattern[str], problems: list[str]) -> Iterator[tuple[re.Match[str], Path]]:
+    """Each `marker` comment of `text` and the file it names under `root`; a file that does not exist is a
+    line in `problems` instead."""
+    for m in marker.finditer(text):
+        path = root / m["file"]
+        if path.is_file():
+            yield m, path
+        else:
+            problems.append(f"{README}:{text.count(chr(10), 0, m.start()) + 1}: {m['file']} does not exist")
+
+
 def table_problems(root: Path, text: str) -> list[str]:
     """One line per body row of a README table marked `<!-- rows: FILE -->` (the next table after the
     comment) that is not a row of FILE, the experiment's own table (bold marks, spacing and the README's
     detectable columns aside; headers may differ)."""
-    problems = []
-    for m in ROWS.finditer(text):
-        path = root / m["file"]
-        if not path.is_file():
-            problems.append(f"{README}:{text.count(chr(10), 0, m.start()) + 1}: {m['file']} does not exist")
-            continue
+    problems: list[str] = []
+    for m, path in marked(root, text, ROWS, problems):
         theirs = {cells(line) for line in path.read_text().splitlines() if line.startswith("|")}
         start, table = next_table(text, m.end())
         keep = [j for j, head in enumerate(cells(table[0])) if head != DETECTABLE]
@@ -221,12 +229,8 @@ def difference_cells(runs: list[dict[str, Any]], header: tuple[str, ...], k: str
 def paired_problems(root: Path, text: str) -> list[str]:
     """One line per difference or detectable cell of a table marked `<!-- paired: FILE.json -->` that its
     JSON's runs do not give, and per difference column without a detectable column after it."""
-    problems = []
-    for m in PAIRED.finditer(text):
-        path = root / m["file"]
-        if not path.is_file():
-            problems.append(f"{README}:{text.count(chr(10), 0, m.start()) + 1}: {m['file']} does not exist")
-            continue
+    problems: list[str] = []
+    for m, path in marked(root, text, PAIRED, problems):
         runs = json.loads(path.read_text())["runs"]
         start, table = next_table(text, m.end())
         header = cells(table[0])

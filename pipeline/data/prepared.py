@@ -78,11 +78,8 @@ class PreparedData:
         return int(np.count_nonzero(self.y_train == UNLABELLED))
 
     def fit_index(self, unlabelled: bool = False) -> np.ndarray:
-        """Train rows used for fitting: the labelled train rows except the validation split, and with
-        `unlabelled` the rows without a label too (what a student learns from a teacher's targets on)."""
-        mask = np.ones(len(self.y_train), dtype=bool) if unlabelled else self.y_train != UNLABELLED
-        mask[self.val_index] = False
-        return np.flatnonzero(mask)
+        """Train rows used for fitting (`fit_rows` of the train labels and validation split)."""
+        return fit_rows(self.y_train, self.val_index, unlabelled)
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         if name == "train":
@@ -90,6 +87,15 @@ class PreparedData:
         if name == "test":
             return self.x_test, self.y_test
         raise ValueError(f"split {name!r}: expected 'train' or 'test'")
+
+
+def fit_rows(y_train: np.ndarray, val_index: np.ndarray | None, unlabelled: bool = False) -> np.ndarray:
+    """Train rows used for fitting: the labelled train rows except the validation split `val_index`, and with
+    `unlabelled` the rows without a label too (what a student learns from a teacher's targets on)."""
+    mask = np.ones(len(y_train), dtype=bool) if unlabelled else np.asarray(y_train) != UNLABELLED
+    if val_index is not None:
+        mask[val_index] = False
+    return np.flatnonzero(mask)
 
 
 def fingerprint(arrays: dict[str, np.ndarray]) -> str:
@@ -164,7 +170,7 @@ def write_prepared(
             raise DatasetError(f"dataset {name!r}: x_{split} and y_{split} have different lengths")
     unlabelled = check_labels(arrays["y_train"], "train", n_classes, name)
     check_labels(arrays["y_test"], "test", n_classes, name)
-    val_index = carve_val(len(arrays["y_train"]), val_fraction, split_seed, arrays["y_train"] if unlabelled else None)
+    val_index = carve_val(len(arrays["y_train"]), val_fraction, split_seed, arrays["y_train"])
     fp = fingerprint({**{k: arrays[k] for k in ARRAYS}, "val_index": val_index})
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -316,7 +322,7 @@ def write_files_index(
     splits = {split: hash_files(root, files, workers, tick) for split, files in splits.items()}
     y = splits["train"].labels
     unlabelled = check_labels(y, "train", len(names), "imagefolder")
-    val_index = carve_val(len(y), val_fraction, split_seed, y if unlabelled else None)
+    val_index = carve_val(len(y), val_fraction, split_seed, y)
     fp = index_fingerprint(splits, names, val_index, recipe)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for split, files in splits.items():

@@ -68,8 +68,6 @@ def load_dataset(
         loaded = load_imagefolder(root, size=size)
     else:
         raise DatasetError(f"unknown dataset source {source!r}; expected one of {', '.join(SOURCES)}")
-    if n_train is None and n_test is None and n_unlabelled is None:
-        return loaded
     return subset(loaded, n_train, n_test, seed, n_unlabelled)
 
 
@@ -281,8 +279,11 @@ def subset(
     Rows keep their original order. The same (data, n_train, n_test, seed) always gives the same rows.
     `source_index_<split>` in the result maps each row to its index in the original split. With
     `n_unlabelled` (a transfer set), that many of the train rows the subset leaves out follow its rows in
-    the train split, in their original order, with label -1 (`pipeline.core.labels.UNLABELLED`).
+    the train split, in their original order, with label -1 (`pipeline.core.labels.UNLABELLED`). Nothing
+    asked for (all three None): `loaded` itself.
     """
+    if n_train is None and n_test is None and n_unlabelled is None:
+        return loaded
     arrays = dict(loaded.arrays)
     labels = {split: arrays[f"y_{split}"] for split in ("train", "test")}
     drawn = subset_rows(labels, len(loaded.class_names), n_train, n_test, seed, n_unlabelled=n_unlabelled)
