@@ -28,6 +28,9 @@ the effect its seeds detect with 80% power (`pipeline.core.stats.detectable_effe
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kd_experiments.py --experiment ensemble --select
     .venv/bin/python benchmarks/kd_experiments.py --experiment compression --quick --select --out /tmp/kd
 
+The JSON is written once the selection is made and after every seed; `--resume` (without `--select`) keeps
+the seeds it already holds and runs the others, so a long image experiment can stop and go on.
+
 A new experiment is one more `Experiment` in EXPERIMENTS: its selection, its per-seed run, its arms and
 its comparisons. `--params` (e.g. configs/cifar10-cpu.yaml) and `--num-samples`, `--teacher-arch`,
 `--student-arch` run the same experiments on another dataset. With `export.views` > 1 (image datasets) the
@@ -79,6 +82,22 @@ def say(line: str) -> None:
 
 
 # -- one experiment's context ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Grids:
+    """What selection tries besides the epochs (defaults: the MNIST-1D experiments'; smaller grids keep an
+    image experiment inside its hour, README Results (d)). `arms`: the compression students, (loss, T)."""
+
+    arms: tuple[tuple[str, float], ...] = (("kd", 2.0), ("kd", 4.0), ("dkd", 2.0), ("dkd", 4.0))
+    kd_alphas: tuple[float, ...] = (0.1, 0.5, 0.9)
+    dkd_betas: tuple[float, ...] = (1.0, 2.0, 8.0)
+    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)  # the ensemble and transfer students' T, with kd_alphas
+    student_epochs: tuple[int, ...] | None = None  # compression's student grid; None: twice the teacher's
+
+    def knobs(self) -> list[dict[str, float]]:
+        """The kd student's (T, alpha) grid of the ensemble and transfer experiments."""
+        return [{"temperature": t, "alpha": a} for t in self.temperatures for a in self.kd_alphas]
+
+
 @dataclass
 class Context:
     """What every phase needs: the parsed base params, the prepared dataset, the grids and the work folder."""
@@ -95,6 +114,7 @@ class Context:
     convergence_seeds: tuple[int, ...] = CONVERGENCE_SEEDS
     params: str = "params.yaml"
     reuse: str | None = None  # a results JSON whose convergence records (same data, arch, grid) are reused
+    grids: Grids = field(default_factory=lambda: Grids())
 
     @property
     def views(self) -> int:
@@ -114,6 +134,10 @@ class Context:
         """The params' export section; its views (their crops and flips) drawn with `seed`, which callers make
         the generation's seed, so views differ between seeds and generations."""
         return parse_section(ExportParams, "export", {**self.raw.get("export", {}), "seed": seed})
+
+    def trimmed(self, grid: list[dict[str, float]]) -> list[dict[str, float]]:
+        """A knob grid as tried: all of it, or with --quick its second entry (the first of a one-entry grid)."""
+        return grid[min(1, len(grid) - 1) :][:1] if self.quick else grid
 
     def root(self, name: str) -> ProjectPaths:
         """A fresh project root under the work folder holding a copy of the prepared dataset."""
@@ -306,27 +330,22 @@ def pick(scores: list[tuple[dict[str, Any], float]]) -> dict[str, Any]:
 
 
 # -- experiment (a): compression -------------------------------------------------------------------------
-KD_ALPHAS = [0.1, 0.5, 0.9]
-DKD_BETAS = [1.0, 2.0, 8.0]
-TEMPERATURES = [2.0, 4.0]
-STUDENT_ARMS = [("kd", 2.0), ("kd", 4.0), ("dkd", 2.0), ("dkd", 4.0)]
-
-
 def arm_name(loss: str, t: float) -> str:
     return f"{loss} T={t:g}"
 
 
 def select_compression(ctx: Context) -> dict[str, Any]:
     teacher, runs = convergence(ctx, ctx.teacher_arch, ctx.epoch_grid)
-    student_grid = [2 * e for e in ctx.epoch_grid]  # an mlp epoch is cheap: the grid reaches twice as far
+    student_grid = list(ctx.grids.student_epochs or [2 * e for e in ctx.epoch_grid])  # an mlp epoch is cheap
     student, _ = convergence(ctx, ctx.student_arch, student_grid)
     paths = ctx.root("select-compression")
     pilot_teacher(ctx, paths, runs[teacher["chosen"]], teacher["chosen"])
     recipe = ctx.recipe(PILOT_SEED, student["chosen"])
     knobs: dict[str, Any] = {}
-    for loss, t in STUDENT_ARMS:
-        grid = [{"alpha": a} for a in KD_ALPHAS] if loss == "kd" else [{"alpha": 1.0, "beta": b} for b in DKD_BETAS]
-        grid = grid[1:2] if ctx.quick else grid
+    for loss, t in ctx.grids.arms:
+        g = ctx.grids
+        grid = [{"alpha": a} for a in g.kd_alphas] if loss == "kd" else [{"alpha": 1.0, "beta": b} for b in g.dkd_betas]
+        grid = ctx.trimmed(grid)
         scores = []
         for knob in grid:
             gp = ctx.student(GenParams(loss=loss, teacher=0, temperature=t, arch=ctx.student_arch, **knob))
@@ -341,9 +360,9 @@ def run_compression(ctx: Context, sel: dict[str, Any], seed: int) -> dict[str, A
     paths = ctx.root(f"compression-seed-{seed}")
     teacher_recipe, student_recipe = ctx.recipe(seed, e_t), ctx.recipe(seed, e_s)
     arms = {"teacher": train_gen(ctx, paths, teacher_recipe, 0, GenParams(loss="ce"), export=True)}
-    student_seed = 100 * seed + 1  # every student the same seed: one paired control serves all four
+    student_seed = 100 * seed + 1  # every student the same seed: one paired control serves them all
     gps = {}
-    for gen, (loss, t) in enumerate(STUDENT_ARMS, 1):
+    for gen, (loss, t) in enumerate(ctx.grids.arms, 1):
         knob = sel["knobs"][arm_name(loss, t)]["chosen"]
         gp = GenParams(loss=loss, teacher=0, temperature=t, seed=student_seed, arch=ctx.student_arch, **knob)
         gps[gen] = ctx.student(gp)
@@ -353,15 +372,14 @@ def run_compression(ctx: Context, sel: dict[str, Any], seed: int) -> dict[str, A
     return {"seed": seed, "arms": arms, "chain_epochs": e_t + e_s}
 
 
-def compression_comparisons() -> list[tuple[str, str]]:
+def compression_comparisons(ctx: Context) -> list[tuple[str, str]]:
     out = []
-    for loss, t in STUDENT_ARMS:
+    for loss, t in ctx.grids.arms:
         out += [(arm_name(loss, t), "paired control"), (arm_name(loss, t), "compute-matched control")]
     return out
 
 
 # -- experiment (b): an ensemble teacher -----------------------------------------------------------------
-ENSEMBLE_KNOBS = [{"temperature": t, "alpha": a} for t in (1.0, 2.0, 4.0) for a in (0.1, 0.5, 0.9)]
 MEMBERS = [0, 1, 2]
 STUDENT_GEN, BAN_GEN = 3, 4
 
@@ -375,7 +393,7 @@ def select_ensemble(ctx: Context) -> dict[str, Any]:
     for gen in MEMBERS[1:]:
         train_gen(ctx, paths, recipe, gen, GenParams(loss="ce"), export=True)
     scores = []
-    for knob in ENSEMBLE_KNOBS[1:2] if ctx.quick else ENSEMBLE_KNOBS:
+    for knob in ctx.trimmed(ctx.grids.knobs()):
         gp = ctx.student(GenParams(loss="kd", teacher=MEMBERS, arch=ctx.student_arch, **knob))
         scores.append((knob, val_score(ctx, paths, recipe, STUDENT_GEN, gp)))
         ctx.log(f"  select ensemble student {knob}: val {100 * scores[-1][1]:.2f}")
@@ -411,7 +429,6 @@ ENSEMBLE_COMPARISONS = [
 
 
 # -- experiment (c): a transfer set ----------------------------------------------------------------------
-TRANSFER_KNOBS = [{"temperature": t, "alpha": a} for t in (1.0, 2.0, 4.0) for a in (0.1, 0.5, 0.9)]
 TRANSFER_CONTROLS = ("control, equal epochs", "control, equal steps", "control, the chain's steps")
 
 
@@ -440,7 +457,7 @@ def select_transfer(ctx: Context) -> dict[str, Any]:
     pilot_teacher(ctx, paths, runs[e], e)
     recipe = ctx.recipe(PILOT_SEED, e)
     scores = []
-    for knob in TRANSFER_KNOBS[1:2] if ctx.quick else TRANSFER_KNOBS:
+    for knob in ctx.trimmed(ctx.grids.knobs()):
         gp = ctx.student(GenParams(loss="kd", teacher=0, arch=ctx.student_arch, **knob))
         scores.append((knob, val_score(ctx, paths, recipe, 1, gp)))
         ctx.log(f"  select transfer-set student {knob}: val {100 * scores[-1][1]:.2f}")
@@ -471,14 +488,14 @@ class Experiment:
 
     select: Callable[[Context], dict[str, Any]]
     run_seed: Callable[[Context, dict[str, Any], int], dict[str, Any]]
-    comparisons: list[tuple[str, str]] = field(default_factory=list)
+    comparisons: Callable[[Context], list[tuple[str, str]]]
     student_arch: str = "mlp"
 
 
 EXPERIMENTS = {
-    "compression": Experiment(select_compression, run_compression, compression_comparisons(), "mlp"),
-    "ensemble": Experiment(select_ensemble, run_ensemble, ENSEMBLE_COMPARISONS, "cnn1d"),
-    "transfer": Experiment(select_transfer, run_transfer, TRANSFER_COMPARISONS, "cnn1d"),
+    "compression": Experiment(select_compression, run_compression, compression_comparisons, "mlp"),
+    "ensemble": Experiment(select_ensemble, run_ensemble, lambda ctx: ENSEMBLE_COMPARISONS, "cnn1d"),
+    "transfer": Experiment(select_transfer, run_transfer, lambda ctx: TRANSFER_COMPARISONS, "cnn1d"),
 }
 
 
@@ -542,6 +559,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--student-arch", default=None, help="default: mlp (compression), the teacher's (ensemble)")
     ap.add_argument("--epoch-grid", default="15,30,60,120", help="teacher epochs tried for convergence")
     ap.add_argument("--convergence-seeds", default=",".join(map(str, CONVERGENCE_SEEDS)), help="pilot seeds averaged")
+    ap.add_argument("--student-epoch-grid", default=None, help="compression's student epochs (default: twice the grid)")
+    ap.add_argument("--arms", default="kd:2,kd:4,dkd:2,dkd:4", help="compression students, loss:T each")
+    ap.add_argument("--kd-alphas", default="0.1,0.5,0.9", help="kd alpha grid (every experiment)")
+    ap.add_argument("--dkd-betas", default="1,2,8", help="dkd beta grid (compression; alpha = 1)")
+    ap.add_argument("--temperatures", default="1,2,4", help="kd T grid of the ensemble and transfer students")
+    ap.add_argument("--resume", action="store_true", help="keep the seeds already in the results JSON, run the rest")
     ap.add_argument("--reuse-convergence", default=None, help="a results JSON: reuse its convergence of the same arch")
     ap.add_argument("--out", default=str(RESULTS), help="folder of the results JSON and table")
     ap.add_argument("--name", default=None, help="results file stem (default kd_<experiment>_<dataset>)")
@@ -568,14 +591,43 @@ def make_context(args: argparse.Namespace) -> Context:
     pilots = tuple(int(x) for x in args.convergence_seeds.split(","))
     data = load_prepared(dataset)
     return Context(
-        raw, dataset, data, work, teacher, student, grid, args.quick, say, pilots, args.params, args.reuse_convergence
-    )
+        raw, dataset, data, work, teacher, student, grid, args.quick, say, pilots, args.params, args.reuse_convergence,
+        parse_grids(args),
+    )  # fmt: skip
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
+def parse_grids(args: argparse.Namespace) -> Grids:
+    arms = []
+    for arm in args.arms.split(","):
+        loss, _, t = arm.partition(":")
+        if loss not in ("kd", "dkd") or not t:
+            raise SystemExit(f"--arms {args.arms}: each arm is kd:T or dkd:T (e.g. kd:4,dkd:4), not {arm!r}")
+        arms.append((loss, float(t)))
+    students = None if args.student_epoch_grid is None else tuple(int(e) for e in args.student_epoch_grid.split(","))
+    return Grids(tuple(arms), _floats(args.kd_alphas), _floats(args.dkd_betas), _floats(args.temperatures), students)
 
 
 def results_path(args: argparse.Namespace, raw: dict[str, Any]) -> Path:
     dataset = raw.get("data", {}).get("dataset", "mnist1d")
     name = args.name or f"kd_{args.experiment}_{dataset}" + ("-quick" if args.quick else "")
     return Path(args.out) / f"{name}.json"
+
+
+def resumed(path: Path, ctx: Context, selection: dict, seeds: list[int]) -> tuple[list[dict], float]:
+    """The runs of `seeds` already in the results JSON (--resume), when it was made on this dataset with
+    this selection, and the minutes they took; a JSON from other data or another selection is refused."""
+    if not path.is_file():
+        return [], 0.0
+    old = json.loads(path.read_text())
+    if old.get("dataset_fingerprint") != ctx.data.fingerprint:
+        raise SystemExit(f"--resume: {path} was made on other data; drop --resume or pass another --out")
+    if old.get("selection") != json.loads(json.dumps(selection)):
+        raise SystemExit(f"--resume: {path} holds another selection's seeds; resume without --select")
+    return [r for r in old.get("runs", []) if r["seed"] in seeds], float(old.get("minutes", 0.0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -599,24 +651,35 @@ def main(argv: list[str] | None = None) -> int:
         selection = old["selection"]
     else:
         raise SystemExit(f"{path}: no selection recorded; run with --select first")
-    runs: list[dict[str, Any]] = []
+    runs, minutes = resumed(path, ctx, selection, seeds) if args.resume else ([], 0.0)
     info = machine_info()
     rows = {"fit": len(ctx.data.fit_index()), "val": len(ctx.data.val_index), "test": len(ctx.data.y_test)}
     if ctx.data.num_unlabelled:
         rows["unlabelled"] = ctx.data.num_unlabelled
-    for seed in seeds:
-        ctx.log(f"{args.experiment}: seed {seed} ({time.perf_counter() - start:.0f} s so far)")
-        runs.append(exp.run_seed(ctx, selection, seed))
-        compared = comparisons(runs, exp.comparisons)
+
+    def save() -> None:  # after the selection and after every seed: a kill loses one seed at most
+        compared = comparisons(runs, exp.comparisons(ctx)) if runs else []
         payload = {
             "experiment": args.experiment, "machine": info, "args": vars(args), "rows": rows,
             "dataset_fingerprint": ctx.data.fingerprint,
             "teacher_arch": ctx.teacher_arch, "student_arch": ctx.student_arch, "selection": selection,
-            "seeds": seeds[: len(runs)], "runs": runs, "comparisons": compared,
-            "minutes": round((time.perf_counter() - start) / 60, 1),
+            "seeds": [r["seed"] for r in runs], "runs": runs, "comparisons": compared,
+            "minutes": round(minutes + (time.perf_counter() - start) / 60, 1),
         }  # fmt: skip
         write_json(path, payload)
-        write_text(path.with_suffix(".md"), format_tables(runs, compared, rows["test"]))
+        if runs:
+            write_text(path.with_suffix(".md"), format_tables(runs, compared, rows["test"]))
+
+    save()
+    for seed in seeds:
+        if any(r["seed"] == seed for r in runs):
+            ctx.log(f"{args.experiment}: seed {seed} kept from {path} (--resume)")
+            continue
+        ctx.log(f"{args.experiment}: seed {seed} ({time.perf_counter() - start:.0f} s so far)")
+        runs.append(exp.run_seed(ctx, selection, seed))
+        save()
+    if not runs:
+        raise SystemExit(f"--seeds {args.seeds}: no seed to report")
     print(path.with_suffix(".md").read_text())
     print(f"wrote {path} ({(time.perf_counter() - start) / 60:.1f} min)", file=sys.stderr)
     shutil.rmtree(ctx.work, ignore_errors=True)

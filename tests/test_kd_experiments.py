@@ -136,7 +136,9 @@ def test_compression_records_every_arm_and_pairs_its_controls(bench, monkeypatch
         assert mine[0]["batches"] == mine[4]["batches"]  # the paired control: the student's batch order
     seeds = {r["seed"] for r in spy.runs}
     assert 101 in seeds and 201 in seeds and len(seeds) > 2  # the spy tells runs apart
-    _check_tables(record, md, bench.compression_comparisons())
+    students = ["kd T=2", "kd T=4", "dkd T=2", "dkd T=4"]
+    pairs = [(a, b) for a in students for b in ("paired control", "compute-matched control")]
+    _check_tables(record, md, pairs)
 
 
 def test_ensemble_records_every_arm_and_pairs_its_controls(bench, monkeypatch, tmp_path: Path) -> None:
@@ -224,3 +226,31 @@ def test_ensemble_reuses_the_compression_convergence(bench, monkeypatch, tmp_pat
             ["--experiment", "ensemble", "--quick", "--select", "--convergence-seeds", "0,6"]
             + ["--out", str(tmp_path / "c"), "--workdir", str(tmp_path / "c"), "--reuse-convergence", str(reuse)]
         )
+
+
+def test_smaller_grids_and_resume_keep_the_seeds_made(bench, monkeypatch, tmp_path: Path) -> None:
+    """The image experiments' smaller grids (--arms, --kd-alphas, --dkd-betas, --student-epoch-grid) are the
+    ones tried and recorded; --resume keeps a seed the JSON already holds (not trained again) and runs the
+    others, and refuses a JSON made with another selection."""
+    small = ["--arms", "kd:4,dkd:4", "--kd-alphas", "0.5,0.9", "--dkd-betas", "8", "--student-epoch-grid", "2,4"]
+    first, _, _ = _run(bench, monkeypatch, tmp_path, "compression", "--seeds", "1", *small)
+    sel = first["selection"]
+    assert set(sel["knobs"]) == {"kd T=4", "dkd T=4"} and sel["student_epochs"]["grid"] == [2, 4]
+    assert [k["beta"] for k in sel["knobs"]["dkd T=4"]["val_acc"]] == [8.0] and first["seeds"] == [1]
+    arms = {"teacher", "kd T=4", "dkd T=4", "paired control", "compute-matched control"}
+    assert set(first["runs"][0]["arms"]) == arms
+    spy = _Spy()
+    monkeypatch.setattr(pipeline.train.loop, "train_one_epoch", spy)
+    monkeypatch.setattr(pipeline.train.loop, "make_criterion", spy.make_criterion)
+    out = ["--out", str(tmp_path), "--workdir", str(tmp_path)]
+    assert bench.main(["--experiment", "compression", "--quick", "--resume", "--seeds", "1,2", *small, *out]) == 0
+    record = json.loads((tmp_path / "kd_compression_mnist1d-quick.json").read_text())
+    assert record["seeds"] == [1, 2] and record["runs"][0] == first["runs"][0]
+    assert {r["seed"] for r in spy.runs} == {200, 201}  # seed 2's teacher and students only: seed 1 was kept
+    pairs = [(a, b) for a in ("kd T=4", "dkd T=4") for b in ("paired control", "compute-matched control")]
+    _check_tables(record, (tmp_path / "kd_compression_mnist1d-quick.md").read_text(), pairs)
+    other = ["--experiment", "compression", "--quick", "--resume", "--select", *small[:2], "--kd-alphas", "0.1"]
+    with pytest.raises(SystemExit, match="holds another selection's seeds"):
+        bench.main([*other, "--dkd-betas", "8", "--student-epoch-grid", "2,4", *out])
+    with pytest.raises(SystemExit, match="each arm is kd:T or dkd:T"):
+        bench.main(["--experiment", "compression", "--quick", "--arms", "ce:1", *out])
