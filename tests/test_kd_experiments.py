@@ -254,3 +254,28 @@ def test_smaller_grids_and_resume_keep_the_seeds_made(bench, monkeypatch, tmp_pa
         bench.main([*other, "--dkd-betas", "8", "--student-epoch-grid", "2,4", *out])
     with pytest.raises(SystemExit, match="each arm is kd:T or dkd:T"):
         bench.main(["--experiment", "compression", "--quick", "--arms", "ce:1", *out])
+
+
+def test_transfer_steps_budget_and_reuse_across_unlabelled_rows(bench, monkeypatch, tmp_path: Path) -> None:
+    """--transfer-budget steps: the student trains about the teacher's steps (its epochs hold every row);
+    a second transfer set of other unlabelled rows reuses the first's teacher convergence (the labelled rows,
+    their split and the recipe are the same), while other labelled data are refused."""
+    base = ["--params", "configs/mnist1d-transfer.yaml", "--n-train", "100", "--transfer-budget", "steps"]
+    first, _, _ = _run(bench, monkeypatch, tmp_path / "a", "transfer", *base, "--n-unlabelled", "300")
+    e_t = first["selection"]["teacher_epochs"]["chosen"]
+    per_epoch = (-(-90 // 128), -(-(90 + 300) // 128))  # batches of a labelled epoch and of the student's
+    e_s = max(1, round(e_t * per_epoch[0] / per_epoch[1]))
+    assert first["selection"]["student_epochs"] == {"chosen": e_s, "budget": "steps"}
+    for run in first["runs"]:
+        assert run["arms"]["transfer-set student"]["epochs"] == e_s
+        assert run["arms"]["control, equal steps"]["epochs"] == round(e_s * per_epoch[1] / per_epoch[0])
+    reuse = str(tmp_path / "a" / "kd_transfer_mnist1d-quick.json")
+    more = [*base, "--n-unlabelled", "200", "--reuse-convergence", reuse]
+    record, _, spy = _run(bench, monkeypatch, tmp_path / "b", "transfer", *more)
+    assert record["selection"]["teacher_epochs"]["val_acc"] == first["selection"]["teacher_epochs"]["val_acc"]
+    assert record["rows"]["unlabelled"] == 200 and not [r for r in spy.runs if r["seed"] in (600, 700)]
+    other = ["--experiment", "transfer", "--quick", "--select", *base[:2], "--n-train", "120", "--n-unlabelled", "200"]
+    with pytest.raises(SystemExit, match="no convergence of cnn1d on these params"):
+        bench.main(
+            [*other, "--reuse-convergence", reuse, "--out", str(tmp_path / "c"), "--workdir", str(tmp_path / "c")]
+        )
