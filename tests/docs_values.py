@@ -108,7 +108,8 @@ class Committed:
     """Whether a file is (part of) an output of the committed run that dvc.lock records, byte for byte."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.outs, self.hashes = root, locked_outputs(root), {}
+        self.root, self.outs = root, locked_outputs(root)
+        self.hashes: dict[str, str] = {}
 
     def problem(self, rel: str, fix: str) -> str | None:
         out = next((o for o in self.outs if rel == o or rel.startswith(o.rstrip("/") + "/")), None)
