@@ -179,8 +179,17 @@ def net_record(gp: GenParams, recipe: TrainParams, gen: int, seconds: float, val
     return rec
 
 
-def train_gen(ctx: Context, paths: ProjectPaths, recipe: TrainParams, gen: int, gp: GenParams, export: bool) -> dict:
-    """Generation `gen` trained into `paths` (`bancache train`'s steps) and, with `export`, its logits cached."""
+def train_gen(
+    ctx: Context,
+    paths: ProjectPaths,
+    recipe: TrainParams,
+    gen: int,
+    gp: GenParams,
+    export: bool,
+    views_seed: int | None = None,
+) -> dict:
+    """Generation `gen` trained into `paths` (`bancache train`'s steps) and, with `export`, its logits cached,
+    the views drawn with the generation's seed or `views_seed` (an ensemble's members share their views)."""
     t0 = time.perf_counter()
     job = prepare_generation(paths, recipe, gen, gp)
     metrics = train_job(job, SINGLE_PROCESS)
@@ -188,7 +197,8 @@ def train_gen(ctx: Context, paths: ProjectPaths, recipe: TrainParams, gen: int, 
     if "teacher" in metrics:  # the teacher's fitness on the fit rows, at the student's T
         rec["teacher_fit_acc"], rec["teacher_entropy"] = metrics["teacher"]["fit_acc"], metrics["teacher"]["entropy"]
     if export:
-        export_generation(paths, gen, ctx.export_params(generation_seed(recipe, gen, gp)), SINGLE_PROCESS, quiet_bar)
+        seed = generation_seed(recipe, gen, gp) if views_seed is None else views_seed
+        export_generation(paths, gen, ctx.export_params(seed), SINGLE_PROCESS, quiet_bar)
     ctx.log(f"  gen {gen}: {_short(rec)}")
     return rec
 
@@ -389,6 +399,13 @@ MEMBERS = [0, 1, 2]
 STUDENT_GEN, BAN_GEN = 3, 4
 
 
+def members_views_seed(recipe: TrainParams) -> int:
+    """The seed every member of one ensemble draws its stored views with: member 0's (generation 0's) seed.
+    A student replays one image per view, so the members must hold the same crops and flips (the store
+    refuses others); views still differ between seeds."""
+    return generation_seed(recipe, 0, GenParams(loss="ce"))
+
+
 def select_ensemble(ctx: Context) -> dict[str, Any]:
     teacher, runs = convergence(ctx, ctx.teacher_arch, ctx.epoch_grid)
     e = teacher["chosen"]
@@ -396,7 +413,7 @@ def select_ensemble(ctx: Context) -> dict[str, Any]:
     pilot_teacher(ctx, paths, runs[e], e)  # member 0 of the pilot: seed 0, as gen 0 of seed 0 trains
     recipe = ctx.recipe(PILOT_SEED, e)
     for gen in MEMBERS[1:]:
-        train_gen(ctx, paths, recipe, gen, GenParams(loss="ce"), export=True)
+        train_gen(ctx, paths, recipe, gen, GenParams(loss="ce"), export=True, views_seed=members_views_seed(recipe))
     scores = []
     for knob in ctx.trimmed(ctx.grids.knobs()):
         gp = ctx.student(GenParams(loss="kd", teacher=MEMBERS, arch=ctx.student_arch, **knob))
@@ -412,7 +429,8 @@ def run_ensemble(ctx: Context, sel: dict[str, Any], seed: int) -> dict[str, Any]
     recipe = ctx.recipe(seed, e)
     arms = {}
     for gen in MEMBERS:  # label-trained members, each its own seed (100 s + gen)
-        arms[f"member {gen}"] = train_gen(ctx, paths, recipe, gen, GenParams(loss="ce"), export=True)
+        views = members_views_seed(recipe)
+        arms[f"member {gen}"] = train_gen(ctx, paths, recipe, gen, GenParams(loss="ce"), export=True, views_seed=views)
     arms["ensemble"] = ensemble_record(paths, ctx.data, MEMBERS)
     knob = dict(sel["knobs"]["student"]["chosen"])
     student_seed = 100 * seed + STUDENT_GEN  # the BAN-from-one student shares it: same init and batch order

@@ -279,3 +279,25 @@ def test_transfer_steps_budget_and_reuse_across_unlabelled_rows(bench, monkeypat
         bench.main(
             [*other, "--reuse-convergence", reuse, "--out", str(tmp_path / "c"), "--workdir", str(tmp_path / "c")]
         )
+
+
+def test_ensemble_members_store_the_same_views(bench, monkeypatch, tmp_path: Path) -> None:
+    """A student replays one image per stored view, so an ensemble's members export their views with one
+    seed (member 0's, 100 s), which still differs between seeds; the compression teacher keeps its own."""
+    exported: list[tuple[str, int, int]] = []
+    real = bench.export_generation
+
+    def spy(paths, gen, export, *args, **kwargs):
+        exported.append((paths.root.name, gen, export.seed))
+        return real(paths, gen, export, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "export_generation", spy)
+    _run(bench, monkeypatch, tmp_path, "ensemble")
+    by_root: dict[str, dict[int, int]] = {}
+    for root, gen, seed in exported:
+        by_root.setdefault(root, {})[gen] = seed
+    assert by_root == {
+        "select-ensemble": {0: 0, 1: 0, 2: 0},
+        "ensemble-seed-1": {0: 100, 1: 100, 2: 100},
+        "ensemble-seed-2": {0: 200, 1: 200, 2: 200},
+    }
