@@ -46,6 +46,7 @@ def test_readme_experiment_tables_are_the_experiments_own() -> None:
     assert tables.count("benchmarks/results/kd_transfer_mnist1d.md") == 2
     assert tables.count("benchmarks/results/kd_compression_cifar10.md") == 2
     assert tables.count("benchmarks/results/kd_transfer_cifar10.md") == 2
+    assert tables.count("benchmarks/results/kd_ensemble_cifar10.md") == 2
     assert dv.table_problems(ROOT, text) == []
 
 
