@@ -428,8 +428,8 @@ def run_ensemble(ctx: Context, sel: dict[str, Any], seed: int) -> dict[str, Any]
     paths = ctx.root(f"ensemble-seed-{seed}")
     recipe = ctx.recipe(seed, e)
     arms = {}
+    views = members_views_seed(recipe)
     for gen in MEMBERS:  # label-trained members, each its own seed (100 s + gen)
-        views = members_views_seed(recipe)
         arms[f"member {gen}"] = train_gen(ctx, paths, recipe, gen, GenParams(loss="ce"), export=True, views_seed=views)
     arms["ensemble"] = ensemble_record(paths, ctx.data, MEMBERS)
     knob = dict(sel["knobs"]["student"]["chosen"])
@@ -455,8 +455,10 @@ ENSEMBLE_COMPARISONS = [
 TRANSFER_CONTROLS = ("control, equal epochs", "control, equal steps", "control, the chain's steps")
 
 
-def _steps(rows: int, batch: int) -> int:
-    return -(-rows // batch)
+def steps_per_epoch(ctx: Context) -> tuple[int, int]:
+    """Batches of train.batch_size in an epoch over the labelled fit rows and over every fit row."""
+    bs = ctx.recipe(PILOT_SEED, 1).batch_size
+    return -(-len(ctx.data.fit_index()) // bs), -(-len(ctx.data.fit_index(unlabelled=True)) // bs)
 
 
 def transfer_control_epochs(ctx: Context, e_t: int, e_s: int) -> dict[str, int]:
@@ -465,8 +467,7 @@ def transfer_control_epochs(ctx: Context, e_t: int, e_s: int) -> dict[str, int]:
     teacher's epochs (labelled rows) plus the student's steps. Steps are batches of train.batch_size."""
     if not ctx.data.num_unlabelled:
         raise SystemExit("experiment transfer: the dataset has no unlabelled rows; set data.n_unlabelled in --params")
-    bs = ctx.recipe(PILOT_SEED, 1).batch_size
-    labelled, every = _steps(len(ctx.data.fit_index()), bs), _steps(len(ctx.data.fit_index(unlabelled=True)), bs)
+    labelled, every = steps_per_epoch(ctx)
     same_steps = round(e_s * every / labelled)
     return dict(zip(TRANSFER_CONTROLS, (e_s, same_steps, e_t + same_steps), strict=True))
 
@@ -495,8 +496,7 @@ def select_transfer(ctx: Context) -> dict[str, Any]:
 def transfer_steps_epochs(ctx: Context, e_t: int) -> int:
     """The student's epochs over every fit row (labelled or not) that make about the teacher's steps (e_t
     epochs over the labelled fit rows), at least one."""
-    bs = ctx.recipe(PILOT_SEED, 1).batch_size
-    labelled, every = _steps(len(ctx.data.fit_index()), bs), _steps(len(ctx.data.fit_index(unlabelled=True)), bs)
+    labelled, every = steps_per_epoch(ctx)
     return max(1, round(e_t * labelled / every))
 
 
@@ -732,8 +732,6 @@ def main(argv: list[str] | None = None) -> int:
         ctx.log(f"{args.experiment}: seed {seed} ({time.perf_counter() - start:.0f} s so far)")
         runs.append(exp.run_seed(ctx, selection, seed))
         save()
-    if not runs:
-        raise SystemExit(f"--seeds {args.seeds}: no seed to report")
     print(path.with_suffix(".md").read_text())
     print(f"wrote {path} ({(time.perf_counter() - start) / 60:.1f} min)", file=sys.stderr)
     shutil.rmtree(ctx.work, ignore_errors=True)
